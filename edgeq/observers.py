@@ -1,0 +1,151 @@
+"""Streaming range observers for activations (after ``torch/ao/quantization/observer.py``).
+
+Each observer sees one batch at a time through ``update`` and decides a clipping range with ``range()``.
+Memory is fixed per tensor whatever the number of batches: ``MinMaxObserver`` keeps two floats,
+``HistogramObserver`` keeps ``bins`` counts over a range that grows by whole powers of two, merging old bins
+exactly (no resampling error). The histogram then yields percentile, entropy (KL) or MSE ranges.
+
+Ranges always include zero, so that zero is exactly representable (padding, ReLU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LEVELS = 256  # 8-bit activations, asymmetric
+
+
+class MinMaxObserver:
+    def __init__(self):
+        self.lo, self.hi = np.inf, -np.inf
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size:
+            self.lo = min(self.lo, float(x.min()))
+            self.hi = max(self.hi, float(x.max()))
+
+    def range(self) -> tuple[float, float]:
+        if self.lo > self.hi:
+            return 0.0, 0.0
+        return min(self.lo, 0.0), max(self.hi, 0.0)
+
+
+class HistogramObserver:
+    """Fixed-bin histogram over [lo, lo + bins·width); grows by merging 2^k neighbouring bins."""
+
+    def __init__(self, method: str = "percentile", bins: int = 2048, percentile: float = 99.999):
+        self.method = method
+        self.bins = bins
+        self.percentile = percentile
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.lo = 0.0
+        self.width = 0.0
+        self.minmax = MinMaxObserver()
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        if not x.size:
+            return
+        self.minmax.update(x)
+        lo, hi = self.minmax.range()
+        if self.width == 0.0:
+            self.lo = lo
+            self.width = max(hi - lo, 1e-12) / self.bins
+        else:
+            self._grow_to(lo, hi)
+        index = np.clip(((x - self.lo) / self.width).astype(np.int64), 0, self.bins - 1)
+        self.counts += np.bincount(index, minlength=self.bins)
+
+    def _grow_to(self, lo: float, hi: float) -> None:
+        shift = max(0, int(np.ceil((self.lo - lo) / self.width)))  # new bins needed below, in old widths
+        span = shift + int(np.ceil((hi - self.lo) / self.width))  # total old widths to cover
+        if shift == 0 and span <= self.bins:
+            return
+        factor = 1 << int(np.ceil(np.log2(max(span / self.bins, 1.0))))
+        if shift == 0 and factor == 1:
+            return
+        merged = (np.arange(self.bins) + shift) // factor
+        self.counts = np.bincount(merged, weights=self.counts, minlength=self.bins)[: self.bins]
+        self.lo -= shift * self.width
+        self.width *= factor
+
+    # range decisions -----------------------------------------------------------------------------
+    def range(self) -> tuple[float, float]:
+        if self.counts.sum() == 0:
+            return 0.0, 0.0
+        if self.method == "percentile":
+            lo, hi = self._percentile_range()
+        elif self.method == "entropy":
+            lo, hi = self._entropy_range()
+        elif self.method == "mse":
+            lo, hi = self._mse_range()
+        else:
+            raise ValueError(self.method)
+        return min(lo, 0.0), max(hi, 0.0)
+
+    def _edges(self) -> np.ndarray:
+        return self.lo + self.width * np.arange(self.bins + 1)
+
+    def _percentile_range(self) -> tuple[float, float]:
+        cdf = np.cumsum(self.counts) / self.counts.sum()
+        tail = (100.0 - self.percentile) / 100.0
+        edges = self._edges()
+        lo = edges[np.searchsorted(cdf, tail, side="left")]
+        hi = edges[min(np.searchsorted(cdf, 1.0 - tail, side="left") + 1, self.bins)]
+        true_lo, true_hi = self.minmax.range()
+        return max(lo, true_lo), min(hi, true_hi)
+
+    def _folded(self) -> tuple[np.ndarray, float]:
+        """|x| histogram with the same bin width, starting at zero."""
+        centers = self.lo + self.width * (np.arange(self.bins) + 0.5)
+        index = np.floor(np.abs(centers) / self.width).astype(np.int64)
+        return np.bincount(index, weights=self.counts), self.width
+
+    def _entropy_range(self) -> tuple[float, float]:
+        """TensorRT-style KL search on |x|: the threshold whose 8-bit histogram diverges least."""
+        hist, width = self._folded()
+        true_lo, true_hi = self.minmax.range()
+        one_sided = true_lo >= 0.0
+        levels = LEVELS if one_sided else LEVELS // 2
+        n = len(hist)
+        if n <= levels:
+            return true_lo, true_hi
+        best, best_t = np.inf, n
+        for t in np.unique(np.linspace(levels, n, num=min(n - levels + 1, 256)).astype(np.int64)):
+            p = hist[:t].copy()
+            p[-1] += hist[t:].sum()
+            nonzero = p > 0
+            chunks = np.array_split(np.arange(t), levels)
+            q = np.zeros(t)
+            for chunk in chunks:
+                mass = hist[chunk].sum() if chunk[-1] < t - 1 else p[chunk].sum()
+                used = nonzero[chunk].sum()
+                if used:
+                    q[chunk] = np.where(nonzero[chunk], mass / used, 0.0)
+            ps, qs = p / p.sum(), q / max(q.sum(), 1e-30)
+            mask = (ps > 0) & (qs > 0)
+            kl = float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask]))) + float(ps[(ps > 0) & (qs == 0)].sum()) * 30
+            if kl < best:
+                best, best_t = kl, t
+        threshold = best_t * width
+        return max(true_lo, -threshold), min(true_hi, threshold)
+
+    def _mse_range(self) -> tuple[float, float]:
+        """Shrink [lo, hi] jointly; keep the range with the least expected 8-bit quantization error."""
+        centers = self.lo + self.width * (np.arange(self.bins) + 0.5)
+        true_lo, true_hi = self.minmax.range()
+        factors = np.linspace(0.05, 1.0, 96)
+        lo = true_lo * factors[:, None]
+        hi = true_hi * factors[:, None]
+        scale = np.maximum(hi - lo, 1e-12) / (LEVELS - 1)
+        zero = np.round(-lo / scale)
+        q = np.clip(np.round(centers[None, :] / scale) + zero, 0, LEVELS - 1)
+        err = ((q - zero) * scale - centers[None, :]) ** 2 @ self.counts
+        best = int(np.argmin(err))
+        return float(lo[best, 0]), float(hi[best, 0])
+
+
+def make_observer(method: str, percentile: float = 99.999):
+    if method == "minmax":
+        return MinMaxObserver()
+    return HistogramObserver(method, percentile=percentile)

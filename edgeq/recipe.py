@@ -1,0 +1,76 @@
+"""Recipe: what a compile does, fully resolved so that a build can be replayed.
+
+Every field has a default; the CLI fills the rest from flags. ``to_dict`` is written into ``manifest.json``
+and ``Recipe.from_dict`` reads it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from edgeq.errors import UserError
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Nodes that stay float: by exact node name, by regular expression on the name, or by op type."""
+
+    names: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, specs: tuple[str, ...] | list[str]) -> "Exclusions":
+        """Parse CLI specs: ``name:NODE``, ``re:REGEX``, ``op:OPTYPE``; a bare word is a node name."""
+        names, patterns, op_types = [], [], []
+        for spec in specs:
+            kind, sep, value = spec.partition(":")
+            if not sep:
+                names.append(spec)
+            elif kind == "name":
+                names.append(value)
+            elif kind == "re":
+                patterns.append(value)
+            elif kind == "op":
+                op_types.append(value)
+            else:
+                raise UserError(f"bad --exclude '{spec}'", "use name:NODE, re:REGEX or op:OPTYPE")
+        return cls(tuple(names), tuple(patterns), tuple(op_types))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    scheme: str = "int8"
+    method: str = "minmax"
+    percentile: float = 99.999
+    exclude: Exclusions = field(default_factory=Exclusions)
+    holdout_fraction: float = 0.2
+    allow_random_calibration: bool = False
+    max_drop: float | None = None
+    no_slowdown: bool = True
+    max_revert_rounds: int = 2
+    latency_repeats: int = 50
+    latency_warmup: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scheme != "int8":
+            raise UserError(f"unknown scheme '{self.scheme}'", "use --scheme int8")
+        if self.method not in CALIBRATION_METHODS:
+            raise UserError(f"unknown calibration method '{self.method}'", f"use one of {CALIBRATION_METHODS}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserError(f"percentile {self.percentile} out of range", "use a value in (50, 100], e.g. 99.999")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise UserError("holdout fraction must be in [0, 1)", "e.g. 0.2")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["exclude"] = Exclusions(**{k: tuple(v) for k, v in data.get("exclude", {}).items()})
+        return cls(**values)

@@ -1,0 +1,130 @@
+"""Target: a device description read from a TOML file.
+
+A target says what the device can run fast, and edgeq only quantizes what it can run fast:
+- ``[quantization]``: activation/weight integer types and which ops have integer kernels. ``compute_ops``
+  carry weights (Conv, MatMul, …); ``requant_ops`` have integer kernels that requantize (Add, Concat, …);
+  ``passthrough_ops`` move integers unchanged (MaxPool, Reshape, …) and share their input's scale.
+- ``[onnxruntime]``: execution providers and thread counts for building and measuring.
+- ``[measure]``: where latency is measured. ``local`` measures on this machine only when its architecture
+  matches the target's; otherwise nothing is measured and the report says so.
+
+Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of their own file.
+"""
+
+from __future__ import annotations
+
+import platform
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from edgeq.errors import UserError
+
+_INT_TYPES = ("uint8", "int8")
+
+
+@dataclass(frozen=True)
+class QuantizationRules:
+    activations: str
+    weights: str
+    per_channel: bool
+    compute_ops: tuple[str, ...]
+    requant_ops: tuple[str, ...]
+    passthrough_ops: tuple[str, ...]
+    activation_fusions: tuple[str, ...] = ("Relu", "Clip")
+    reduce_range: bool = False  # 7-bit weights: avoids u8*s8 overflow in AVX2 (non-VNNI) kernels
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    provider_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    arch: str
+    quantization: QuantizationRules
+    onnxruntime: OrtSettings
+    measure_where: str = "local"
+    source: str = ""
+
+    def can_measure_here(self) -> tuple[bool, str]:
+        """Whether latency for this target can be measured on this machine, and why not."""
+        if self.measure_where != "local":
+            return False, f"remote measurement ({self.measure_where}) is not supported yet"
+        host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+        if host != self.arch:
+            return False, f"target architecture {self.arch} differs from this machine's ({host})"
+        return True, ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bundled_target_names() -> list[str]:
+    folder = resources.files("edgeq.targets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_target(name_or_path: str) -> Target:
+    """Load a bundled target by name, or a user's TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise UserError(f"target file not found: {path}", "check the path, or run 'edgeq targets'")
+        text, source = path.read_text(), str(path)
+    else:
+        if name_or_path not in bundled_target_names():
+            raise UserError(
+                f"unknown target '{name_or_path}'",
+                f"use one of: {', '.join(bundled_target_names())}, or the path of a target .toml file",
+            )
+        text = resources.files("edgeq.targets").joinpath(f"{name_or_path}.toml").read_text()
+        source = f"bundled:{name_or_path}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"target file {source} is not valid TOML ({exc})", "fix the syntax") from None
+    return _parse(data, source)
+
+
+def _parse(data: dict, source: str) -> Target:
+    try:
+        q = data["quantization"]
+        rules = QuantizationRules(
+            activations=q["activations"],
+            weights=q["weights"],
+            per_channel=bool(q.get("per_channel", True)),
+            compute_ops=tuple(q["compute_ops"]),
+            requant_ops=tuple(q.get("requant_ops", ())),
+            passthrough_ops=tuple(q.get("passthrough_ops", ())),
+            activation_fusions=tuple(q.get("activation_fusions", ("Relu", "Clip"))),
+            reduce_range=bool(q.get("reduce_range", False)),
+        )
+        ort = data.get("onnxruntime", {})
+        target = Target(
+            name=data["name"],
+            description=data.get("description", ""),
+            arch=data["arch"],
+            quantization=rules,
+            onnxruntime=OrtSettings(
+                providers=tuple(ort.get("providers", ("CPUExecutionProvider",))),
+                intra_op_threads=int(ort.get("intra_op_threads", 1)),
+                inter_op_threads=int(ort.get("inter_op_threads", 1)),
+                provider_options=dict(ort.get("provider_options", {})),
+            ),
+            measure_where=data.get("measure", {}).get("where", "local"),
+            source=source,
+        )
+    except KeyError as exc:
+        raise UserError(f"target {source} lacks the key {exc}", "see targets/x86-64.toml for the format") from None
+    for kind in (rules.activations, rules.weights):
+        if kind not in _INT_TYPES:
+            raise UserError(f"target {source}: unsupported integer type '{kind}'", f"use one of {_INT_TYPES}")
+    return target

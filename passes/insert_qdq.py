@@ -1,0 +1,337 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs where the target has integer kernels, and nowhere else.
+
+Rules:
+- Seeds: compute ops (Conv, ConvTranspose, Gemm, MatMul) whose activation inputs are float with a calibrated
+  range. Conv/ConvTranspose need a constant weight; a MatMul/Gemm with two activation inputs quantizes both.
+- Growth: a requant op (Add, Concat, …; all inputs activations) or a passthrough op (MaxPool, Reshape, …;
+  data input an activation, other inputs constant) joins only when it shares a tensor with a node already
+  quantized. Nothing joins without a path to a compute op, so no Q→DQ pair is left between two float ops.
+- Activation fusion: when a quantized node's output feeds exactly one Relu/Clip, the Q goes after that
+  activation; ONNX Runtime folds the activation into the integer kernel's output clamp.
+- Tensors: every activation input and (fused) output of a quantized node gets one Q→DQ pair shared by all of
+  its consumers. A passthrough op's output reuses its input's scale and zero point (integers pass unchanged).
+- Weights: symmetric int8, per output channel when the target asks (Conv axis 0, ConvTranspose axis 1,
+  MatMul/Gemm the output-column axis). Bias: int32 with scale s_input·s_weight and zero point 0.
+- Subgraphs (If/Loop/Scan bodies) are not quantized; their compute nodes are reported as left float.
+- Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
+
+Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
+the original node it serves), used to attribute measured kernel time back to original nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from edgeq.passes.exclude import EXCLUDE_KEY
+from edgeq.target import QuantizationRules
+
+_NP_TYPES = {"uint8": np.uint8, "int8": np.int8}
+_SUBGRAPH_OPS = ("If", "Loop", "Scan")
+
+
+@dataclass(frozen=True)
+class Decision:
+    op_type: str
+    quantized: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class QParams:
+    scale: float
+    zero_point: int
+
+
+def activation_qparams(lo: float, hi: float, dtype: str) -> QParams:
+    """Asymmetric 8-bit parameters for the range [lo, hi] (which contains 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin = 0 if dtype == "uint8" else -128
+    if hi - lo <= 0:
+        return QParams(1.0, qmin if dtype == "uint8" else 0)
+    scale = (hi - lo) / 255.0
+    return QParams(float(np.float32(scale)), int(np.clip(round(qmin - lo / scale), qmin, qmin + 255)))
+
+
+def weight_quantize(weight: np.ndarray, axis: int | None, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 (±127, or ±63 with reduce_range) per channel along ``axis`` (None: per tensor)."""
+    qmax = 63 if reduce_range else 127
+    if axis is None:
+        absmax = np.asarray(np.abs(weight).max(), dtype=np.float64)
+    else:
+        reduce = tuple(i for i in range(weight.ndim) if i != axis)
+        absmax = np.abs(weight).max(axis=reduce).astype(np.float64)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = np.clip(np.round(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def _is_activation(value: ir.Value | None, ranges: dict) -> bool:
+    return (value is not None and value.const_value is None and not value.is_initializer()
+            and value.dtype == ir.DataType.FLOAT and value.name in ranges)
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    def __init__(self, rules: QuantizationRules, ranges: dict[str, tuple[float, float]],
+                 keep_float: frozenset[str] | set[str] = frozenset()):
+        super().__init__()
+        self.rules = rules
+        self.ranges = ranges
+        self.keep_float = set(keep_float)
+        self.decisions: dict[str, Decision] = {}
+        self.owners: dict[str, str] = {}
+        self.subgraph_compute_left_float = 0
+
+    # classification -------------------------------------------------------------------------------
+    def _role(self, node: ir.Node) -> str | None:
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        r = self.rules
+        if node.op_type in r.compute_ops:
+            return "compute"
+        if node.op_type in r.requant_ops:
+            return "requant"
+        if node.op_type in r.passthrough_ops:
+            return "passthrough"
+        return None
+
+    def _activation_inputs(self, node: ir.Node, role: str) -> list[int]:
+        if role == "compute":
+            if node.op_type in ("MatMul", "Gemm") and not _is_const(node.inputs[1]):
+                return [0, 1]
+            return [0]
+        if role == "requant":
+            return list(range(len(node.inputs)))
+        return [0]
+
+    def _ineligible(self, node: ir.Node, role: str) -> str | None:
+        """Why this node cannot be quantized, or None."""
+        if EXCLUDE_KEY in node.meta:
+            return node.meta[EXCLUDE_KEY]
+        if node.name in self.keep_float:
+            return "returned to float: int8 was slower here (measured)"
+        for i in self._activation_inputs(node, role):
+            if not _is_activation(node.inputs[i], self.ranges):
+                return f"input {i} is not a float activation with a calibrated range"
+        if role == "passthrough" and not all(_is_const(v) for v in node.inputs[1:] if v is not None):
+            return "a non-data input is not constant"
+        if role == "compute":
+            if node.op_type in ("Conv", "ConvTranspose") and not _is_const(node.inputs[1]):
+                return "weight is not constant"
+            if node.op_type == "Gemm":
+                if node.attributes.get_int("transA", 0):
+                    return "Gemm with transA=1"
+                bias = node.inputs[2] if len(node.inputs) > 2 else None
+                if bias is not None and not (_is_const(bias) and bias.const_value.numpy().ndim == 1):
+                    return "Gemm bias is not a constant vector"
+            if node.op_type == "ConvTranspose" and node.attributes.get_int("group", 1) != 1:
+                return "grouped ConvTranspose"
+        if role != "passthrough":
+            out = self._fused_output(node)
+            if out.name not in self.ranges:
+                return "output has no calibrated range"
+        return None
+
+    def _fused_activation(self, node: ir.Node) -> ir.Node | None:
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output():
+            return None
+        user = uses[0][0]
+        if user.op_type not in self.rules.activation_fusions or user.graph is not node.graph:
+            return None
+        if user.op_type == "Clip" and not all(_is_const(v) for v in user.inputs[1:] if v is not None):
+            return None
+        return user
+
+    def _fused_output(self, node: ir.Node) -> ir.Value:
+        act = self._fused_activation(node)
+        return (act or node).outputs[0]
+
+    # the pass -----------------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        roles, eligible = {}, set()
+        for node in graph:
+            role = self._role(node)
+            if role is None:
+                continue
+            roles[node] = role
+            reason = self._ineligible(node, role)
+            if reason is None:
+                eligible.add(node)
+            else:
+                self.decisions[node.name] = Decision(node.op_type, False, reason)
+        kept = self._grow(graph, roles, eligible)
+        for node in eligible - kept:
+            self.decisions[node.name] = Decision(node.op_type, False, "no integer neighbour: would be a Q/DQ island")
+        self._count_subgraph_compute(graph)
+
+        tensors = self._quantized_tensors(graph, roles, kept)
+        qparams = self._resolve_qparams(graph, roles, kept, tensors)
+        for node in list(graph):
+            if node in kept and roles[node] == "compute":
+                self._quantize_weights(graph, node, qparams)
+        for value, owner in tensors.items():
+            self._insert_pair(graph, value, qparams[value], owner)
+        for node in kept:
+            self.decisions[node.name] = Decision(node.op_type, True, roles[node])
+        common.TopologicalSortPass()(model)
+        common.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=bool(kept))
+
+    def _grow(self, graph: ir.Graph, roles: dict, eligible: set) -> set:
+        kept = {n for n in eligible if roles[n] == "compute"}
+        frontier = list(kept)
+        while frontier:
+            node = frontier.pop()
+            for other in self._neighbours(node):
+                if other in eligible and other not in kept:
+                    kept.add(other)
+                    frontier.append(other)
+        return kept
+
+    def _neighbours(self, node: ir.Node):
+        for value in node.inputs:
+            if value is not None and value.producer() is not None:
+                producer = value.producer()
+                # look through a fused activation to the node that owns it
+                if producer.op_type in self.rules.activation_fusions and producer.inputs and \
+                        producer.inputs[0] is not None and producer.inputs[0].producer() is not None:
+                    yield producer.inputs[0].producer()
+                yield producer
+        for out in (self._fused_output(node), *node.outputs):
+            for user, _ in out.uses():
+                yield user
+
+    def _quantized_tensors(self, graph: ir.Graph, roles: dict, kept: set) -> dict[ir.Value, str]:
+        """Each tensor to get a Q→DQ pair, with the node it is inserted for, in graph order."""
+        tensors: dict[ir.Value, str] = {}
+        for node in graph:
+            if node not in kept:
+                continue
+            for i in self._activation_inputs(node, roles[node]):
+                tensors.setdefault(node.inputs[i], node.name)
+            tensors.setdefault(self._fused_output(node) if roles[node] != "passthrough" else node.outputs[0],
+                               node.name)
+        return tensors
+
+    def _resolve_qparams(self, graph, roles, kept, tensors) -> dict[ir.Value, QParams]:
+        dtype = self.rules.activations
+        params: dict[ir.Value, QParams] = {}
+        for node in graph:  # topological order: a passthrough's input is resolved before its output
+            for value in (*node.inputs, *node.outputs):
+                if value in tensors and value not in params:
+                    producer = value.producer()
+                    if producer in kept and roles.get(producer) == "passthrough" and producer.inputs[0] in params:
+                        params[value] = params[producer.inputs[0]]
+                    else:
+                        params[value] = activation_qparams(*self.ranges[value.name], dtype)
+        return params
+
+    def _count_subgraph_compute(self, graph: ir.Graph) -> None:
+        for node in graph:
+            if node.op_type in _SUBGRAPH_OPS:
+                for attr in node.attributes.values():
+                    subgraphs = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
+                    for sub in subgraphs:
+                        if isinstance(sub, ir.Graph):
+                            for inner in ir.traversal.RecursiveGraphIterator(sub):
+                                if inner.op_type in self.rules.compute_ops:
+                                    self.subgraph_compute_left_float += 1
+                                    self.decisions[inner.name] = Decision(
+                                        inner.op_type, False, f"inside a {node.op_type} subgraph (not quantized)")
+
+    # rewriting ----------------------------------------------------------------------------------------
+    def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        if name in graph.initializers:
+            return graph.initializers[name]
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        return value
+
+    def _dequantize(self, graph, owner, q: ir.Value, scale: ir.Value, zero: ir.Value, axis: int | None,
+                    name: str) -> ir.Value:
+        attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
+        node = ir.Node("", "DequantizeLinear", [q, scale, zero], attributes=attrs, name=f"{name}_DequantizeLinear",
+                       num_outputs=1)
+        node.outputs[0].name = f"{name}_dequantized"
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        graph.append(node)
+        self.owners[node.name] = owner
+        return node.outputs[0]
+
+    def _weight_axis(self, node: ir.Node, rank: int) -> int | None:
+        if not self.rules.per_channel:
+            return None
+        if node.op_type == "Conv":
+            return 0
+        if node.op_type == "ConvTranspose":
+            return 1
+        if node.op_type == "Gemm":
+            return 0 if node.attributes.get_int("transB", 0) else 1
+        return rank - 1  # MatMul: columns of B
+
+    def _quantize_weights(self, graph: ir.Graph, node: ir.Node, qparams: dict) -> None:
+        weight = node.inputs[1]
+        if not _is_const(weight):
+            return
+        array = weight.const_value.numpy().astype(np.float32)
+        axis = self._weight_axis(node, array.ndim)
+        q, scale = weight_quantize(array, axis, self.rules.reduce_range)
+        key = f"{weight.name}" if axis is None else f"{weight.name}_axis{axis}"
+        dq_name = f"{key}_DequantizeLinear"
+        existing = next((v for v in graph.initializers.values() if v.name == f"{key}_quantized"), None)
+        if existing is not None:
+            dq = next(n for n in graph if n.name == dq_name).outputs[0]
+        else:
+            qv = self._initializer(graph, f"{key}_quantized", q)
+            sv = self._initializer(graph, f"{key}_scale", scale if axis is not None else scale.reshape(()))
+            zv = self._initializer(graph, f"{key}_zero_point", np.zeros_like(q, shape=scale.shape))
+            dq = self._dequantize(graph, node.name, qv, sv, zv, axis, key)
+        node.replace_input_with(1, dq)
+
+        bias_index = 2
+        bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
+        if _is_const(bias) and node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            s_in = qparams[node.inputs[0]].scale
+            b = bias.const_value.numpy().astype(np.float64)
+            s_b = (np.float64(s_in) * scale.astype(np.float64)) * np.ones_like(b)
+            bq = np.clip(np.round(b / s_b), -(2**31), 2**31 - 1).astype(np.int32)
+            name = f"{node.name}_bias"
+            bqv = self._initializer(graph, f"{name}_quantized", bq)
+            bsv = self._initializer(graph, f"{name}_scale", s_b.astype(np.float32))
+            bzv = self._initializer(graph, f"{name}_zero_point", np.zeros_like(bq))
+            node.replace_input_with(bias_index, self._dequantize(graph, node.name, bqv, bsv, bzv, 0, name))
+
+    def _insert_pair(self, graph: ir.Graph, value: ir.Value, params: QParams, owner: str) -> None:
+        base = value.name
+        dtype = _NP_TYPES[self.rules.activations]
+        scale = self._initializer(graph, f"{base}_scale", np.array(params.scale, dtype=np.float32))
+        zero = self._initializer(graph, f"{base}_zero_point", np.array(params.zero_point, dtype=dtype))
+        qnode = ir.Node("", "QuantizeLinear", [value, scale, zero], name=f"{base}_QuantizeLinear", num_outputs=1)
+        qnode.outputs[0].name = f"{base}_quantized"
+        graph.append(qnode)
+        self.owners[qnode.name] = owner
+        users = [(u, i) for u, i in value.uses() if u is not qnode]
+        dq = self._dequantize(graph, owner, qnode.outputs[0], scale, zero, None, base)
+        dq.shape = value.shape
+        for user, index in users:
+            user.replace_input_with(index, dq)
+        if value.is_graph_output():
+            outputs = graph.outputs
+            position = list(outputs).index(value)
+            value.name = f"{base}_float"
+            dq.name = base
+            outputs[position] = dq

@@ -1,0 +1,1 @@
+"""Runtimes build a model for a target and measure it there (see :mod:`edgeq.runtimes.base`)."""

@@ -1,0 +1,71 @@
+"""The Runtime protocol and the latency protocol every runtime shares.
+
+Latency rule: candidates are compared inside one process, interleaved, on the same feed. After ``warmup``
+runs each, every round runs each candidate once, in an order that alternates between rounds so neither
+always runs first; per-run wall times give min, median and p90. Only ratios from one such run are meaningful
+on a shared machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Latency:
+    min_ms: float
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+    @classmethod
+    def from_samples(cls, seconds: list[float]) -> "Latency":
+        ms = np.asarray(seconds) * 1e3
+        return cls(float(ms.min()), float(np.median(ms)), float(np.percentile(ms, 90)), len(ms))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """Average time per run spent in one node of the *original* graph (fused kernels mapped back)."""
+
+    name: str
+    op_type: str
+    ms: float
+
+
+class Session(Protocol):
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    def build(self, model_path: Path, workdir: Path) -> Path: ...
+
+    def session(self, model_path: Path) -> Session: ...
+
+    def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int) -> list[NodeTime]: ...
+
+
+def measure_interleaved(runners: Mapping[str, Callable[[], object]], warmup: int = 5,
+                        repeats: int = 50) -> dict[str, Latency]:
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            start = time.perf_counter()
+            runners[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Latency.from_samples(s) for name, s in samples.items()}

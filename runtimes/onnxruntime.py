@@ -1,0 +1,95 @@
+"""ONNX Runtime implementation of the Runtime protocol.
+
+Rules: execution providers and thread counts come from the target. Per-node profiles come from ORT's own
+profiler; a fused kernel (``QLinearConv`` made from ``DequantizeLinear → Conv → QuantizeLinear``) keeps the
+name of the node it was made from plus a ``_token_N`` suffix, which is stripped to map its time back to the
+original node. Kernels ORT adds itself (layout Transposes) are reported under their own names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeq.runtimes.base import NodeTime
+from edgeq.target import Target
+
+_TOKEN = re.compile(r"(_token_\d+)+$")
+
+
+def create_session(model_path: str | os.PathLike, *, intra_op_threads: int = 0, inter_op_threads: int = 0,
+                   providers: tuple[str, ...] = ("CPUExecutionProvider",), provider_options: dict | None = None,
+                   profile_prefix: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    opts = [dict((provider_options or {}).get(p, {})) for p in chosen]
+    return ort.InferenceSession(str(model_path), options, providers=chosen, provider_options=opts)
+
+
+class _OrtSession:
+    def __init__(self, session: ort.InferenceSession):
+        self._session = session
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(None, dict(feeds))
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.settings = target.onnxruntime
+
+    def build(self, model_path: Path, workdir: Path) -> Path:
+        """ORT runs the ONNX file itself: the build is the model file placed in the work folder."""
+        out = Path(workdir) / Path(model_path).name
+        if Path(model_path).resolve() != out.resolve():
+            shutil.copyfile(model_path, out)
+        return out
+
+    def _session(self, model_path: Path, profile_prefix: str | None = None) -> ort.InferenceSession:
+        return create_session(model_path, intra_op_threads=self.settings.intra_op_threads,
+                              inter_op_threads=self.settings.inter_op_threads, providers=self.settings.providers,
+                              provider_options=self.settings.provider_options, profile_prefix=profile_prefix)
+
+    def session(self, model_path: Path) -> _OrtSession:
+        return _OrtSession(self._session(model_path))
+
+    def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
+        prefix = str(Path(model_path).with_suffix("")) + "-profile"
+        session = self._session(model_path, profile_prefix=prefix)
+        for _ in range(3):
+            session.run(None, dict(feeds))
+        # ORT's profiler records every run since creation; warm-up runs are counted, so run a fixed total.
+        for _ in range(runs):
+            session.run(None, dict(feeds))
+        trace = session.end_profiling()
+        try:
+            events = json.loads(Path(trace).read_text())
+        finally:
+            Path(trace).unlink(missing_ok=True)
+        total: dict[tuple[str, str], float] = defaultdict(float)
+        for event in events:
+            if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+                continue
+            name = _TOKEN.sub("", event["name"][: -len("_kernel_time")])
+            total[(name, event.get("args", {}).get("op_name", ""))] += event.get("dur", 0) / 1e3
+        count = runs + 3
+        return sorted((NodeTime(n, op, ms / count) for (n, op), ms in total.items()), key=lambda t: -t.ms)

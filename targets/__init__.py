@@ -1,0 +1,1 @@
+"""Bundled device descriptions (TOML), loaded by :mod:`edgeq.target`."""

@@ -187,6 +187,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             self._insert_pair(graph, value, qparams[value], owner)
         for node in kept:
             self.decisions[node.name] = Decision(node.op_type, True, roles[node])
+            act = self._fused_activation(node) if roles[node] != "passthrough" else None
+            if act is not None:
+                self.owners[act.name] = node.name
         common.TopologicalSortPass()(model)
         common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(kept))

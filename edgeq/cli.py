@@ -1,0 +1,258 @@
+"""The ``edgeq`` command line.
+
+Exit codes: 0 ok · 2 bad input (one line on stderr, nothing written) · 3 budget missed (artifact written).
+Progress goes to stderr; tables, or JSON with ``--json``, go to stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgeq.errors import EXIT_BAD_INPUT, UserError
+
+out = Console()
+err = Console(stderr=True)
+
+
+class RichReporter:
+    """Shows each pipeline stage, with a bar when the stage reports progress."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err, transient=False) as progress:
+            self._progress, self._task = progress, progress.add_task(name, total=None)
+            try:
+                yield
+            finally:
+                task = progress.tasks[0]
+                progress.update(self._task, total=task.total or 1, completed=task.total or 1)
+                self._progress = None
+
+    def progress(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+
+class EdgeqGroup(click.Group):
+    """Turns a UserError anywhere into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGEQ_CACHE_DIR", Path.home() / ".cache" / "edgeq"))
+
+
+def _parse_fraction(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise UserError(f"bad --max-drop '{value}'", "use a fraction (0.01) or a percentage (1%)") from None
+
+
+@click.group(cls=EdgeqGroup)
+@click.version_option(package_name="edgeq")
+def main():
+    """edgeq: compile float ONNX models into fast, verified int8 models for a named target."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", required=True, help="Bundled target name (see 'edgeq targets') or a .toml path.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration feeds: .npz/.npy folder or file, or images.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Evaluation feeds (default: hold back 20%).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+              show_default=True, help="Activation range observer.")
+@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
+@click.option("--exclude", multiple=True, help="Keep float: name:NODE, re:REGEX or op:OPTYPE (repeatable).")
+@click.option("--metric", help="User metric pkg.module:fn or file.py:fn; fn(outputs, feeds) -> float.")
+@click.option("--max-drop", help="Accuracy budget (metric drop, else top-1 disagreement): 0.01 or 1%.")
+@click.option("--random-calibration", is_flag=True, help="Calibrate on synthetic data when no --calib is given.")
+@click.option("--allow-slowdown", is_flag=True, help="Deliver int8 even when it measures slower than float.")
+@click.option("--no-measure", is_flag=True, help="Skip latency measurement (and the no-slowdown check).")
+@click.option("--keep-float", multiple=True, help="Nodes to keep float (replays a manifest's recipe.keep_float).")
+@click.option("--repeats", type=int, default=50, show_default=True, help="Latency repeats per candidate.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
+def compile(model, target, calib, eval_path, method, percentile, exclude, metric, max_drop, random_calibration,
+            allow_slowdown, no_measure, keep_float, repeats, no_cache, as_json, output):
+    """Quantize MODEL to int8 QDQ for TARGET, measure it, and write an artifact folder."""
+    from edgeq.pipeline import CompileRequest, compile_model
+    from edgeq.recipe import Exclusions, Recipe
+    from edgeq.target import load_target
+
+    recipe = Recipe(method=method, percentile=percentile, exclude=Exclusions.parse(exclude),
+                    allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
+                    no_slowdown=not allow_slowdown, latency_repeats=repeats)
+    request = CompileRequest(model=model, target=load_target(target), recipe=recipe, out_dir=output, calib=calib,
+                             eval=eval_path, metric=metric, cache_dir=None if no_cache else _default_cache_dir(),
+                             measure=not no_measure, keep_float=tuple(keep_float))
+    manifest, code = compile_model(request, RichReporter(enabled=not as_json))
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, default=str))
+    else:
+        _print_compile_summary(manifest, output)
+    sys.exit(code)
+
+
+def _print_compile_summary(manifest: dict, output: Path) -> None:
+    q = manifest["quantization"]
+    delivered = manifest["delivered"]
+    table = Table(title=f"edgeq compile → {output}", show_header=False)
+    table.add_row("delivered", f"{delivered['precision']}  ({delivered['bytes'] / 1e6:.2f} MB, "
+                               f"float {delivered['float_bytes'] / 1e6:.2f} MB)")
+    if delivered["reason"]:
+        table.add_row("note", delivered["reason"])
+    table.add_row("quantized nodes", f"{q['quantized_nodes']} (float: {q['float_nodes']}, in subgraphs left float: "
+                                     f"{q['subgraph_compute_left_float']})")
+    lat = manifest["latency"]
+    if "float" in lat:
+        table.add_row("latency (median)", f"float {lat['float']['median_ms']:.3f} ms · int8 "
+                                          f"{lat['int8']['median_ms']:.3f} ms · ratio {lat['ratio']:.2f}")
+    else:
+        table.add_row("latency", f"not measured: {lat['why']}")
+    fid = manifest["fidelity"]
+    for name, o in fid["outputs"].items():
+        extra = f" · top-1 agree {o['top1_agreement']:.3f}" if "top1_agreement" in o else ""
+        table.add_row(f"output {name}", f"cosine {o['cosine']:.5f} · SQNR {o['sqnr_db']:.1f} dB · "
+                                        f"max abs {o['max_abs_error']:.3g}{extra}")
+    if "metric" in fid:
+        m = fid["metric"]
+        table.add_row("metric", f"float {m['float']:.4f} · delivered {m['candidate']:.4f} · drop {m['drop']:+.4f}")
+    if manifest["budget"]:
+        b = manifest["budget"]
+        table.add_row("budget", f"max drop {b['max_drop']:.4f}: {'met' if b['met'] else 'MISSED'} ({b['drop']:.4f})")
+    out.print(table)
+
+
+@main.command()
+@click.argument("factory")
+@click.option("--input", "inputs", multiple=True, required=True, help="NAME:D0,D1,... (repeatable, in order).")
+@click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed instead of dynamic.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative error vs PyTorch.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+def export(factory, inputs, static_batch, tolerance, output):
+    """Export the nn.Module returned by FACTORY (pkg.mod:fn or file.py:fn) to ONNX, checked against PyTorch."""
+    from edgeq.export import export_torch, parse_input_spec
+
+    report = export_torch(factory, [parse_input_spec(s) for s in inputs], output,
+                          dynamic_batch=not static_batch, tolerance=tolerance)
+    out.print(f"wrote {output} (max relative error vs PyTorch {report['max_relative_error']:.2e})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", default="x86-avx512-vnni", show_default=True, help="Target for coverage.")
+@click.option("--nodes", is_flag=True, help="List every node (name, op type, subgraph depth).")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model, target, nodes, as_json):
+    """Describe MODEL: opset, ops, parameters, quantizable coverage, subgraphs, Constant weights."""
+    from edgeq.model_info import model_info
+    from edgeq.target import load_target
+
+    info = model_info(model, load_target(target))
+    if not nodes:
+        info.pop("nodes")
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"edgeq inspect {model}", show_header=False)
+    for key in ("ir_version", "opsets", "producer", "parameters", "constant_weights", "subgraphs", "quantized_ops"):
+        table.add_row(key, str(info[key]))
+    table.add_row("inputs", ", ".join(f"{i['name']}{i['shape']}" for i in info["inputs"]))
+    table.add_row("outputs", ", ".join(f"{o['name']}{o['shape']}" for o in info["outputs"]))
+    table.add_row("ops", ", ".join(f"{k}×{v}" for k, v in info["ops"].items()))
+    if info["subgraph_ops"]:
+        table.add_row("ops in subgraphs", ", ".join(f"{k}×{v}" for k, v in info["subgraph_ops"].items()))
+    cov = info["coverage"]
+    table.add_row("quantizable coverage", f"{cov['in_main_graph']}/{cov['compute_nodes']} compute nodes in the main "
+                                          f"graph ({cov['quantizable_share']:.0%}) for {cov['target']}")
+    out.print(table)
+    if nodes:
+        node_table = Table("name", "op type", "depth")
+        for n in info["nodes"]:
+            node_table.add_row(n["name"], n["op_type"], str(n["depth"]))
+        out.print(node_table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def targets(as_json):
+    """List the bundled targets and whether this machine can measure them."""
+    from edgeq.target import bundled_target_names, load_target
+
+    rows = []
+    for name in bundled_target_names():
+        t = load_target(name)
+        ok, why = t.can_measure_here()
+        rows.append({"name": name, "arch": t.arch, "activations": t.quantization.activations,
+                     "runtime": "onnxruntime " + "+".join(t.onnxruntime.providers),
+                     "measurable_here": ok, "why_not": why, "description": t.description})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("target", "arch", "activations", "runtime", "measured here", "description")
+    for r in rows:
+        table.add_row(r["name"], r["arch"], r["activations"], r["runtime"], "yes" if r["measurable_here"] else
+                      f"no: {r['why_not']}", r["description"])
+    out.print(table)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", required=True)
+@click.option("--feeds", type=click.Path(path_type=Path), help="Feeds for the run (default: random inputs).")
+@click.option("--compare", type=click.Path(path_type=Path), help="A second model measured interleaved with MODEL.")
+@click.option("--repeats", type=int, default=100, show_default=True)
+@click.option("--top", type=int, default=10, show_default=True, help="Rows of the per-node profile.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, target, feeds, compare, repeats, top, as_json):
+    """Measure MODEL's latency on TARGET (min/median/p90) and its costliest nodes."""
+    from edgeq.bench import bench_models
+    from edgeq.target import load_target
+
+    report = bench_models(model, load_target(target), feeds, compare, repeats)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    table = Table("model", "min ms", "median ms", "p90 ms", "ratio", title=f"edgeq bench on {target}"
+                  + (" (random inputs)" if report["random_inputs"] else ""))
+    base = report["latency"][str(model)]["median_ms"]
+    for name, lat in report["latency"].items():
+        table.add_row(name, f"{lat['min_ms']:.3f}", f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}",
+                      f"{lat['median_ms'] / base:.2f}")
+    out.print(table)
+    nodes = Table("node", "op type", "ms/run", title=f"costliest nodes of {model}")
+    for n in report["profile"][:top]:
+        nodes.add_row(n["name"], n["op_type"], f"{n['ms']:.4f}")
+    out.print(nodes)
+
+
+if __name__ == "__main__":
+    main()

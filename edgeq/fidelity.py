@@ -1,0 +1,138 @@
+"""Fidelity: how far a candidate model's outputs are from the float reference, on held-out feeds.
+
+One number hides failures (a detector whose box coordinates dominate its output tensor kept cosine 0.999
+while losing most detections), so every output is reported on its own, and outputs with a channel axis
+(axis 1, at most ``MAX_GROUPS`` wide) also report their worst channels. Figures:
+- cosine similarity, SQNR in dB (signal power over error power), max absolute error;
+- for class-like outputs ([batch, classes]): top-1 agreement and top-5 overlap with the reference;
+- a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
+
+Accumulation is streaming (sums per feed), except that outputs are kept when a user metric needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from edgeq.user_code import load_callable
+
+MAX_GROUPS = 4096
+TOPK = 5
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return float("inf")
+    if signal <= 0:
+        return float("-inf")
+    return float(10 * np.log10(signal / noise))
+
+
+@dataclass
+class _OutputStats:
+    dot: float = 0.0
+    ref_sq: float = 0.0
+    test_sq: float = 0.0
+    err_sq: float = 0.0
+    max_abs: float = 0.0
+    rows: int = 0
+    top1: float = 0.0
+    topk: float = 0.0
+    class_like: bool = False
+    group: dict = field(default_factory=dict)
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        ref64, test64 = ref.astype(np.float64), test.astype(np.float64)
+        err = ref64 - test64
+        self.dot += float((ref64 * test64).sum())
+        self.ref_sq += float((ref64 ** 2).sum())
+        self.test_sq += float((test64 ** 2).sum())
+        self.err_sq += float((err ** 2).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(err).max()) if err.size else 0.0)
+        if ref.ndim == 2 and ref.shape[1] >= 2:
+            self.class_like = True
+            k = min(TOPK, ref.shape[1])
+            self.rows += ref.shape[0]
+            self.top1 += float((ref.argmax(1) == test.argmax(1)).sum())
+            ref_top = np.argsort(-ref, axis=1)[:, :k]
+            test_top = np.argsort(-test, axis=1)[:, :k]
+            self.topk += float(sum(len(set(a) & set(b)) / k for a, b in zip(ref_top, test_top)))
+        if ref.ndim >= 2 and 2 <= ref.shape[1] <= MAX_GROUPS:
+            axes = tuple(i for i in range(ref.ndim) if i != 1)
+            for key, part in (("dot", ref64 * test64), ("ref_sq", ref64 ** 2), ("test_sq", test64 ** 2),
+                              ("err_sq", err ** 2)):
+                self.group[key] = self.group.get(key, 0.0) + part.sum(axis=axes)
+
+    def summary(self) -> dict:
+        denom = np.sqrt(self.ref_sq * self.test_sq)
+        out = {
+            "cosine": float(self.dot / denom) if denom > 0 else (1.0 if self.err_sq == 0 else 0.0),
+            "sqnr_db": _db(self.ref_sq, self.err_sq),
+            "max_abs_error": self.max_abs,
+        }
+        if self.class_like and self.rows:
+            out["top1_agreement"] = self.top1 / self.rows
+            out[f"top{TOPK}_overlap"] = self.topk / self.rows
+        if self.group:
+            g = self.group
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cos = np.where(g["ref_sq"] * g["test_sq"] > 0, g["dot"] / np.sqrt(g["ref_sq"] * g["test_sq"]), 1.0)
+            sqnr = [_db(s, n) for s, n in zip(g["ref_sq"], g["err_sq"])]
+            worst = np.argsort(sqnr)[:3]
+            out["channels"] = len(sqnr)
+            out["worst_channels"] = [{"channel": int(c), "sqnr_db": sqnr[c], "cosine": float(cos[c])} for c in worst]
+        return out
+
+
+MetricFn = Callable[[list[dict[str, np.ndarray]], list], float]
+
+
+def load_metric(spec: str) -> MetricFn:
+    """Load a metric ``fn(outputs, feeds) -> float`` (higher is better) from ``pkg.module:function``."""
+    return load_callable(spec, "--metric")
+
+
+class FidelityMeter:
+    """Feed it (reference outputs, candidate outputs) per feed; ask for the summary at the end."""
+
+    def __init__(self, output_names: list[str], keep_for_metric: bool = False):
+        self.names = output_names
+        self.stats = {n: _OutputStats() for n in output_names}
+        self.keep = keep_for_metric
+        self.ref_outputs: list[dict] = []
+        self.test_outputs: list[dict] = []
+        self.feeds: list = []
+        self.count = 0
+
+    def update(self, ref: list[np.ndarray], test: list[np.ndarray], feed=None) -> None:
+        self.count += 1
+        for name, r, t in zip(self.names, ref, test):
+            if np.issubdtype(r.dtype, np.floating):
+                self.stats[name].update(r, t)
+        if self.keep:
+            self.ref_outputs.append(dict(zip(self.names, ref)))
+            self.test_outputs.append(dict(zip(self.names, test)))
+            self.feeds.append(feed)
+
+    def summary(self, metric: MetricFn | None = None) -> dict:
+        result = {"feeds": self.count, "outputs": {n: s.summary() for n, s in self.stats.items() if s.ref_sq or s.err_sq}}
+        if metric is not None:
+            ref_value = float(metric(self.ref_outputs, self.feeds))
+            test_value = float(metric(self.test_outputs, self.feeds))
+            result["metric"] = {"float": ref_value, "candidate": test_value, "drop": ref_value - test_value}
+        return result
+
+
+def accuracy_drop(summary: dict) -> float:
+    """The drop a ``--max-drop`` budget is checked against: the user metric's drop when given, else the
+    worst class-like output's top-1 disagreement, else the worst output's 1 − cosine."""
+    if "metric" in summary:
+        return summary["metric"]["drop"]
+    outputs = summary["outputs"].values()
+    top1 = [o["top1_agreement"] for o in outputs if "top1_agreement" in o]
+    if top1:
+        return 1.0 - min(top1)
+    return max((1.0 - o["cosine"] for o in outputs), default=0.0)

@@ -8,7 +8,8 @@ Rules:
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
 - No-slowdown: when int8's median latency is not below float's, per-node profiles of both builds are compared;
   every quantized node whose int8 kernels (its Q/DQ included) cost more than its float kernels returns to
-  float, and the model is rebuilt, at most ``recipe.max_revert_rounds`` times. If int8 is still not faster,
+  float (nodes ORT renamed in one build and so cannot be compared are left as they are), and the model is
+  rebuilt, at most ``recipe.max_revert_rounds`` times. If int8 is still not faster,
   the float model is delivered and the manifest says why. Without a reachable device nothing is measured,
   and the manifest says that instead.
 - The budget (``recipe.max_drop``) decides the exit code: 3 when missed, with the artifact still written.
@@ -240,7 +241,9 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
             owners = current.insert.owners
             float_cost = cost_by_node(runtime.profile(float_path, feed), owners)
             int8_cost = cost_by_node(runtime.profile(current.path, feed), owners)
-        costly = sorted(n for n in current.quantized if int8_cost.get(n, 0.0) > float_cost.get(n, 0.0))
+        # Only nodes timed in both builds are judged: ORT renames some fused float kernels, and a node
+        # with no float time says nothing about its cost.
+        costly = sorted(n for n in current.quantized if n in float_cost and int8_cost.get(n, 0.0) > float_cost[n])
         record["returned_to_float"] = costly
         if not costly:
             break

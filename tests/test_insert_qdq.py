@@ -1,0 +1,142 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import conv_model, make_model
+from edgeq.calibration_data import CalibrationData, InputSpec
+from edgeq.model_io import to_proto
+from edgeq.passes.calibrate import CalibratePass
+from edgeq.passes.exclude import ExcludePass
+from edgeq.passes.insert_qdq import InsertQDQPass, activation_qparams, weight_quantize
+from edgeq.passes.normalize import NormalizePass
+from edgeq.recipe import Exclusions
+from edgeq.target import load_target
+
+RULES = load_target("x86-avx512-vnni").quantization
+OPS = set(RULES.compute_ops + RULES.requant_ops + RULES.passthrough_ops + RULES.activation_fusions)
+
+
+def quantize(proto: onnx.ModelProto, feeds=16, exclusions=Exclusions(), rules=RULES, keep_float=()):
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    ExcludePass(exclusions)(model)
+    specs = [InputSpec(v.name, np.dtype(np.float32), tuple(d if isinstance(d, int) else 1 for d in v.shape))
+             for v in model.graph.inputs]
+    calib = CalibratePass(CalibrationData.random(specs, feeds), OPS)
+    calib(model)
+    insert = InsertQDQPass(rules, calib.ranges, set(keep_float))
+    insert(model)
+    return to_proto(model), insert
+
+
+def optimized_ops(proto: onnx.ModelProto, tmp_path) -> list[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(proto.SerializeToString(), options)
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+def test_weight_quantization_is_symmetric_per_channel():
+    w = np.array([[1.0, -2.0], [0.5, 0.25]], np.float32)
+    q, scale = weight_quantize(w, axis=0, reduce_range=False)
+    np.testing.assert_allclose(scale, [2 / 127, 0.5 / 127], rtol=1e-6)
+    assert q[0, 1] == -127 and q[1, 0] == 127
+    q7, _ = weight_quantize(w, axis=0, reduce_range=True)
+    assert np.abs(q7).max() == 63
+
+
+def test_activation_qparams_by_signedness():
+    u = activation_qparams(0.0, 2.55, "uint8")
+    assert u.zero_point == 0 and u.scale == pytest.approx(0.01)
+    s = activation_qparams(-1.0, 1.0, "int8")
+    assert s.zero_point in (-1, 0) and s.scale == pytest.approx(2 / 255)
+
+
+def test_cnn_gets_fused_integer_kernels_and_stays_close(tmp_path):
+    proto = conv_model()
+    quant, insert = quantize(proto)
+    nodes = {n.name: n for n in quant.graph.node}
+    # per-channel weights on axis 0, int32 bias with scale s_in * s_w
+    dq_w = nodes["w1_axis0_DequantizeLinear"]
+    assert helper.get_attribute_value(dq_w.attribute[0]) == 0
+    inits = {i.name: numpy_helper.to_array(i) for i in quant.graph.initializer}
+    assert inits["w1_axis0_quantized"].dtype == np.int8 and inits["w1_axis0_scale"].shape == (16,)
+    assert inits["conv1_bias_quantized"].dtype == np.int32
+    np.testing.assert_allclose(inits["conv1_bias_scale"], inits["x_scale"] * inits["w1_axis0_scale"], rtol=1e-6)
+    # Gemm with transB=1: output channels on axis 0
+    assert inits["wf_axis0_scale"].shape == (10,)
+    # the Relu after conv1 is fused: quantized tensor is r1, not c1
+    assert "r1_QuantizeLinear" in nodes and "c1_QuantizeLinear" not in nodes
+    # MaxPool (passthrough) output shares its input's scale
+    assert inits["p1_scale"] == inits["r1_scale"]
+    # ORT fuses everything into integer kernels
+    ops = optimized_ops(quant, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "QGemm" in ops and "QLinearAdd" in ops, ops
+    assert "Conv" not in ops and "FusedConv" not in ops
+    assert all(d.quantized for n, d in insert.decisions.items() if d.op_type in ("Conv", "Gemm", "Add"))
+    # output name kept, values close to float
+    assert [o.name for o in quant.graph.output] == ["y"]
+    x = {"x": np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, x)[0]
+    got = ort.InferenceSession(quant.SerializeToString()).run(None, x)[0]
+    cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > 0.99
+
+
+def test_no_island_between_float_ops():
+    """Add between two float-only ops (Softmax, Exp) must stay float: Q/DQ there would buy nothing."""
+    nodes = [helper.make_node("Softmax", ["x"], ["s"], name="softmax"),
+             helper.make_node("Exp", ["x"], ["e"], name="exp"),
+             helper.make_node("Add", ["s", "e"], ["a"], name="add"),
+             helper.make_node("Sigmoid", ["a"], ["y"], name="sigmoid")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    quant, insert = quantize(proto)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quant.graph.node)
+    assert "island" in insert.decisions["add"].reason
+
+
+def test_activation_matmul_quantizes_both_inputs_and_constant_matmul_per_column():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="scores")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])],
+                       [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
+    quant, insert = quantize(proto)
+    inits = {i.name: numpy_helper.to_array(i) for i in quant.graph.initializer}
+    assert inits["w_axis1_scale"].shape == (6,)
+    assert insert.decisions["scores"].quantized and insert.decisions["t"].quantized
+    q_inputs = {n.input[0] for n in quant.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"x", "h", "ht", "y_float"} <= q_inputs
+
+
+def test_exclusions_and_keep_float_stay_float():
+    quant, insert = quantize(conv_model(), exclusions=Exclusions(op_types=("Gemm",)), keep_float={"conv2"})
+    assert insert.decisions["fc"].reason == "excluded by op type"
+    assert "slower" in insert.decisions["conv2"].reason
+    conv_inputs = {n.name: n.input for n in quant.graph.node}
+    assert conv_inputs["fc"][1] == "wf" and conv_inputs["conv2"][1] == "w2"
+    assert conv_inputs["conv1"][1] == "w1_axis0_dequantized"
+
+
+def test_compute_inside_if_subgraph_is_reported_left_float():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("MatMul", ["x", "w"], [f"{name}_out"], name=f"{name}_matmul")], name, [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 8])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else"))]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                               helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+    model = ir.from_proto(proto)
+    insert = InsertQDQPass(RULES, {"x": (-1.0, 1.0)})
+    insert(model)
+    assert insert.subgraph_compute_left_float == 2
+    assert "If subgraph" in insert.decisions["then_matmul"].reason

@@ -1,0 +1,52 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import conv_model, make_model
+from edgeq.errors import UserError
+from edgeq.passes.normalize import NormalizePass, default_opset
+
+
+def _run(model: onnx.ModelProto, feed):
+    return ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+
+
+def test_old_opset_is_upgraded_and_outputs_kept():
+    proto = conv_model(opset=11)
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    assert default_opset(model) >= 13
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-5, atol=1e-5)
+
+
+def test_constant_weights_become_initializers_and_batchnorm_folds():
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    bn = [numpy_helper.from_array(v, n) for v, n in (
+        (rng.random(4).astype(np.float32) + 0.5, "s"), (rng.standard_normal(4).astype(np.float32), "b"),
+        (rng.standard_normal(4).astype(np.float32), "m"), (rng.random(4).astype(np.float32) + 0.5, "v"))]
+    nodes = [helper.make_node("Constant", [], ["w"], value=weight, name="const_w"),
+             helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], bn)
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops == ["Conv"], ops
+    assert model.graph.node(0).inputs[1].is_initializer()
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-4, atol=1e-4)
+
+
+def test_already_quantized_model_is_refused():
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                       [numpy_helper.from_array(np.array(0.1, np.float32), "s")])
+    with pytest.raises(UserError, match="already quantized"):
+        NormalizePass()(ir.from_proto(proto))

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -24,7 +25,8 @@ err = Console(stderr=True)
 
 
 class RichReporter:
-    """Shows each pipeline stage, with a bar when the stage reports progress."""
+    """Shows each pipeline stage while it runs (with a bar when it reports progress), then one line with its
+    time. A stage that fails leaves nothing behind but the error line."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -36,15 +38,16 @@ class RichReporter:
         if not self.enabled:
             yield
             return
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err, transient=False) as progress:
+        started = time.perf_counter()
+        live = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+        with live as progress:
             self._progress, self._task = progress, progress.add_task(name, total=None)
             try:
                 yield
             finally:
-                task = progress.tasks[0]
-                progress.update(self._task, total=task.total or 1, completed=task.total or 1)
                 self._progress = None
+        err.print(f"[green]✓[/green] {name} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
 
     def progress(self, done: int, total: int) -> None:
         if self._progress is not None:

@@ -190,6 +190,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             budget = {"max_drop": recipe.max_drop, "drop": drop, "met": drop <= recipe.max_drop}
             exit_code = EXIT_OK if budget["met"] else EXIT_BUDGET_MISSED
 
+        float_bytes = float_path.stat().st_size
         os.replace(delivered_path, writer.path(MODEL))
         manifest = {
             "edgeq": "artifact/1",
@@ -203,7 +204,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             "recipe": {**recipe.to_dict(), "keep_float": sorted(current.insert.keep_float)},
             "delivered": {"precision": delivered, "reason": reason, "file": MODEL,
                           "bytes": writer.path(MODEL).stat().st_size,
-                          "float_bytes": float_path.stat().st_size},
+                          "float_bytes": float_bytes},
             "calibration": {"method": recipe.method, "tensors": len(calibrator.ranges),
                             "seconds": calib_seconds, "cache_hit": calibrator.cache_hit},
             "quantization": {

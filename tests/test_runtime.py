@@ -1,0 +1,37 @@
+import time
+
+import onnx
+import pytest
+
+from conftest import conv_model
+from edgeq.runtimes.base import Latency, measure_interleaved
+from edgeq.runtimes.onnxruntime import OnnxRuntime
+from edgeq.target import load_target
+from test_insert_qdq import quantize
+
+import numpy as np
+
+
+def test_interleaved_measurement_orders_candidates_correctly():
+    lat = measure_interleaved({"fast": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.003)},
+                              warmup=1, repeats=10)
+    assert lat["fast"].median_ms < lat["slow"].median_ms
+    assert lat["fast"].min_ms <= lat["fast"].median_ms <= lat["fast"].p90_ms and lat["slow"].runs == 10
+
+
+def test_latency_statistics():
+    lat = Latency.from_samples([0.001, 0.002, 0.003, 0.004])
+    assert lat.min_ms == pytest.approx(1.0) and lat.median_ms == pytest.approx(2.5)
+
+
+def test_profile_maps_fused_integer_kernels_back_to_original_nodes(tmp_path):
+    quant, insert = quantize(conv_model())
+    path = tmp_path / "q.onnx"
+    onnx.save(quant, path)
+    runtime = OnnxRuntime(load_target("x86-avx512-vnni"))
+    times = runtime.profile(path, {"x": np.zeros((1, 3, 16, 16), np.float32)}, runs=5)
+    by_name = {t.name: t for t in times}
+    assert by_name["conv1"].op_type == "QLinearConv" and by_name["conv2"].op_type == "QLinearConv"
+    assert by_name["fc"].op_type == "QGemm"
+    assert all(t.ms >= 0 for t in times)
+    assert not list(tmp_path.glob("*profile*.json"))  # trace files are cleaned up

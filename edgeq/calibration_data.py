@@ -138,6 +138,10 @@ class CalibrationData:
     @classmethod
     def random(cls, specs: list[InputSpec], count: int = 64, seed: int = 0) -> "CalibrationData":
         """Synthetic standard-normal feeds. Only on explicit request: scales from noise are rarely right."""
+        for spec in specs:
+            if spec.dtype.kind != "f":
+                raise UserError(f"random calibration cannot invent values for {spec.dtype} input '{spec.name}'",
+                                "pass --calib with real inputs (token ids, indices, masks)")
         digest = hashlib.sha256(f"random:{count}:{seed}".encode()).hexdigest()
         return cls(specs, [_FeedRef(Path("<random>"), i) for i in range(count)], "random", digest,
                    random_count=count, seed=seed)

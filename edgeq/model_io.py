@@ -102,18 +102,18 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> Pa
     return path
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def model_digest(model: ir.Model) -> str:
+    """Hash of a model's content. Tensors are hashed one by one, never serialized as a whole, so models over
+    protobuf's 2 GB limit hash too."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_sha256(proto: onnx.ModelProto) -> str:
-    """Hash of the model's content, external data included (it was loaded into the proto)."""
-    digest = hashlib.sha256()
-    digest.update(proto.graph.SerializeToString(deterministic=True))
-    for opset in proto.opset_import:
-        digest.update(f"{opset.domain}:{opset.version}".encode())
+    for domain, version in sorted(model.opset_imports.items()):
+        digest.update(f"{domain}:{version};".encode())
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        digest.update(f"{value.name}:{value.dtype}:{value.shape};".encode())
+    for name in sorted(model.graph.initializers):
+        tensor = model.graph.initializers[name].const_value
+        digest.update(f"{name}:{tensor.dtype}:{tensor.shape};".encode())
+        digest.update(tensor.tobytes())
+    for node in model.graph:
+        digest.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
     return digest.hexdigest()

@@ -34,7 +34,7 @@ from edgeq.artifact import MODEL, ArtifactWriter
 from edgeq.calibration_data import CalibrationData, InputSpec
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import FidelityMeter, accuracy_drop, load_metric
-from edgeq.model_io import load_proto, model_sha256, save_model, to_proto
+from edgeq.model_io import load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import InsertQDQPass
@@ -120,14 +120,12 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
     with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-") as work:
         work = Path(work)
         with reporter.stage("load + normalize"):
-            proto = load_proto(request.model)
-            source_digest = model_sha256(proto)
-            model = ir.from_proto(proto)
-            del proto
+            model = load_model(request.model)
+            source_digest = model_digest(model)
             NormalizePass()(model)
             specs = input_specs(model)
-            float_path = save_model(model, work / "float.onnx")
-            normalized_digest = model_sha256(to_proto(model))
+            float_path = save_model(model, _fresh_dir(work / "float") / MODEL)
+            normalized_digest = model_digest(model)
 
         calib, holdout, data_info = _calibration_sets(request, specs)
         rules = target.quantization
@@ -145,7 +143,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             candidate = model.clone()
             insert = InsertQDQPass(rules, calibrator.ranges, keep_float)
             insert(candidate)
-            return _Build(save_model(candidate, work / f"int8-{tag}.onnx"), insert)
+            return _Build(save_model(candidate, _fresh_dir(work / f"int8-{tag}") / MODEL), insert)
 
         runtime = OnnxRuntime(target)
         with reporter.stage("insert QDQ"):
@@ -190,8 +188,9 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             budget = {"max_drop": recipe.max_drop, "drop": drop, "met": drop <= recipe.max_drop}
             exit_code = EXIT_OK if budget["met"] else EXIT_BUDGET_MISSED
 
-        float_bytes = float_path.stat().st_size
-        os.replace(delivered_path, writer.path(MODEL))
+        float_bytes = _folder_bytes(float_path.parent)
+        for part in delivered_path.parent.iterdir():  # model.onnx, and its external data file if large
+            os.replace(part, writer.path(part.name))
         manifest = {
             "edgeq": "artifact/1",
             "tools": tool_versions(),
@@ -203,7 +202,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             "target": target.to_dict(),
             "recipe": {**recipe.to_dict(), "keep_float": sorted(current.insert.keep_float)},
             "delivered": {"precision": delivered, "reason": reason, "file": MODEL,
-                          "bytes": writer.path(MODEL).stat().st_size,
+                          "bytes": _folder_bytes(writer.tmp),
                           "float_bytes": float_bytes},
             "calibration": {"method": recipe.method, "tensors": len(calibrator.ranges),
                             "seconds": calib_seconds, "cache_hit": calibrator.cache_hit},
@@ -223,6 +222,15 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         }
         writer.publish(manifest)
     return manifest, exit_code
+
+
+def _fresh_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, recipe: Recipe, reporter):

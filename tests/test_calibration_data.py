@@ -73,3 +73,8 @@ def test_random_data_is_seeded_and_says_so():
     b = [f.inputs["x"] for f in CalibrationData.random(SPEC, 3, seed=1)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert CalibrationData.random(SPEC, 3).describe()["random"]
+
+
+def test_random_data_refuses_integer_inputs():
+    with pytest.raises(UserError, match="int64 input 'ids'"):
+        CalibrationData.random([InputSpec("ids", np.dtype(np.int64), (1, 8))])

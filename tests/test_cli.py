@@ -177,3 +177,27 @@ def test_output_folder_that_is_not_an_artifact_is_refused(tmp_path, conv_onnx, c
     (out / "thesis.txt").write_text("do not delete")
     result = run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure"))
     assert result.exit_code == 2 and (out / "thesis.txt").exists()
+
+
+def test_large_model_path_writes_external_data_beside_the_model(tmp_path, conv_onnx, conv_feeds, monkeypatch):
+    """Models over protobuf's 2 GB limit are saved with external data; the threshold is lowered here so a
+    tiny model takes that path (a real 2.2 GB model was checked by hand, see the README)."""
+    import edgeq.model_io
+
+    monkeypatch.setattr(edgeq.model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "big"
+    result = run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure"))
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx.data").is_file()
+    proto = onnx.load(str(out / "model.onnx"))  # loads the external data from beside it
+    assert any(i.name == "w2_axis0_quantized" for i in proto.graph.initializer)
+
+
+def test_bench_command_reports_interleaved_latency(tmp_path, conv_onnx):
+    result = run("bench", conv_onnx, "-t", "x86-avx512-vnni", "--compare", conv_onnx, "--repeats", 5, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["random_inputs"] and len(report["latency"]) == 1  # same path twice is one model
+    assert report["profile"][0]["ms"] > 0
+    result = run("bench", conv_onnx, "-t", "aarch64")
+    assert result.exit_code == 2 and "cannot measure" in result.output

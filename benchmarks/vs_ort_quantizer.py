@@ -66,7 +66,8 @@ def export(entry, path: Path) -> None:
     else:
         from edgeq.export import export_module
 
-        export_module(module, [(entry.input_name, list(entry.shape))], path, dynamic_batch=False, tolerance=1e-3)
+        export_module(module, [(entry.input_name, list(entry.shape), entry.dtype)], path, dynamic_batch=False,
+                      tolerance=1e-3)
 
 
 def write_feeds(entry, folder: Path, count: int, seed: int) -> Path:

@@ -218,6 +218,7 @@ class ZooModel:
     input_name: str
     shape: tuple
     sample: Callable[[np.random.Generator, tuple], np.ndarray]
+    dtype: str = "float32"
     legacy_export: bool = False  # the dynamo exporter has no ONNX GRU/LSTM op; the legacy one keeps it
 
 
@@ -234,7 +235,7 @@ ZOO = {
     "mobilenetv2": ZooModel("mobilenetv2", MobileNetV2, "image", (1, 3, 224, 224), _images),
     "efficientnet": ZooModel("efficientnet", EfficientNetB0, "image", (1, 3, 224, 224), _images),
     "vit_tiny": ZooModel("vit_tiny", ViTTiny, "image", (1, 3, 224, 224), _images),
-    "bert_small": ZooModel("bert_small", BertSmall, "ids", (1, 128), _tokens),
+    "bert_small": ZooModel("bert_small", BertSmall, "ids", (1, 128), _tokens, dtype="int64"),
     "yolo_style": ZooModel("yolo_style", YoloStyle, "image", (1, 3, 320, 320), _images),
     "gru": ZooModel("gru", GRUClassifier, "x", (1, 64, 64), _images, legacy_export=True),
 }

@@ -2,6 +2,7 @@
 
 Rules:
 - The module comes from a factory ``pkg.module:function`` (or ``file.py:function``) returning an ``nn.Module``.
+- Example inputs are seeded: standard normal for float inputs, 0/1 for integer ones (token ids, masks).
 - Export uses torch's dynamo exporter. With ``dynamic_batch`` the example batch is 2, not 1: with a batch-1
   example the exporter can silently fix the batch dimension to 1.
 - The exported file is run in ONNX Runtime on the example inputs and compared with PyTorch's outputs; a
@@ -21,19 +22,23 @@ from edgeq.model_io import save_model
 from edgeq.user_code import load_callable
 
 
-def parse_input_spec(spec: str) -> tuple[str, list[int]]:
-    """``name:1,3,224,224`` → ("name", [1, 3, 224, 224])."""
-    name, sep, dims = spec.partition(":")
+INPUT_DTYPES = ("float32", "int64", "int32")
+
+
+def parse_input_spec(spec: str) -> tuple[str, list[int], str]:
+    """``name:1,3,224,224`` → ("name", [1, 3, 224, 224], "float32"); ``ids:1,128:int64`` for integer inputs."""
+    name, _, rest = spec.partition(":")
+    dims, _, dtype = rest.partition(":")
     try:
-        shape = [int(d) for d in dims.split(",")] if sep else []
+        shape = [int(d) for d in dims.split(",")] if dims else []
     except ValueError:
         shape = []
-    if not name or not shape or any(d <= 0 for d in shape):
-        raise UserError(f"bad --input '{spec}'", "use NAME:D0,D1,... e.g. x:1,3,224,224")
-    return name, shape
+    if not name or not shape or any(d <= 0 for d in shape) or (dtype or "float32") not in INPUT_DTYPES:
+        raise UserError(f"bad --input '{spec}'", "use NAME:D0,D1,...[:DTYPE] e.g. x:1,3,224,224 or ids:1,128:int64")
+    return name, shape, dtype or "float32"
 
 
-def export_torch(factory: str, inputs: list[tuple[str, list[int]]], out_path: str | Path,
+def export_torch(factory: str, inputs: list[tuple[str, list[int], str]], out_path: str | Path,
                  dynamic_batch: bool = True, tolerance: float = 1e-4, seed: int = 0) -> dict:
     """Export the module a factory returns; see :func:`export_module`."""
     torch = _torch()
@@ -52,15 +57,19 @@ def _torch():
     return torch
 
 
-def export_module(module, inputs: list[tuple[str, list[int]]], out_path: str | Path, dynamic_batch: bool = True,
+def export_module(module, inputs: list[tuple[str, list[int], str]], out_path: str | Path, dynamic_batch: bool = True,
                   tolerance: float = 1e-4, seed: int = 0) -> dict:
     torch = _torch()
     from edgeq.runtimes.onnxruntime import create_session
 
     module.eval()
     generator = torch.Generator().manual_seed(seed)
-    shapes = [[2 if dynamic_batch and i == 0 else d for i, d in enumerate(shape)] for _, shape in inputs]
-    example = tuple(torch.randn(*s, generator=generator) for s in shapes)
+    example = []
+    for _, shape, dtype in inputs:
+        shape = [2 if dynamic_batch and i == 0 else d for i, d in enumerate(shape)]
+        example.append(torch.randn(*shape, generator=generator) if dtype == "float32" else
+                       torch.randint(0, 2, shape, generator=generator, dtype=getattr(torch, dtype)))
+    example = tuple(example)
     dynamic = tuple({0: torch.export.Dim("batch")} for _ in inputs) if dynamic_batch else None
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp, warnings.catch_warnings():
@@ -68,11 +77,11 @@ def export_module(module, inputs: list[tuple[str, list[int]]], out_path: str | P
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():
             expected = module(*example)
-            torch.onnx.export(module, example, str(raw), input_names=[n for n, _ in inputs], dynamo=True,
+            torch.onnx.export(module, example, str(raw), input_names=[n for n, *_ in inputs], dynamo=True,
                               dynamic_shapes=dynamic, verbose=False)
         expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
         session = create_session(raw)
-        got = session.run(None, {n: t.numpy() for (n, _), t in zip(inputs, example)})
+        got = session.run(None, {n: t.numpy() for (n, *_), t in zip(inputs, example)})
         worst = 0.0
         for e, g in zip(expected, got):
             e = e.numpy()
@@ -84,5 +93,5 @@ def export_module(module, inputs: list[tuple[str, list[int]]], out_path: str | P
 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         save_model(onnx.load(str(raw)), out_path)
-    return {"output": str(out_path), "inputs": {n: s for n, s in inputs}, "dynamic_batch": dynamic_batch,
+    return {"output": str(out_path), "inputs": {n: s for n, s, _ in inputs}, "dynamic_batch": dynamic_batch,
             "max_relative_error": worst}

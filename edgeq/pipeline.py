@@ -6,6 +6,9 @@
 Rules:
 - Fidelity is measured on feeds held back from calibration (or the ``--eval`` set).
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
+- Op set (``recipe.ops``): ``all`` quantizes every op the target has integer kernels for; ``compute`` only
+  Conv/Gemm/MatMul and the passthrough ops between them. Which is faster depends on the model (quantized
+  residual Adds pay in CNNs and cost in transformers), so ``auto`` builds both and keeps the one measured faster.
 - No-slowdown: when int8's median latency is not below float's, per-node profiles of both builds are compared;
   every quantized node whose int8 kernels (its Q/DQ included) cost more than its float kernels returns to
   float (nodes ORT renamed in one build and so cannot be compared are left as they are), and the model is
@@ -22,7 +25,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import ContextManager, Protocol
@@ -39,7 +42,7 @@ from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import InsertQDQPass
 from edgeq.passes.normalize import NormalizePass
-from edgeq.recipe import Recipe
+from edgeq.recipe import OPS_VARIANTS, Recipe
 from edgeq.runtimes.base import NodeTime, measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
@@ -139,19 +142,31 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             calibrator(model)
             calib_seconds = time.perf_counter() - started
 
-        def build(keep_float: set[str], tag: str) -> _Build:
-            candidate = model.clone()
-            insert = InsertQDQPass(rules, calibrator.ranges, keep_float)
-            insert(candidate)
-            return _Build(save_model(candidate, _fresh_dir(work / f"int8-{tag}") / MODEL), insert)
+        def build_variant(ops: str):
+            variant_rules = rules if ops == "all" else replace(rules, requant_ops=())
+
+            def build(keep_float: set[str], tag: str) -> _Build:
+                candidate = model.clone()
+                insert = InsertQDQPass(variant_rules, calibrator.ranges, keep_float)
+                insert(candidate)
+                return _Build(save_model(candidate, _fresh_dir(work / f"int8-{ops}-{tag}") / MODEL), insert)
+            return build
 
         runtime = OnnxRuntime(target)
-        with reporter.stage("insert QDQ"):
-            current = build(set(request.keep_float), "0")
-
         can_measure, why_not = target.can_measure_here()
         measure = request.measure and can_measure
         feed = next(iter(holdout)).inputs
+        with reporter.stage("insert QDQ"):
+            builds = {ops: build_variant(ops)(set(request.keep_float), "0")
+                      for ops in (OPS_VARIANTS if recipe.ops == "auto" else (recipe.ops,))}
+        variants = {}
+        if len(builds) > 1 and measure:
+            with reporter.stage(f"measure variants ({', '.join(builds)})"):
+                variants = _measure_variants(runtime, float_path, builds, feed, recipe)
+            chosen = min(variants, key=variants.get)
+        else:
+            chosen = next(iter(builds))
+        current, build = builds[chosen], build_variant(chosen)
         rounds: list[dict] = []
         delivered, reason = "int8", ""
         latency = None
@@ -200,7 +215,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
                 "eval": data_info["eval"],
             },
             "target": target.to_dict(),
-            "recipe": {**recipe.to_dict(), "keep_float": sorted(current.insert.keep_float)},
+            "recipe": {**recipe.to_dict(), "ops": chosen, "keep_float": sorted(current.insert.keep_float)},
+            "ops_variants": {"chosen": chosen, "measured_ratio": variants},
             "delivered": {"precision": delivered, "reason": reason, "file": MODEL,
                           "bytes": _folder_bytes(writer.tmp),
                           "float_bytes": float_bytes},
@@ -262,6 +278,14 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
         if not current.quantized:
             break
     return current, latency, rounds
+
+
+def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed: dict, recipe: Recipe):
+    """int8/float median latency ratio of each variant, all measured interleaved with float."""
+    sessions = {"float": runtime.session(float_path)} | {k: runtime.session(b.path) for k, b in builds.items()}
+    latency = measure_interleaved({k: (lambda s=s: s.run(feed)) for k, s in sessions.items()},
+                                  warmup=recipe.latency_warmup, repeats=recipe.latency_repeats)
+    return {k: latency[k].median_ms / latency["float"].median_ms for k in builds}
 
 
 def _calibration_sets(request: CompileRequest, specs: list[InputSpec]):

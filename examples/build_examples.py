@@ -61,7 +61,7 @@ def build(name: str, model: torch.nn.Module, epochs: int, lr: float, calib_count
     train(model, x_train, y_train, epochs, lr)
     folder = HERE / name
     folder.mkdir(exist_ok=True)
-    export_module(model, [("image", [1, 1, 8, 8])], folder / "model.onnx", dynamic_batch=True)
+    export_module(model, [("image", [1, 1, 8, 8], "float32")], folder / "model.onnx", dynamic_batch=True)
     np.savez_compressed(folder / "calib.npz", image=x_train[:calib_count])
     np.savez_compressed(folder / "eval.npz", image=x_test, label=y_test)
     print(f"{name}: test accuracy {accuracy(model, x_test, y_test):.4f} → {folder}")

@@ -8,6 +8,9 @@ Rules, in order:
    converters) get per-channel scales like any other weight — in subgraphs too.
 4. onnxscript's optimizer folds constants, fuses BatchNorm into Conv/Gemm, removes no-op and Identity nodes
    and dead code; onnx_ir's shape inference then types every intermediate value.
+5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
+   ``Flatten`` when ``keepdims=0``): the same numbers, but an op with an integer kernel that follows ONNX
+   Runtime's channels-last layout (a ReduceMean there costs several times more than in the float model).
 
 Deterministic: the same input model gives the same output model.
 """
@@ -55,6 +58,8 @@ class NormalizePass(ir.passes.InPlacePass):
                                 "re-export it with opset 13 or later")
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
         onnxscript.optimizer.optimize_ir(model)
+        common.ShapeInferencePass()(model)
+        _spatial_means_to_global_pool(model.graph)
         ir.passes.PassManager([
             common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
@@ -62,3 +67,36 @@ class NormalizePass(ir.passes.InPlacePass):
             common.TopologicalSortPass(),
         ])(model)
         return ir.passes.PassResult(model, modified=True)
+
+
+def _reduced_axes(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        const = node.inputs[1].const_value
+        return None if const is None else [int(a) for a in const.numpy().ravel()]
+    attr = node.attributes.get("axes")
+    return None if attr is None else list(attr.as_ints())
+
+
+def _spatial_means_to_global_pool(graph: ir.Graph) -> None:
+    for node in list(graph):
+        data = node.inputs[0] if node.op_type == "ReduceMean" and node.inputs else None
+        if data is None or data.shape is None or len(data.shape) != 4:
+            continue
+        axes = _reduced_axes(node)
+        if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            continue
+        pool = ir.Node("", "GlobalAveragePool", [data], name=f"{node.name}_global_pool", num_outputs=1)
+        pool.outputs[0].name = f"{node.outputs[0].name}_pooled"
+        pool.outputs[0].dtype = data.dtype
+        replacement = [pool]
+        if node.attributes.get_int("keepdims", 1) == 0:
+            flatten = ir.Node("", "Flatten", [pool.outputs[0]], attributes=[ir.AttrInt64("axis", 1)],
+                              name=f"{node.name}_flatten", num_outputs=1)
+            replacement.append(flatten)
+        graph.insert_before(node, replacement)
+        old, new = node.outputs[0], replacement[-1].outputs[0]
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        if new.is_graph_output():  # a graph output keeps its name
+            old.name, new.name = f"{name}_replaced", name
+        graph.remove(node, safe=True)

@@ -50,3 +50,18 @@ def test_already_quantized_model_is_refused():
                        [numpy_helper.from_array(np.array(0.1, np.float32), "s")])
     with pytest.raises(UserError, match="already quantized"):
         NormalizePass()(ir.from_proto(proto))
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_spatial_reduce_mean_becomes_global_average_pool(keepdims):
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="mean", keepdims=keepdims)]
+    out_shape = [2, 3, 1, 1] if keepdims else [2, 3]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                       [numpy_helper.from_array(np.array([-1, 2], np.int64), "axes")], opset=18)
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    assert [n.op_type for n in model.graph] == ["GlobalAveragePool"] + ([] if keepdims else ["Flatten"])
+    assert model.graph.outputs[0].name == "y"
+    x = {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)}
+    np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-5, atol=1e-6)

@@ -134,6 +134,9 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
                                f"float {delivered['float_bytes'] / 1e6:.2f} MB)")
     if delivered["reason"]:
         table.add_row("note", delivered["reason"])
+    variants = manifest["ops_variants"]["measured"]
+    table.add_row("op set", manifest["ops_variants"]["chosen"] + (" (measured: " + ", ".join(
+        f"{k} ×{v['ratio']:.2f} {v['sqnr_db']:.1f} dB" for k, v in variants.items()) + ")" if variants else ""))
     table.add_row("quantized nodes", f"{q['quantized_nodes']} (float: {q['float_nodes']}, in subgraphs left float: "
                                      f"{q['subgraph_compute_left_float']})")
     lat = manifest["latency"]

@@ -8,7 +8,10 @@ Rules:
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
 - Op set (``recipe.ops``): ``all`` quantizes every op the target has integer kernels for; ``compute`` only
   Conv/Gemm/MatMul and the passthrough ops between them. Which is faster depends on the model (quantized
-  residual Adds pay in CNNs and cost in transformers), so ``auto`` builds both and keeps the one measured faster.
+  residual Adds pay in CNNs and cost in transformers), so ``auto`` builds both, measures latency and SQNR, and
+  keeps the more accurate of those within 5% of the fastest.
+- int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
+  inside measurement noise does not pay for the accuracy int8 costs.
 - No-slowdown: when int8's median latency is not below float's, per-node profiles of both builds are compared;
   every quantized node whose int8 kernels (its Q/DQ included) cost more than its float kernels returns to
   float (nodes ORT renamed in one build and so cannot be compared are left as they are), and the model is
@@ -46,6 +49,11 @@ from edgeq.recipe import OPS_VARIANTS, Recipe
 from edgeq.runtimes.base import NodeTime, measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
+
+
+# Variants whose latency is within this fraction of the fastest count as equally fast; the more accurate wins.
+VARIANT_SPEED_TOLERANCE = 0.05
+VARIANT_FIDELITY_FEEDS = 16
 
 
 class Reporter(Protocol):
@@ -162,8 +170,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         variants = {}
         if len(builds) > 1 and measure:
             with reporter.stage(f"measure variants ({', '.join(builds)})"):
-                variants = _measure_variants(runtime, float_path, builds, feed, recipe)
-            chosen = min(variants, key=variants.get)
+                variants = _measure_variants(runtime, float_path, builds, feed, recipe, holdout)
+            chosen = _choose_variant(variants)
         else:
             chosen = next(iter(builds))
         current, build = builds[chosen], build_variant(chosen)
@@ -181,10 +189,10 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             ratio = latency["int8"].median_ms / latency["float"].median_ms
             if not current.quantized:
                 delivered, reason = "float", "every quantized node was slower in int8 than in float (measured)"
-            elif recipe.no_slowdown and ratio >= 1.0:
+            elif recipe.no_slowdown and ratio > recipe.max_ratio:
                 delivered = "float"
-                reason = (f"int8 was not faster than float on {target.name} (median ratio {ratio:.2f}) "
-                          "even after returning costly nodes to float")
+                reason = (f"int8 was not faster than float on {target.name} (median ratio {ratio:.2f}, "
+                          f"needs ≤ {recipe.max_ratio}) even after returning costly nodes to float")
             with reporter.stage("profile per node"):
                 owners = current.insert.owners
                 profiles["float"] = cost_by_node(runtime.profile(float_path, feed), owners)
@@ -216,7 +224,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             },
             "target": target.to_dict(),
             "recipe": {**recipe.to_dict(), "ops": chosen, "keep_float": sorted(current.insert.keep_float)},
-            "ops_variants": {"chosen": chosen, "measured_ratio": variants},
+            "ops_variants": {"chosen": chosen, "measured": variants},
             "delivered": {"precision": delivered, "reason": reason, "file": MODEL,
                           "bytes": _folder_bytes(writer.tmp),
                           "float_bytes": float_bytes},
@@ -260,7 +268,7 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
         record = {"round": round_index, "quantized_nodes": len(current.quantized),
                   "float_ms": latency["float"].median_ms, "int8_ms": latency["int8"].median_ms, "ratio": ratio}
         rounds.append(record)
-        if ratio < 1.0 or not recipe.no_slowdown or round_index == recipe.max_revert_rounds:
+        if ratio <= recipe.max_ratio or not recipe.no_slowdown or round_index == recipe.max_revert_rounds:
             break
         with reporter.stage("profile per node"):
             owners = current.insert.owners
@@ -280,12 +288,30 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
     return current, latency, rounds
 
 
-def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed: dict, recipe: Recipe):
-    """int8/float median latency ratio of each variant, all measured interleaved with float."""
+def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed: dict, recipe: Recipe,
+                      holdout: CalibrationData) -> dict[str, dict]:
+    """Each variant's int8/float median latency ratio (all interleaved with float) and worst-output SQNR."""
     sessions = {"float": runtime.session(float_path)} | {k: runtime.session(b.path) for k, b in builds.items()}
     latency = measure_interleaved({k: (lambda s=s: s.run(feed)) for k, s in sessions.items()},
                                   warmup=recipe.latency_warmup, repeats=recipe.latency_repeats)
-    return {k: latency[k].median_ms / latency["float"].median_ms for k in builds}
+    result = {}
+    for name in builds:
+        meter = FidelityMeter(sessions["float"].output_names)
+        for index, f in enumerate(holdout):
+            if index == VARIANT_FIDELITY_FEEDS:
+                break
+            meter.update(sessions["float"].run(f.inputs), sessions[name].run(f.inputs))
+        outputs = meter.summary()["outputs"].values()
+        result[name] = {"ratio": latency[name].median_ms / latency["float"].median_ms,
+                        "sqnr_db": min((o["sqnr_db"] for o in outputs), default=float("inf"))}
+    return result
+
+
+def _choose_variant(variants: dict[str, dict]) -> str:
+    """The most accurate variant among those within VARIANT_SPEED_TOLERANCE of the fastest."""
+    fastest = min(v["ratio"] for v in variants.values())
+    close = [k for k, v in variants.items() if v["ratio"] <= fastest * (1 + VARIANT_SPEED_TOLERANCE)]
+    return max(close, key=lambda k: variants[k]["sqnr_db"])
 
 
 def _calibration_sets(request: CompileRequest, specs: list[InputSpec]):

@@ -52,6 +52,7 @@ class Recipe:
     allow_random_calibration: bool = False
     max_drop: float | None = None
     no_slowdown: bool = True
+    max_ratio: float = 0.97  # deliver int8 only when int8/float median latency is at most this
     max_revert_rounds: int = 2
     latency_repeats: int = 50
     latency_warmup: int = 5

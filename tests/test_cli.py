@@ -36,7 +36,7 @@ def test_digits_cnn_int8_within_budget_and_faster(tmp_path):
     assert manifest["inputs"]["calibration"]["feeds"] == 256 and not manifest["inputs"]["calibration"]["random"]
     # never slower: int8 delivered only when it measured faster
     if manifest["delivered"]["precision"] == "int8":
-        assert manifest["latency"]["ratio"] < 1.0
+        assert manifest["latency"]["ratio"] <= 0.97
     assert {"float_ms", "int8_ms", "node"} <= set(manifest["per_node"][0])
     onnx.checker.check_model(str(out / "model.onnx"))
 

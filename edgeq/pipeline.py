@@ -6,10 +6,11 @@
 Rules:
 - Fidelity is measured on feeds held back from calibration (or the ``--eval`` set).
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
-- Op set (``recipe.ops``): ``all`` quantizes every op the target has integer kernels for; ``compute`` only
-  Conv/Gemm/MatMul and the passthrough ops between them. Which is faster depends on the model (quantized
-  residual Adds pay in CNNs and cost in transformers), so ``auto`` builds both, measures latency and SQNR, and
-  keeps the more accurate of those within 5% of the fastest.
+- Requant op set (``recipe.requant_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … pays depends on
+  the model and its kernels (quantized residual Adds pay in CNNs and cost in transformers; a broadcast
+  QLinearMul can cost more than the float Mul it replaces). ``auto`` builds candidates — all requant ops,
+  none, and all but one op type at a time — measures their latency (interleaved with float) and SQNR, and
+  keeps the most accurate of those within 5% of the fastest.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
   inside measurement noise does not pay for the accuracy int8 costs.
 - No-slowdown: when int8's median latency is not below float's, per-node profiles of both builds are compared;
@@ -45,7 +46,7 @@ from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import InsertQDQPass
 from edgeq.passes.normalize import NormalizePass
-from edgeq.recipe import OPS_VARIANTS, Recipe
+from edgeq.recipe import Recipe
 from edgeq.runtimes.base import NodeTime, measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
@@ -150,14 +151,15 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             calibrator(model)
             calib_seconds = time.perf_counter() - started
 
-        def build_variant(ops: str):
-            variant_rules = rules if ops == "all" else replace(rules, requant_ops=())
+        def build_variant(requant_ops: tuple[str, ...]):
+            variant_rules = replace(rules, requant_ops=requant_ops)
 
             def build(keep_float: set[str], tag: str) -> _Build:
                 candidate = model.clone()
                 insert = InsertQDQPass(variant_rules, calibrator.ranges, keep_float)
                 insert(candidate)
-                return _Build(save_model(candidate, _fresh_dir(work / f"int8-{ops}-{tag}") / MODEL), insert)
+                folder = _fresh_dir(work / f"int8-{'-'.join(requant_ops) or 'none'}-{tag}")
+                return _Build(save_model(candidate, folder / MODEL), insert)
             return build
 
         runtime = OnnxRuntime(target)
@@ -165,8 +167,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         measure = request.measure and can_measure
         feed = next(iter(holdout)).inputs
         with reporter.stage("insert QDQ"):
-            builds = {ops: build_variant(ops)(set(request.keep_float), "0")
-                      for ops in (OPS_VARIANTS if recipe.ops == "auto" else (recipe.ops,))}
+            candidates = requant_candidates(recipe.requant_ops, rules.requant_ops, {n.op_type for n in model.graph})
+            builds = {label: build_variant(ops)(set(request.keep_float), "0") for label, ops in candidates.items()}
         variants = {}
         if len(builds) > 1 and measure:
             with reporter.stage(f"measure variants ({', '.join(builds)})"):
@@ -174,7 +176,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             chosen = _choose_variant(variants)
         else:
             chosen = next(iter(builds))
-        current, build = builds[chosen], build_variant(chosen)
+        current, build = builds[chosen], build_variant(candidates[chosen])
         rounds: list[dict] = []
         delivered, reason = "int8", ""
         latency = None
@@ -223,8 +225,9 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
                 "eval": data_info["eval"],
             },
             "target": target.to_dict(),
-            "recipe": {**recipe.to_dict(), "ops": chosen, "keep_float": sorted(current.insert.keep_float)},
-            "ops_variants": {"chosen": chosen, "measured": variants},
+            "recipe": {**recipe.to_dict(), "requant_ops": ",".join(candidates[chosen]) or "none",
+                       "keep_float": sorted(current.insert.keep_float)},
+            "requant_variants": {"chosen": chosen, "measured": variants},
             "delivered": {"precision": delivered, "reason": reason, "file": MODEL,
                           "bytes": _folder_bytes(writer.tmp),
                           "float_bytes": float_bytes},
@@ -286,6 +289,28 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
         if not current.quantized:
             break
     return current, latency, rounds
+
+
+def requant_candidates(spec: str, available: tuple[str, ...], present: set[str]) -> dict[str, tuple[str, ...]]:
+    """Requant op sets to build, by label. ``auto``: all present, none, and all but each op type in turn."""
+    if spec == "all":
+        return {"all": available}
+    if spec == "none":
+        return {"none": ()}
+    if spec != "auto":
+        chosen = tuple(op.strip() for op in spec.split(",") if op.strip())
+        unknown = sorted(set(chosen) - set(available))
+        if unknown:
+            raise UserError(f"--requant-ops names ops the target has no integer kernel for: {', '.join(unknown)}",
+                            f"choose from {', '.join(available)}, or use auto, all or none")
+        return {",".join(chosen): chosen}
+    used = tuple(op for op in available if op in present)
+    if not used:
+        return {"none": ()}
+    candidates = {"all": used, "none": ()}
+    if len(used) > 1:
+        candidates |= {f"all but {op}": tuple(o for o in used if o != op) for op in used}
+    return candidates
 
 
 def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed: dict, recipe: Recipe,

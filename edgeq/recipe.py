@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field, fields
 from edgeq.errors import UserError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
-OPS_VARIANTS = ("all", "compute")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,9 @@ class Exclusions:
 class Recipe:
     scheme: str = "int8"
     method: str = "minmax"
-    ops: str = "auto"  # "all", "compute", or "auto": build both and keep the faster (measured)
+    # Which requant ops (Add, Mul, Concat, …) to quantize: "auto" (measure candidate sets, keep the best),
+    # "all" (every one the target has), "none" (compute + passthrough ops only), or a comma-separated list.
+    requant_ops: str = "auto"
     percentile: float = 99.999
     exclude: Exclusions = field(default_factory=Exclusions)
     holdout_fraction: float = 0.2
@@ -63,8 +64,6 @@ class Recipe:
             raise UserError(f"unknown scheme '{self.scheme}'", "use --scheme int8")
         if self.method not in CALIBRATION_METHODS:
             raise UserError(f"unknown calibration method '{self.method}'", f"use one of {CALIBRATION_METHODS}")
-        if self.ops not in ("auto", *OPS_VARIANTS):
-            raise UserError(f"unknown op set '{self.ops}'", "use --ops auto, all or compute")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile {self.percentile} out of range", "use a value in (50, 100], e.g. 99.999")
         if not 0.0 <= self.holdout_fraction < 1.0:

@@ -102,3 +102,19 @@ def test_variant_choice_prefers_accuracy_among_equally_fast():
         == "compute"
     assert _choose_variant({"all": {"ratio": 0.53, "sqnr_db": 11.0}, "compute": {"ratio": 0.72, "sqnr_db": 12.0}}) \
         == "all"
+
+
+def test_requant_candidates():
+    import pytest
+
+    from edgeq.errors import UserError
+    from edgeq.pipeline import requant_candidates
+
+    available = ("Add", "Mul", "Concat")
+    auto = requant_candidates("auto", available, {"Conv", "Add", "Mul"})
+    assert auto == {"all": ("Add", "Mul"), "none": (), "all but Add": ("Mul",), "all but Mul": ("Add",)}
+    assert requant_candidates("none", available, set()) == {"none": ()}
+    assert requant_candidates("Concat,Add", available, set()) == {"Concat,Add": ("Concat", "Add")}
+    with pytest.raises(UserError, match="Softmax"):
+        requant_candidates("Softmax", available, set())
+    assert requant_candidates("auto", available, {"Conv"}) == {"none": ()}

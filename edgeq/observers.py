@@ -102,29 +102,28 @@ class HistogramObserver:
         return np.bincount(index, weights=self.counts), self.width
 
     def _entropy_range(self) -> tuple[float, float]:
-        """TensorRT-style KL search on |x|: the threshold whose 8-bit histogram diverges least."""
+        """TensorRT's KL search on |x|: the clipping threshold whose 8-bit histogram diverges least."""
         hist, width = self._folded()
         true_lo, true_hi = self.minmax.range()
-        one_sided = true_lo >= 0.0
-        levels = LEVELS if one_sided else LEVELS // 2
+        levels = LEVELS if true_lo >= 0.0 else LEVELS // 2
         n = len(hist)
         if n <= levels:
             return true_lo, true_hi
         best, best_t = np.inf, n
         for t in np.unique(np.linspace(levels, n, num=min(n - levels + 1, 256)).astype(np.int64)):
-            p = hist[:t].copy()
-            p[-1] += hist[t:].sum()
-            nonzero = p > 0
-            chunks = np.array_split(np.arange(t), levels)
-            q = np.zeros(t)
-            for chunk in chunks:
-                mass = hist[chunk].sum() if chunk[-1] < t - 1 else p[chunk].sum()
-                used = nonzero[chunk].sum()
-                if used:
-                    q[chunk] = np.where(nonzero[chunk], mass / used, 0.0)
+            sliced = hist[:t]
+            p = sliced.copy()
+            p[-1] += hist[t:].sum()  # outliers clip into the last bin
+            # merge the t bins into `levels` chunks, then spread each chunk's mass over its non-empty bins
+            starts = np.linspace(0, t, levels + 1).astype(np.int64)[:-1]
+            nonzero = (sliced > 0).astype(np.float64)
+            mass = np.add.reduceat(sliced, starts)
+            used = np.add.reduceat(nonzero, starts)
+            chunk = np.repeat(np.arange(levels), np.diff(np.append(starts, t)))
+            q = np.where(nonzero > 0, (mass / np.maximum(used, 1))[chunk], 0.0)
             ps, qs = p / p.sum(), q / max(q.sum(), 1e-30)
-            mask = (ps > 0) & (qs > 0)
-            kl = float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask]))) + float(ps[(ps > 0) & (qs == 0)].sum()) * 30
+            both = (ps > 0) & (qs > 0)
+            kl = float(np.sum(ps[both] * np.log(ps[both] / qs[both])))
             if kl < best:
                 best, best_t = kl, t
         threshold = best_t * width

@@ -43,6 +43,7 @@ class ArtifactWriter:
     def publish(self, manifest: dict) -> Path:
         text = json.dumps(_finite(manifest), indent=2, sort_keys=True, default=_jsonable)
         self.path(MANIFEST).write_text(text + "\n")
+        _apply_umask(self.tmp)  # mkdtemp makes the folder private; an artifact gets the usual permissions
         backup = None
         if self.out_dir.exists():
             backup = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
@@ -61,6 +62,14 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.tmp.exists():
             self.discard()
+
+
+def _apply_umask(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 def _finite(value):

@@ -30,9 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from zoo import ZOO, build_module  # noqa: E402
 
-from edgeq.calibration_data import CalibrationData  # noqa: E402
+from edgeq.calibration_data import CalibrationData, input_specs  # noqa: E402
 from edgeq.fidelity import FidelityMeter  # noqa: E402
-from edgeq.pipeline import CompileRequest, compile_model, input_specs  # noqa: E402
+from edgeq.pipeline import CompileRequest, compile_model  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.runtimes.base import measure_interleaved  # noqa: E402
 from edgeq.target import load_target  # noqa: E402

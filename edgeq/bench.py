@@ -7,10 +7,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from edgeq.calibration_data import CalibrationData
+from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import UserError
 from edgeq.model_io import load_proto
-from edgeq.pipeline import input_specs
 from edgeq.runtimes.base import measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target

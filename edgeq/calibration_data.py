@@ -45,6 +45,18 @@ class InputSpec:
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
+def input_specs(model) -> list[InputSpec]:
+    """The graph inputs of an ``onnx_ir`` model that need feeding (initializers excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
 @dataclass(frozen=True)
 class Feed:
     inputs: dict[str, np.ndarray]
@@ -159,8 +171,9 @@ class CalibrationData:
         if holdout_fraction <= 0 or len(self._refs) < 2:
             return self, None
         step = max(2, round(1 / holdout_fraction))
-        held = [r for i, r in enumerate(self._refs) if i % step == step - 1]
-        kept = [r for i, r in enumerate(self._refs) if i % step != step - 1]
+        held_index = {i for i in range(len(self._refs)) if i % step == step - 1} or {len(self._refs) - 1}
+        held = [r for i, r in enumerate(self._refs) if i in held_index]
+        kept = [r for i, r in enumerate(self._refs) if i not in held_index]
         return self._subset(kept, "calib"), self._subset(held, "holdout")
 
     def _subset(self, refs: list[_FeedRef], tag: str) -> "CalibrationData":

@@ -34,11 +34,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import ContextManager, Protocol
 
-import numpy as np
-import onnx_ir as ir
 
 from edgeq.artifact import MODEL, ArtifactWriter
-from edgeq.calibration_data import CalibrationData, InputSpec
+from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import FidelityMeter, accuracy_drop, load_metric
 from edgeq.model_io import load_model, model_digest, save_model
@@ -95,17 +93,6 @@ class _Build:
         return sorted(n for n, d in self.insert.decisions.items() if d.quantized)
 
 
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    specs = []
-    for value in model.graph.inputs:
-        if value.is_initializer():
-            continue
-        dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
-        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
-        specs.append(InputSpec(value.name, dtype, shape))
-    return specs
-
-
 def tool_versions() -> dict[str, str]:
     names = ("edgeq", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy")
     versions = {"python": platform.python_version()}
@@ -127,128 +114,157 @@ def cost_by_node(times: list[NodeTime], owners: dict[str, str]) -> dict[str, flo
 def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> tuple[dict, int]:
     """Run the whole pipeline and publish the artifact; returns (manifest, exit code)."""
     reporter = reporter or SilentReporter()
-    recipe, target = request.recipe, request.target
     metric = load_metric(request.metric) if request.metric else None
     with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-") as work:
-        work = Path(work)
-        with reporter.stage("load + normalize"):
-            model = load_model(request.model)
-            source_digest = model_digest(model)
-            NormalizePass()(model)
-            specs = input_specs(model)
-            float_path = save_model(model, _fresh_dir(work / "float") / MODEL)
-            normalized_digest = model_digest(model)
-
-        calib, holdout, data_info = _calibration_sets(request, specs)
-        rules = target.quantization
-        excluder = ExcludePass(recipe.exclude)
-        excluder(model)
-        op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
-        calibrator = CalibratePass(calib, op_types, recipe.method, recipe.percentile, normalized_digest,
-                                   request.cache_dir, on_progress=reporter.progress)
-        with reporter.stage(f"calibrate ({recipe.method}, {len(calib)} feeds)"):
-            started = time.perf_counter()
-            calibrator(model)
-            calib_seconds = time.perf_counter() - started
-
-        def build_variant(requant_ops: tuple[str, ...]):
-            variant_rules = replace(rules, requant_ops=requant_ops)
-
-            def build(keep_float: set[str], tag: str) -> _Build:
-                candidate = model.clone()
-                insert = InsertQDQPass(variant_rules, calibrator.ranges, keep_float)
-                insert(candidate)
-                folder = _fresh_dir(work / f"int8-{'-'.join(requant_ops) or 'none'}-{tag}")
-                return _Build(save_model(candidate, folder / MODEL), insert)
-            return build
-
-        runtime = OnnxRuntime(target)
-        can_measure, why_not = target.can_measure_here()
-        measure = request.measure and can_measure
-        feed = next(iter(holdout)).inputs
-        with reporter.stage("insert QDQ"):
-            candidates = requant_candidates(recipe.requant_ops, rules.requant_ops, {n.op_type for n in model.graph})
-            builds = {label: build_variant(ops)(set(request.keep_float), "0") for label, ops in candidates.items()}
-        variants = {}
-        if len(builds) > 1 and measure:
-            with reporter.stage(f"measure variants ({', '.join(builds)})"):
-                variants = _measure_variants(runtime, float_path, builds, feed, recipe, holdout)
-            chosen = _choose_variant(variants)
-        else:
-            chosen = next(iter(builds))
-        current, build = builds[chosen], build_variant(candidates[chosen])
-        rounds: list[dict] = []
-        delivered, reason = "int8", ""
-        latency = None
-        profiles: dict[str, dict[str, float]] = {}
-        if not current.quantized:
-            delivered = "float"
-            reason = "no node could be quantized" + (
-                f" ({current.insert.subgraph_compute_left_float} compute nodes inside If/Loop/Scan subgraphs "
-                "were left float)" if current.insert.subgraph_compute_left_float else "")
-        elif measure:
-            current, latency, rounds = _no_slowdown(runtime, float_path, current, build, feed, recipe, reporter)
-            ratio = latency["int8"].median_ms / latency["float"].median_ms
-            if not current.quantized:
-                delivered, reason = "float", "every quantized node was slower in int8 than in float (measured)"
-            elif recipe.no_slowdown and ratio > recipe.max_ratio:
-                delivered = "float"
-                reason = (f"int8 was not faster than float on {target.name} (median ratio {ratio:.2f}, "
-                          f"needs ≤ {recipe.max_ratio}) even after returning costly nodes to float")
-            with reporter.stage("profile per node"):
-                owners = current.insert.owners
-                profiles["float"] = cost_by_node(runtime.profile(float_path, feed), owners)
-                profiles["int8"] = cost_by_node(runtime.profile(current.path, feed), owners)
-        else:
-            reason = f"latency not measured: {why_not or 'disabled'}; the no-slowdown check did not run"
-
-        delivered_path = current.path if delivered == "int8" else float_path
-        with reporter.stage(f"fidelity on {len(holdout)} held-out feeds"):
-            fidelity = _fidelity(runtime, float_path, delivered_path, holdout, metric)
-
-        drop = accuracy_drop(fidelity)
-        budget = None
-        exit_code = EXIT_OK
-        if recipe.max_drop is not None:
-            budget = {"max_drop": recipe.max_drop, "drop": drop, "met": drop <= recipe.max_drop}
-            exit_code = EXIT_OK if budget["met"] else EXIT_BUDGET_MISSED
-
-        float_bytes = _folder_bytes(float_path.parent)
-        for part in delivered_path.parent.iterdir():  # model.onnx, and its external data file if large
+        run = _Compilation(request, reporter, Path(work))
+        run.prepare()
+        run.choose_requant_set()
+        run.guard_speed()
+        with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
+            fidelity = _fidelity(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+        budget, exit_code = _budget(request.recipe, fidelity)
+        float_bytes = _folder_bytes(run.float_path.parent)
+        for part in run.delivered_path.parent.iterdir():  # model.onnx, and its external data file if large
             os.replace(part, writer.path(part.name))
-        manifest = {
+        manifest = run.manifest(fidelity, budget, _folder_bytes(writer.tmp), float_bytes)
+        writer.publish(manifest)
+    return manifest, exit_code
+
+
+class _Compilation:
+    """The state of one compile, step by step; :func:`compile_model` drives it."""
+
+    def __init__(self, request: CompileRequest, reporter: Reporter, work: Path):
+        self.request, self.recipe, self.target = request, request.recipe, request.target
+        self.rules = request.target.quantization
+        self.reporter, self.work = reporter, work
+        self.runtime = OnnxRuntime(request.target)
+        can_measure, why_not = request.target.can_measure_here()
+        self.measure = request.measure and can_measure
+        self.why_not_measured = why_not or "disabled"
+        self.variants: dict[str, dict] = {}
+        self.rounds: list[dict] = []
+        self.latency = None
+        self.profiles: dict[str, dict[str, float]] = {}
+        self.delivered, self.reason = "int8", ""
+
+    def prepare(self) -> None:
+        """Load, normalize, mark exclusions, calibrate."""
+        with self.reporter.stage("load + normalize"):
+            model = load_model(self.request.model)
+            self.source_digest = model_digest(model)
+            NormalizePass()(model)
+            self.float_path = save_model(model, _fresh_dir(self.work / "float") / MODEL)
+            normalized_digest = model_digest(model)
+        self.calib, self.holdout, self.data_info = _calibration_sets(self.request, input_specs(model))
+        self.feed = next(iter(self.holdout)).inputs
+        ExcludePass(self.recipe.exclude)(model)
+        rules = self.rules
+        op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
+        self.calibrator = CalibratePass(self.calib, op_types, self.recipe.method, self.recipe.percentile,
+                                        normalized_digest, self.request.cache_dir, on_progress=self.reporter.progress)
+        with self.reporter.stage(f"calibrate ({self.recipe.method}, {len(self.calib)} feeds)"):
+            started = time.perf_counter()
+            self.calibrator(model)
+            self.calib_seconds = time.perf_counter() - started
+        self.model = model
+
+    def builder(self, requant_ops: tuple[str, ...]):
+        """A function (keep_float, tag) -> _Build that inserts QDQ with this requant op set."""
+        rules = replace(self.rules, requant_ops=requant_ops)
+
+        def build(keep_float: set[str], tag: str) -> _Build:
+            candidate = self.model.clone()
+            insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float)
+            insert(candidate)
+            folder = _fresh_dir(self.work / f"int8-{'-'.join(requant_ops) or 'none'}-{tag}")
+            return _Build(save_model(candidate, folder / MODEL), insert)
+        return build
+
+    def choose_requant_set(self) -> None:
+        present = {n.op_type for n in self.model.graph}
+        self.candidates = requant_candidates(self.recipe.requant_ops, self.rules.requant_ops, present)
+        with self.reporter.stage("insert QDQ"):
+            builds = {label: self.builder(ops)(set(self.request.keep_float), "0")
+                      for label, ops in self.candidates.items()}
+        self.chosen = next(iter(builds))
+        if len(builds) > 1 and self.measure:
+            with self.reporter.stage(f"measure {len(builds)} requant op sets"):
+                self.variants = _measure_variants(self.runtime, self.float_path, builds, self.feed, self.recipe,
+                                                  self.holdout)
+            self.chosen = _choose_variant(self.variants)
+        self.current = builds[self.chosen]
+
+    def guard_speed(self) -> None:
+        """The no-slowdown guarantee; sets what is delivered and why."""
+        current, recipe = self.current, self.recipe
+        if not current.quantized:
+            left = current.insert.subgraph_compute_left_float
+            self.delivered = "float"
+            self.reason = "no node could be quantized" + (
+                f" ({left} compute nodes inside If/Loop/Scan subgraphs were left float)" if left else "")
+            return
+        if not self.measure:
+            self.reason = f"latency not measured: {self.why_not_measured}; the no-slowdown check did not run"
+            return
+        build = self.builder(self.candidates[self.chosen])
+        current, self.latency, self.rounds = _no_slowdown(self.runtime, self.float_path, current, build, self.feed,
+                                                          recipe, self.reporter)
+        self.current = current
+        ratio = self.latency["int8"].median_ms / self.latency["float"].median_ms
+        if not current.quantized:
+            self.delivered, self.reason = "float", "every quantized node was slower in int8 than in float (measured)"
+        elif recipe.no_slowdown and ratio > recipe.max_ratio:
+            self.delivered = "float"
+            self.reason = (f"int8 was not faster than float on {self.target.name} (median ratio {ratio:.2f}, "
+                           f"needs ≤ {recipe.max_ratio}) even after returning costly nodes to float")
+        with self.reporter.stage("profile per node"):
+            owners = current.insert.owners
+            self.profiles["float"] = cost_by_node(self.runtime.profile(self.float_path, self.feed), owners)
+            self.profiles["int8"] = cost_by_node(self.runtime.profile(current.path, self.feed), owners)
+
+    @property
+    def delivered_path(self) -> Path:
+        return self.current.path if self.delivered == "int8" else self.float_path
+
+    def manifest(self, fidelity: dict, budget: dict | None, delivered_bytes: int, float_bytes: int) -> dict:
+        insert, latency = self.current.insert, self.latency
+        return {
             "edgeq": "artifact/1",
             "tools": tool_versions(),
-            "inputs": {
-                "model": {"name": Path(request.model).name, "sha256": source_digest},
-                "calibration": data_info["calibration"],
-                "eval": data_info["eval"],
-            },
-            "target": target.to_dict(),
-            "recipe": {**recipe.to_dict(), "requant_ops": ",".join(candidates[chosen]) or "none",
-                       "keep_float": sorted(current.insert.keep_float)},
-            "requant_variants": {"chosen": chosen, "measured": variants},
-            "delivered": {"precision": delivered, "reason": reason, "file": MODEL,
-                          "bytes": _folder_bytes(writer.tmp),
-                          "float_bytes": float_bytes},
-            "calibration": {"method": recipe.method, "tensors": len(calibrator.ranges),
-                            "seconds": calib_seconds, "cache_hit": calibrator.cache_hit},
+            "inputs": {"model": {"name": Path(self.request.model).name, "sha256": self.source_digest},
+                       **self.data_info},
+            "target": self.target.to_dict(),
+            "recipe": {**self.recipe.to_dict(), "requant_ops": ",".join(self.candidates[self.chosen]) or "none",
+                       "keep_float": sorted(insert.keep_float)},
+            "requant_variants": {"chosen": self.chosen, "measured": self.variants},
+            "delivered": {"precision": self.delivered, "reason": self.reason, "file": MODEL,
+                          "bytes": delivered_bytes, "float_bytes": float_bytes},
+            "calibration": {"method": self.recipe.method, "tensors": len(self.calibrator.ranges),
+                            "seconds": self.calib_seconds, "cache_hit": self.calibrator.cache_hit},
             "quantization": {
-                "quantized_nodes": len(current.quantized),
-                "float_nodes": sum(1 for d in current.insert.decisions.values() if not d.quantized),
-                "subgraph_compute_left_float": current.insert.subgraph_compute_left_float,
+                "quantized_nodes": len(self.current.quantized),
+                "float_nodes": sum(1 for d in insert.decisions.values() if not d.quantized),
+                "subgraph_compute_left_float": insert.subgraph_compute_left_float,
                 "decisions": {n: {"op_type": d.op_type, "quantized": d.quantized, "reason": d.reason}
-                              for n, d in sorted(current.insert.decisions.items())},
+                              for n, d in sorted(insert.decisions.items())},
             },
-            "latency": ({k: v.to_dict() for k, v in latency.items()} | {"ratio": latency["int8"].median_ms / latency["float"].median_ms}
-                        if latency else {"measured": False, "why": why_not or "disabled"}),
-            "no_slowdown_rounds": rounds,
-            "per_node": _per_node_table(profiles, current.insert.decisions),
+            "latency": ({k: v.to_dict() for k, v in latency.items()}
+                        | {"ratio": latency["int8"].median_ms / latency["float"].median_ms}
+                        if latency else {"measured": False, "why": self.why_not_measured}),
+            "no_slowdown_rounds": self.rounds,
+            "per_node": _per_node_table(self.profiles, insert.decisions),
             "fidelity": fidelity,
             "budget": budget,
         }
-        writer.publish(manifest)
-    return manifest, exit_code
+
+
+def _budget(recipe: Recipe, fidelity: dict) -> tuple[dict | None, int]:
+    if recipe.max_drop is None:
+        return None, EXIT_OK
+    drop = accuracy_drop(fidelity)
+    met = drop <= recipe.max_drop
+    return {"max_drop": recipe.max_drop, "drop": drop, "met": met}, EXIT_OK if met else EXIT_BUDGET_MISSED
 
 
 def _fresh_dir(path: Path) -> Path:

@@ -4,7 +4,6 @@ A metric receives the model outputs of every evaluation feed and the feeds thems
 file under names that are not model inputs (here ``label``) arrive as ``feed.extras``.
 """
 
-import numpy as np
 
 
 def accuracy(outputs, feeds) -> float:

@@ -78,3 +78,9 @@ def test_random_data_is_seeded_and_says_so():
 def test_random_data_refuses_integer_inputs():
     with pytest.raises(UserError, match="int64 input 'ids'"):
         CalibrationData.random([InputSpec("ids", np.dtype(np.int64), (1, 8))])
+
+
+def test_split_of_few_feeds_still_holds_one_back(tmp_path):
+    np.savez(tmp_path / "all.npz", x=np.zeros((3, 3, 4, 4), np.float32))
+    calib, held = CalibrationData.from_path(tmp_path / "all.npz", SPEC).split(0.2)
+    assert len(calib) == 2 and len(held) == 1

@@ -92,9 +92,9 @@ def main():
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
-@click.option("--requant-ops", default="auto", show_default=True,
-              help="Requant ops to quantize (Add, Mul, Concat, …): auto (measure candidate sets), all, none, "
-                   "or a comma-separated list.")
+@click.option("--optional-ops", default="auto", show_default=True,
+              help="Optional ops to quantize (Add, Mul, Concat, …, ActMatMul for attention): auto (measure "
+                   "candidate sets), all, none, or a comma-separated list.")
 @click.option("--exclude", multiple=True, help="Keep float: name:NODE, re:REGEX or op:OPTYPE (repeatable).")
 @click.option("--metric", help="User metric pkg.module:fn or file.py:fn; fn(outputs, feeds) -> float.")
 @click.option("--max-drop", help="Accuracy budget (metric drop, else top-1 disagreement): 0.01 or 1%.")
@@ -106,14 +106,14 @@ def main():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
-def compile(model, target, calib, eval_path, method, percentile, requant_ops, exclude, metric, max_drop, random_calibration,
+def compile(model, target, calib, eval_path, method, percentile, optional_ops, exclude, metric, max_drop, random_calibration,
             allow_slowdown, no_measure, keep_float, repeats, no_cache, as_json, output):
     """Quantize MODEL to int8 QDQ for TARGET, measure it, and write an artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
     from edgeq.recipe import Exclusions, Recipe
     from edgeq.target import load_target
 
-    recipe = Recipe(method=method, percentile=percentile, requant_ops=requant_ops, exclude=Exclusions.parse(exclude),
+    recipe = Recipe(method=method, percentile=percentile, optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
                     no_slowdown=not allow_slowdown, latency_repeats=repeats)
     request = CompileRequest(model=model, target=load_target(target), recipe=recipe, out_dir=output, calib=calib,
@@ -135,8 +135,8 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
                                f"float {delivered['float_bytes'] / 1e6:.2f} MB)")
     if delivered["reason"]:
         table.add_row("note", delivered["reason"])
-    variants = manifest["requant_variants"]["measured"]
-    table.add_row("requant ops", manifest["recipe"]["requant_ops"] + ("\n" + "\n".join(
+    variants = manifest["op_sets"]["measured"]
+    table.add_row("optional ops", manifest["recipe"]["optional_ops"] + ("\n" + "\n".join(
         f"  {k}: ×{v['ratio']:.2f}, {v['sqnr_db']:.1f} dB" for k, v in variants.items()) if variants else ""))
     table.add_row("quantized nodes", f"{q['quantized_nodes']} (float: {q['float_nodes']}, in subgraphs left float: "
                                      f"{q['subgraph_compute_left_float']})")

@@ -6,11 +6,12 @@
 Rules:
 - Fidelity is measured on feeds held back from calibration (or the ``--eval`` set).
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
-- Requant op set (``recipe.requant_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … pays depends on
-  the model and its kernels (quantized residual Adds pay in CNNs and cost in transformers; a broadcast
-  QLinearMul can cost more than the float Mul it replaces). ``auto`` builds candidates — all requant ops,
-  none, and all but one op type at a time — measures their latency (interleaved with float) and SQNR, and
-  keeps the most accurate of those within 5% of the fastest.
+- Optional op set (``recipe.optional_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … (requant ops)
+  or MatMuls of two activations (``ActMatMul``: attention) pays depends on the model and ORT's kernels
+  (quantized residual Adds pay in CNNs and cost in transformers; quantized attention makes ORT run Softmax as
+  a slow QLinearSoftmax). ``auto`` builds candidates — all optional ops, none, and all but one group at a
+  time — measures their latency (interleaved with float) and SQNR, and keeps the most accurate of those
+  within 5% of the fastest.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
   inside measurement noise does not pay for the accuracy int8 costs.
 - No-slowdown: when int8's median latency is not below float's, per-node profiles of both builds are compared;
@@ -50,6 +51,8 @@ from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
 
 
+# The optional group "MatMul of two activations" (attention), named like an op in op sets.
+ACT_MATMUL = "ActMatMul"
 # Variants whose latency is within this fraction of the fastest count as equally fast; the more accurate wins.
 VARIANT_SPEED_TOLERANCE = 0.05
 VARIANT_FIDELITY_FEEDS = 16
@@ -118,7 +121,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
     with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-") as work:
         run = _Compilation(request, reporter, Path(work))
         run.prepare()
-        run.choose_requant_set()
+        run.choose_op_set()
         run.guard_speed()
         with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
             fidelity = _fidelity(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
@@ -169,27 +172,32 @@ class _Compilation:
             self.calib_seconds = time.perf_counter() - started
         self.model = model
 
-    def builder(self, requant_ops: tuple[str, ...]):
-        """A function (keep_float, tag) -> _Build that inserts QDQ with this requant op set."""
-        rules = replace(self.rules, requant_ops=requant_ops)
+    def builder(self, optional_ops: tuple[str, ...]):
+        """A function (keep_float, tag) -> _Build that inserts QDQ with this optional op set."""
+        rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o != ACT_MATMUL),
+                        activation_matmuls=ACT_MATMUL in optional_ops)
 
         def build(keep_float: set[str], tag: str) -> _Build:
             candidate = self.model.clone()
             insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float)
             insert(candidate)
-            folder = _fresh_dir(self.work / f"int8-{'-'.join(requant_ops) or 'none'}-{tag}")
+            folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build
 
-    def choose_requant_set(self) -> None:
+    def choose_op_set(self) -> None:
         present = {n.op_type for n in self.model.graph}
-        self.candidates = requant_candidates(self.recipe.requant_ops, self.rules.requant_ops, present)
+        if any(n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] is not None
+               and n.inputs[1].const_value is None for n in self.model.graph):
+            present.add(ACT_MATMUL)
+        available = self.rules.requant_ops + ((ACT_MATMUL,) if self.rules.activation_matmuls else ())
+        self.candidates = op_set_candidates(self.recipe.optional_ops, available, present)
         with self.reporter.stage("insert QDQ"):
             builds = {label: self.builder(ops)(set(self.request.keep_float), "0")
                       for label, ops in self.candidates.items()}
         self.chosen = next(iter(builds))
         if len(builds) > 1 and self.measure:
-            with self.reporter.stage(f"measure {len(builds)} requant op sets"):
+            with self.reporter.stage(f"measure {len(builds)} optional op sets"):
                 self.variants = _measure_variants(self.runtime, self.float_path, builds, self.feed, self.recipe,
                                                   self.holdout)
             self.chosen = _choose_variant(self.variants)
@@ -235,9 +243,9 @@ class _Compilation:
             "inputs": {"model": {"name": Path(self.request.model).name, "sha256": self.source_digest},
                        **self.data_info},
             "target": self.target.to_dict(),
-            "recipe": {**self.recipe.to_dict(), "requant_ops": ",".join(self.candidates[self.chosen]) or "none",
+            "recipe": {**self.recipe.to_dict(), "optional_ops": ",".join(self.candidates[self.chosen]) or "none",
                        "keep_float": sorted(insert.keep_float)},
-            "requant_variants": {"chosen": self.chosen, "measured": self.variants},
+            "op_sets": {"chosen": self.chosen, "measured": self.variants},
             "delivered": {"precision": self.delivered, "reason": self.reason, "file": MODEL,
                           "bytes": delivered_bytes, "float_bytes": float_bytes},
             "calibration": {"method": self.recipe.method, "tensors": len(self.calibrator.ranges),
@@ -307,8 +315,8 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
     return current, latency, rounds
 
 
-def requant_candidates(spec: str, available: tuple[str, ...], present: set[str]) -> dict[str, tuple[str, ...]]:
-    """Requant op sets to build, by label. ``auto``: all present, none, and all but each op type in turn."""
+def op_set_candidates(spec: str, available: tuple[str, ...], present: set[str]) -> dict[str, tuple[str, ...]]:
+    """Optional op sets to build, by label. ``auto``: all present, none, and all but each group in turn."""
     if spec == "all":
         return {"all": available}
     if spec == "none":
@@ -317,7 +325,7 @@ def requant_candidates(spec: str, available: tuple[str, ...], present: set[str])
         chosen = tuple(op.strip() for op in spec.split(",") if op.strip())
         unknown = sorted(set(chosen) - set(available))
         if unknown:
-            raise UserError(f"--requant-ops names ops the target has no integer kernel for: {', '.join(unknown)}",
+            raise UserError(f"--optional-ops names ops the target has no integer kernel for: {', '.join(unknown)}",
                             f"choose from {', '.join(available)}, or use auto, all or none")
         return {",".join(chosen): chosen}
     used = tuple(op for op in available if op in present)

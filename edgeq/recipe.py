@@ -44,9 +44,10 @@ class Exclusions:
 class Recipe:
     scheme: str = "int8"
     method: str = "minmax"
-    # Which requant ops (Add, Mul, Concat, …) to quantize: "auto" (measure candidate sets, keep the best),
-    # "all" (every one the target has), "none" (compute + passthrough ops only), or a comma-separated list.
-    requant_ops: str = "auto"
+    # Which optional op groups to quantize — the target's requant ops (Add, Mul, Concat, …) and ActMatMul
+    # (MatMuls of two activations): "auto" (measure candidate sets, keep the best), "all", "none"
+    # (Conv/Gemm/MatMul with weights, and passthrough ops, only), or a comma-separated list.
+    optional_ops: str = "auto"
     percentile: float = 99.999
     exclude: Exclusions = field(default_factory=Exclusions)
     holdout_fraction: float = 0.2

@@ -33,6 +33,7 @@ class QuantizationRules:
     requant_ops: tuple[str, ...]
     passthrough_ops: tuple[str, ...]
     activation_fusions: tuple[str, ...] = ("Relu", "Clip")
+    activation_matmuls: bool = True  # quantize MatMuls of two activations (attention scores, attention · V)
     reduce_range: bool = False  # 7-bit weights: avoids u8*s8 overflow in AVX2 (non-VNNI) kernels
 
 
@@ -106,6 +107,7 @@ def _parse(data: dict, source: str) -> Target:
             passthrough_ops=tuple(q.get("passthrough_ops", ())),
             activation_fusions=tuple(q.get("activation_fusions", ("Relu", "Clip"))),
             reduce_range=bool(q.get("reduce_range", False)),
+            activation_matmuls=bool(q.get("activation_matmuls", True)),
         )
         ort = data.get("onnxruntime", {})
         target = Target(

@@ -2,7 +2,8 @@
 
 Rules:
 - Seeds: compute ops (Conv, ConvTranspose, Gemm, MatMul) whose activation inputs are float with a calibrated
-  range. Conv/ConvTranspose need a constant weight; a MatMul/Gemm with two activation inputs quantizes both.
+  range. Conv/ConvTranspose need a constant weight; a MatMul/Gemm with two activation inputs (attention)
+  quantizes both, unless the rules say ``activation_matmuls = false``.
 - Growth: a requant op (Add, Concat, …; all inputs activations) or a passthrough op (MaxPool, Reshape, …;
   data input an activation, other inputs constant) joins only when it shares a tensor with a node already
   quantized. Nothing joins without a path to a compute op, so no Q→DQ pair is left between two float ops.
@@ -127,6 +128,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if role == "passthrough" and not all(_is_const(v) for v in node.inputs[1:] if v is not None):
             return "a non-data input is not constant"
         if role == "compute":
+            if not self.rules.activation_matmuls and len(self._activation_inputs(node, role)) == 2:
+                return "MatMul of two activations, left float by the chosen op set"
             if node.op_type in ("Conv", "ConvTranspose") and not _is_const(node.inputs[1]):
                 return "weight is not constant"
             if node.op_type == "Gemm":

@@ -104,17 +104,17 @@ def test_variant_choice_prefers_accuracy_among_equally_fast():
         == "all"
 
 
-def test_requant_candidates():
+def test_op_set_candidates():
     import pytest
 
     from edgeq.errors import UserError
-    from edgeq.pipeline import requant_candidates
+    from edgeq.pipeline import op_set_candidates
 
     available = ("Add", "Mul", "Concat")
-    auto = requant_candidates("auto", available, {"Conv", "Add", "Mul"})
+    auto = op_set_candidates("auto", available, {"Conv", "Add", "Mul"})
     assert auto == {"all": ("Add", "Mul"), "none": (), "all but Add": ("Mul",), "all but Mul": ("Add",)}
-    assert requant_candidates("none", available, set()) == {"none": ()}
-    assert requant_candidates("Concat,Add", available, set()) == {"Concat,Add": ("Concat", "Add")}
+    assert op_set_candidates("none", available, set()) == {"none": ()}
+    assert op_set_candidates("Concat,Add", available, set()) == {"Concat,Add": ("Concat", "Add")}
     with pytest.raises(UserError, match="Softmax"):
-        requant_candidates("Softmax", available, set())
-    assert requant_candidates("auto", available, {"Conv"}) == {"none": ()}
+        op_set_candidates("Softmax", available, set())
+    assert op_set_candidates("auto", available, {"Conv"}) == {"none": ()}

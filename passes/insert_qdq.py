@@ -13,7 +13,9 @@ Rules:
   its consumers. A passthrough op's output reuses its input's scale and zero point (integers pass unchanged).
 - Weights: symmetric int8, per output channel when the target asks (Conv axis 0, ConvTranspose axis 1,
   MatMul/Gemm the output-column axis). Bias: int32 with scale s_input·s_weight and zero point 0.
-- Subgraphs (If/Loop/Scan bodies) are not quantized; their compute nodes are reported as left float.
+- The branches of main-graph ``If`` nodes are quantized by the same rules, each on its own (new weights are
+  stored in the branch, named after it); Loop/Scan bodies and deeper subgraphs are not, and their compute
+  nodes are reported as left float.
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
 
 Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
@@ -164,7 +166,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     # the pass -----------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+        quantized = False
+        for node in list(model.graph):  # If branches first: main-graph Q/DQ must not rewire their inputs
+            if node.op_type == "If":
+                for attr in ("then_branch", "else_branch"):
+                    if attr in node.attributes:
+                        quantized |= self._quantize_graph(node.attributes[attr].as_graph(), f"{node.name}_{attr}_")
+        quantized |= self._quantize_graph(model.graph, "")
+        self._count_subgraph_compute(model.graph)
+        common.TopologicalSortPass()(model)
+        common.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=quantized)
+
+    def _quantize_graph(self, graph: ir.Graph, prefix: str) -> bool:
+        """Quantize the nodes of one graph (not of its subgraphs); names of new weights get ``prefix``."""
+        self._graph, self._prefix = graph, prefix
         roles, eligible = {}, set()
         for node in graph:
             role = self._role(node)
@@ -179,8 +195,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
         kept = self._grow(graph, roles, eligible)
         for node in eligible - kept:
             self.decisions[node.name] = Decision(node.op_type, False, "no integer neighbour: would be a Q/DQ island")
-        self._count_subgraph_compute(graph)
-
         tensors = self._quantized_tensors(graph, roles, kept)
         qparams = self._resolve_qparams(graph, roles, kept, tensors)
         for node in list(graph):
@@ -193,9 +207,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             act = self._fused_activation(node) if roles[node] != "passthrough" else None
             if act is not None:
                 self.owners[act.name] = node.name
-        common.TopologicalSortPass()(model)
-        common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified=bool(kept))
+        return bool(kept)
 
     def _grow(self, graph: ir.Graph, roles: dict, eligible: set) -> set:
         kept = {n for n in eligible if roles[n] == "compute"}
@@ -203,7 +215,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         while frontier:
             node = frontier.pop()
             for other in self._neighbours(node):
-                if other in eligible and other not in kept:
+                if other in eligible and other not in kept and other.graph is graph:
                     kept.add(other)
                     frontier.append(other)
         return kept
@@ -247,17 +259,22 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return params
 
     def _count_subgraph_compute(self, graph: ir.Graph) -> None:
+        """Count compute nodes in subgraphs (any depth) that stayed float; note why for those not judged."""
         for node in graph:
-            if node.op_type in _SUBGRAPH_OPS:
-                for attr in node.attributes.values():
-                    subgraphs = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
-                    for sub in subgraphs:
-                        if isinstance(sub, ir.Graph):
-                            for inner in ir.traversal.RecursiveGraphIterator(sub):
-                                if inner.op_type in self.rules.compute_ops:
-                                    self.subgraph_compute_left_float += 1
-                                    self.decisions[inner.name] = Decision(
-                                        inner.op_type, False, f"inside a {node.op_type} subgraph (not quantized)")
+            if node.op_type not in _SUBGRAPH_OPS:
+                continue
+            for attr in node.attributes.values():
+                subgraphs = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
+                for sub in (g for g in subgraphs if isinstance(g, ir.Graph)):
+                    for inner in ir.traversal.RecursiveGraphIterator(sub):
+                        if inner.op_type not in self.rules.compute_ops:
+                            continue
+                        decided = self.decisions.get(inner.name)
+                        if decided is None:
+                            self.decisions[inner.name] = Decision(
+                                inner.op_type, False, f"inside a {node.op_type} subgraph (not quantized)")
+                        if not self.decisions[inner.name].quantized:
+                            self.subgraph_compute_left_float += 1
 
     # rewriting ----------------------------------------------------------------------------------------
     def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -296,7 +313,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         array = weight.const_value.numpy().astype(np.float32)
         axis = self._weight_axis(node, array.ndim)
         q, scale = weight_quantize(array, axis, self.rules.reduce_range)
-        key = f"{weight.name}" if axis is None else f"{weight.name}_axis{axis}"
+        key = f"{self._prefix}{weight.name}" + ("" if axis is None else f"_axis{axis}")
         dq_name = f"{key}_DequantizeLinear"
         existing = next((v for v in graph.initializers.values() if v.name == f"{key}_quantized"), None)
         if existing is not None:
@@ -322,7 +339,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             node.replace_input_with(bias_index, self._dequantize(graph, node.name, bqv, bsv, bzv, 0, name))
 
     def _insert_pair(self, graph: ir.Graph, value: ir.Value, params: QParams, owner: str) -> None:
-        base = value.name
+        base = self._prefix + value.name  # a branch may quantize a value the main graph quantizes too
         dtype = _NP_TYPES[self.rules.activations]
         scale = self._initializer(graph, f"{base}_scale", np.array(params.scale, dtype=np.float32))
         zero = self._initializer(graph, f"{base}_zero_point", np.array(params.zero_point, dtype=dtype))
@@ -330,14 +347,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
         qnode.outputs[0].name = f"{base}_quantized"
         graph.append(qnode)
         self.owners[qnode.name] = owner
-        users = [(u, i) for u, i in value.uses() if u is not qnode]
+        users = [(u, i) for u, i in value.uses() if u is not qnode and u.graph is graph]
         dq = self._dequantize(graph, owner, qnode.outputs[0], scale, zero, None, base)
         dq.shape = value.shape
         for user, index in users:
             user.replace_input_with(index, dq)
-        if value.is_graph_output():
-            outputs = graph.outputs
-            position = list(outputs).index(value)
+        if value in list(graph.outputs):  # the graph's output keeps its name
+            position = list(graph.outputs).index(value)
+            original = value.name
             value.name = f"{base}_float"
-            dq.name = base
-            outputs[position] = dq
+            dq.name = original
+            graph.outputs[position] = dq

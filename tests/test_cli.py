@@ -203,23 +203,35 @@ def test_bench_command_reports_interleaved_latency(tmp_path, conv_onnx):
     assert result.exit_code == 2 and "cannot measure" in result.output
 
 
-def test_compute_only_inside_if_is_not_reported_as_success(tmp_path):
+def test_compute_inside_if_branches_is_quantized_end_to_end(tmp_path):
+    from test_insert_qdq import _if_model
+
+    onnx.save(_if_model(), tmp_path / "if.onnx")
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
-    branch = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["b_out"], name="inner")], "b", [],
-                               [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, [1, 8])])
-    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=branch)]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
-                               helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
-    onnx.save(model, tmp_path / "if.onnx")
     feeds = tmp_path / "feeds"
     feeds.mkdir()
     for i in range(10):
         np.savez(feeds / f"{i}.npz", x=rng.standard_normal((1, 8)).astype(np.float32), cond=np.array(i % 2 == 0))
-    result = run(*compile_args(tmp_path / "if.onnx", feeds, tmp_path / "out"))
+    result = run(*compile_args(tmp_path / "if.onnx", feeds, tmp_path / "out", "--no-measure"))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["delivered"]["precision"] == "int8"
+    assert manifest["quantization"]["quantized_nodes"] == 2
+    assert manifest["quantization"]["subgraph_compute_left_float"] == 0
+
+
+def test_compute_only_inside_loop_is_not_reported_as_success(tmp_path):
+    from test_insert_qdq import _loop_model
+
+    onnx.save(_loop_model(), tmp_path / "loop.onnx")
+    rng = np.random.default_rng(0)
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(10):
+        np.savez(feeds / f"{i}.npz", x=rng.standard_normal((1, 8)).astype(np.float32), n=np.array(3))
+    result = run(*compile_args(tmp_path / "loop.onnx", feeds, tmp_path / "out"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["delivered"]["precision"] == "float"
-    assert "2 compute nodes inside If/Loop/Scan subgraphs" in manifest["delivered"]["reason"]
-    assert "delivered" in result.output and "float" in result.output
+    assert "1 compute nodes inside If/Loop/Scan subgraphs" in manifest["delivered"]["reason"]
+    assert "float" in result.output

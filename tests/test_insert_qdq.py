@@ -125,18 +125,69 @@ def test_exclusions_and_keep_float_stay_float():
     assert conv_inputs["conv1"][1] == "w1_axis0_dequantized"
 
 
-def test_compute_inside_if_subgraph_is_reported_left_float():
+def _if_model():
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
-    branch = lambda name: helper.make_graph(  # noqa: E731
-        [helper.make_node("MatMul", ["x", "w"], [f"{name}_out"], name=f"{name}_matmul")], name, [],
-        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 8])])
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_mm"], name=f"{name}_matmul"),
+                                  helper.make_node("Relu", [f"{name}_mm"], [f"{name}_out"], name=f"{name}_relu")],
+                                 name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 8])])
     nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else"))]
-    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
-                               helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+
+
+def test_compute_inside_if_branches_is_calibrated_and_quantized(tmp_path):
+    proto = _if_model()
     model = ir.from_proto(proto)
+    NormalizePass()(model)
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        np.savez(tmp_path / f"{i}.npz", x=rng.standard_normal((1, 8)).astype(np.float32), cond=np.array(i % 2 == 0))
+    specs = [InputSpec("x", np.dtype(np.float32), (1, 8)), InputSpec("cond", np.dtype(bool), ())]
+    calib = CalibratePass(CalibrationData.from_path(tmp_path, specs), OPS)
+    calib(model)
+    assert {"then_mm", "then_out", "else_mm", "else_out", "x"} <= set(calib.ranges)
+    insert = InsertQDQPass(RULES, calib.ranges)
+    insert(model)
+    assert insert.decisions["then_matmul"].quantized and insert.decisions["else_matmul"].quantized
+    assert insert.subgraph_compute_left_float == 0
+    quant = to_proto(model)
+    onnx.checker.check_model(quant, full_check=True)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    for cond in (True, False):
+        feed = {"x": rng.standard_normal((1, 8)).astype(np.float32), "cond": np.array(cond)}
+        ref = ort.InferenceSession(proto.SerializeToString()).run(None, feed)[0]
+        got = ort.InferenceSession(quant.SerializeToString(), options).run(None, feed)[0]
+        assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+    branches = [a.g for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node for a in n.attribute if a.g.node]
+    assert all("QLinearMatMul" in [n.op_type for n in b.node] for b in branches) and len(branches) == 2
+
+
+def _loop_model():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w"], ["h_out"], name="body_matmul"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 8])])
+    nodes = [helper.make_node("Loop", ["n", "", "x"], ["y"], name="loop", body=body)]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                               helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+    return proto
+
+
+def test_compute_inside_loop_is_reported_left_float():
+    model = ir.from_proto(_loop_model())
     insert = InsertQDQPass(RULES, {"x": (-1.0, 1.0)})
     insert(model)
-    assert insert.subgraph_compute_left_float == 2
-    assert "If subgraph" in insert.decisions["then_matmul"].reason
+    assert insert.subgraph_compute_left_float == 1
+    assert "Loop subgraph" in insert.decisions["body_matmul"].reason

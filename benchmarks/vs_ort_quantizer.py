@@ -4,7 +4,8 @@
     python benchmarks/vs_ort_quantizer.py --memory   # calibration peak memory, BERT-small, 256 samples
 
 For every zoo model: export to ONNX, write calibration feeds (and 8 separate evaluation feeds), then
-- edgeq: ``compile_model`` on the x86-avx512-vnni target (minmax; no-slowdown check on);
+- edgeq: ``compile_model`` on the x86-avx512-vnni target (defaults: percentile calibration, measured op set,
+  no-slowdown check on);
 - ORT default: ``quantize_static`` with its defaults (QDQ, s8 activations, per-tensor weights);
 - ORT x86: ``quantize_static`` with u8 activations, per-channel s8 weights, Conv/MatMul/Gemm only.
 All four models (fp32 and the three int8) then run interleaved in one process, 1 thread, on one feed.

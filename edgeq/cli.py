@@ -89,7 +89,7 @@ def main():
 @click.option("-t", "--target", required=True, help="Bundled target name (see 'edgeq targets') or a .toml path.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration feeds: .npz/.npy folder or file, or images.")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Evaluation feeds (default: hold back 20%).")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile",
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
 @click.option("--optional-ops", default="auto", show_default=True,

@@ -43,7 +43,7 @@ class Exclusions:
 @dataclass(frozen=True)
 class Recipe:
     scheme: str = "int8"
-    method: str = "minmax"
+    method: str = "percentile"  # measured best SQNR on the whole zoo (benchmarks/vs_ort_quantizer.py)
     # Which optional op groups to quantize — the target's requant ops (Add, Mul, Concat, …) and ActMatMul
     # (MatMuls of two activations): "auto" (measure candidate sets, keep the best), "all", "none"
     # (Conv/Gemm/MatMul with weights, and passthrough ops, only), or a comma-separated list.

@@ -10,7 +10,6 @@ import onnx_ir as ir
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import UserError
 from edgeq.model_io import load_proto
-from edgeq.runtimes.base import measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
 
@@ -26,8 +25,7 @@ def bench_models(model: Path, target: Target, feeds: Path | None, compare: Path 
     data = CalibrationData.from_path(feeds, specs) if feeds else CalibrationData.random(specs, count=1)
     feed = next(iter(data)).inputs
     runtime = OnnxRuntime(target)
-    sessions = {str(p): runtime.session(p) for p in paths}
-    latency = measure_interleaved({k: (lambda s=s: s.run(feed)) for k, s in sessions.items()}, repeats=repeats)
+    latency = runtime.measure({str(p): p for p in paths}, feed, repeats=repeats)
     return {"target": target.name, "random_inputs": feeds is None,
             "latency": {k: v.to_dict() for k, v in latency.items()},
             "profile": [asdict(t) for t in runtime.profile(paths[0], feed)]}

@@ -26,7 +26,6 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import tempfile
 import time
@@ -46,7 +45,7 @@ from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import InsertQDQPass
 from edgeq.passes.normalize import NormalizePass
 from edgeq.recipe import Recipe
-from edgeq.runtimes.base import NodeTime, measure_interleaved
+from edgeq.runtimes.base import NodeTime
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
 
@@ -127,8 +126,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             fidelity = _fidelity(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
         budget, exit_code = _budget(request.recipe, fidelity)
         float_bytes = _folder_bytes(run.float_path.parent)
-        for part in run.delivered_path.parent.iterdir():  # model.onnx, and its external data file if large
-            os.replace(part, writer.path(part.name))
+        run.runtime.build(run.delivered_path, writer.tmp)
         manifest = run.manifest(fidelity, budget, _folder_bytes(writer.tmp), float_bytes)
         writer.publish(manifest)
     return manifest, exit_code
@@ -340,9 +338,9 @@ def op_set_candidates(spec: str, available: tuple[str, ...], present: set[str]) 
 def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed: dict, recipe: Recipe,
                       holdout: CalibrationData) -> dict[str, dict]:
     """Each variant's int8/float median latency ratio (all interleaved with float) and worst-output SQNR."""
+    latency = runtime.measure({"float": float_path} | {k: b.path for k, b in builds.items()}, feed,
+                              recipe.latency_warmup, recipe.latency_repeats)
     sessions = {"float": runtime.session(float_path)} | {k: runtime.session(b.path) for k, b in builds.items()}
-    latency = measure_interleaved({k: (lambda s=s: s.run(feed)) for k, s in sessions.items()},
-                                  warmup=recipe.latency_warmup, repeats=recipe.latency_repeats)
     result = {}
     for name in builds:
         meter = FidelityMeter(sessions["float"].output_names)
@@ -384,9 +382,8 @@ def _calibration_sets(request: CompileRequest, specs: list[InputSpec]):
 
 
 def _measure_pair(runtime: OnnxRuntime, float_path: Path, int8_path: Path, feed: dict, recipe: Recipe):
-    sessions = {"float": runtime.session(float_path), "int8": runtime.session(int8_path)}
-    return measure_interleaved({k: (lambda s=s: s.run(feed)) for k, s in sessions.items()},
-                               warmup=recipe.latency_warmup, repeats=recipe.latency_repeats)
+    return runtime.measure({"float": float_path, "int8": int8_path}, feed, recipe.latency_warmup,
+                           recipe.latency_repeats)
 
 
 def _fidelity(runtime: OnnxRuntime, ref_path: Path, test_path: Path, holdout: CalibrationData, metric) -> dict:

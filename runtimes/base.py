@@ -48,9 +48,16 @@ class Session(Protocol):
 class Runtime(Protocol):
     name: str
 
-    def build(self, model_path: Path, workdir: Path) -> Path: ...
+    def build(self, model_path: Path, out_dir: Path) -> Path:
+        """Turn a model into what the target loads, inside ``out_dir``; returns the main file."""
+        ...
 
     def session(self, model_path: Path) -> Session: ...
+
+    def measure(self, models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], warmup: int,
+                repeats: int) -> dict[str, Latency]:
+        """Latency of each model by :func:`measure_interleaved`."""
+        ...
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int) -> list[NodeTime]: ...
 

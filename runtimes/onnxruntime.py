@@ -19,7 +19,7 @@ from typing import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from edgeq.runtimes.base import NodeTime
+from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
 from edgeq.target import Target
 
 _TOKEN = re.compile(r"(_token_\d+)+$")
@@ -57,12 +57,19 @@ class OnnxRuntime:
         self.target = target
         self.settings = target.onnxruntime
 
-    def build(self, model_path: Path, workdir: Path) -> Path:
-        """ORT runs the ONNX file itself: the build is the model file placed in the work folder."""
-        out = Path(workdir) / Path(model_path).name
-        if Path(model_path).resolve() != out.resolve():
-            shutil.copyfile(model_path, out)
-        return out
+    def build(self, model_path: Path, out_dir: Path) -> Path:
+        """ORT loads the ONNX file itself: the build moves it, with its external data file, into ``out_dir``."""
+        model_path = Path(model_path)
+        for part in (model_path, model_path.with_name(f"{model_path.name}.data")):
+            if part.exists():
+                shutil.move(part, Path(out_dir) / part.name)
+        return Path(out_dir) / model_path.name
+
+    def measure(self, models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], warmup: int = 5,
+                repeats: int = 50) -> dict[str, Latency]:
+        sessions = {name: self.session(path) for name, path in models.items()}
+        return measure_interleaved({name: (lambda s=s: s.run(feeds)) for name, s in sessions.items()},
+                                   warmup=warmup, repeats=repeats)
 
     def _session(self, model_path: Path, profile_prefix: str | None = None) -> ort.InferenceSession:
         return create_session(model_path, intra_op_threads=self.settings.intra_op_threads,

@@ -14,7 +14,7 @@ from edgeq.cli import main
 from edgeq.passes.insert_qdq import Decision
 from edgeq.pipeline import SilentReporter, _Build, _no_slowdown, cost_by_node
 from edgeq.recipe import Recipe
-from edgeq.runtimes.base import NodeTime
+from edgeq.runtimes.base import NodeTime, measure_interleaved
 
 
 class FakeInsert:
@@ -38,6 +38,10 @@ class ScriptedRuntime:
             def run(self, feed):
                 time.sleep(seconds)
         return S()
+
+    def measure(self, models, feed, warmup, repeats):
+        sessions = {name: self.session(path) for name, path in models.items()}
+        return measure_interleaved({n: (lambda s=s: s.run(feed)) for n, s in sessions.items()}, warmup, repeats)
 
     def profile(self, path, feed):
         if path.name == "float":

@@ -7,6 +7,7 @@ Rules:
   example the exporter can silently fix the batch dimension to 1.
 - The exported file is run in ONNX Runtime on the example inputs and compared with PyTorch's outputs; a
   relative error above ``tolerance`` is an error and nothing is written.
+- Doc strings and metadata (the exporter's stack traces name local source paths) are removed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
+import onnx_ir.external_data
+from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
 from edgeq.errors import UserError
 from edgeq.model_io import save_model
@@ -89,9 +93,10 @@ def export_module(module, inputs: list[tuple[str, list[int], str]], out_path: st
         if worst > tolerance:
             raise UserError(f"the exported ONNX differs from PyTorch (relative error {worst:.2e})",
                             "check the module for data-dependent control flow, or export with fixed shapes")
-        import onnx
-
+        exported = ir.external_data.load_to_model(ir.load(str(raw)))  # read the weights before tmp goes
+        # the exporter records Python stack traces (with local file paths) in every node: drop them
+        ClearMetadataAndDocStringPass()(exported)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(onnx.load(str(raw)), out_path)
+        save_model(exported, out_path)
     return {"output": str(out_path), "inputs": {n: s for n, s, _ in inputs}, "dynamic_batch": dynamic_batch,
             "max_relative_error": worst}

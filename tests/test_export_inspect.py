@@ -69,3 +69,12 @@ def test_inspect_reports_constant_weights_and_subgraph_compute(tmp_path):
     info = json.loads(result.output)
     assert info["constant_weights"] == 1 and info["parameters"] == 64 and info["subgraphs"] == 1
     assert info["coverage"]["in_subgraphs"] == 2 and info["coverage"]["quantizable_share"] == 0.0
+
+
+def test_export_leaves_no_stack_traces_or_local_paths(tmp_path):
+    (tmp_path / "factory.py").write_text(FACTORY)
+    out = tmp_path / "net.onnx"
+    assert CliRunner().invoke(main, ["export", f"{tmp_path / 'factory.py'}:build", "--input", "x:1,3,8,8",
+                                     "-o", str(out)]).exit_code == 0
+    assert str(tmp_path).encode() not in out.read_bytes()
+    assert not any(node.metadata_props or node.doc_string for node in onnx.load(str(out)).graph.node)

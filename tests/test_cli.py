@@ -203,15 +203,20 @@ def test_bench_command_reports_interleaved_latency(tmp_path, conv_onnx):
     assert result.exit_code == 2 and "cannot measure" in result.output
 
 
+def _vector_feeds(folder, other_inputs, count=10):
+    """Feeds with x[1, 8] plus the control inputs ``other_inputs(i)`` returns."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        np.savez(folder / f"{i}.npz", x=rng.standard_normal((1, 8)).astype(np.float32), **other_inputs(i))
+    return folder
+
+
 def test_compute_inside_if_branches_is_quantized_end_to_end(tmp_path):
     from test_insert_qdq import _if_model
 
     onnx.save(_if_model(), tmp_path / "if.onnx")
-    rng = np.random.default_rng(0)
-    feeds = tmp_path / "feeds"
-    feeds.mkdir()
-    for i in range(10):
-        np.savez(feeds / f"{i}.npz", x=rng.standard_normal((1, 8)).astype(np.float32), cond=np.array(i % 2 == 0))
+    feeds = _vector_feeds(tmp_path / "feeds", lambda i: {"cond": np.array(i % 2 == 0)})
     result = run(*compile_args(tmp_path / "if.onnx", feeds, tmp_path / "out", "--no-measure"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
@@ -224,11 +229,7 @@ def test_compute_only_inside_loop_is_not_reported_as_success(tmp_path):
     from test_insert_qdq import _loop_model
 
     onnx.save(_loop_model(), tmp_path / "loop.onnx")
-    rng = np.random.default_rng(0)
-    feeds = tmp_path / "feeds"
-    feeds.mkdir()
-    for i in range(10):
-        np.savez(feeds / f"{i}.npz", x=rng.standard_normal((1, 8)).astype(np.float32), n=np.array(3))
+    feeds = _vector_feeds(tmp_path / "feeds", lambda i: {"n": np.array(3)})
     result = run(*compile_args(tmp_path / "loop.onnx", feeds, tmp_path / "out"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())

@@ -10,7 +10,9 @@ For every zoo model: export to ONNX, write calibration feeds (and 8 separate eva
 - ORT x86: ``quantize_static`` with u8 activations, per-channel s8 weights, Conv/MatMul/Gemm only.
 All four models (fp32 and the three int8) then run interleaved in one process, 1 thread, on one feed.
 Columns: int8/fp32 latency for each, edgeq/ORT latency, SQNR (worst output, dB) and top-1 agreement with fp32
-on the evaluation feeds, quantization wall time. Only ratios are meaningful on a shared machine.
+on the evaluation feeds, quantization wall time (edgeq's includes its measurements), and the peak memory growth
+of a percentile calibration on the same feeds, edgeq's vs ORT's calibrator, each in a fresh process. Only
+ratios are meaningful on a shared machine.
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ def bench_model(name: str, work: Path, calib_count: int, repeats: int) -> dict:
         row[f"{key}_sqnr"], row[f"{key}_top1"] = fidelity(sessions["fp32"], sessions[key], feeds)
     row["edgeq_vs_best_ort"] = latency["edgeq"].median_ms / min(latency["ort_default"].median_ms,
                                                                  latency["ort_x86"].median_ms)
+    del sessions
+    # calibration peak memory, each calibrator in a fresh process: edgeq's streaming histograms vs ORT's
+    row["edgeq_calib_mb"], _, _ = _peak_growth("edgeq", fp32, calib, "percentile")
+    row["ort_calib_mb"], _, row["ort_calib_capped"] = _peak_growth("ort", fp32, calib, "percentile")
     return row
 
 
@@ -144,15 +150,18 @@ def print_table(rows: list[dict]) -> None:
         return "-" if v is None else format(v, fmt)
 
     header = (f"{'model':<13}{'fp32 ms':>9}{'edgeq/fp32':>11}{'ortdef/fp32':>12}{'ortx86/fp32':>12}"
-              f"{'edgeq/bestORT':>14}{'SQNR e/d/x dB':>20}{'top1 e/d/x':>18}{'quant s e/d/x':>18}  delivered")
+              f"{'edgeq/bestORT':>14}{'SQNR e/d/x dB':>20}{'top1 e/d/x':>18}{'quant s e/d/x':>18}"
+              f"{'calib MB e/ORT':>17}  delivered")
     print(header)
     print("-" * len(header))
     for r in rows:
         sq = f"{f(r['edgeq_sqnr'], '.1f')}/{f(r['ort_default_sqnr'], '.1f')}/{f(r['ort_x86_sqnr'], '.1f')}"
         t1 = f"{f(r['edgeq_top1'], '.2f')}/{f(r['ort_default_top1'], '.2f')}/{f(r['ort_x86_top1'], '.2f')}"
         qs = f"{r['edgeq_seconds']:.0f}/{r['ort_default_seconds']:.0f}/{r['ort_x86_seconds']:.0f}"
+        mb = f"{r['edgeq_calib_mb']:.0f}/{'>' if r['ort_calib_capped'] else ''}{r['ort_calib_mb']:.0f}"
         print(f"{r['model']:<13}{r['fp32_ms']:>9.2f}{r['edgeq_ratio']:>11.2f}{r['ort_default_ratio']:>12.2f}"
-              f"{r['ort_x86_ratio']:>12.2f}{r['edgeq_vs_best_ort']:>14.2f}{sq:>20}{t1:>18}{qs:>18}  {r['delivered']}")
+              f"{r['ort_x86_ratio']:>12.2f}{r['edgeq_vs_best_ort']:>14.2f}{sq:>20}{t1:>18}{qs:>18}{mb:>17}"
+              f"  {r['delivered']}")
     ratios = [r["edgeq_ratio"] for r in rows]
     print(f"\ngeo-mean edgeq int8/fp32: {float(np.exp(np.mean(np.log(ratios)))):.3f} over {len(rows)} models")
 

@@ -236,3 +236,16 @@ def test_compute_only_inside_loop_is_not_reported_as_success(tmp_path):
     assert manifest["delivered"]["precision"] == "float"
     assert "1 compute nodes inside If/Loop/Scan subgraphs" in manifest["delivered"]["reason"]
     assert "float" in result.output
+
+
+def test_a_measured_build_replays_byte_for_byte_from_its_manifest(tmp_path):
+    cnn = EXAMPLES / "digits_cnn"
+    first = tmp_path / "first"
+    assert run(*compile_args(cnn / "model.onnx", cnn / "calib.npz", first)).exit_code == 0
+    recipe = json.loads((first / "manifest.json").read_text())["recipe"]
+    replay = ["--optional-ops", recipe["optional_ops"], "--method", recipe["method"], "--no-measure"]
+    for name in recipe["keep_float"]:
+        replay += ["--keep-float", name]
+    again = tmp_path / "again"
+    assert run(*compile_args(cnn / "model.onnx", cnn / "calib.npz", again, *replay)).exit_code == 0
+    assert (first / "model.onnx").read_bytes() == (again / "model.onnx").read_bytes()

@@ -74,13 +74,12 @@ class CalibrationData:
     """An ordered, re-iterable collection of feeds; nothing is held in memory between feeds."""
 
     def __init__(self, specs: list[InputSpec], refs: list[_FeedRef], kind: str, digest: str,
-                 preprocess: dict | None = None, random_count: int = 0, seed: int = 0):
+                 preprocess: dict | None = None, seed: int = 0):
         self.specs = specs
         self._refs = refs
         self.kind = kind
         self.digest = digest
         self.preprocess = preprocess
-        self._random_count = random_count
         self._seed = seed
         self._stack_cache: tuple[Path, dict] | None = None
 
@@ -155,8 +154,7 @@ class CalibrationData:
                 raise UserError(f"random calibration cannot invent values for {spec.dtype} input '{spec.name}'",
                                 "pass --calib with real inputs (token ids, indices, masks)")
         digest = hashlib.sha256(f"random:{count}:{seed}".encode()).hexdigest()
-        return cls(specs, [_FeedRef(Path("<random>"), i) for i in range(count)], "random", digest,
-                   random_count=count, seed=seed)
+        return cls(specs, [_FeedRef(Path("<random>"), i) for i in range(count)], "random", digest, seed=seed)
 
     # access -----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -177,10 +175,9 @@ class CalibrationData:
         return self._subset(kept, "calib"), self._subset(held, "holdout")
 
     def _subset(self, refs: list[_FeedRef], tag: str) -> "CalibrationData":
-        sub = CalibrationData(self.specs, refs, self.kind, f"{self.digest}:{tag}:{len(refs)}", self.preprocess,
-                              self._random_count, self._seed)
+        digest = hashlib.sha256(f"{self.digest}:{tag}:{len(refs)}".encode()).hexdigest()
+        sub = CalibrationData(self.specs, refs, self.kind, digest, self.preprocess, self._seed)
         sub._stack_cache = self._stack_cache
-        sub.digest = hashlib.sha256(sub.digest.encode()).hexdigest()
         return sub
 
     def describe(self) -> dict:

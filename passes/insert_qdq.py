@@ -95,6 +95,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.decisions: dict[str, Decision] = {}
         self.owners: dict[str, str] = {}
         self.subgraph_compute_left_float = 0
+        self._weights: dict[str, tuple[ir.Value, np.ndarray]] = {}  # key → (dequantized weight, scales)
 
     # classification -------------------------------------------------------------------------------
     def _role(self, node: ir.Node) -> str | None:
@@ -310,19 +311,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         weight = node.inputs[1]
         if not _is_const(weight):
             return
-        array = weight.const_value.numpy().astype(np.float32)
-        axis = self._weight_axis(node, array.ndim)
-        q, scale = weight_quantize(array, axis, self.rules.reduce_range)
+        axis = self._weight_axis(node, len(weight.const_value.shape))
         key = f"{self._prefix}{weight.name}" + ("" if axis is None else f"_axis{axis}")
-        dq_name = f"{key}_DequantizeLinear"
-        existing = next((v for v in graph.initializers.values() if v.name == f"{key}_quantized"), None)
-        if existing is not None:
-            dq = next(n for n in graph if n.name == dq_name).outputs[0]
-        else:
+        if key not in self._weights:  # a shared weight is quantized once
+            q, scale = weight_quantize(weight.const_value.numpy().astype(np.float32), axis, self.rules.reduce_range)
             qv = self._initializer(graph, f"{key}_quantized", q)
             sv = self._initializer(graph, f"{key}_scale", scale if axis is not None else scale.reshape(()))
             zv = self._initializer(graph, f"{key}_zero_point", np.zeros_like(q, shape=scale.shape))
-            dq = self._dequantize(graph, node.name, qv, sv, zv, axis, key)
+            self._weights[key] = (self._dequantize(graph, node.name, qv, sv, zv, axis, key), scale)
+        dq, scale = self._weights[key]
         node.replace_input_with(1, dq)
 
         bias_index = 2

@@ -191,3 +191,16 @@ def test_compute_inside_loop_is_reported_left_float():
     insert(model)
     assert insert.subgraph_compute_left_float == 1
     assert "Loop subgraph" in insert.decisions["body_matmul"].reason
+
+
+def test_shared_weight_is_quantized_once():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+             helper.make_node("MatMul", ["a", "w"], ["y"], name="second")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                       [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    quant, insert = quantize(proto)
+    assert insert.decisions["first"].quantized and insert.decisions["second"].quantized
+    assert [i.name for i in quant.graph.initializer].count("w_axis1_quantized") == 1
+    assert sum(n.name == "w_axis1_DequantizeLinear" for n in quant.graph.node) == 1

@@ -25,7 +25,8 @@ def quantize(proto: onnx.ModelProto, feeds=16, exclusions=Exclusions(), rules=RU
     ExcludePass(exclusions)(model)
     specs = [InputSpec(v.name, np.dtype(np.float32), tuple(d if isinstance(d, int) else 1 for d in v.shape))
              for v in model.graph.inputs]
-    calib = CalibratePass(CalibrationData.random(specs, feeds), OPS)
+    ops = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
+    calib = CalibratePass(CalibrationData.random(specs, feeds), ops)
     calib(model)
     insert = InsertQDQPass(rules, calib.ranges, set(keep_float))
     insert(model)
@@ -204,3 +205,22 @@ def test_shared_weight_is_quantized_once():
     assert insert.decisions["first"].quantized and insert.decisions["second"].quantized
     assert [i.name for i in quant.graph.initializer].count("w_axis1_quantized") == 1
     assert sum(n.name == "w_axis1_DequantizeLinear" for n in quant.graph.node) == 1
+
+
+def test_conv_transpose_follows_the_target():
+    """The ORT CPU targets have no integer ConvTranspose kernel, so it stays float; a target that lists it
+    gets per-channel weights on axis 1 (output channels)."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up", strides=[2, 2])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 17, 17])],
+                       [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "w"),
+                        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")])
+    quant, insert = quantize(proto)
+    assert "up" not in insert.decisions and not any(n.op_type == "QuantizeLinear" for n in quant.graph.node)
+    rules = replace(RULES, compute_ops=RULES.compute_ops + ("ConvTranspose",))
+    quant, insert = quantize(proto, rules=rules)
+    inits = {i.name: numpy_helper.to_array(i) for i in quant.graph.initializer}
+    assert insert.decisions["up"].quantized and inits["w_axis1_scale"].shape == (8,)

@@ -224,3 +224,37 @@ def test_conv_transpose_follows_the_target():
     quant, insert = quantize(proto, rules=rules)
     inits = {i.name: numpy_helper.to_array(i) for i in quant.graph.initializer}
     assert insert.decisions["up"].quantized and inits["w_axis1_scale"].shape == (8,)
+
+
+def _conv_op_conv(op_nodes, inits, out_hw):
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), n) for n in ("w1", "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"), *op_nodes,
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, *out_hw])], weights + inits)
+
+
+def _ints(name, values):
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+@pytest.mark.parametrize("op_nodes, inits, out_hw", [
+    ([helper.make_node("Resize", ["a", "", "sc"], ["b"], name="mid", mode="nearest")],
+     [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")], [16, 16]),
+    ([helper.make_node("Slice", ["a", "st", "en", "ax"], ["b"], name="mid")],
+     [_ints("st", [0]), _ints("en", [4]), _ints("ax", [2])], [4, 8]),
+    ([helper.make_node("Gather", ["a", "gi"], ["b"], name="mid", axis=2)], [_ints("gi", [0, 2, 4])], [3, 8]),
+    ([helper.make_node("AveragePool", ["a"], ["b"], name="mid", kernel_shape=[2, 2], strides=[2, 2])], [], [4, 4]),
+    ([helper.make_node("MaxPool", ["a"], ["b"], name="mid", kernel_shape=[2, 2], strides=[2, 2])], [], [4, 4]),
+    ([helper.make_node("LeakyRelu", ["a"], ["b"], name="mid", alpha=0.1)], [], [8, 8]),
+    ([helper.make_node("Sigmoid", ["a"], ["b"], name="mid")], [], [8, 8]),
+    ([helper.make_node("Mul", ["a", "a"], ["b"], name="mid")], [], [8, 8]),
+], ids=["Resize", "Slice", "Gather", "AveragePool", "MaxPool", "LeakyRelu", "Sigmoid", "Mul"])
+def test_target_ops_run_as_integer_kernels_in_ort(tmp_path, op_nodes, inits, out_hw):
+    """What the x86 target declares as requant/passthrough must really stay integer in ORT: between the two
+    QLinearConvs no DequantizeLinear/QuantizeLinear is left."""
+    quant, insert = quantize(_conv_op_conv(op_nodes, inits, out_hw))
+    assert insert.decisions["mid"].quantized
+    ops = optimized_ops(quant, tmp_path)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops

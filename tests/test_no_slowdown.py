@@ -4,10 +4,10 @@ import json
 import time
 from pathlib import Path
 
-from click.testing import CliRunner
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 import numpy as np
+import onnx
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_model, write_feeds
 from edgeq.cli import main

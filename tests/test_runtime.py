@@ -1,5 +1,6 @@
 import time
 
+import numpy as np
 import onnx
 import pytest
 
@@ -8,8 +9,6 @@ from edgeq.runtimes.base import Latency, measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import load_target
 from test_insert_qdq import quantize
-
-import numpy as np
 
 
 def test_interleaved_measurement_orders_candidates_correctly():

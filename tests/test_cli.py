@@ -249,3 +249,13 @@ def test_a_measured_build_replays_byte_for_byte_from_its_manifest(tmp_path):
     again = tmp_path / "again"
     assert run(*compile_args(cnn / "model.onnx", cnn / "calib.npz", again, *replay)).exit_code == 0
     assert (first / "model.onnx").read_bytes() == (again / "model.onnx").read_bytes()
+
+
+def test_an_earlier_artifact_is_replaced_whole(tmp_path, conv_onnx, conv_feeds):
+    out = tmp_path / "art"
+    assert run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure")).exit_code == 0
+    (out / "stale.txt").write_text("from an earlier build")
+    assert run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure", "--method", "minmax")).exit_code == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["method"] == "minmax"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art")) == []

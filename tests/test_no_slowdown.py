@@ -122,3 +122,38 @@ def test_op_set_candidates():
     with pytest.raises(UserError, match="Softmax"):
         op_set_candidates("Softmax", available, set())
     assert op_set_candidates("auto", available, {"Conv"}) == {"none": ()}
+
+
+class WorseWhenRevertedRuntime(ScriptedRuntime):
+    """The profile blames one node per round, but every revert makes the whole model slower."""
+
+    def session(self, path):
+        quantized = json.loads(Path(path).read_text()) if path.name != "float" else None
+        seconds = 0.002 if quantized is None else 0.002 + 0.0006 * (3 - len(quantized))
+
+        class S:
+            def run(self, feed):
+                time.sleep(seconds)
+        return S()
+
+    def profile(self, path, feed):
+        if path.name == "float":
+            return [NodeTime(n, "Conv", 0.5) for n in ("a", "b", "c")]
+        quantized = json.loads(Path(path).read_text())
+        return [NodeTime(n, "QLinearConv", 1.0 if n == quantized[0] else 0.1) for n in quantized]
+
+
+def test_the_fastest_measured_build_is_kept_when_reverts_make_it_worse(tmp_path):
+    def build(keep, tag):
+        quantized = [n for n in ("a", "b", "c") if n not in keep]
+        path = tmp_path / f"int8-{tag}"
+        path.write_text(json.dumps(quantized))
+        return _Build(path, FakeInsert(quantized, keep))
+
+    (tmp_path / "float").write_text("")
+    recipe = Recipe(latency_repeats=5, latency_warmup=1, max_revert_rounds=2)
+    best, latency, rounds = _no_slowdown(WorseWhenRevertedRuntime(), tmp_path / "float", build(set(), "0"), build,
+                                         {}, recipe, SilentReporter())
+    assert [r["quantized_nodes"] for r in rounds] == [3, 2, 1]
+    assert best.quantized == ["a", "b", "c"]
+    assert latency["int8"].median_ms == min(r["int8_ms"] for r in rounds)

@@ -91,7 +91,3 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def read_manifest(artifact_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(artifact_dir) / MANIFEST).read_text())

@@ -77,10 +77,6 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     return ir.from_proto(load_proto(path))
 
 
-def tensor_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     proto = ir.to_proto(model)
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)

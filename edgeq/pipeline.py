@@ -214,8 +214,9 @@ class _Compilation:
             self.reason = f"latency not measured: {self.why_not_measured}; the no-slowdown check did not run"
             return
         build = self.builder(self.candidates[self.chosen])
+        kernel_times: dict[Path, list[NodeTime]] = {}  # per model file: the float model is profiled once
         current, self.latency, self.rounds = _no_slowdown(self.runtime, self.float_path, current, build, self.feed,
-                                                          recipe, self.reporter)
+                                                          recipe, self.reporter, kernel_times)
         self.current = current
         ratio = self.latency["int8"].median_ms / self.latency["float"].median_ms
         if not current.quantized:
@@ -226,8 +227,9 @@ class _Compilation:
                            f"needs ≤ {recipe.max_ratio}) even after returning costly nodes to float")
         with self.reporter.stage("profile per node"):
             owners = current.insert.owners
-            self.profiles["float"] = cost_by_node(self.runtime.profile(self.float_path, self.feed), owners)
-            self.profiles["int8"] = cost_by_node(self.runtime.profile(current.path, self.feed), owners)
+            for name, path in (("float", self.float_path), ("int8", current.path)):
+                times = _profile(self.runtime, path, self.feed, kernel_times)
+                self.profiles[name] = cost_by_node(times, owners)
 
     @property
     def delivered_path(self) -> Path:
@@ -282,10 +284,18 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, recipe: Recipe, reporter):
+def _profile(runtime, path: Path, feed: dict, cache: dict[Path, list[NodeTime]]) -> list[NodeTime]:
+    if path not in cache:
+        cache[path] = runtime.profile(path, feed)
+    return cache[path]
+
+
+def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, recipe: Recipe, reporter,
+                 kernel_times: dict[Path, list[NodeTime]] | None = None):
     """Measure; while int8 is not faster, return the nodes whose int8 kernels cost more to float and rebuild.
     Returns the build measured fastest over all rounds (a rebuild can measure worse), its latency, the rounds."""
     keep = set(current.insert.keep_float)
+    kernel_times = {} if kernel_times is None else kernel_times
     rounds: list[dict] = []
     best = None
     for round_index in range(recipe.max_revert_rounds + 1):
@@ -301,8 +311,8 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
             break
         with reporter.stage("profile per node"):
             owners = current.insert.owners
-            float_cost = cost_by_node(runtime.profile(float_path, feed), owners)
-            int8_cost = cost_by_node(runtime.profile(current.path, feed), owners)
+            float_cost = cost_by_node(_profile(runtime, float_path, feed, kernel_times), owners)
+            int8_cost = cost_by_node(_profile(runtime, current.path, feed, kernel_times), owners)
         # Only nodes timed in both builds are judged: ORT renames some fused float kernels, and a node
         # with no float time says nothing about its cost.
         costly = sorted(n for n in current.quantized if n in float_cost and int8_cost.get(n, 0.0) > float_cost[n])
@@ -343,19 +353,14 @@ def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed
                       holdout: CalibrationData) -> dict[str, dict]:
     """Each variant's int8/float median latency ratio and worst-output SQNR. Each variant is measured in its own
     interleaved pair with float: interleaving many models at once thrashes the caches, which flatters the
-    smallest weights and misjudges small models."""
-    sessions = {"float": runtime.session(float_path)} | {k: runtime.session(b.path) for k, b in builds.items()}
+    smallest weights and misjudges small models. (The chosen variant is measured again by the no-slowdown
+    check: a fresh measurement, free of the bias of picking the best of several.)"""
     result = {}
     for name, b in builds.items():
         latency = _measure_pair(runtime, float_path, b.path, feed, recipe)
-        meter = FidelityMeter(sessions["float"].output_names)
-        for index, f in enumerate(holdout):
-            if index == VARIANT_FIDELITY_FEEDS:
-                break
-            meter.update(sessions["float"].run(f.inputs), sessions[name].run(f.inputs))
-        outputs = meter.summary()["outputs"].values()
+        outputs = _fidelity(runtime, float_path, b.path, holdout, limit=VARIANT_FIDELITY_FEEDS)["outputs"]
         result[name] = {"ratio": latency["int8"].median_ms / latency["float"].median_ms,
-                        "sqnr_db": min((o["sqnr_db"] for o in outputs), default=float("inf"))}
+                        "sqnr_db": min((o["sqnr_db"] for o in outputs.values()), default=float("inf"))}
     return result
 
 
@@ -391,10 +396,14 @@ def _measure_pair(runtime: OnnxRuntime, float_path: Path, int8_path: Path, feed:
                            recipe.latency_repeats)
 
 
-def _fidelity(runtime: OnnxRuntime, ref_path: Path, test_path: Path, holdout: CalibrationData, metric) -> dict:
+def _fidelity(runtime: OnnxRuntime, ref_path: Path, test_path: Path, holdout: CalibrationData, metric=None,
+              limit: int | None = None) -> dict:
+    """Compare two models on the held-out feeds (the first ``limit`` of them, if given)."""
     ref, test = runtime.session(ref_path), runtime.session(test_path)
     meter = FidelityMeter(ref.output_names, keep_for_metric=metric is not None)
-    for feed in holdout:
+    for index, feed in enumerate(holdout):
+        if index == limit:
+            break
         meter.update(ref.run(feed.inputs), test.run(feed.inputs), feed)
     return meter.summary(metric)
 

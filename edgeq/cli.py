@@ -101,13 +101,19 @@ def main():
 @click.option("--random-calibration", is_flag=True, help="Calibrate on synthetic data when no --calib is given.")
 @click.option("--allow-slowdown", is_flag=True, help="Deliver int8 even when it measures slower than float.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement (and the no-slowdown check).")
+@click.option("--sparsity", type=click.Choice(["none", "2:4"]), default="none", show_default=True,
+              help="Prune eligible Conv/Gemm/MatMul weights to 2:4 (targets with sparse kernels only).")
+@click.option("--sparsity-method", type=click.Choice(["reconstruct", "magnitude"]), default="reconstruct",
+              show_default=True, help="2:4 weights: OBS reconstruction on calibration inputs, or magnitude only.")
+@click.option("--sparsity-permute", is_flag=True, help="Search an input-channel order that keeps more magnitude.")
 @click.option("--keep-float", multiple=True, help="Nodes to keep float (replays a manifest's recipe.keep_float).")
 @click.option("--repeats", type=int, default=50, show_default=True, help="Latency repeats per candidate.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
 def compile(model, target, calib, eval_path, method, percentile, optional_ops, exclude, metric, max_drop, random_calibration,
-            allow_slowdown, no_measure, keep_float, repeats, no_cache, as_json, output):
+            allow_slowdown, no_measure, sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache,
+            as_json, output):
     """Quantize MODEL to int8 QDQ for TARGET, measure it, and write an artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
     from edgeq.recipe import Exclusions, Recipe
@@ -115,7 +121,8 @@ def compile(model, target, calib, eval_path, method, percentile, optional_ops, e
 
     recipe = Recipe(method=method, percentile=percentile, optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
-                    no_slowdown=not allow_slowdown, latency_repeats=repeats)
+                    no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
+                    sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
     request = CompileRequest(model=model, target=load_target(target), recipe=recipe, out_dir=output, calib=calib,
                              eval=eval_path, metric=metric, cache_dir=None if no_cache else _default_cache_dir(),
                              measure=not no_measure, keep_float=tuple(keep_float))
@@ -157,6 +164,26 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
     if manifest["budget"]:
         b = manifest["budget"]
         table.add_row("budget", f"max drop {b['max_drop']:.4f}: {'met' if b['met'] else 'MISSED'} ({b['drop']:.4f})")
+    if "sparsity" in manifest:
+        sp = manifest["sparsity"]
+        check = sp["check"]
+        table.add_row("2:4 sparsity", f"{sp['pruned']} of {sp['eligible']} eligible layers pruned ({sp['method']}) · "
+                                      f"check {'ok' if check['ok'] else 'FAILED'} on {check['weights']} weights · "
+                                      f"compressed/dense {check['bytes_ratio']:.2f}")
+    if "deploy" in manifest:
+        table.add_row("TensorRT build", manifest["deploy"]["trtexec"])
+    out.print(table)
+    if "sparsity" in manifest:
+        _print_sparsity_layers(manifest["sparsity"]["layers"])
+
+
+def _print_sparsity_layers(layers: dict) -> None:
+    table = Table("layer", "op", "in→out", "2:4", "error (magnitude → chosen)", "why not", title="2:4 per layer")
+    for name, layer in layers.items():
+        channels = f"{layer['in_channels']}→{layer['out_channels']}" if layer["eligible"] else ""
+        error = f"{layer['magnitude_error']:.4f} → {layer['error']:.4f}" if layer["eligible"] else ""
+        table.add_row(name, layer["op_type"], channels, "pruned" if layer["pruned"] else "dense", error,
+                      layer["reason"])
     out.print(table)
 
 

@@ -136,3 +136,15 @@ def accuracy_drop(summary: dict) -> float:
     if top1:
         return 1.0 - min(top1)
     return max((1.0 - o["cosine"] for o in outputs), default=0.0)
+
+
+def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int | None = None) -> dict:
+    """Run two model files in ``runtime`` on the same feeds (the first ``limit`` of them, if given) and
+    summarize how far the second's outputs are from the first's."""
+    ref, test = runtime.session(ref_path), runtime.session(test_path)
+    meter = FidelityMeter(ref.output_names, keep_for_metric=metric is not None)
+    for index, feed in enumerate(feeds):
+        if index == limit:
+            break
+        meter.update(ref.run(feed.inputs), test.run(feed.inputs), feed)
+    return meter.summary(metric)

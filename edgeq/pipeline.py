@@ -38,7 +38,7 @@ from typing import ContextManager, Protocol
 from edgeq.artifact import MODEL, ArtifactWriter
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
-from edgeq.fidelity import FidelityMeter, accuracy_drop, load_metric
+from edgeq.fidelity import accuracy_drop, compare_models, load_metric
 from edgeq.model_io import load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.exclude import ExcludePass
@@ -46,7 +46,10 @@ from edgeq.passes.insert_qdq import InsertQDQPass
 from edgeq.passes.normalize import NormalizePass
 from edgeq.recipe import Recipe
 from edgeq.runtimes.base import NodeTime
+from edgeq.runtimes import tensorrt
 from edgeq.runtimes.onnxruntime import OnnxRuntime
+from edgeq.sparse24 import check_model
+from edgeq.sparsify import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
 
 
@@ -116,18 +119,24 @@ def cost_by_node(times: list[NodeTime], owners: dict[str, str]) -> dict[str, flo
 def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> tuple[dict, int]:
     """Run the whole pipeline and publish the artifact; returns (manifest, exit code)."""
     reporter = reporter or SilentReporter()
+    require_sparse_kernels(request.target, request.recipe)
     metric = load_metric(request.metric) if request.metric else None
     with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-") as work:
-        run = _Compilation(request, reporter, Path(work))
+        run = _Compilation(request, reporter, Path(work), metric)
         run.prepare()
         run.choose_op_set()
         run.guard_speed()
         with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
-            fidelity = _fidelity(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+            fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
         budget, exit_code = _budget(request.recipe, fidelity)
         float_bytes = _folder_bytes(run.float_path.parent)
-        run.runtime.build(run.delivered_path, writer.tmp)
+        delivered = run.runtime.build(run.delivered_path, writer.tmp)
         manifest = run.manifest(fidelity, budget, _folder_bytes(writer.tmp), float_bytes)
+        if run.sparsity is not None:
+            manifest["sparsity"] = run.sparsity.report | {"check": _check_sparsity(delivered)}
+        if tensorrt.uses_tensorrt(request.target):
+            manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=run.delivered == "int8",
+                                                     sparse=bool(run.sparsity and run.sparsity.report["pruned"]))
         writer.publish(manifest)
     return manifest, exit_code
 
@@ -135,8 +144,10 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
 class _Compilation:
     """The state of one compile, step by step; :func:`compile_model` drives it."""
 
-    def __init__(self, request: CompileRequest, reporter: Reporter, work: Path):
+    def __init__(self, request: CompileRequest, reporter: Reporter, work: Path, metric=None):
         self.request, self.recipe, self.target = request, request.recipe, request.target
+        self.metric = metric
+        self.sparsity: SparsityStage | None = None
         self.rules = request.target.quantization
         self.reporter, self.work = reporter, work
         self.runtime = OnnxRuntime(request.target)
@@ -150,7 +161,7 @@ class _Compilation:
         self.delivered, self.reason = "int8", ""
 
     def prepare(self) -> None:
-        """Load, normalize, mark exclusions, calibrate."""
+        """Load, normalize, mark exclusions, [prune to 2:4], calibrate."""
         with self.reporter.stage("load + normalize"):
             model = load_model(self.request.model)
             self.source_digest = model_digest(model)
@@ -160,6 +171,13 @@ class _Compilation:
         self.calib, self.holdout, self.data_info = _calibration_sets(self.request, input_specs(model))
         self.feed = next(iter(self.holdout)).inputs
         ExcludePass(self.recipe.exclude)(model)
+        self.base_path = self.float_path  # what int8 starts from, and the float model delivered
+        if self.recipe.sparsity != "none":
+            self.sparsity = SparsityStage(self.target, self.recipe, self.runtime, self.reporter, self.work, self.metric)
+            self.sparsity(model, self.float_path, self.calib, self.holdout)
+            if self.sparsity.report["pruned"]:
+                self.base_path = save_model(model, _fresh_dir(self.work / "sparse") / MODEL)
+                normalized_digest = model_digest(model)
         rules = self.rules
         op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
         self.calibrator = CalibratePass(self.calib, op_types, self.recipe.method, self.recipe.percentile,
@@ -233,7 +251,7 @@ class _Compilation:
 
     @property
     def delivered_path(self) -> Path:
-        return self.current.path if self.delivered == "int8" else self.float_path
+        return self.current.path if self.delivered == "int8" else self.base_path
 
     def manifest(self, fidelity: dict, budget: dict | None, delivered_bytes: int, float_bytes: int) -> dict:
         insert, latency = self.current.insert, self.latency
@@ -265,6 +283,15 @@ class _Compilation:
             "fidelity": fidelity,
             "budget": budget,
         }
+
+
+def _check_sparsity(model_path: Path) -> dict:
+    """Every 2:4-annotated weight of the artifact obeys 2:4, or the compile fails: a broken pattern is a bug
+    in a pass, never something to deliver."""
+    check = check_model(model_path)
+    if not check.ok:
+        raise RuntimeError(f"2:4 pattern broken in the artifact: {check.violations[:3]}")
+    return check.to_dict()
 
 
 def _budget(recipe: Recipe, fidelity: dict) -> tuple[dict | None, int]:
@@ -358,7 +385,7 @@ def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed
     result = {}
     for name, b in builds.items():
         latency = _measure_pair(runtime, float_path, b.path, feed, recipe)
-        outputs = _fidelity(runtime, float_path, b.path, holdout, limit=VARIANT_FIDELITY_FEEDS)["outputs"]
+        outputs = compare_models(runtime, float_path, b.path, holdout, limit=VARIANT_FIDELITY_FEEDS)["outputs"]
         result[name] = {"ratio": latency["int8"].median_ms / latency["float"].median_ms,
                         "sqnr_db": min((o["sqnr_db"] for o in outputs.values()), default=float("inf"))}
     return result
@@ -394,18 +421,6 @@ def _calibration_sets(request: CompileRequest, specs: list[InputSpec]):
 def _measure_pair(runtime: OnnxRuntime, float_path: Path, int8_path: Path, feed: dict, recipe: Recipe):
     return runtime.measure({"float": float_path, "int8": int8_path}, feed, recipe.latency_warmup,
                            recipe.latency_repeats)
-
-
-def _fidelity(runtime: OnnxRuntime, ref_path: Path, test_path: Path, holdout: CalibrationData, metric=None,
-              limit: int | None = None) -> dict:
-    """Compare two models on the held-out feeds (the first ``limit`` of them, if given)."""
-    ref, test = runtime.session(ref_path), runtime.session(test_path)
-    meter = FidelityMeter(ref.output_names, keep_for_metric=metric is not None)
-    for index, feed in enumerate(holdout):
-        if index == limit:
-            break
-        meter.update(ref.run(feed.inputs), test.run(feed.inputs), feed)
-    return meter.summary(metric)
 
 
 def _per_node_table(profiles: dict[str, dict[str, float]], decisions: dict) -> list[dict]:

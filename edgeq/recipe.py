@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from edgeq.errors import UserError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+SPARSITY = ("none", "2:4")
+SPARSITY_METHODS = ("reconstruct", "magnitude")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Recipe:
     latency_repeats: int = 50
     latency_warmup: int = 5
     seed: int = 0
+    sparsity: str = "none"  # "2:4": prune eligible layers to 2:4 before calibration
+    sparsity_method: str = "reconstruct"  # or "magnitude" (no reconstruction)
+    sparsity_permute: bool = False  # search an input-channel order that keeps more magnitude
 
     def __post_init__(self):
         if self.scheme != "int8":
@@ -67,6 +72,10 @@ class Recipe:
             raise UserError(f"unknown calibration method '{self.method}'", f"use one of {CALIBRATION_METHODS}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile {self.percentile} out of range", "use a value in (50, 100], e.g. 99.999")
+        if self.sparsity not in SPARSITY:
+            raise UserError(f"unknown sparsity '{self.sparsity}'", f"use one of {SPARSITY}")
+        if self.sparsity_method not in SPARSITY_METHODS:
+            raise UserError(f"unknown sparsity method '{self.sparsity_method}'", f"use one of {SPARSITY_METHODS}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise UserError("holdout fraction must be in [0, 1)", "e.g. 0.2")
 

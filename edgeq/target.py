@@ -4,9 +4,15 @@ A target says what the device can run fast, and edgeq only quantizes what it can
 - ``[quantization]``: activation/weight integer types and which ops have integer kernels. ``compute_ops``
   carry weights (Conv, MatMul, …); ``requant_ops`` have integer kernels that requantize (Add, Concat, …);
   ``passthrough_ops`` move integers unchanged (MaxPool, Reshape, …) and share their input's scale.
+  ``symmetric_activations`` forces zero point 0 (TensorRT's explicit quantization requires it).
+- ``[sparsity]``: the structured-sparsity patterns the device has kernels for (``patterns = ["2:4"]``), and
+  the rules a layer must meet to use them: op types, weight dtypes, minimum input/output channels, a
+  multiple for the input channels; ``pays_from_channels`` is where sparse kernels start to pay. No section:
+  no sparse kernels.
 - ``[onnxruntime]``: execution providers and thread counts for building and measuring.
 - ``[measure]``: where latency is measured. ``local`` measures on this machine only when its architecture
-  matches the target's; otherwise nothing is measured and the report says so.
+  matches the target's and ONNX Runtime here has the target's first execution provider; otherwise nothing is
+  measured and the report says so.
 
 Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of their own file.
 """
@@ -19,9 +25,12 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import onnxruntime as ort
+
 from edgeq.errors import UserError
 
 _INT_TYPES = ("uint8", "int8")
+SPARSITY_PATTERNS = ("2:4",)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,19 @@ class QuantizationRules:
     activation_fusions: tuple[str, ...] = ("Relu", "Clip")
     activation_matmuls: bool = True  # quantize MatMuls of two activations (attention scores, attention · V)
     reduce_range: bool = False  # 7-bit weights: avoids u8*s8 overflow in AVX2 (non-VNNI) kernels
+    symmetric_activations: bool = False
+
+
+@dataclass(frozen=True)
+class SparsityRules:
+    patterns: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()  # precisions the sparse kernels run in (the build enables them)
+    min_in_channels: int = 0
+    min_out_channels: int = 0
+    in_channel_multiple: int = 4
+    pays_from_channels: int = 0
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +74,7 @@ class Target:
     arch: str
     quantization: QuantizationRules
     onnxruntime: OrtSettings
+    sparsity: SparsityRules = field(default_factory=SparsityRules)
     measure_where: str = "local"
     source: str = ""
 
@@ -62,6 +85,9 @@ class Target:
         host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
         if host != self.arch:
             return False, f"target architecture {self.arch} differs from this machine's ({host})"
+        provider = self.onnxruntime.providers[0]
+        if provider not in ort.get_available_providers():
+            return False, f"{provider} is not available in this machine's ONNX Runtime"
         return True, ""
 
     def to_dict(self) -> dict:
@@ -108,6 +134,18 @@ def _parse(data: dict, source: str) -> Target:
             activation_fusions=tuple(q.get("activation_fusions", ("Relu", "Clip"))),
             reduce_range=bool(q.get("reduce_range", False)),
             activation_matmuls=bool(q.get("activation_matmuls", True)),
+            symmetric_activations=bool(q.get("symmetric_activations", False)),
+        )
+        sp = data.get("sparsity", {})
+        sparsity = SparsityRules(
+            patterns=tuple(sp.get("patterns", ())),
+            ops=tuple(sp.get("ops", ("Conv", "Gemm", "MatMul"))),
+            dtypes=tuple(sp.get("dtypes", ())),
+            min_in_channels=int(sp.get("min_in_channels", 0)),
+            min_out_channels=int(sp.get("min_out_channels", 0)),
+            in_channel_multiple=int(sp.get("in_channel_multiple", 4)),
+            pays_from_channels=int(sp.get("pays_from_channels", 0)),
+            note=sp.get("note", ""),
         )
         ort = data.get("onnxruntime", {})
         target = Target(
@@ -121,6 +159,7 @@ def _parse(data: dict, source: str) -> Target:
                 inter_op_threads=int(ort.get("inter_op_threads", 1)),
                 provider_options=dict(ort.get("provider_options", {})),
             ),
+            sparsity=sparsity,
             measure_where=data.get("measure", {}).get("where", "local"),
             source=source,
         )
@@ -129,4 +168,12 @@ def _parse(data: dict, source: str) -> Target:
     for kind in (rules.activations, rules.weights):
         if kind not in _INT_TYPES:
             raise UserError(f"target {source}: unsupported integer type '{kind}'", f"use one of {_INT_TYPES}")
+    if rules.symmetric_activations and rules.activations != "int8":
+        raise UserError(f"target {source}: symmetric activations need activations = \"int8\"", "fix the target file")
+    unknown = sorted(set(sparsity.patterns) - set(SPARSITY_PATTERNS))
+    if unknown:
+        raise UserError(f"target {source}: unknown sparsity pattern {unknown}", f"use one of {SPARSITY_PATTERNS}")
+    if sparsity.in_channel_multiple % 4:
+        raise UserError(f"target {source}: in_channel_multiple must be a multiple of 4 (groups of four)",
+                        "fix the target file")
     return target

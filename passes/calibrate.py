@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from edgeq.calibration_data import CalibrationData
-from edgeq.model_io import save_model, to_proto
+from edgeq.model_io import to_proto
 from edgeq.observers import make_observer
 
 
@@ -150,28 +148,20 @@ class CalibratePass(ir.passes.PassBase):
         return ir.passes.PassResult(model, modified=False)
 
     def _observe(self, model: ir.Model, names: list[str]) -> dict[str, tuple[float, float]]:
-        from edgeq.runtimes.onnxruntime import create_session
+        from edgeq.runtimes.onnxruntime import run_exposing
 
         augmented = model.clone()
         exposed = _expose_branch_values(augmented, self.op_types)
         proto = to_proto(augmented)
         del augmented
-        existing = {o.name for o in proto.graph.output}
         inner = set(exposed.values())
         fetch = [n for n in names if n not in inner] + list(exposed)
-        for name in fetch:
-            if name not in existing:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         observers = {name: make_observer(self.method, self.percentile) for name in names}
-        with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
-            path = save_model(proto, Path(tmp) / "augmented.onnx")
-            del proto
-            session = create_session(path, intra_op_threads=self.threads)
-            total = len(self.data)
-            for i, feed in enumerate(self.data):
-                outputs = session.run(fetch, feed.inputs)
-                for name, value in zip(fetch, outputs):
-                    observers[exposed.get(name, name)].update(value)
-                if self.on_progress:
-                    self.on_progress(i + 1, total)
+        total = len(self.data)
+        feeds = (feed.inputs for feed in self.data)
+        for i, outputs in enumerate(run_exposing(proto, fetch, feeds, self.threads)):
+            for name, value in zip(fetch, outputs):
+                observers[exposed.get(name, name)].update(value)
+            if self.on_progress:
+                self.on_progress(i + 1, total)
         return {name: tuple(float(v) for v in obs.range()) for name, obs in observers.items()}

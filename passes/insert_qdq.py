@@ -12,7 +12,9 @@ Rules:
 - Tensors: every activation input and (fused) output of a quantized node gets one Q→DQ pair shared by all of
   its consumers. A passthrough op's output reuses its input's scale and zero point (integers pass unchanged).
 - Weights: symmetric int8, per output channel when the target asks (Conv axis 0, ConvTranspose axis 1,
-  MatMul/Gemm the output-column axis). Bias: int32 with scale s_input·s_weight and zero point 0.
+  MatMul/Gemm the output-column axis); zeros stay exact zeros, and the weight's tensor annotations (a 2:4
+  sparsity mark) move to its quantized tensor. Bias: int32 with scale s_input·s_weight and zero point 0.
+- Activations: per tensor, asymmetric, or symmetric int8 when the target asks (TensorRT).
 - The branches of main-graph ``If`` nodes are quantized by the same rules, each on its own (new weights are
   stored in the branch, named after it); Loop/Scan bodies and deeper subgraphs are not, and their compute
   nodes are reported as left float.
@@ -28,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
-
 from edgeq.passes.exclude import EXCLUDE_KEY
+from onnx_ir.passes import common
+
 from edgeq.target import QuantizationRules
 
 _NP_TYPES = {"uint8": np.uint8, "int8": np.int8}
@@ -50,9 +52,13 @@ class QParams:
     zero_point: int
 
 
-def activation_qparams(lo: float, hi: float, dtype: str) -> QParams:
-    """Asymmetric 8-bit parameters for the range [lo, hi] (which contains 0)."""
+def activation_qparams(lo: float, hi: float, dtype: str, symmetric: bool = False) -> QParams:
+    """8-bit parameters for the range [lo, hi] (which contains 0): asymmetric, or symmetric int8 (±127,
+    zero point 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        bound = max(-lo, hi)
+        return QParams(float(np.float32(bound / 127.0)) if bound > 0 else 1.0, 0)
     qmin = 0 if dtype == "uint8" else -128
     if hi - lo <= 0:
         return QParams(1.0, qmin if dtype == "uint8" else 0)
@@ -256,7 +262,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     if producer in kept and roles.get(producer) == "passthrough" and producer.inputs[0] in params:
                         params[value] = params[producer.inputs[0]]
                     else:
-                        params[value] = activation_qparams(*self.ranges[value.name], dtype)
+                        params[value] = activation_qparams(*self.ranges[value.name], dtype,
+                                                           self.rules.symmetric_activations)
         return params
 
     def _count_subgraph_compute(self, graph: ir.Graph) -> None:
@@ -316,6 +323,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if key not in self._weights:  # a shared weight is quantized once
             q, scale = weight_quantize(weight.const_value.numpy().astype(np.float32), axis, self.rules.reduce_range)
             qv = self._initializer(graph, f"{key}_quantized", q)
+            qv.const_value.metadata_props.update(weight.const_value.metadata_props)  # e.g. a 2:4 annotation
             sv = self._initializer(graph, f"{key}_scale", scale if axis is not None else scale.reshape(()))
             zv = self._initializer(graph, f"{key}_zero_point", np.zeros_like(q, shape=scale.shape))
             self._weights[key] = (self._dequantize(graph, node.name, qv, sv, zv, axis, key), scale)

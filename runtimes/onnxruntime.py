@@ -12,13 +12,16 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
+from edgeq.model_io import save_model
 from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
 from edgeq.target import Target
 
@@ -39,6 +42,22 @@ def create_session(model_path: str | os.PathLike, *, intra_op_threads: int = 0, 
     chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     opts = [dict((provider_options or {}).get(p, {})) for p in chosen]
     return ort.InferenceSession(str(model_path), options, providers=chosen, provider_options=opts)
+
+
+def run_exposing(proto: onnx.ModelProto, names: list[str], feeds: Iterable[Mapping[str, np.ndarray]],
+                 intra_op_threads: int = 0) -> Iterator[list[np.ndarray]]:
+    """Run a model with the float tensors ``names`` added as outputs (``proto`` is changed); yield their
+    values feed by feed. One feed in memory at a time."""
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    with tempfile.TemporaryDirectory(prefix="edgeq-expose-") as tmp:
+        path = save_model(proto, Path(tmp) / "exposed.onnx")
+        del proto
+        session = create_session(path, intra_op_threads=intra_op_threads)
+        for feed in feeds:
+            yield session.run(names, dict(feed))
 
 
 class _OrtSession:

@@ -1,0 +1,116 @@
+"""Collect each prunable layer's input Gram matrix H = Σ xᵀx on calibration data.
+
+Rules:
+- x is one row of the layer's input as its weight sees it: for Conv an input patch (im2col) with features
+  ordered (kernel position…, input channel), matching :meth:`edgeq.passes.sparsify.Layer.rows`; for
+  MatMul/Gemm one row of the input's last axis.
+- The model runs in ONNX Runtime with the layers' inputs added as outputs, one feed at a time. From each feed
+  at most ``rows_per_feed`` rows are used, chosen by a seeded generator, so the cost does not grow with the
+  image size; H accumulates in float32 (F² · 4 bytes per distinct input, F the feature count).
+- Layers that read the same tensor with the same geometry share one H.
+
+Side-effect only: the model is not changed; the result is :attr:`LayerInputsPass.grams` (layer name → H).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+from edgeq.passes.sparsify import Layer
+from numpy.lib.stride_tricks import sliding_window_view
+
+from edgeq.calibration_data import CalibrationData
+from edgeq.model_io import to_proto
+
+ROWS_PER_FEED = 256
+
+
+def _conv_geometry(layer: Layer, spatial_rank: int) -> tuple:
+    node, kernel = layer.node, tuple(int(k) for k in layer.weight.shape[2:])
+    ones = (1,) * spatial_rank
+    strides = tuple(node.attributes.get_ints("strides", ones))
+    dilations = tuple(node.attributes.get_ints("dilations", ones))
+    pads = tuple(node.attributes.get_ints("pads", (0,) * 2 * spatial_rank))
+    return kernel, strides, dilations, pads, node.attributes.get_string("auto_pad", "NOTSET")
+
+
+def _same_pads(size: tuple, kernel, strides, dilations, upper: bool) -> tuple:
+    begins, ends = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if upper else large)
+        ends.append(large if upper else small)
+    return (*begins, *ends)
+
+
+def conv_patches(x: np.ndarray, geometry: tuple, pick: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Rows [n, k… · C] of input patches of ``x`` [B, C, spatial…]; ``pick(count)`` chooses which of the
+    ``count`` output positions to use."""
+    kernel, strides, dilations, pads, auto_pad = geometry
+    rank = len(kernel)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _same_pads(x.shape[2:], kernel, strides, dilations, auto_pad == "SAME_UPPER")
+    elif auto_pad == "VALID":
+        pads = (0,) * 2 * rank
+    x = np.pad(x, [(0, 0), (0, 0), *zip(pads[:rank], pads[rank:])])
+    extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    windows = sliding_window_view(x, extent, axis=tuple(range(2, 2 + rank)))  # [B, C, out…, extent…]
+    windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
+                       *(slice(None, None, d) for d in dilations))]
+    batch, outs = windows.shape[0], windows.shape[2:2 + rank]
+    chosen = pick(batch * int(np.prod(outs)))
+    position = np.unravel_index(chosen, (batch, *outs))
+    patches = windows[(position[0], slice(None), *position[1:])]  # [n, C, k…]
+    return np.moveaxis(patches, 1, -1).reshape(len(chosen), -1)
+
+
+class LayerInputsPass(ir.passes.PassBase):
+    in_place = True
+    changes_input = False
+
+    def __init__(self, data: CalibrationData, layers: list[Layer], rows_per_feed: int = ROWS_PER_FEED,
+                 seed: int = 0, on_progress: Callable[[int, int], None] | None = None):
+        super().__init__()
+        self.data, self.layers = data, layers
+        self.rows_per_feed, self.seed = rows_per_feed, seed
+        self.on_progress = on_progress
+        self.grams: dict[str, np.ndarray] = {}
+
+    def _key(self, layer: Layer) -> tuple:
+        source = layer.node.inputs[0].name
+        if layer.node.op_type != "Conv":
+            return (source,)
+        return (source, _conv_geometry(layer, len(layer.weight.shape) - 2))
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from edgeq.runtimes.onnxruntime import run_exposing
+
+        keys = {layer.node.name: self._key(layer) for layer in self.layers}
+        distinct = list(dict.fromkeys(keys.values()))
+        names = list(dict.fromkeys(key[0] for key in distinct))
+        sums: dict[tuple, np.ndarray] = {}
+        rng = np.random.default_rng(self.seed)
+
+        def pick(count: int) -> np.ndarray:
+            if count <= self.rows_per_feed:
+                return np.arange(count)
+            return np.sort(rng.choice(count, self.rows_per_feed, replace=False))
+
+        feeds = (feed.inputs for feed in self.data)
+        for i, outputs in enumerate(run_exposing(to_proto(model), names, feeds)):
+            values = dict(zip(names, outputs))
+            for key in distinct:
+                x = values[key[0]].astype(np.float32)
+                rows = conv_patches(x, key[1], pick) if len(key) > 1 else x.reshape(-1, x.shape[-1])[
+                    pick(int(np.prod(x.shape[:-1])))]
+                if key in sums:
+                    sums[key] += rows.T @ rows
+                else:
+                    sums[key] = rows.T @ rows
+            if self.on_progress:
+                self.on_progress(i + 1, len(self.data))
+        self.grams = {name: sums[key] for name, key in keys.items()}
+        return ir.passes.PassResult(model, modified=False)

@@ -230,6 +230,11 @@ def inspect(model, target, nodes, as_json):
     cov = info["coverage"]
     table.add_row("quantizable coverage", f"{cov['in_main_graph']}/{cov['compute_nodes']} compute nodes in the main "
                                           f"graph ({cov['quantizable_share']:.0%}) for {cov['target']}")
+    if "sparsity" in info:
+        sp = info["sparsity"]
+        table.add_row("2:4 sparsity", f"{sp['weights']} annotated weights · pattern "
+                                      f"{'holds' if sp['ok'] else 'BROKEN in ' + str(len(sp['violations']))} · "
+                                      f"compressed/dense {sp['bytes_ratio']:.2f}")
     out.print(table)
     if nodes:
         node_table = Table("name", "op type", "depth")

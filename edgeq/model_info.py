@@ -3,7 +3,8 @@
 Reported as stored in the file (nothing is normalized first): opset, inputs/outputs, op counts in the main
 graph and inside If/Loop/Scan subgraphs, parameters, weights held in ``Constant`` nodes (they need lifting
 before per-channel quantization), whether the model is already quantized, and quantizable coverage for a
-target: the share of compute nodes (Conv/Gemm/MatMul…) that sit in the main graph, where edgeq quantizes.
+target: the share of compute nodes (Conv/Gemm/MatMul…) that sit in the main graph, where edgeq quantizes; and,
+for a model with 2:4-annotated weights, the checker's verdict on them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx
 
 from edgeq.model_io import load_proto
 from edgeq.passes.normalize import QUANTIZED_OPS
+from edgeq.sparse24 import check_proto
 from edgeq.target import Target
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
@@ -68,6 +70,9 @@ def model_info(path: str | Path, target: Target | None = None) -> dict:
         "quantized_ops": sorted((set(main_ops) | set(sub_ops)) & QUANTIZED_OPS),
         "nodes": nodes,
     }
+    sparsity = check_proto(proto)
+    if sparsity.weights:
+        info["sparsity"] = sparsity.to_dict()
     if target is not None:
         compute = target.quantization.compute_ops
         in_main = sum(main_ops[o] for o in compute)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from edgeq.model_io import load_proto
@@ -94,7 +95,10 @@ class CheckResult:
 
 def check_model(path: str | Path) -> CheckResult:
     """Check that every weight annotated 2:4 in the model at ``path`` (external data included) obeys it."""
-    proto = load_proto(path)
+    return check_proto(load_proto(path))
+
+
+def check_proto(proto: onnx.ModelProto) -> CheckResult:
     result = CheckResult()
     for tensor in proto.graph.initializer:
         marks = {p.key: p.value for p in tensor.metadata_props}

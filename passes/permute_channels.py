@@ -89,7 +89,7 @@ class _Region:
     def _channel_axes(self) -> str:
         """Check every constant is a scalar or a per-channel vector; note the axis to permute (-1: none)."""
         producer = self.producer
-        rank = len(producer.weight.shape) if producer.node.op_type == "Conv" else 1  # from the right: C·1·1…
+        rank = producer.array.ndim if producer.node.op_type == "Conv" else 1  # from the right: C·1·1…
         channels = producer.out_channels
         checked = []
         for node, index, _ in self.constants:
@@ -153,7 +153,7 @@ class PermuteChannelsPass(ir.passes.InPlacePass):
             producer = region.producer
             _permute_const(model.graph, producer.node, 1, producer.out_axis, perm)
             bias = producer.node.inputs[2] if len(producer.node.inputs) > 2 else None
-            if bias is not None and bias.const_value is not None and bias.shape[-1] == len(perm):
+            if bias is not None and bias.const_value is not None and bias.const_value.shape[-1] == len(perm):
                 _permute_const(model.graph, producer.node, 2, -1, perm)
             for inner, index, axis in region.constants:
                 if axis >= 0:

@@ -50,11 +50,11 @@ class Layer:
 
     @property
     def in_channels(self) -> int:
-        return int(self.weight.shape[self.in_axis])
+        return int(self.weight.const_value.shape[self.in_axis])
 
     @property
     def out_channels(self) -> int:
-        return int(self.weight.shape[self.out_axis])
+        return int(self.weight.const_value.shape[self.out_axis])
 
     def rows(self) -> np.ndarray:
         w = self.array
@@ -79,11 +79,11 @@ def layer_view(node: ir.Node) -> Layer | str:
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if weight is None or weight.const_value is None:
         return "weight is not constant (a product of two activations)"
-    if weight.dtype not in _FLOATS:
-        return f"weight dtype {weight.dtype} is not float"
+    if weight.const_value.dtype not in _FLOATS:
+        return f"weight dtype {weight.const_value.dtype} is not float"
     if len(list(weight.uses())) > 1:
         return "weight shared with another node"
-    rank = len(weight.shape)
+    rank = len(weight.const_value.shape)
     if node.op_type == "ConvTranspose":
         return "ConvTranspose (its reduction axis is the output-channel axis)"
     if node.op_type == "Conv":

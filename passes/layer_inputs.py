@@ -27,7 +27,7 @@ from edgeq.model_io import to_proto
 ROWS_PER_FEED = 256
 
 
-def _conv_geometry(layer: Layer, spatial_rank: int) -> tuple:
+def conv_geometry(layer: Layer, spatial_rank: int) -> tuple:
     node, kernel = layer.node, layer.array.shape[2:]
     ones = (1,) * spatial_rank
     strides = tuple(node.attributes.get_ints("strides", ones))
@@ -83,7 +83,7 @@ class LayerInputsPass(ir.passes.PassBase):
         source = layer.node.inputs[0].name
         if layer.node.op_type != "Conv":
             return (source,)
-        return (source, _conv_geometry(layer, layer.array.ndim - 2))
+        return (source, conv_geometry(layer, layer.array.ndim - 2))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from edgeq.runtimes.onnxruntime import run_exposing

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import EXAMPLES, make_model
 from edgeq.passes.exclude import EXCLUDE_KEY
-from edgeq.passes.layer_inputs import LayerInputsPass, _conv_geometry, conv_patches
+from edgeq.passes.layer_inputs import LayerInputsPass, conv_geometry, conv_patches
 from edgeq.passes.permute_channels import PermuteChannelsPass, kept_share
 from edgeq.passes.sparsify import Sparsify24Pass, eligible_layers, layer_view, prunable
 from onnx import TensorProto, helper, numpy_helper
@@ -136,7 +136,7 @@ def test_conv_patches_times_weight_rows_is_the_convolution(attrs):
     (expected,) = _run(model, {"x": x})
     conv = next(iter(ir.from_proto(model).graph))
     layer = layer_view(conv)
-    patches = conv_patches(x, _conv_geometry(layer, 2), np.arange)
+    patches = conv_patches(x, conv_geometry(layer, 2), np.arange)
     got = (patches @ layer.rows().T).reshape(2, *expected.shape[2:], 5)
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), expected, rtol=1e-4, atol=1e-4)
 

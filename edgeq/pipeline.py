@@ -1,10 +1,11 @@
 """The compile pipeline: float ONNX in, a measured int8 (or, when int8 does not pay, float) artifact out.
 
-    load → normalize → exclude → calibrate → insert QDQ → build → fidelity + latency
-         → no-slowdown feedback (return costly nodes to float, rebuild; bounded) → artifact
+    load → normalize → exclude → [2:4 prune] → calibrate → insert QDQ → build → fidelity + latency
+         → no-slowdown feedback (return costly nodes to float, rebuild; bounded) → artifact [→ 2:4 check]
 
 Rules:
-- Fidelity is measured on feeds held back from calibration (or the ``--eval`` set).
+- Fidelity is measured on feeds held back from calibration (or the ``--eval`` set), always against the dense
+  float model; a 2:4 model (:mod:`edgeq.sparsify`) is what int8 starts from and the float model delivered.
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
 - Optional op set (``recipe.optional_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … (requant ops)
   or MatMuls of two activations (``ActMatMul``: attention) pays depends on the model and ORT's kernels

@@ -18,6 +18,7 @@ Three tools, each deterministic:
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import lapack  # numpy exposes no triangular inverse
 
 from edgeq.sparse24 import GROUP, KEPT, kept_magnitude, magnitude_mask
 
@@ -32,6 +33,16 @@ def prune_magnitude(rows: np.ndarray) -> np.ndarray:
     return np.where(magnitude_mask(rows), rows, 0).astype(rows.dtype)
 
 
+def _inverse_upper_factor(h: np.ndarray) -> np.ndarray:
+    """Upper triangular U with UᵀU = H⁻¹, without forming H⁻¹: factor the reversed H (H = ŨŨᵀ with Ũ upper)
+    and invert the triangle (U = Ũ⁻¹) — a third of the work of inverting H and factoring the inverse."""
+    reversed_factor = np.linalg.cholesky(h[::-1, ::-1])
+    inverse, info = lapack.dtrtri(np.ascontiguousarray(reversed_factor[::-1, ::-1]), lower=0)
+    if info:
+        raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK info {info})")
+    return inverse
+
+
 def prune_reconstruct(rows: np.ndarray, gram: np.ndarray) -> np.ndarray:
     w = rows.astype(np.float64)  # a fresh copy, updated in place
     h = gram.astype(np.float64)
@@ -40,7 +51,7 @@ def prune_reconstruct(rows: np.ndarray, gram: np.ndarray) -> np.ndarray:
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h[np.diag_indices(features)] += DAMP * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H⁻¹ = UᵀU
+    hinv = _inverse_upper_factor(h)
     pruned = np.zeros_like(w, dtype=bool)
     row_index = np.arange(w.shape[0])[:, None]
     for start in range(0, features, BLOCK):

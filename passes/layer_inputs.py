@@ -25,6 +25,7 @@ from edgeq.calibration_data import CalibrationData
 from edgeq.model_io import to_proto
 
 ROWS_PER_FEED = 256
+FLUSH_ROWS = 4096
 
 
 def conv_geometry(layer: Layer, spatial_rank: int) -> tuple:
@@ -67,6 +68,33 @@ def conv_patches(x: np.ndarray, geometry: tuple, pick: Callable[[int], np.ndarra
     return np.moveaxis(patches, 1, -1).reshape(len(chosen), -1)
 
 
+class _GramSum:
+    """Σ xᵀx over rows that arrive a few at a time. Rows are buffered and multiplied in blocks of at least
+    ``FLUSH_ROWS``: one product per small feed would write the whole F × F matrix each time (memory-bound)."""
+
+    def __init__(self):
+        self.total: np.ndarray | None = None
+        self.pending: list[np.ndarray] = []
+        self.rows = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.pending.append(rows)
+        self.rows += len(rows)
+        if self.rows >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        block = np.concatenate(self.pending)
+        gram = block.T @ block
+        self.total = gram if self.total is None else self.total + gram
+        self.pending, self.rows = [], 0
+
+    def result(self) -> np.ndarray:
+        if self.pending:
+            self._flush()
+        return self.total
+
+
 class LayerInputsPass(ir.passes.PassBase):
     in_place = True
     changes_input = False
@@ -91,7 +119,7 @@ class LayerInputsPass(ir.passes.PassBase):
         keys = {layer.node.name: self._key(layer) for layer in self.layers}
         distinct = list(dict.fromkeys(keys.values()))
         names = list(dict.fromkeys(key[0] for key in distinct))
-        sums: dict[tuple, np.ndarray] = {}
+        sums = {key: _GramSum() for key in distinct}
         rng = np.random.default_rng(self.seed)
 
         def pick(count: int) -> np.ndarray:
@@ -104,13 +132,13 @@ class LayerInputsPass(ir.passes.PassBase):
             values = dict(zip(names, outputs))
             for key in distinct:
                 x = values[key[0]].astype(np.float32)
-                rows = conv_patches(x, key[1], pick) if len(key) > 1 else x.reshape(-1, x.shape[-1])[
-                    pick(int(np.prod(x.shape[:-1])))]
-                if key in sums:
-                    sums[key] += rows.T @ rows
+                if len(key) > 1:
+                    sums[key].add(conv_patches(x, key[1], pick))
                 else:
-                    sums[key] = rows.T @ rows
+                    flat = x.reshape(-1, x.shape[-1])
+                    sums[key].add(flat[pick(len(flat))])
             if self.on_progress:
                 self.on_progress(i + 1, len(self.data))
-        self.grams = {name: sums[key] for name, key in keys.items()}
+        grams = {key: total.result() for key, total in sums.items()}
+        self.grams = {name: grams[key] for name, key in keys.items()}
         return ir.passes.PassResult(model, modified=False)

@@ -167,13 +167,13 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
     if "sparsity" in manifest:
         sp = manifest["sparsity"]
         check = sp["check"]
-        table.add_row("2:4 sparsity", f"{sp['pruned']} of {sp['eligible']} eligible layers pruned ({sp['method']}) · "
-                                      f"check {'ok' if check['ok'] else 'FAILED'} on {check['weights']} weights · "
-                                      f"compressed/dense {check['bytes_ratio']:.2f}")
+        pruned = f"{sp['pruned']} of {sp['eligible']} eligible layers pruned ({sp['method']}) · " if "layers" in sp else ""
+        table.add_row("2:4 sparsity", f"{pruned}check {'ok' if check['ok'] else 'FAILED'} on {check['weights']} "
+                                      f"weights · compressed/dense {check['bytes_ratio']:.2f}")
     if "deploy" in manifest:
         table.add_row("TensorRT build", manifest["deploy"]["trtexec"])
     out.print(table)
-    if "sparsity" in manifest:
+    if "layers" in manifest.get("sparsity", {}):
         _print_sparsity_layers(manifest["sparsity"]["layers"])
 
 

@@ -49,6 +49,7 @@ from edgeq.recipe import Recipe
 from edgeq.runtimes.base import NodeTime
 from edgeq.runtimes import tensorrt
 from edgeq.runtimes.onnxruntime import OnnxRuntime
+from edgeq.sparse24 import KEY as SPARSITY_KEY
 from edgeq.sparse24 import check_model
 from edgeq.sparsify import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
@@ -133,8 +134,9 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         float_bytes = _folder_bytes(run.float_path.parent)
         delivered = run.runtime.build(run.delivered_path, writer.tmp)
         manifest = run.manifest(fidelity, budget, _folder_bytes(writer.tmp), float_bytes)
-        if run.sparsity is not None:
-            manifest["sparsity"] = run.sparsity.report | {"check": _check_sparsity(delivered)}
+        if run.sparsity is not None or SPARSITY_KEY in run.model.metadata_props:  # or 2:4 weights came in
+            manifest["sparsity"] = (run.sparsity.report if run.sparsity else {}) | {
+                "check": _check_sparsity(delivered)}
         if tensorrt.uses_tensorrt(request.target):
             manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=run.delivered == "int8",
                                                      sparse=bool(run.sparsity and run.sparsity.report["pruned"]))

@@ -69,13 +69,13 @@ class SparsityStage:
                 inputs(model)
                 grams = inputs.grams
         prune = Sparsify24Pass(rules, grams, recipe.sparsity_method)
-        with self.reporter.stage(f"prune {len(layers)} layers to 2:4 ({recipe.sparsity_method})"):
-            drop = self._trial(model, prune, set(), float_path, holdout, "all")
-        names = [layer.node.name for layer in layers]
-        if layers and recipe.max_drop is not None and drop > recipe.max_drop * BUDGET_SHARE:
-            with self.reporter.stage(f"sensitivity of {len(names)} layers"):
-                keep_dense = self._fit_budget(model, prune, names, float_path, holdout)
-            prune.keep_dense = keep_dense
+        if layers:
+            with self.reporter.stage(f"prune {len(layers)} layers to 2:4 ({recipe.sparsity_method})"):
+                drop = self._trial(model, prune, set(), float_path, holdout, "all")
+            if recipe.max_drop is not None and drop > recipe.max_drop * BUDGET_SHARE:
+                names = [layer.node.name for layer in layers]
+                with self.reporter.stage(f"sensitivity of {len(names)} layers"):
+                    prune.keep_dense = self._fit_budget(model, prune, names, float_path, holdout)
         prune(model)
         self.report |= {"layers": prune.layers, "pruned": prune.pruned,
                         "eligible": len(layers), "budget_share": BUDGET_SHARE,

@@ -9,7 +9,7 @@ Rules:
   two weights chosen by ``method``: ``magnitude``, or ``reconstruct`` — OBS on the layer's input Gram matrix
   from :mod:`edgeq.passes.layer_inputs`, which also updates the kept weights (:mod:`edgeq.sparse_solver`).
   Both relative output errors on the calibration data (magnitude-only and the chosen method) are reported
-  per layer.
+  per layer when the Gram matrices are given (magnitude pruning needs none).
 - Layers in ``keep_dense`` (left dense by the accuracy budget) are eligible but not pruned.
 - Pruned weights are annotated (:mod:`edgeq.sparse24`), and so is the model.
 - Solutions are cached per layer name, so the same pass object can prune clones of one model with different
@@ -168,11 +168,13 @@ class Sparsify24Pass(ir.passes.InPlacePass):
     def _solve(self, layer: Layer) -> tuple[np.ndarray, dict]:
         name = layer.node.name
         if name not in self._solutions:
-            rows, gram = layer.rows().astype(np.float32), self.grams[name]
+            rows, gram = layer.rows().astype(np.float32), self.grams.get(name)
+            if gram is None and self.method == "reconstruct":
+                raise ValueError(f"no input Gram matrix for layer {name}: run LayerInputsPass first")
             magnitude = prune_magnitude(rows)
             chosen = prune_reconstruct(rows, gram) if self.method == "reconstruct" else magnitude
-            figures = {"magnitude_error": output_error(rows, magnitude, gram),
-                       "error": output_error(rows, chosen, gram)}
+            figures = {} if gram is None else {"magnitude_error": output_error(rows, magnitude, gram),
+                                               "error": output_error(rows, chosen, gram)}
             weights = layer.from_rows(chosen).astype(layer.array.dtype)
             self._solutions[name] = (weights, figures)
         return self._solutions[name]

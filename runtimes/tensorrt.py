@@ -1,9 +1,9 @@
 """TensorRT, reached through ONNX Runtime's TensorRT execution provider or its own ``trtexec``.
 
 TensorRT runs only where an NVIDIA GPU is; for a target whose execution providers include TensorRT, the
-artifact says how to run it: the provider options (``trt_fp16_enable`` when the target lists float16,
-``trt_int8_enable`` for a QDQ model, ``trt_sparsity_enable`` when 2:4 weights are present — TensorRT uses
-sparse kernels only when asked) and the equivalent ``trtexec`` build command.
+artifact says how to run it: the target's provider options (e.g. ``trt_fp16_enable``) plus
+``trt_int8_enable`` for a QDQ model and ``trt_sparsity_enable`` when 2:4 weights are present (TensorRT uses
+sparse kernels only when asked), and the equivalent ``trtexec`` build command.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ def uses_tensorrt(target: Target) -> bool:
 
 def provider_options(target: Target, int8: bool, sparse: bool) -> dict:
     options = dict(target.onnxruntime.provider_options.get(PROVIDER, {}))
-    if "float16" in target.sparsity.dtypes or options.get("trt_fp16_enable"):
-        options["trt_fp16_enable"] = True
     if int8:
         options["trt_int8_enable"] = True
     if sparse:

@@ -280,3 +280,19 @@ def test_2_4_on_a_target_without_sparse_kernels_is_refused(tmp_path, conv_onnx, 
         "error: target x86-64 has no 2:4 sparse kernels (pruned weights would run as dense and only lose "
         "accuracy); use a target with a [sparsity] section, e.g. jetson-orin or gpu-ampere")]
     assert not out.exists()
+
+
+def test_2_4_weights_in_the_input_model_are_checked_in_the_int8_artifact(tmp_path):
+    folder = EXAMPLES / "digits_cnn"
+    model = load_model(folder / "model.onnx")
+    prune = Sparsify24Pass(RULES, {}, method="magnitude")
+    prune(model)
+    assert prune.pruned == 4
+    source = save_model(model, tmp_path / "pruned.onnx")
+    result = CliRunner().invoke(main, ["compile", str(source), "-t", "x86-avx512-vnni", "--calib",
+                                       str(folder / "calib.npz"), "--no-measure", "--json", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.output)
+    assert manifest["delivered"]["precision"] == "int8"
+    assert manifest["sparsity"]["check"]["ok"] and manifest["sparsity"]["check"]["weights"] == 4
+

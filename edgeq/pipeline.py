@@ -5,7 +5,7 @@
 
 Rules:
 - Fidelity is measured on feeds held back from calibration (or the ``--eval`` set), always against the dense
-  float model; a 2:4 model (:mod:`edgeq.sparsify`) is what int8 starts from and the float model delivered.
+  float model; a 2:4 model (:mod:`edgeq.sparsity_stage`) is what int8 starts from and the float model delivered.
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
 - Optional op set (``recipe.optional_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … (requant ops)
   or MatMuls of two activations (``ActMatMul``: attention) pays depends on the model and ORT's kernels
@@ -51,7 +51,7 @@ from edgeq.runtimes import tensorrt
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.sparse24 import KEY as SPARSITY_KEY
 from edgeq.sparse24 import check_model
-from edgeq.sparsify import SparsityStage, require_sparse_kernels
+from edgeq.sparsity_stage import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
 
 

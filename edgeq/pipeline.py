@@ -46,8 +46,8 @@ from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import InsertQDQPass
 from edgeq.passes.normalize import NormalizePass
 from edgeq.recipe import Recipe
-from edgeq.runtimes.base import NodeTime
 from edgeq.runtimes import tensorrt
+from edgeq.runtimes.base import NodeTime
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.sparse24 import KEY as SPARSITY_KEY
 from edgeq.sparse24 import check_model

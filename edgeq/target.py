@@ -25,8 +25,6 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import onnxruntime as ort
-
 from edgeq.errors import UserError
 
 _INT_TYPES = ("uint8", "int8")
@@ -85,6 +83,8 @@ class Target:
         host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
         if host != self.arch:
             return False, f"target architecture {self.arch} differs from this machine's ({host})"
+        import onnxruntime as ort  # only this check needs it
+
         provider = self.onnxruntime.providers[0]
         if provider not in ort.get_available_providers():
             return False, f"{provider} is not available in this machine's ONNX Runtime"

@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from edgeq.passes.sparsify import Layer
 from numpy.lib.stride_tricks import sliding_window_view
 
 from edgeq.calibration_data import CalibrationData
 from edgeq.model_io import to_proto
+from edgeq.passes.sparsify import Layer
 
 ROWS_PER_FEED = 256
 FLUSH_ROWS = 4096
@@ -86,7 +86,10 @@ class _GramSum:
     def _flush(self) -> None:
         block = np.concatenate(self.pending)
         gram = block.T @ block
-        self.total = gram if self.total is None else self.total + gram
+        if self.total is None:
+            self.total = gram
+        else:
+            self.total += gram
         self.pending, self.rows = [], 0
 
     def result(self) -> np.ndarray:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from edgeq.passes.sparsify import Layer, layer_view
 
+from edgeq.passes.sparsify import Layer, layer_view
 from edgeq.sparse24 import GROUP, kept_magnitude
 from edgeq.sparse_solver import search_permutation
 
@@ -144,8 +144,7 @@ class PermuteChannelsPass(ir.passes.InPlacePass):
             weight = consumer.array
             magnitudes = np.abs(np.moveaxis(weight, consumer.in_axis, -1)).reshape(-1, consumer.in_channels)
             perm = search_permutation(magnitudes, self.seed)
-            before = kept_share(weight, consumer.in_axis)
-            after = kept_share(np.take(weight, perm, axis=consumer.in_axis), consumer.in_axis)
+            before, after = kept_share(magnitudes, 1), kept_share(magnitudes[:, perm], 1)
             self.kept[node.name] = {"permuted": after > before, "kept_before": before, "kept_after": after,
                                     "reason": "" if after > before else "no order keeps more"}
             if after <= before:

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from edgeq.passes.exclude import EXCLUDE_KEY
 
+from edgeq.passes.exclude import EXCLUDE_KEY
 from edgeq.sparse24 import KEY, PATTERN, annotate
 from edgeq.sparse_solver import output_error, prune_magnitude, prune_reconstruct
 from edgeq.target import SparsityRules
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-METHODS = ("reconstruct", "magnitude")
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -89,6 +90,9 @@ def main():
 @click.option("-t", "--target", required=True, help="Bundled target name (see 'edgeq targets') or a .toml path.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration feeds: .npz/.npy folder or file, or images.")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Evaluation feeds (default: hold back 20%).")
+@click.option("--scheme", type=click.Choice(["int8", "mixed"]), default="int8", show_default=True,
+              help="int8 everywhere it pays, or mixed: a precision per layer group (float/int8/int4 as the target "
+                   "offers) chosen from measured sensitivity and latency within the budgets.")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile",
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
@@ -98,6 +102,8 @@ def main():
 @click.option("--exclude", multiple=True, help="Keep float: name:NODE, re:REGEX or op:OPTYPE (repeatable).")
 @click.option("--metric", help="User metric pkg.module:fn or file.py:fn; fn(outputs, feeds) -> float.")
 @click.option("--max-drop", help="Accuracy budget (metric drop, else top-1 disagreement): 0.01 or 1%.")
+@click.option("--latency-ms", type=float, help="Latency budget, median ms on the target (--scheme mixed).")
+@click.option("--size-mb", type=float, help="Model size budget in MB of 10^6 bytes (--scheme mixed).")
 @click.option("--random-calibration", is_flag=True, help="Calibrate on synthetic data when no --calib is given.")
 @click.option("--allow-slowdown", is_flag=True, help="Deliver int8 even when it measures slower than float.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement (and the no-slowdown check).")
@@ -111,16 +117,17 @@ def main():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
-def compile(model, target, calib, eval_path, method, percentile, optional_ops, exclude, metric, max_drop, random_calibration,
-            allow_slowdown, no_measure, sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache,
+def compile(model, target, calib, eval_path, scheme, method, percentile, optional_ops, exclude, metric, max_drop, latency_ms, size_mb,
+            random_calibration, allow_slowdown, no_measure, sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache,
             as_json, output):
-    """Quantize MODEL to int8 QDQ for TARGET, measure it, and write an artifact folder."""
+    """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, measure it, and write an artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
     from edgeq.recipe import Exclusions, Recipe
     from edgeq.target import load_target
 
-    recipe = Recipe(method=method, percentile=percentile, optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
+    recipe = Recipe(scheme=scheme, method=method, percentile=percentile, optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
+                    latency_ms=latency_ms, size_mb=size_mb,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
                     sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
     request = CompileRequest(model=model, target=load_target(target), recipe=recipe, out_dir=output, calib=calib,
@@ -163,7 +170,18 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
         table.add_row("metric", f"float {m['float']:.4f} · delivered {m['candidate']:.4f} · drop {m['drop']:+.4f}")
     if manifest["budget"]:
         b = manifest["budget"]
-        table.add_row("budget", f"max drop {b['max_drop']:.4f}: {'met' if b['met'] else 'MISSED'} ({b['drop']:.4f})")
+        parts = []
+        if "max_drop" in b:
+            parts.append(f"max drop {b['max_drop']:.4f} (measured {b['drop']:.4f})")
+        if "latency_ms" in b:
+            parts.append(f"latency {b['latency_ms']:g} ms (measured {b['measured_ms']:.3f} ms)")
+        if "size_mb" in b:
+            parts.append(f"size {b['size_mb']:g} MB (measured {b['bytes'] / 1e6:.2f} MB)")
+        table.add_row("budget", f"{'met' if b['met'] else 'MISSED'}: " + " · ".join(parts))
+    if "mixed" in manifest:
+        m = manifest["mixed"]
+        table.add_row("mixed search", f"{len(m['groups'])} groups · {len(m['iterations'])} measured builds · "
+                                      f"{sum(m['seconds'].values()):.1f} s · report {output / m['report']}")
     if "sparsity" in manifest:
         sp = manifest["sparsity"]
         check = sp["check"]
@@ -175,6 +193,18 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
     out.print(table)
     if "layers" in manifest.get("sparsity", {}):
         _print_sparsity_layers(manifest["sparsity"]["layers"])
+    if "mixed" in manifest:
+        _print_mixed_groups(manifest["mixed"]["groups"])
+
+
+def _print_mixed_groups(groups: list[dict]) -> None:
+    table = Table("group", "op", "precision", "SQNR alone (dB)", "ms", "bytes", title="precision per layer group")
+    for g in groups:
+        alone = ", ".join(f"{p} {(-10 * math.log10(v)) if v > 0 else math.inf:.1f}"
+                          for p, v in g["nsr"].items() if p != "float")
+        table.add_row(g["name"], g["op_type"], g["precision"], alone, "" if g["ms"] is None else f"{g['ms']:.3f}",
+                      f"{g['bytes']:,}")
+    out.print(table)
 
 
 def _print_sparsity_layers(layers: dict) -> None:

@@ -113,3 +113,8 @@ def model_digest(model: ir.Model) -> str:
     for node in model.graph:
         digest.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
     return digest.hexdigest()
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder`` (a model and its external data, a manifest)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())

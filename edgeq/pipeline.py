@@ -21,12 +21,21 @@ Rules:
   rebuilt, at most ``recipe.max_revert_rounds`` times. If int8 is still not faster,
   the float model is delivered and the manifest says why. Without a reachable device nothing is measured,
   and the manifest says that instead.
-- The budget (``recipe.max_drop``) decides the exit code: 3 when missed, with the artifact still written.
+- ``--scheme mixed`` replaces the no-slowdown loop with the mixed-precision search (:mod:`edgeq.mixed`): after
+  the optional op set is chosen, each layer group gets float, int8 or int4 from measured sensitivity and
+  measured per-group latency, within the budgets, checked by building and measuring (bounded). The artifact
+  then carries ``report.html`` beside the manifest. (``int8`` in the manifest's latency and per-node tables
+  means the quantized build, mixed included.)
+- The budgets (``recipe.max_drop``; with mixed also ``latency_ms`` and ``size_mb``) decide the exit code:
+  3 when one is missed, with the artifact still written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import json
 import platform
 import tempfile
 import time
@@ -40,14 +49,16 @@ from edgeq.artifact import MODEL, ArtifactWriter
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, compare_models, load_metric
-from edgeq.model_io import load_model, model_digest, save_model
+from edgeq.mixed import report
+from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult
+from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import InsertQDQPass
 from edgeq.passes.normalize import NormalizePass
 from edgeq.recipe import Recipe
 from edgeq.runtimes import tensorrt
-from edgeq.runtimes.base import NodeTime
+from edgeq.runtimes.base import NodeTime, cost_by_node
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.sparse24 import KEY as SPARSITY_KEY
 from edgeq.sparse24 import check_model
@@ -60,6 +71,7 @@ ACT_MATMUL = "ActMatMul"
 # Variants whose latency is within this fraction of the fastest count as equally fast; the more accurate wins.
 VARIANT_SPEED_TOLERANCE = 0.05
 VARIANT_FIDELITY_FEEDS = 16
+REPORT = "report.html"
 
 
 class Reporter(Protocol):
@@ -109,15 +121,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def cost_by_node(times: list[NodeTime], owners: dict[str, str]) -> dict[str, float]:
-    """Kernel time per original node: Q/DQ kernels and fused activations count for the node they serve."""
-    cost: dict[str, float] = {}
-    for t in times:
-        owner = owners.get(t.name, t.name)
-        cost[owner] = cost.get(owner, 0.0) + t.ms
-    return cost
-
-
 def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> tuple[dict, int]:
     """Run the whole pipeline and publish the artifact; returns (manifest, exit code)."""
     reporter = reporter or SilentReporter()
@@ -127,18 +130,27 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         run = _Compilation(request, reporter, Path(work), metric)
         run.prepare()
         run.choose_op_set()
-        run.guard_speed()
+        if request.recipe.scheme == "mixed":
+            run.allocate_bits()
+        else:
+            run.guard_speed()
         with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
             fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
-        budget, exit_code = _budget(request.recipe, fidelity)
-        float_bytes = _folder_bytes(run.float_path.parent)
+        float_bytes = folder_bytes(run.float_path.parent)
         delivered = run.runtime.build(run.delivered_path, writer.tmp)
-        manifest = run.manifest(fidelity, budget, _folder_bytes(writer.tmp), float_bytes)
+        delivered_bytes = folder_bytes(writer.tmp)
+        budget, exit_code = _budget(request.recipe, fidelity, run.latency["int8"].median_ms if run.latency else None,
+                                    delivered_bytes)
+        manifest = run.manifest(fidelity, budget, delivered_bytes, float_bytes)
+        if run.mixed is not None:
+            manifest["mixed"] = run.mixed.to_dict() | {"report": REPORT}
+            title = f"edgeq mixed precision: {Path(request.model).name} on {request.target.name}"
+            (writer.tmp / REPORT).write_text(report.render(manifest["mixed"], title))
         if run.sparsity is not None or SPARSITY_KEY in run.model.metadata_props:  # or 2:4 weights came in
             manifest["sparsity"] = (run.sparsity.report if run.sparsity else {}) | {
                 "check": _check_sparsity(delivered)}
         if tensorrt.uses_tensorrt(request.target):
-            manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=run.delivered == "int8",
+            manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=run.delivered != "float",
                                                      sparse=bool(run.sparsity and run.sparsity.report["pruned"]))
         writer.publish(manifest)
     return manifest, exit_code
@@ -162,6 +174,7 @@ class _Compilation:
         self.latency = None
         self.profiles: dict[str, dict[str, float]] = {}
         self.delivered, self.reason = "int8", ""
+        self.mixed: SearchResult | None = None
 
     def prepare(self) -> None:
         """Load, normalize, mark exclusions, [prune to 2:4], calibrate."""
@@ -170,7 +183,7 @@ class _Compilation:
             self.source_digest = model_digest(model)
             NormalizePass()(model)
             self.float_path = save_model(model, _fresh_dir(self.work / "float") / MODEL)
-            normalized_digest = model_digest(model)
+            self.normalized_digest = normalized_digest = model_digest(model)
         self.calib, self.holdout, self.data_info = _calibration_sets(self.request, input_specs(model))
         self.feed = next(iter(self.holdout)).inputs
         ExcludePass(self.recipe.exclude)(model)
@@ -192,13 +205,14 @@ class _Compilation:
         self.model = model
 
     def builder(self, optional_ops: tuple[str, ...]):
-        """A function (keep_float, tag) -> _Build that inserts QDQ with this optional op set."""
+        """A function (keep_float, tag[, precisions]) -> _Build that inserts QDQ with this optional op set."""
         rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o != ACT_MATMUL),
                         activation_matmuls=ACT_MATMUL in optional_ops)
 
-        def build(keep_float: set[str], tag: str) -> _Build:
+        def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None) -> _Build:
             candidate = self.model.clone()
-            insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float)
+            insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float, precisions,
+                                   self.target.precisions.int4_block_size)
             insert(candidate)
             folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
@@ -252,9 +266,47 @@ class _Compilation:
                 times = _profile(self.runtime, path, self.feed, kernel_times)
                 self.profiles[name] = cost_by_node(times, owners)
 
+    def allocate_bits(self) -> None:
+        """``--scheme mixed``: a precision per layer group from the mixed-precision search."""
+        if not self.current.quantized:
+            return self.guard_speed()  # nothing to allocate: says why float is delivered
+        if self.recipe.latency_ms is not None and not self.measure:
+            raise UserError(f"--latency-ms needs latency measured on the target ({self.why_not_measured})",
+                            "drop --latency-ms, or compile on the device")
+        build_with, tags = self.builder(self.candidates[self.chosen]), itertools.count(1)
+
+        def build(precisions: dict[str, str]) -> _Build:
+            return build_with(set(self.request.keep_float), f"mixed{next(tags)}", precisions)
+
+        search = MixedPrecisionSearch(self.recipe, self.target, self.runtime, self.reporter, build, self.measure,
+                                      self.metric, self._sensitivity_cache())
+        self.mixed = search(self.model, self.float_path, self.current, self.calib, self.holdout, self.feed)
+        chosen = self.mixed.chosen
+        self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"
+        counts = self.mixed.to_dict()["chosen"]["precisions"]
+        self.reason = "groups by precision: " + ", ".join(f"{p} {n}" for p, n in counts.items())
+        if not self.measure:
+            self.reason += f"; latency not measured: {self.why_not_measured}"
+        elif chosen.ms > chosen.latency["float"].median_ms:
+            self.reason += "; measured slower than float: no faster configuration met the budgets"
+        if self.measure:
+            owners = self.current.insert.owners
+            self.profiles = {"float": cost_by_node(self.runtime.profile(self.float_path, self.feed), owners),
+                             "int8": chosen.node_ms}
+
+    def _sensitivity_cache(self) -> Path | None:
+        """Sensitivities are cached beside the calibration ranges, keyed by everything they depend on."""
+        if self.request.cache_dir is None:
+            return None
+        key = json.dumps([self.normalized_digest, self.calib.digest, sorted(self.calibrator.ranges.items()),
+                          self.candidates[self.chosen], self.target.quantization.__dict__,
+                          self.target.precisions.__dict__, self.recipe.sensitivity_feeds, sorted(self.request.keep_float)],
+                         default=str)
+        return self.request.cache_dir / "sensitivity" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
     @property
     def delivered_path(self) -> Path:
-        return self.current.path if self.delivered == "int8" else self.base_path
+        return self.base_path if self.delivered == "float" else self.current.path
 
     def manifest(self, fidelity: dict, budget: dict | None, delivered_bytes: int, float_bytes: int) -> dict:
         insert, latency = self.current.insert, self.latency
@@ -297,21 +349,27 @@ def _check_sparsity(model_path: Path) -> dict:
     return check.to_dict()
 
 
-def _budget(recipe: Recipe, fidelity: dict) -> tuple[dict | None, int]:
-    if recipe.max_drop is None:
+def _budget(recipe: Recipe, fidelity: dict, measured_ms: float | None, size: int) -> tuple[dict | None, int]:
+    """Each budget given, with what was measured; ``met`` when all hold (latency unmeasured counts as missed)."""
+    budget, met = {}, []
+    if recipe.max_drop is not None:
+        budget |= {"max_drop": recipe.max_drop, "drop": accuracy_drop(fidelity)}
+        met.append(budget["drop"] <= recipe.max_drop)
+    if recipe.latency_ms is not None:
+        budget |= {"latency_ms": recipe.latency_ms, "measured_ms": measured_ms}
+        met.append(measured_ms is not None and measured_ms <= recipe.latency_ms)
+    if recipe.size_mb is not None:
+        budget |= {"size_mb": recipe.size_mb, "bytes": size}
+        met.append(size <= recipe.size_mb * MB)
+    if not met:
         return None, EXIT_OK
-    drop = accuracy_drop(fidelity)
-    met = drop <= recipe.max_drop
-    return {"max_drop": recipe.max_drop, "drop": drop, "met": met}, EXIT_OK if met else EXIT_BUDGET_MISSED
+    budget["met"] = all(met)
+    return budget, EXIT_OK if budget["met"] else EXIT_BUDGET_MISSED
 
 
 def _fresh_dir(path: Path) -> Path:
     path.mkdir()
     return path
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def _profile(runtime, path: Path, feed: dict, cache: dict[Path, list[NodeTime]]) -> list[NodeTime]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from edgeq.errors import UserError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+SCHEMES = ("int8", "mixed")
 SPARSITY = ("none", "2:4")
 SPARSITY_METHODS = ("reconstruct", "magnitude")
 
@@ -44,7 +45,7 @@ class Exclusions:
 
 @dataclass(frozen=True)
 class Recipe:
-    scheme: str = "int8"
+    scheme: str = "int8"  # or "mixed": a precision per layer group from the target's candidates, within budgets
     method: str = "percentile"  # measured best SQNR on the whole zoo (benchmarks/vs_ort_quantizer.py)
     # Which optional op groups to quantize — the target's requant ops (Add, Mul, Concat, …) and ActMatMul
     # (MatMuls of two activations): "auto" (measure candidate sets, keep the best), "all", "none"
@@ -55,6 +56,10 @@ class Recipe:
     holdout_fraction: float = 0.2
     allow_random_calibration: bool = False
     max_drop: float | None = None
+    latency_ms: float | None = None  # --scheme mixed: median latency budget on the target
+    size_mb: float | None = None  # --scheme mixed: model size budget (10^6 bytes)
+    mixed_iterations: int = 4  # builds measured by the mixed-precision feedback loop, at most
+    sensitivity_feeds: int = 8  # calibration feeds each one-group sensitivity build runs
     no_slowdown: bool = True
     max_ratio: float = 0.97  # deliver int8 only when int8/float median latency is at most this
     max_revert_rounds: int = 2
@@ -66,8 +71,20 @@ class Recipe:
     sparsity_permute: bool = False  # search an input-channel order that keeps more magnitude
 
     def __post_init__(self):
-        if self.scheme != "int8":
-            raise UserError(f"unknown scheme '{self.scheme}'", "use --scheme int8")
+        if self.scheme not in SCHEMES:
+            raise UserError(f"unknown scheme '{self.scheme}'", f"use one of {SCHEMES}")
+        if self.scheme == "mixed" and self.max_drop is None and self.latency_ms is None and self.size_mb is None:
+            raise UserError("--scheme mixed needs a budget to allocate against",
+                            "give --max-drop, --latency-ms and/or --size-mb")
+        if self.scheme != "mixed" and (self.latency_ms is not None or self.size_mb is not None):
+            raise UserError("--latency-ms and --size-mb are budgets of the mixed-precision allocation",
+                            "add --scheme mixed")
+        if self.scheme == "mixed" and self.sparsity != "none":
+            raise UserError("--scheme mixed with --sparsity 2:4 is not supported yet",
+                            "compile with one of the two")
+        for name in ("latency_ms", "size_mb"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive", "e.g. 10")
         if self.method not in CALIBRATION_METHODS:
             raise UserError(f"unknown calibration method '{self.method}'", f"use one of {CALIBRATION_METHODS}")
         if not 50.0 < self.percentile <= 100.0:

@@ -9,6 +9,9 @@ A target says what the device can run fast, and edgeq only quantizes what it can
   the rules a layer must meet to use them: op types, weight dtypes, minimum input/output channels, a
   multiple for the input channels; ``pays_from_channels`` is where sparse kernels start to pay. No section:
   no sparse kernels.
+- ``[precisions]``: the precisions ``--scheme mixed`` may give a layer (``candidates``): ``float``, ``int8``
+  (W8A8 QDQ) and ``int4`` (weight-only, block-wise along the reduction axis, ``int4_block_size`` rows per
+  scale; MatMuls with a 2-D constant weight, which ORT runs as ``MatMulNBits``). No section: float and int8.
 - ``[onnxruntime]``: execution providers and thread counts for building and measuring.
 - ``[measure]``: where latency is measured. ``local`` measures on this machine only when its architecture
   matches the target's and ONNX Runtime here has the target's first execution provider; otherwise nothing is
@@ -29,6 +32,7 @@ from edgeq.errors import UserError
 
 _INT_TYPES = ("uint8", "int8")
 SPARSITY_PATTERNS = ("2:4",)
+PRECISIONS = ("float", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class SparsityRules:
 
 
 @dataclass(frozen=True)
+class PrecisionRules:
+    candidates: tuple[str, ...] = ("float", "int8")
+    int4_block_size: int = 32
+
+
+@dataclass(frozen=True)
 class OrtSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 1
@@ -73,6 +83,7 @@ class Target:
     quantization: QuantizationRules
     onnxruntime: OrtSettings
     sparsity: SparsityRules = field(default_factory=SparsityRules)
+    precisions: PrecisionRules = field(default_factory=PrecisionRules)
     measure_where: str = "local"
     source: str = ""
 
@@ -147,6 +158,9 @@ def _parse(data: dict, source: str) -> Target:
             pays_from_channels=int(sp.get("pays_from_channels", 0)),
             note=sp.get("note", ""),
         )
+        pr = data.get("precisions", {})
+        precisions = PrecisionRules(candidates=tuple(pr.get("candidates", ("float", "int8"))),
+                                    int4_block_size=int(pr.get("int4_block_size", 32)))
         ort = data.get("onnxruntime", {})
         target = Target(
             name=data["name"],
@@ -160,6 +174,7 @@ def _parse(data: dict, source: str) -> Target:
                 provider_options=dict(ort.get("provider_options", {})),
             ),
             sparsity=sparsity,
+            precisions=precisions,
             measure_where=data.get("measure", {}).get("where", "local"),
             source=source,
         )
@@ -173,6 +188,14 @@ def _parse(data: dict, source: str) -> Target:
     unknown = sorted(set(sparsity.patterns) - set(SPARSITY_PATTERNS))
     if unknown:
         raise UserError(f"target {source}: unknown sparsity pattern {unknown}", f"use one of {SPARSITY_PATTERNS}")
+    unknown = sorted(set(precisions.candidates) - set(PRECISIONS))
+    if unknown or "float" not in precisions.candidates:
+        raise UserError(f"target {source}: precisions.candidates {list(precisions.candidates)} must include float "
+                        "and name only known precisions", f"use some of {PRECISIONS}")
+    block = precisions.int4_block_size
+    if block < 16 or block & (block - 1):
+        raise UserError(f"target {source}: int4_block_size {block} is not a power of two ≥ 16",
+                        "use 32 (ONNX Runtime's MatMulNBits default)")
     if sparsity.in_channel_multiple % 4:
         raise UserError(f"target {source}: in_channel_multiple must be a multiple of 4 (groups of four)",
                         "fix the target file")

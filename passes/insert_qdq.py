@@ -19,6 +19,10 @@ Rules:
   stored in the branch, named after it); Loop/Scan bodies and deeper subgraphs are not, and their compute
   nodes are reported as left float.
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
+- Per-node precisions (``precisions``, from the mixed-precision allocation; a node not named is int8): ``float``
+  stays float; ``int4`` is weight-only — a MatMul's 2-D constant weight becomes asymmetric uint4 in blocks of
+  ``int4_block_size`` rows along the reduction axis (a blocked DequantizeLinear, opset 21, which ONNX Runtime
+  fuses into ``MatMulNBits``); its activations stay float and it takes no part in QDQ growth.
 
 Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
 the original node it serves), used to attribute measured kernel time back to original nodes.
@@ -39,11 +43,19 @@ _NP_TYPES = {"uint8": np.uint8, "int8": np.int8}
 _SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
 
+INT4_OPSET = 21  # blocked DequantizeLinear and the 4-bit types
+
+
 @dataclass(frozen=True)
 class Decision:
     op_type: str
     quantized: bool
     reason: str
+    precision: str = ""  # "int8", "int4" or "float"; set from ``quantized`` when not given
+
+    def __post_init__(self):
+        if not self.precision:
+            object.__setattr__(self, "precision", "int8" if self.quantized else "float")
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,41 @@ def weight_quantize(weight: np.ndarray, axis: int | None, reduce_range: bool) ->
     return q, scale
 
 
+def weight_channel_axis(node: ir.Node, rank: int) -> int:
+    """The output-channel axis of a compute node's weight (input 1)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return rank - 1  # MatMul: columns of B
+
+
+def int4_blockwise(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint4 per block of ``block`` rows of a [K, N] weight: (q [K, N], scale and zero point
+    [K / block, N]). A block's range always contains 0, so zeros stay exact zeros."""
+    k, n = weight.shape
+    blocks = weight.reshape(k // block, block, n)
+    lo, hi = np.minimum(blocks.min(axis=1), 0.0), np.maximum(blocks.max(axis=1), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, 15)
+    q = np.clip(np.round(blocks / scale[:, None, :]) + zero[:, None, :], 0, 15)
+    return q.reshape(k, n).astype(np.uint8), scale, zero.astype(np.uint8)
+
+
+def int4_ineligible(node: ir.Node, block: int) -> str | None:
+    """Why int4 weight-only cannot serve this node, or None."""
+    weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+    if weight is None or not _is_const(weight) or len(weight.const_value.shape) != 2:
+        return "int4 needs a MatMul with a 2-D constant weight"
+    if weight.const_value.dtype != ir.DataType.FLOAT:
+        return "int4 needs a float32 weight"
+    if weight.const_value.shape[0] % block:
+        return f"int4: reduction axis {weight.const_value.shape[0]} is not a multiple of the block size {block}"
+    return None
+
+
 def _is_activation(value: ir.Value | None, ranges: dict) -> bool:
     return (value is not None and value.const_value is None and not value.is_initializer()
             and value.dtype == ir.DataType.FLOAT and value.name in ranges)
@@ -93,11 +140,14 @@ def _is_const(value: ir.Value | None) -> bool:
 
 class InsertQDQPass(ir.passes.InPlacePass):
     def __init__(self, rules: QuantizationRules, ranges: dict[str, tuple[float, float]],
-                 keep_float: frozenset[str] | set[str] = frozenset()):
+                 keep_float: frozenset[str] | set[str] = frozenset(), precisions: dict[str, str] | None = None,
+                 int4_block_size: int = 32):
         super().__init__()
         self.rules = rules
         self.ranges = ranges
         self.keep_float = set(keep_float)
+        self.precisions = dict(precisions or {})
+        self.int4_block_size = int4_block_size
         self.decisions: dict[str, Decision] = {}
         self.owners: dict[str, str] = {}
         self.subgraph_compute_left_float = 0
@@ -131,6 +181,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             return node.meta[EXCLUDE_KEY]
         if node.name in self.keep_float:
             return "returned to float: int8 was slower here (measured)"
+        if self.precisions.get(node.name, "int8") != "int8":
+            return f"{self.precisions[node.name]} by the mixed-precision allocation"
         for i in self._activation_inputs(node, role):
             if not _is_activation(node.inputs[i], self.ranges):
                 return f"input {i} is not a float activation with a calibrated range"
@@ -180,6 +232,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     if attr in node.attributes:
                         quantized |= self._quantize_graph(node.attributes[attr].as_graph(), f"{node.name}_{attr}_")
         quantized |= self._quantize_graph(model.graph, "")
+        if any(d.precision == "int4" for d in self.decisions.values()):
+            model.opset_imports[""] = max(model.opset_imports.get("", INT4_OPSET), INT4_OPSET)
         self._count_subgraph_compute(model.graph)
         common.TopologicalSortPass()(model)
         common.RemoveUnusedNodesPass()(model)
@@ -214,7 +268,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             act = self._fused_activation(node) if roles[node] != "passthrough" else None
             if act is not None:
                 self.owners[act.name] = node.name
-        return bool(kept)
+        int4 = [n for n in graph if self.precisions.get(n.name) == "int4" and EXCLUDE_KEY not in n.meta]
+        for node in int4:
+            self._quantize_int4(graph, node)
+        return bool(kept) or any(self.decisions[n.name].quantized for n in int4)
 
     def _grow(self, graph: ir.Graph, roles: dict, eligible: set) -> set:
         kept = {n for n in eligible if roles[n] == "compute"}
@@ -304,15 +361,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return node.outputs[0]
 
     def _weight_axis(self, node: ir.Node, rank: int) -> int | None:
-        if not self.rules.per_channel:
-            return None
-        if node.op_type == "Conv":
-            return 0
-        if node.op_type == "ConvTranspose":
-            return 1
-        if node.op_type == "Gemm":
-            return 0 if node.attributes.get_int("transB", 0) else 1
-        return rank - 1  # MatMul: columns of B
+        return weight_channel_axis(node, rank) if self.rules.per_channel else None
 
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, qparams: dict) -> None:
         weight = node.inputs[1]
@@ -342,6 +391,33 @@ class InsertQDQPass(ir.passes.InPlacePass):
             bsv = self._initializer(graph, f"{name}_scale", s_b.astype(np.float32))
             bzv = self._initializer(graph, f"{name}_zero_point", np.zeros_like(bq))
             node.replace_input_with(bias_index, self._dequantize(graph, node.name, bqv, bsv, bzv, 0, name))
+
+    def _quantize_int4(self, graph: ir.Graph, node: ir.Node) -> None:
+        reason = int4_ineligible(node, self.int4_block_size)
+        if reason is not None:
+            self.decisions[node.name] = Decision(node.op_type, False, reason)
+            return
+        weight, block = node.inputs[1], self.int4_block_size
+        key = f"{self._prefix}{weight.name}_int4"
+        if key not in self._weights:
+            q, scale, zero = int4_blockwise(weight.const_value.numpy(), block)
+            qv = self._initializer4(graph, f"{key}_quantized", q)
+            sv = self._initializer(graph, f"{key}_scale", scale)
+            zv = self._initializer4(graph, f"{key}_zero_point", zero)
+            attrs = [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", block)]
+            dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attributes=attrs, name=f"{key}_DequantizeLinear",
+                         num_outputs=1)
+            dq.outputs[0].name, dq.outputs[0].dtype = f"{key}_dequantized", ir.DataType.FLOAT
+            graph.append(dq)
+            self.owners[dq.name] = node.name
+            self._weights[key] = (dq.outputs[0], scale)
+        node.replace_input_with(1, self._weights[key][0])
+        self.decisions[node.name] = Decision(node.op_type, True, f"int4 weight-only, blocks of {block}", "int4")
+
+    def _initializer4(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.Tensor(array, dtype=ir.DataType.UINT4, name=name))
+        graph.register_initializer(value)
+        return value
 
     def _insert_pair(self, graph: ir.Graph, value: ir.Value, params: QParams, owner: str) -> None:
         base = self._prefix + value.name  # a branch may quantize a value the main graph quantizes too

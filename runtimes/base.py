@@ -41,6 +41,15 @@ class NodeTime:
     ms: float
 
 
+def cost_by_node(times: list[NodeTime], owners: dict[str, str]) -> dict[str, float]:
+    """Kernel time per original node: Q/DQ kernels and fused activations count for the node they serve."""
+    cost: dict[str, float] = {}
+    for t in times:
+        owner = owners.get(t.name, t.name)
+        cost[owner] = cost.get(owner, 0.0) + t.ms
+    return cost
+
+
 class Session(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
 

@@ -3,7 +3,9 @@
 Rules: execution providers and thread counts come from the target. Per-node profiles come from ORT's own
 profiler; a fused kernel (``QLinearConv`` made from ``DequantizeLinear → Conv → QuantizeLinear``) keeps the
 name of the node it was made from plus a ``_token_N`` suffix, which is stripped to map its time back to the
-original node. Kernels ORT adds itself (layout Transposes) are reported under their own names.
+original node; a node ORT fused with its neighbours keeps the first one's name plus ``/<Name>Fusion`` tags
+(``MatMul_3/MatMulAddFusion``), which are stripped too; a kernel of ORT's NCHWc layout is named after the
+value it makes (``relu_3_nchwc``), and counts for the node that makes that value in the model. Kernels ORT adds itself (layout Transposes) are reported under their own names.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from edgeq.model_io import save_model
 from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
 from edgeq.target import Target
 
-_TOKEN = re.compile(r"(_token_\d+)+$")
+_NCHWC = "_nchwc"
+_ORT_SUFFIX = re.compile(r"(_token_\d+|/+\w*Fusion/*)+$")
 
 
 def create_session(model_path: str | os.PathLike, *, intra_op_threads: int = 0, inter_op_threads: int = 0,
@@ -111,11 +114,15 @@ class OnnxRuntime:
             events = json.loads(Path(trace).read_text())
         finally:
             Path(trace).unlink(missing_ok=True)
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+        makers = {value: node.name for node in graph.node for value in node.output}
         total: dict[tuple[str, str], float] = defaultdict(float)
         for event in events:
             if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
                 continue
-            name = _TOKEN.sub("", event["name"][: -len("_kernel_time")])
+            name = _ORT_SUFFIX.sub("", event["name"][: -len("_kernel_time")])
+            if name.endswith(_NCHWC):
+                name = makers.get(name[: -len(_NCHWC)], name)
             total[(name, event.get("args", {}).get("op_name", ""))] += event.get("dur", 0) / 1e3
         count = runs + 3
         return sorted((NodeTime(n, op, ms / count) for (n, op), ms in total.items()), key=lambda t: -t.ms)

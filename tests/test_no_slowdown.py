@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import make_model, write_feeds
 from edgeq.cli import main
 from edgeq.passes.insert_qdq import Decision
-from edgeq.pipeline import SilentReporter, _Build, _no_slowdown, cost_by_node
+from edgeq.pipeline import SilentReporter, _Build, _no_slowdown
+from edgeq.runtimes.base import cost_by_node
 from edgeq.recipe import Recipe
 from edgeq.runtimes.base import NodeTime, measure_interleaved
 

@@ -1,0 +1,53 @@
+"""Costs: per-group latency for each precision, from per-node profiles of whole-model builds, and bytes.
+
+Rules:
+- Latency is profiled on whole models, never on a layer alone: ORT fuses a layer with its neighbours
+  (Conv+Relu, MatMul+Add, DQ→MatMul→Q into QLinearMatMul), so only a whole build shows what a layer costs.
+  One build per precision: every group at that precision where it offers it, int8 elsewhere; the float model
+  for float. A group's time is the kernel time of its nodes and of the Q/DQ and fused kernels they own.
+- What no group owns (glue, normalization, requantizing Adds, the session's own overhead) is the rest:
+  the uniform int8 build's measured median wall time minus its groups' kernel times.
+- A configuration's latency is predicted as rest + Σ group times; its size as the ungrouped bytes of the float
+  model + Σ group bytes. A measured build puts its numbers back (:meth:`Costs.learn`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edgeq.mixed.groups import Group
+
+
+@dataclass
+class Costs:
+    latency: dict[str, dict[str, float]] | None  # group → precision → ms; None where nothing is measured
+    bytes: dict[str, dict[str, int]]
+    rest_ms: float
+    rest_bytes: int
+
+    def predict(self, assign: dict[str, str]) -> tuple[float | None, int]:
+        """(latency ms or None, bytes) of a configuration (group → precision)."""
+        size = self.rest_bytes + sum(self.bytes[g][p] for g, p in assign.items())
+        if self.latency is None:
+            return None, size
+        return self.rest_ms + sum(self.latency[g][p] for g, p in assign.items()), size
+
+    def learn(self, assign: dict[str, str], group_ms: dict[str, float], wall_ms: float) -> None:
+        """Put a measured build's numbers back: its groups' profiled times replace the table's entries for the
+        chosen precisions, and the rest becomes what its measured wall time leaves unexplained."""
+        for group, precision in assign.items():
+            self.latency[group][precision] = group_ms[group]
+        self.rest_ms = wall_ms - sum(group_ms[g] for g in assign)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def group_times(groups: list[Group], node_ms: dict[str, float]) -> dict[str, float]:
+    """Each group's share of a per-node profile (already attributed to original nodes)."""
+    return {g.name: sum(node_ms.get(n, 0.0) for n in g.timed) for g in groups}
+
+
+def uniform(groups: list[Group], precision: str) -> dict[str, str]:
+    """Every group at ``precision`` where it offers it, int8 elsewhere."""
+    return {g.name: precision if precision in g.precisions else "int8" for g in groups}

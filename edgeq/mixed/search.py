@@ -1,0 +1,276 @@
+"""The mixed-precision search: tables, allocation, then build → measure → re-solve until the budgets hold.
+
+Rules:
+- Budgets: ``max_drop`` (checked as the compile's fidelity drop), ``latency_ms`` (measured median),
+  ``size_mb`` (artifact bytes / 1e6). With a drop budget the search minimizes latency (bytes where latency
+  cannot be measured); with only latency or size budgets it minimizes NSR.
+- Drop is predicted as k · NSR. k starts from the uniform int8 build (its measured drop over its predicted
+  NSR), or ½ — 1 − cosine ≈ NSR / 2 for small independent noise — when int8 measures no drop.
+- Each iteration builds the solver's choice and measures it: latency interleaved with float, fidelity on the
+  held-out feeds, bytes on disk. A missed drop raises k to what was measured (plus 5%), so the next choice
+  has less predicted noise; a missed latency puts the build's per-node profile and wall time back into the
+  cost table (and tightens the cap if the choice does not change); a missed size corrects the ungrouped bytes.
+- At most ``recipe.mixed_iterations`` builds; every one is recorded. The first that meets every budget is
+  delivered; if none does, the one that misses by the least (summed relative excess), and the compile exits 3.
+- When no configuration is predicted to fit, the latency cap, then the size cap, is dropped for that solve
+  (the fidelity budget is kept) and the record says so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from edgeq.fidelity import accuracy_drop, compare_models
+from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
+from edgeq.mixed.costs import Costs, group_times, uniform
+from edgeq.mixed.groups import Group, layer_groups
+from edgeq.mixed.sensitivity import Sensitivity, measure_sensitivity
+from edgeq.model_io import folder_bytes
+from edgeq.runtimes.base import Latency, cost_by_node
+
+COSINE_DROP_PER_NSR = 0.5
+DROP_MARGIN = 1.05
+MB = 1e6
+
+
+@dataclass
+class Measured:
+    """One measured configuration."""
+
+    assign: dict[str, str]
+    build: object  # the pipeline's _Build
+    drop: float
+    fidelity: dict
+    bytes: int
+    latency: dict[str, Latency] | None = None
+    group_ms: dict[str, float] | None = None
+    node_ms: dict[str, float] | None = None
+
+    @property
+    def ms(self) -> float | None:
+        return self.latency["int8"].median_ms if self.latency else None
+
+    @property
+    def sqnr_db(self) -> float:
+        return min((o["sqnr_db"] for o in self.fidelity["outputs"].values()), default=float("inf"))
+
+
+@dataclass
+class SearchResult:
+    groups: list[Group]
+    sensitivity: Sensitivity
+    costs: Costs
+    chosen: Measured
+    uniform_int8: Measured
+    float_ms: float | None
+    float_bytes: int
+    frontier: list[dict]
+    iterations: list[dict] = field(default_factory=list)
+    k: float = COSINE_DROP_PER_NSR
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+    def to_dict(self) -> dict:
+        """The manifest's ``mixed`` section (and what ``report.html`` is drawn from)."""
+        chosen = self.chosen.assign
+        groups = [{"name": g.name, "nodes": list(g.nodes), "op_type": g.op_type, "precision": chosen[g.name],
+                   "nsr": self.sensitivity.nsr[g.name], "ms": _chosen_ms(self, g.name),
+                   "ms_by_precision": self.costs.latency[g.name] if self.costs.latency else None,
+                   "bytes": self.costs.bytes[g.name][chosen[g.name]], "bytes_by_precision": self.costs.bytes[g.name]}
+                  for g in self.groups]
+        counts = {p: sum(1 for v in chosen.values() if v == p) for p in sorted(set(chosen.values()))}
+        return {
+            "x_axis": "ms" if self.costs.latency is not None else "bytes",
+            "groups": groups,
+            "sensitivity": {"feeds": self.sensitivity.feeds, "seconds": self.sensitivity.seconds,
+                            "cache_hit": self.sensitivity.cache_hit},
+            "drop_per_nsr": self.k,
+            "frontier": self.frontier,
+            "iterations": self.iterations,
+            "chosen": _figures(self.chosen) | {"precisions": counts},
+            "uniform_int8": _figures(self.uniform_int8),
+            "float": {"ms": self.float_ms, "bytes": self.float_bytes},
+            "seconds": self.seconds,
+        }
+
+
+def _chosen_ms(result: SearchResult, group: str) -> float | None:
+    if result.chosen.group_ms is not None:
+        return result.chosen.group_ms[group]
+    return None
+
+
+class MixedPrecisionSearch:
+    def __init__(self, recipe, target, runtime, reporter, build: Callable[[dict[str, str]], object], measure: bool,
+                 metric=None, sensitivity_cache: Path | None = None):
+        self.recipe, self.target, self.runtime, self.reporter = recipe, target, runtime, reporter
+        self.build, self.measure, self.metric = build, measure, metric
+        self.sensitivity_cache = sensitivity_cache
+
+    def __call__(self, model: ir.Model, float_path: Path, uniform_int8, calib, holdout, feed: dict) -> SearchResult:
+        self.float_path, self.holdout, self.feed = float_path, holdout, feed
+        self.float_bytes = folder_bytes(float_path.parent)
+        rules, precisions = self.target.quantization, self.target.precisions
+        groups = layer_groups(model, uniform_int8.insert.decisions, precisions.candidates,
+                              rules.activation_fusions, precisions.int4_block_size)
+        seconds = {}
+        started = time.perf_counter()
+        feeds = [f.inputs for f in itertools.islice(iter(calib), self.recipe.sensitivity_feeds)]
+        trials = sum(len(g.precisions) - 1 for g in groups)
+        with self.reporter.stage(f"sensitivity: {trials} one-group builds on {len(feeds)} feeds"):
+            sensitivity = measure_sensitivity(groups, lambda p: self.build(p).path, self.runtime, float_path, feeds,
+                                              self.sensitivity_cache, self.reporter.progress)
+        seconds["sensitivity"] = time.perf_counter() - started
+        started = time.perf_counter()
+        with self.reporter.stage("costs: profile whole builds per precision"):
+            costs, base = self._costs(groups, uniform_int8)
+        seconds["costs"] = time.perf_counter() - started
+        self.groups, self.sensitivity, self.costs = groups, sensitivity, costs
+        int8_nsr = predicted_nsr(sensitivity, uniform(groups, "int8"))
+        k = base.drop / int8_nsr if base.drop > 0 and int8_nsr > 0 else COSINE_DROP_PER_NSR
+        started = time.perf_counter()
+        iterations, measured = self._loop(k)
+        seconds["search"] = time.perf_counter() - started
+        chosen = _pick(measured, self.recipe)
+        frontier = [self._describe(a) for a in pareto_front(groups, sensitivity, costs, self._max_bytes())]
+        return SearchResult(groups, sensitivity, costs, chosen, base, self.float_ms, self.float_bytes, frontier,
+                            iterations, self.k, seconds)
+
+    # tables ---------------------------------------------------------------------------------------------
+    def _costs(self, groups: list[Group], uniform_int8) -> tuple[Costs, Measured]:
+        byte_table = {g.name: g.bytes for g in groups}
+        rest_bytes = self.float_bytes - sum(g.bytes["float"] for g in groups)
+        self.float_ms = None
+        if not self.measure:
+            costs = Costs(None, byte_table, 0.0, rest_bytes)
+            return costs, self._measure(uniform(groups, "int8"), uniform_int8, groups)
+        float_ms = self.runtime.profile(self.float_path, self.feed)
+        latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(float_ms, {})).items()}
+        costs = Costs(latency, byte_table, 0.0, rest_bytes)
+        base = None
+        for precision in dict.fromkeys(p for g in groups for p in g.precisions if p != "float"):
+            assign = uniform(groups, precision)
+            build = uniform_int8 if precision == "int8" else self.build(_node_precisions(groups, assign))
+            result = self._measure(assign, build, groups)
+            for g, ms in result.group_ms.items():
+                if precision in byte_table[g]:
+                    latency[g][precision] = ms
+            if precision == "int8":
+                base = result
+                costs.rest_ms = result.ms - sum(result.group_ms.values())
+        return costs, base
+
+    def _measure(self, assign: dict[str, str], build, groups: list[Group]) -> Measured:
+        fidelity = compare_models(self.runtime, self.float_path, build.path, self.holdout, self.metric)
+        result = Measured(assign, build, accuracy_drop(fidelity), fidelity, folder_bytes(build.path.parent))
+        if self.measure:
+            result.latency = self.runtime.measure({"float": self.float_path, "int8": build.path}, self.feed,
+                                                  self.recipe.latency_warmup, self.recipe.latency_repeats)
+            if self.float_ms is None:
+                self.float_ms = result.latency["float"].median_ms
+            result.node_ms = cost_by_node(self.runtime.profile(build.path, self.feed), build.insert.owners)
+            result.group_ms = group_times(groups, result.node_ms)
+        return result
+
+    # the loop -------------------------------------------------------------------------------------------
+    def _max_bytes(self) -> float | None:
+        return self.recipe.size_mb * MB if self.recipe.size_mb is not None else None
+
+    def _loop(self, k: float) -> tuple[list[dict], list[Measured]]:
+        recipe, groups = self.recipe, self.groups
+        minimize = "latency" if recipe.max_drop is not None else "nsr"
+        max_ms = recipe.latency_ms
+        iterations, measured, seen = [], [], {}
+        for index in range(recipe.mixed_iterations):
+            self.k = k
+            assign, relaxed = self._solve(minimize, k, max_ms)
+            key = tuple(sorted(assign.items()))
+            if key in seen:  # the same choice again: its measurement stands, and nothing new can be learned
+                break
+            with self.reporter.stage(f"build + measure choice {index + 1}"):
+                result = self._measure(assign, self.build(_node_precisions(groups, assign)), groups)
+            seen[key] = result
+            measured.append(result)
+            record = self._describe(assign) | {"iteration": index + 1, "relaxed": relaxed, "k": k,
+                                               "measured": _figures(result), "met": _met(result, recipe)}
+            iterations.append(record)
+            if all(record["met"].values()):
+                break
+            met = record["met"]
+            if not met.get("max_drop", True):
+                k = max(k, result.drop / max(record["predicted"]["nsr"], 1e-12) * DROP_MARGIN)
+            if not met.get("latency_ms", True):
+                self.costs.learn(assign, result.group_ms, result.ms)
+                if self._solve(minimize, k, max_ms)[0] == assign:
+                    max_ms *= recipe.latency_ms / result.ms
+            if not met.get("size_mb", True):
+                self.costs.rest_bytes += result.bytes - self.costs.predict(assign)[1]
+        return iterations, measured
+
+    def _solve(self, minimize: str, k: float, max_ms: float | None) -> tuple[dict[str, str], list[str]]:
+        max_nsr = self.recipe.max_drop / k if self.recipe.max_drop is not None else None
+        caps = {"latency_ms": max_ms if self.costs.latency is not None else None, "size_mb": self._max_bytes()}
+        relaxed = []
+        for drop in (None, "latency_ms", "size_mb"):
+            if drop is not None:
+                if caps[drop] is None:
+                    continue
+                caps[drop] = None
+                relaxed.append(drop)
+            assign = solve(self.groups, self.sensitivity, self.costs, minimize, max_nsr, caps["latency_ms"],
+                           caps["size_mb"])
+            if assign is not None:
+                return assign, relaxed
+        return {g.name: "float" for g in self.groups}, relaxed + ["max_drop"]
+
+    def _describe(self, assign: dict[str, str]) -> dict:
+        nsr = predicted_nsr(self.sensitivity, assign)
+        ms, size = self.costs.predict(assign)
+        counts = {p: sum(1 for v in assign.values() if v == p) for p in dict.fromkeys(sorted(assign.values()))}
+        return {"precisions": counts, "assign": assign,
+                "predicted": {"nsr": nsr, "drop": self.k * nsr, "ms": ms, "bytes": size}}
+
+
+def _node_precisions(groups: list[Group], assign: dict[str, str]) -> dict[str, str]:
+    return {node: assign[g.name] for g in groups for node in g.nodes}
+
+
+def _figures(result: Measured) -> dict:
+    return {"drop": result.drop, "sqnr_db": result.sqnr_db, "ms": result.ms, "bytes": result.bytes,
+            "float_ms": result.latency["float"].median_ms if result.latency else None}
+
+
+def _met(result: Measured, recipe) -> dict[str, bool]:
+    met = {}
+    if recipe.max_drop is not None:
+        met["max_drop"] = result.drop <= recipe.max_drop
+    if recipe.latency_ms is not None and result.ms is not None:
+        met["latency_ms"] = result.ms <= recipe.latency_ms
+    if recipe.size_mb is not None:
+        met["size_mb"] = result.bytes <= recipe.size_mb * MB
+    return met
+
+
+def _excess(result: Measured, recipe) -> float:
+    """Summed relative excess over the budgets (0 when all are met)."""
+    excess = 0.0
+    if recipe.max_drop is not None:
+        excess += max(0.0, result.drop - recipe.max_drop) / max(recipe.max_drop, 1e-9)
+    if recipe.latency_ms is not None and result.ms is not None:
+        excess += max(0.0, result.ms - recipe.latency_ms) / recipe.latency_ms
+    if recipe.size_mb is not None:
+        excess += max(0.0, result.bytes - recipe.size_mb * MB) / (recipe.size_mb * MB)
+    return excess
+
+
+def _pick(measured: list[Measured], recipe) -> Measured:
+    meeting = [m for m in measured if _excess(m, recipe) == 0]
+    if meeting:
+        return meeting[0]
+    return min(measured, key=lambda m: _excess(m, recipe))

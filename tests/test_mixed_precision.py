@@ -1,0 +1,264 @@
+"""Mixed precision: int4 weight-only QDQ, decision groups, the ILP allocator, and the whole search end to end."""
+
+import itertools
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import EXAMPLES, conv_model, make_model
+from edgeq.cli import main
+from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
+from edgeq.mixed.costs import Costs
+from edgeq.mixed.groups import Group, layer_groups
+from edgeq.mixed.sensitivity import Sensitivity, output_nsr
+from edgeq.passes.insert_qdq import InsertQDQPass, int4_blockwise
+from edgeq.recipe import Recipe
+from edgeq.errors import UserError
+from edgeq.runtimes.onnxruntime import OnnxRuntime
+from edgeq.target import load_target
+
+TARGET = load_target("x86-avx512-vnni")
+
+
+def mlp_model(seed: int = 0, shared: bool = False) -> onnx.ModelProto:
+    """x[4,64] → MatMul(w1 64×128) → Relu → MatMul(w2 128×64) → Concat with a second MatMul(w3) → y."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((64, 128)).astype(np.float32) * 0.2
+    w2 = rng.standard_normal((128, 64)).astype(np.float32) * 0.1
+    w3 = rng.standard_normal((128, 64)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["a"], name="mm2"),
+             helper.make_node("MatMul", ["r", "w2" if shared else "w3"], ["b"], name="mm3"),
+             helper.make_node("Concat", ["a", "b"], ["c"], name="cat", axis=1),
+             helper.make_node("MatMul", ["c", "w4"], ["y"], name="mm4")]
+    inits = [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))]
+    inits.append(numpy_helper.from_array(rng.standard_normal((128, 16)).astype(np.float32) * 0.1, "w4"))
+    return onnx.shape_inference.infer_shapes(make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], inits))
+
+
+def ranges_for(model: onnx.ModelProto) -> dict:
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    names = ["x", "h", "r", "a", "b", "c", "y"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    for name in names[1:-1]:
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    outputs = ort.InferenceSession(probe.SerializeToString()).run(None, {"x": x})
+    found = dict(zip(["y", *names[1:-1]], outputs)) | {"x": x}
+    return {n: (float(found[n].min()), float(found[n].max())) for n in names}
+
+
+def test_int4_blockwise_is_exact_for_zeros_and_within_half_a_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    w[:32, 0] = 0.0
+    q, scale, zero = int4_blockwise(w, 32)
+    assert q.shape == w.shape and scale.shape == zero.shape == (2, 8) and q.max() <= 15
+    back = (q.reshape(2, 32, 8).astype(np.float32) - zero[:, None, :]) * scale[:, None, :]
+    back = back.reshape(64, 8)
+    assert np.all(back[:32, 0] == 0.0)
+    step = np.repeat(scale, 32, axis=0)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+
+
+def test_per_node_precisions_build_a_model_ort_runs(tmp_path):
+    proto = mlp_model()
+    model = ir.serde.deserialize_model(proto)
+    insert = InsertQDQPass(TARGET.quantization, ranges_for(proto), precisions={"mm1": "int4", "mm2": "float"},
+                           int4_block_size=32)
+    insert(model)
+    d = insert.decisions
+    assert (d["mm1"].precision, d["mm2"].precision, d["mm3"].precision) == ("int4", "float", "int8")
+    assert "mixed-precision allocation" in d["mm2"].reason
+    assert model.opset_imports[""] == 21
+    dq = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.attributes.get_int("block_size", 0)]
+    assert len(dq) == 1 and dq[0].inputs[0].const_value.dtype == ir.DataType.UINT4
+    path = tmp_path / "m.onnx"
+    ir.save(model, path)
+    x = np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    out = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    assert output_nsr([[ref]], [[out]]) < 0.05  # int4 on Gaussian weights: ~20 dB for that layer
+
+
+def test_int4_is_refused_where_it_cannot_serve():
+    proto = conv_model()
+    model = ir.serde.deserialize_model(proto)
+    ranges = {v: (-4.0, 4.0) for v in ("x", "c1", "r1", "p1", "c2", "a1", "r2", "g1", "f1", "y")}
+    insert = InsertQDQPass(TARGET.quantization, ranges, precisions={"conv1": "int4", "fc": "int4"})
+    insert(model)
+    assert not insert.decisions["conv1"].quantized and "MatMul" in insert.decisions["conv1"].reason
+    assert not insert.decisions["fc"].quantized
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_groups_join_concat_inputs_and_shared_weights(shared):
+    proto = mlp_model(shared=shared)
+    model = ir.serde.deserialize_model(proto)
+    insert = InsertQDQPass(TARGET.quantization, ranges_for(proto))
+    insert(ir.serde.deserialize_model(proto))
+    groups = layer_groups(model, insert.decisions, ("float", "int8", "int4"), ("Relu", "Clip"), 32)
+    members = sorted(tuple(sorted(g.nodes)) for g in groups)
+    assert members == [("mm1",), ("mm2", "mm3"), ("mm4",)]  # Concat inputs together (and a shared w2)
+    by_name = {n: g for g in groups for n in g.nodes}
+    assert by_name["mm1"].timed == ("mm1", "relu")
+    for g in groups:
+        assert g.precisions == ("float", "int8", "int4")
+        assert g.bytes["int4"] < g.bytes["int8"] < g.bytes["float"]
+    mm23 = by_name["mm2"].bytes["float"]
+    assert mm23 == (1 if shared else 2) * 128 * 64 * 4  # a shared weight is stored once
+
+
+def _tables(seed=0, groups=5):
+    rng = np.random.default_rng(seed)
+    gs = [Group(f"g{i}", (f"g{i}",), "Conv", ("float", "int8", "int4")) for i in range(groups)]
+    nsr = {g.name: {"float": 0.0, "int8": float(rng.uniform(1e-4, 1e-2)), "int4": float(rng.uniform(1e-3, 5e-2))}
+           for g in gs}
+    ms = {g.name: {"float": float(rng.uniform(1, 3))} for g in gs}
+    for g in gs:
+        ms[g.name] |= {"int8": ms[g.name]["float"] * rng.uniform(0.2, 1.2),
+                       "int4": ms[g.name]["float"] * rng.uniform(0.5, 1.5)}
+    size = {g.name: {"float": 4000, "int8": 1000, "int4": 500} for g in gs}
+    return gs, Sensitivity(nsr, 8), Costs(ms, size, 1.0, 100)
+
+
+def _brute(gs, sens, costs, minimize, **caps):
+    best = None
+    for combo in itertools.product(*(g.precisions for g in gs)):
+        assign = dict(zip((g.name for g in gs), combo))
+        ms, size = costs.predict(assign)
+        nsr = predicted_nsr(sens, assign)
+        if (caps.get("max_nsr") is not None and nsr > caps["max_nsr"]) or \
+                (caps.get("max_ms") is not None and ms > caps["max_ms"]) or \
+                (caps.get("max_bytes") is not None and size > caps["max_bytes"]):
+            continue
+        value = ms if minimize == "latency" else nsr
+        if best is None or value < best[0] - 1e-12:
+            best = (value, assign)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ilp_matches_brute_force(seed):
+    gs, sens, costs = _tables(seed)
+    for minimize, caps in (("latency", {"max_nsr": 0.01}), ("latency", {"max_nsr": 0.02, "max_bytes": 9000}),
+                           ("nsr", {"max_ms": 8.0}), ("nsr", {"max_ms": 9.0, "max_bytes": 12000})):
+        expected = _brute(gs, sens, costs, minimize, **caps)
+        got = solve(gs, sens, costs, minimize, caps.get("max_nsr"), caps.get("max_ms"), caps.get("max_bytes"))
+        if expected is None:
+            assert got is None
+            continue
+        value = costs.predict(got)[0] if minimize == "latency" else predicted_nsr(sens, got)
+        assert value == pytest.approx(expected[0], rel=1e-6, abs=1e-12)
+
+
+def test_infeasible_budget_gives_none_and_frontier_trades_speed_for_noise():
+    gs, sens, costs = _tables(1)
+    assert solve(gs, sens, costs, "nsr", max_ms=0.5) is None
+    front = pareto_front(gs, sens, costs)
+    points = [(costs.predict(a)[0], predicted_nsr(sens, a)) for a in front]
+    assert len(points) >= 3 and points[-1][1] == 0.0  # ends all float
+    for (ms_a, nsr_a), (ms_b, nsr_b) in zip(points, points[1:]):
+        assert ms_b >= ms_a - 1e-9 and nsr_b <= nsr_a + 1e-12
+
+
+def test_output_nsr_takes_the_worst_output():
+    ref = [[np.ones(4, np.float32), np.full(4, 2.0, np.float32)]]
+    out = [[np.ones(4, np.float32) * 1.1, np.full(4, 2.0, np.float32)]]
+    assert output_nsr(ref, out) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_recipe_needs_a_budget_and_budgets_need_mixed():
+    with pytest.raises(UserError, match="needs a budget"):
+        Recipe(scheme="mixed")
+    with pytest.raises(UserError, match="--scheme mixed"):
+        Recipe(latency_ms=3.0)
+    assert Recipe(scheme="mixed", size_mb=1.0).size_mb == 1.0
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def mixed_args(example: str, out, *extra):
+    folder = EXAMPLES / example
+    return ("compile", folder / "model.onnx", "-t", "x86-avx512-vnni", "--calib", folder / "calib.npz",
+            "--eval", folder / "eval.npz", "--metric", EXAMPLES / "metric.py:accuracy", "--scheme", "mixed",
+            "--repeats", 20, "-o", out, *extra)
+
+
+def test_mixed_within_accuracy_budget_end_to_end(tmp_path):
+    out = tmp_path / "cnn"
+    result = run(*mixed_args("digits_cnn", out, "--max-drop", "0.3%"))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    mixed = manifest["mixed"]
+    assert manifest["delivered"]["precision"] == "mixed" and manifest["budget"]["met"]
+    assert manifest["fidelity"]["metric"]["drop"] <= 0.003
+    assert mixed["iterations"] and all(g["precision"] in ("float", "int8") for g in mixed["groups"])
+    assert all(g["ms"] is not None and set(g["nsr"]) == {"float", "int8"} for g in mixed["groups"])
+    assert mixed["frontier"] and mixed["x_axis"] == "ms"
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and mixed["groups"][0]["name"] in page
+    onnx.checker.check_model(str(out / "model.onnx"))
+    # the sensitivity table is cached: a second compile measures no one-group build
+    again = run(*mixed_args("digits_cnn", tmp_path / "again", "--max-drop", "0.3%"))
+    assert again.exit_code == 0, again.output
+    second = json.loads((tmp_path / "again/manifest.json").read_text())["mixed"]["sensitivity"]
+    assert second["cache_hit"] and not mixed["sensitivity"]["cache_hit"]
+
+
+def test_size_budget_uses_int4_and_is_checked_on_disk(tmp_path):
+    out = tmp_path / "tf"
+    float_mb = (EXAMPLES / "digits_transformer/model.onnx").stat().st_size / 1e6
+    result = run(*mixed_args("digits_transformer", out, "--size-mb", f"{0.2 * float_mb:.4f}", "--no-measure"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = manifest["mixed"]["chosen"]
+    assert chosen["precisions"].get("int4", 0) >= 1, chosen
+    assert manifest["budget"]["bytes"] == (out / "model.onnx").stat().st_size
+    assert result.exit_code == (0 if manifest["budget"]["met"] else 3)
+    assert manifest["budget"]["met"]
+    assert manifest["mixed"]["x_axis"] == "bytes"
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(out / "model.onnx").graph.node)
+    assert session.get_outputs()
+
+
+def test_unreachable_latency_budget_exits_3_after_bounded_iterations(tmp_path):
+    out = tmp_path / "cnn"
+    result = run(*mixed_args("digits_cnn", out, "--latency-ms", "0.0001"))
+    assert result.exit_code == 3, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    iterations = manifest["mixed"]["iterations"]
+    assert 1 <= len(iterations) <= Recipe().mixed_iterations
+    assert "latency_ms" in iterations[0]["relaxed"] and not manifest["budget"]["met"]
+    assert (out / "report.html").is_file()
+
+
+def test_mixed_errors_are_one_line(tmp_path):
+    folder = EXAMPLES / "digits_cnn"
+    base = ("compile", folder / "model.onnx", "-t", "x86-avx512-vnni", "--calib", folder / "calib.npz",
+            "-o", tmp_path / "o")
+    for extra, message in ((("--scheme", "mixed"), "needs a budget"), (("--size-mb", "1"), "--scheme mixed"),
+                           (("--scheme", "mixed", "--latency-ms", "1", "--no-measure"), "needs latency measured")):
+        result = run(*base, *extra)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_profile_attributes_nchwc_kernels_to_their_nodes(tmp_path):
+    path = tmp_path / "conv.onnx"
+    onnx.save(conv_model(channels=32, size=32), path)
+    times = OnnxRuntime(TARGET).profile(path, {"x": np.zeros((1, 3, 32, 32), np.float32)}, runs=2)
+    names = {t.name for t in times}
+    assert "conv2" in names and not any(n.endswith("_nchwc") for n in names)

@@ -21,6 +21,7 @@ from edgeq.mixed.groups import Group
 from edgeq.mixed.sensitivity import Sensitivity
 
 TIE_BREAK = 1e-6
+CAP_TOLERANCE = 1e-9
 FRONTIER_POINTS = 16
 
 
@@ -46,7 +47,7 @@ def solve(groups: list[Group], sensitivity: Sensitivity, costs: Costs, minimize:
         if cap is not None and coefficients is not None:
             rows.append(list(coefficients))
             lower.append(-np.inf)
-            upper.append(cap - fixed)
+            upper.append((cap - fixed) * (1 + CAP_TOLERANCE))  # a cap equal to a configuration's total admits it
     result = milp(objective, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
                   constraints=LinearConstraint(np.array(rows), lower, upper))
     if result.x is None:
@@ -71,7 +72,7 @@ def pareto_front(groups: list[Group], sensitivity: Sensitivity, costs: Costs, ma
     caps = np.geomspace(top, min(positive) / 2, points - 1).tolist() + [0.0]
     front, seen = [], set()
     for cap in caps:
-        assign = solve(groups, sensitivity, costs, "latency", max_nsr=cap * (1 + 1e-9), max_bytes=max_bytes)
+        assign = solve(groups, sensitivity, costs, "latency", max_nsr=cap, max_bytes=max_bytes)
         key = tuple(sorted(assign.items())) if assign else None
         if assign is not None and key not in seen:
             seen.add(key)

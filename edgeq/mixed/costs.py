@@ -8,7 +8,9 @@ Rules:
 - What no group owns (glue, normalization, requantizing Adds, the session's own overhead) is the rest:
   the uniform int8 build's measured median wall time minus its groups' kernel times.
 - A configuration's latency is predicted as rest + Σ group times; its size as the ungrouped bytes of the float
-  model + Σ group bytes. A measured build puts its numbers back (:meth:`Costs.learn`).
+  model + Σ group bytes. A measured build puts its numbers back (:meth:`Costs.learn`): interactions no
+  profile of a uniform build shows (a float layer makes the int8 MaxPool after it run a slow NCHW kernel) are
+  charged to the groups that differ from uniform int8.
 """
 
 from __future__ import annotations
@@ -32,12 +34,19 @@ class Costs:
             return None, size
         return self.rest_ms + sum(self.latency[g][p] for g, p in assign.items()), size
 
-    def learn(self, assign: dict[str, str], group_ms: dict[str, float], wall_ms: float) -> None:
+    def learn(self, assign: dict[str, str], group_ms: dict[str, float], wall_ms: float, base: dict[str, str]) -> None:
         """Put a measured build's numbers back: its groups' profiled times replace the table's entries for the
-        chosen precisions, and the rest becomes what its measured wall time leaves unexplained."""
+        chosen precisions; what its wall time still leaves unexplained is charged, in equal parts, to the groups
+        whose precision differs from the ``base`` build the rest was measured on (a float layer can make its
+        int8 neighbours' glue run slower kernels), or to the rest when none differs."""
         for group, precision in assign.items():
             self.latency[group][precision] = group_ms[group]
-        self.rest_ms = wall_ms - sum(group_ms[g] for g in assign)
+        unexplained = wall_ms - self.predict(assign)[0]
+        changed = [g for g, p in assign.items() if p != base[g]]
+        if not changed:
+            self.rest_ms += unexplained
+        for group in changed:
+            self.latency[group][assign[group]] += unexplained / len(changed)
 
     def to_dict(self) -> dict:
         return asdict(self)

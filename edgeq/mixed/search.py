@@ -8,10 +8,13 @@ Rules:
   NSR), or ½ — 1 − cosine ≈ NSR / 2 for small independent noise — when int8 measures no drop.
 - Each iteration builds the solver's choice and measures it: latency interleaved with float, fidelity on the
   held-out feeds, bytes on disk. A missed drop raises k to what was measured (plus 5%), so the next choice
-  has less predicted noise; a missed latency puts the build's per-node profile and wall time back into the
-  cost table (and tightens the cap if the choice does not change); a missed size corrects the ungrouped bytes.
-- At most ``recipe.mixed_iterations`` builds; every one is recorded. The first that meets every budget is
-  delivered; if none does, the one that misses by the least (summed relative excess), and the compile exits 3.
+  has less predicted noise; a missed latency — or, when minimizing latency, a measurement more than
+  ``MISPREDICTED`` over the prediction — puts the build's per-node profile and wall time back into the cost
+  table (and tightens a missed cap if the choice does not change); a missed size corrects the ungrouped bytes.
+- At most ``recipe.mixed_iterations`` builds; every one is recorded, and the loop ends early when every budget
+  is met as predicted or the solver repeats a choice. Delivered: the best measured build (fastest, or most
+  accurate when minimizing noise) among those meeting every budget; if none does, the one that misses by
+  the least (summed relative excess), and the compile exits 3.
 - When no configuration is predicted to fit, the latency cap, then the size cap, is dropped for that solve
   (the fidelity budget is kept) and the record says so.
 """
@@ -36,6 +39,7 @@ from edgeq.runtimes.base import Latency, cost_by_node
 
 COSINE_DROP_PER_NSR = 0.5
 DROP_MARGIN = 1.05
+MISPREDICTED = 1.10
 MB = 1e6
 
 
@@ -138,6 +142,8 @@ class MixedPrecisionSearch:
         iterations, measured = self._loop(k)
         seconds["search"] = time.perf_counter() - started
         chosen = _pick(measured, self.recipe)
+        for record, result in zip(iterations, measured):
+            record["delivered"] = result is chosen
         frontier = [self._describe(a) for a in pareto_front(groups, sensitivity, costs, self._max_bytes())]
         return SearchResult(groups, sensitivity, costs, chosen, base, self.float_ms, self.float_bytes, frontier,
                             iterations, self.k, seconds)
@@ -200,14 +206,17 @@ class MixedPrecisionSearch:
             record = self._describe(assign) | {"iteration": index + 1, "relaxed": relaxed, "k": k,
                                                "measured": _figures(result), "met": _met(result, recipe)}
             iterations.append(record)
-            if all(record["met"].values()):
-                break
             met = record["met"]
+            predicted_ms = record["predicted"]["ms"]
+            mispredicted = (minimize == "latency" and predicted_ms is not None
+                            and result.ms > predicted_ms * MISPREDICTED)
+            if all(met.values()) and not mispredicted:
+                break
             if not met.get("max_drop", True):
                 k = max(k, result.drop / max(record["predicted"]["nsr"], 1e-12) * DROP_MARGIN)
-            if not met.get("latency_ms", True):
-                self.costs.learn(assign, result.group_ms, result.ms)
-                if self._solve(minimize, k, max_ms)[0] == assign:
+            if not met.get("latency_ms", True) or mispredicted:
+                self.costs.learn(assign, result.group_ms, result.ms, uniform(groups, "int8"))
+                if not met.get("latency_ms", True) and self._solve(minimize, k, max_ms)[0] == assign:
                     max_ms *= recipe.latency_ms / result.ms
             if not met.get("size_mb", True):
                 self.costs.rest_bytes += result.bytes - self.costs.predict(assign)[1]
@@ -271,6 +280,8 @@ def _excess(result: Measured, recipe) -> float:
 
 def _pick(measured: list[Measured], recipe) -> Measured:
     meeting = [m for m in measured if _excess(m, recipe) == 0]
-    if meeting:
-        return meeting[0]
-    return min(measured, key=lambda m: _excess(m, recipe))
+    if not meeting:
+        return min(measured, key=lambda m: _excess(m, recipe))
+    if recipe.max_drop is not None and all(m.ms is not None for m in meeting):
+        return min(meeting, key=lambda m: m.ms)
+    return min(meeting, key=lambda m: m.drop)

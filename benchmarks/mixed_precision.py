@@ -7,7 +7,8 @@ Fidelity is the output's mean cosine with the float model on the eval feeds, giv
 (float scores 1, so the metric drop is 1 − cosine). Per model, with one calibration and sensitivity cache:
 - int8: ``--scheme int8`` (op-set choice and the no-slowdown loop): drop D8 and latency L8;
 - mixed @ fidelity: ``--scheme mixed --max-drop D8``;
-- mixed @ latency: ``--scheme mixed --latency-ms L8`` (the most accurate configuration as fast as int8);
+- mixed @ latency: ``--scheme mixed --latency-ms 1.05·L8`` (the most accurate configuration as fast as int8,
+  within the few percent compiles measured apart differ by);
 - mixed @ ½ drop: ``--max-drop D8/2``, a budget uniform int8 misses by construction;
 - (transformers) mixed @ 0.3× size: ``--size-mb`` 0.3 × the float file.
 Then every artifact is measured again interleaved with float in one run; the table shows those ratios.
@@ -39,6 +40,7 @@ from edgeq.target import load_target  # noqa: E402
 
 TARGET = "x86-avx512-vnni"
 WORK = HERE.parent / "build" / "bench-mixed"
+LATENCY_SLACK = 1.05  # latencies measured in different compiles differ by a few percent on a shared machine
 
 
 METRIC = '''"""Mean cosine of the first output with the float model's (reference.npy beside this file), feed by feed."""
@@ -109,7 +111,7 @@ def bench_model(name: str, calib_count: int, eval_count: int, repeats: int) -> d
     int8 = run("int8", base)
     d8, l8 = int8["drop"], int8["ms"]
     run("mixed @ fidelity", replace(base, scheme="mixed", max_drop=max(d8, 1e-6)))
-    run("mixed @ latency", replace(base, scheme="mixed", latency_ms=l8))
+    run("mixed @ latency", replace(base, scheme="mixed", latency_ms=l8 * LATENCY_SLACK))
     run("mixed @ ½ drop", replace(base, scheme="mixed", max_drop=max(d8 / 2, 1e-7)))
     if name in ("bert_small", "vit_tiny"):
         run("mixed @ 0.3× size", replace(base, scheme="mixed", size_mb=0.3 * int8["float_bytes"] / 1e6))

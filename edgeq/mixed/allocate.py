@@ -4,7 +4,7 @@ Rules:
 - Variables x[g, p] ∈ {0, 1} with one precision per group (Σ_p x[g, p] = 1): a multiple-choice knapsack,
   solved exactly by HiGHS through scipy's ``milp`` (MixDQ's formulation).
 - Objective: latency when a fidelity budget is given (bytes where latency is not measured); otherwise NSR, the
-  most accurate configuration within the latency and size budgets. A tiny secondary term breaks ties: toward
+  most accurate configuration within the latency and size budgets; bytes when the search falls back. A tiny secondary term breaks ties: toward
   fidelity when minimizing latency, toward latency when minimizing NSR.
 - Constraints, each when given: predicted NSR ≤ ``max_nsr``, latency ≤ ``max_ms``, bytes ≤ ``max_bytes``.
 - The Pareto frontier (ZeroQ's): the fastest configuration under a sweep of NSR caps, from the NSR of the
@@ -28,13 +28,13 @@ FRONTIER_POINTS = 16
 def solve(groups: list[Group], sensitivity: Sensitivity, costs: Costs, minimize: str, max_nsr: float | None = None,
           max_ms: float | None = None, max_bytes: float | None = None) -> dict[str, str] | None:
     """The optimal configuration (group → precision), or None when no configuration meets the constraints.
-    ``minimize`` is "latency" (bytes when latency is not measured) or "nsr"."""
+    ``minimize`` is "latency" (bytes when latency is not measured), "bytes" or "nsr"."""
     pairs = [(g.name, p) for g in groups for p in g.precisions]
     nsr = np.array([sensitivity.nsr[g][p] for g, p in pairs])
     size = np.array([costs.bytes[g][p] for g, p in pairs], dtype=np.float64)
     ms = np.array([costs.latency[g][p] for g, p in pairs]) if costs.latency is not None else None
-    speed = ms if ms is not None else size
-    primary, secondary = (speed, nsr) if minimize == "latency" else (nsr, speed)
+    speed = ms if ms is not None and minimize != "bytes" else size
+    primary, secondary = (nsr, speed) if minimize == "nsr" else (speed, nsr)
     objective = _unit(primary) + TIE_BREAK * _unit(secondary)
 
     rows, lower, upper = [], [], []

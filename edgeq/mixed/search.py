@@ -223,20 +223,22 @@ class MixedPrecisionSearch:
         return iterations, measured
 
     def _solve(self, minimize: str, k: float, max_ms: float | None) -> tuple[dict[str, str], list[str]]:
+        """The solver's choice, and the caps dropped to get one: when nothing fits, the latency cap gives way
+        (the fastest configuration within the others), then the size cap (the smallest within the drop budget),
+        then the drop budget (the fastest configuration of all)."""
         max_nsr = self.recipe.max_drop / k if self.recipe.max_drop is not None else None
-        caps = {"latency_ms": max_ms if self.costs.latency is not None else None, "size_mb": self._max_bytes()}
-        relaxed = []
-        for drop in (None, "latency_ms", "size_mb"):
-            if drop is not None:
-                if caps[drop] is None:
-                    continue
-                caps[drop] = None
-                relaxed.append(drop)
-            assign = solve(self.groups, self.sensitivity, self.costs, minimize, max_nsr, caps["latency_ms"],
-                           caps["size_mb"])
+        max_ms = max_ms if self.costs.latency is not None else None
+        max_bytes = self._max_bytes()
+        attempts = [([], minimize, max_nsr, max_ms, max_bytes),
+                    (["latency_ms"], "latency", max_nsr, None, max_bytes),
+                    (["latency_ms", "size_mb"], "bytes", max_nsr, None, None)]
+        for relaxed, objective, nsr_cap, ms_cap, bytes_cap in attempts:
+            if relaxed and ({"latency_ms": max_ms, "size_mb": max_bytes}[relaxed[-1]] is None):
+                continue  # that cap was not given: relaxing it changes nothing
+            assign = solve(self.groups, self.sensitivity, self.costs, objective, nsr_cap, ms_cap, bytes_cap)
             if assign is not None:
                 return assign, relaxed
-        return {g.name: "float" for g in self.groups}, relaxed + ["max_drop"]
+        return solve(self.groups, self.sensitivity, self.costs, "latency"), ["latency_ms", "size_mb", "max_drop"]
 
     def _describe(self, assign: dict[str, str]) -> dict:
         nsr = predicted_nsr(self.sensitivity, assign)

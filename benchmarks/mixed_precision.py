@@ -3,7 +3,8 @@ under a drop budget uniform int8 misses; int4 weights for the transformer under 
 
     python benchmarks/mixed_precision.py [--models resnet18,mobilenetv2,bert_small] [--calib 64] [--eval 16]
 
-Fidelity is the output's mean cosine with the float model on the eval feeds, given to edgeq as a user metric
+Every mixed compile uses the optional op set (Add, ActMatMul, …) the int8 compile chose, so the variants
+differ only in precisions. Fidelity is the output's mean cosine with the float model on the eval feeds, given to edgeq as a user metric
 (float scores 1, so the metric drop is 1 − cosine). Per model, with one calibration and sensitivity cache:
 - int8: ``--scheme int8`` (op-set choice and the no-slowdown loop): drop D8 and latency L8;
 - mixed @ fidelity: ``--scheme mixed --max-drop D8``;
@@ -98,7 +99,7 @@ def bench_model(name: str, calib_count: int, eval_count: int, repeats: int) -> d
     def run(label: str, recipe: Recipe) -> dict:
         manifest, code, seconds, path = compile_variant(fp32, calib, evalf, metric, cache, recipe)
         mixed = manifest.get("mixed", {})
-        rows[label] = {"path": path, "drop": manifest["fidelity"]["metric"]["drop"], "exit": code,
+        rows[label] = {"path": path, "optional_ops": manifest["recipe"]["optional_ops"], "drop": manifest["fidelity"]["metric"]["drop"], "exit": code,
                        "seconds": seconds, "bytes": manifest["delivered"]["bytes"],
                        "float_bytes": manifest["delivered"]["float_bytes"],
                        "ms": manifest["latency"]["int8"]["median_ms"] if "int8" in manifest["latency"] else None,
@@ -110,6 +111,7 @@ def bench_model(name: str, calib_count: int, eval_count: int, repeats: int) -> d
 
     int8 = run("int8", base)
     d8, l8 = int8["drop"], int8["ms"]
+    base = replace(base, optional_ops=int8["optional_ops"])  # one op set for all: the op-set choice is timed too
     run("mixed @ fidelity", replace(base, scheme="mixed", max_drop=max(d8, 1e-6)))
     run("mixed @ latency", replace(base, scheme="mixed", latency_ms=l8 * LATENCY_SLACK))
     run("mixed @ ½ drop", replace(base, scheme="mixed", max_drop=max(d8 / 2, 1e-7)))

@@ -139,8 +139,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         float_bytes = folder_bytes(run.float_path.parent)
         delivered = run.runtime.build(run.delivered_path, writer.tmp)
         delivered_bytes = folder_bytes(writer.tmp)
-        budget, exit_code = _budget(request.recipe, fidelity, run.latency["int8"].median_ms if run.latency else None,
-                                    delivered_bytes)
+        delivered_ms = run.latency["float" if run.delivered == "float" else "int8"].median_ms if run.latency else None
+        budget, exit_code = _budget(request.recipe, fidelity, delivered_ms, delivered_bytes)
         manifest = run.manifest(fidelity, budget, delivered_bytes, float_bytes)
         if run.mixed is not None:
             manifest["mixed"] = run.mixed.to_dict() | {"report": REPORT}
@@ -287,12 +287,20 @@ class _Compilation:
         self.reason = "groups by precision: " + ", ".join(f"{p} {n}" for p, n in counts.items())
         if not self.measure:
             self.reason += f"; latency not measured: {self.why_not_measured}"
-        elif chosen.ms > chosen.latency["float"].median_ms:
-            self.reason += "; measured slower than float: no faster configuration met the budgets"
+        elif chosen.ms > chosen.latency["float"].median_ms and self._float_meets_budgets():
+            self.delivered = "float"
+            self.reason = (f"every mixed build measured slower than float (best ×{chosen.ms / self.mixed.float_ms:.2f})"
+                           " and float meets the budgets")
         if self.measure:
             owners = self.current.insert.owners
             self.profiles = {"float": cost_by_node(self.runtime.profile(self.float_path, self.feed), owners),
                              "int8": chosen.node_ms}
+
+    def _float_meets_budgets(self) -> bool:
+        """Float has no accuracy drop; it meets a size budget or a latency budget only by its own numbers."""
+        recipe, mixed = self.recipe, self.mixed
+        return ((recipe.size_mb is None or mixed.float_bytes <= recipe.size_mb * MB)
+                and (recipe.latency_ms is None or mixed.float_ms <= recipe.latency_ms))
 
     def _sensitivity_cache(self) -> Path | None:
         """Sensitivities are cached beside the calibration ranges, keyed by everything they depend on."""

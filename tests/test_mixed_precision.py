@@ -13,13 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES, conv_model, make_model
 from edgeq.cli import main
+from edgeq.errors import UserError
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs
 from edgeq.mixed.groups import Group, layer_groups
 from edgeq.mixed.sensitivity import Sensitivity, output_nsr
 from edgeq.passes.insert_qdq import InsertQDQPass, int4_blockwise
 from edgeq.recipe import Recipe
-from edgeq.errors import UserError
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import load_target
 
@@ -168,7 +168,7 @@ def test_infeasible_budget_gives_none_and_frontier_trades_speed_for_noise():
     front = pareto_front(gs, sens, costs)
     points = [(costs.predict(a)[0], predicted_nsr(sens, a)) for a in front]
     assert len(points) >= 3 and points[-1][1] == 0.0  # ends all float
-    for (ms_a, nsr_a), (ms_b, nsr_b) in zip(points, points[1:]):
+    for (ms_a, nsr_a), (ms_b, nsr_b) in itertools.pairwise(points):
         assert ms_b >= ms_a - 1e-9 and nsr_b <= nsr_a + 1e-12
 
 

@@ -13,6 +13,10 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -48,8 +52,9 @@ def solve(groups: list[Group], sensitivity: Sensitivity, costs: Costs, minimize:
             rows.append(list(coefficients))
             lower.append(-np.inf)
             upper.append((cap - fixed) * (1 + CAP_TOLERANCE))  # a cap equal to a configuration's total admits it
-    result = milp(objective, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
-                  constraints=LinearConstraint(np.array(rows), lower, upper))
+    with _stdout_to_stderr():
+        result = milp(objective, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
+                      constraints=LinearConstraint(np.array(rows), lower, upper))
     if result.x is None:
         return None
     return {g: p for (g, p), x in zip(pairs, result.x) if x > 0.5}
@@ -78,6 +83,19 @@ def pareto_front(groups: list[Group], sensitivity: Sensitivity, costs: Costs, ma
             seen.add(key)
             front.append(assign)
     return front
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """HiGHS sometimes prints debug lines straight to the process's stdout, which ``--json`` needs clean."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _unit(values: np.ndarray) -> np.ndarray:

@@ -31,8 +31,8 @@ def _svg(points: list[tuple[float, float, str, str]], x_label: str) -> str:
         return HEIGHT - PAD - (y - y0) / (y1 - y0) * (HEIGHT - 2 * PAD)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-size="11">',
-             f'<rect x="{PAD}" y="{PAD}" width="{WIDTH - 2 * PAD}" height="{HEIGHT - 2 * PAD}" fill="none" '
-             'stroke="#999"/>']
+             (f'<rect x="{PAD}" y="{PAD}" width="{WIDTH - 2 * PAD}" height="{HEIGHT - 2 * PAD}" fill="none" '
+              'stroke="#999"/>')]
     for i in range(5):
         xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
         parts.append(f'<text x="{sx(xv):.1f}" y="{HEIGHT - PAD + 14}" text-anchor="middle">{xv:.3g}</text>')

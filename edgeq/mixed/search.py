@@ -156,8 +156,8 @@ class MixedPrecisionSearch:
         if not self.measure:
             costs = Costs(None, byte_table, 0.0, rest_bytes)
             return costs, self._measure(uniform(groups, "int8"), uniform_int8, groups)
-        float_ms = self.runtime.profile(self.float_path, self.feed)
-        latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(float_ms, {})).items()}
+        float_times = self.runtime.profile(self.float_path, self.feed)
+        latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(float_times, {})).items()}
         costs = Costs(latency, byte_table, 0.0, rest_bytes)
         base = None
         for precision in dict.fromkeys(p for g in groups for p in g.precisions if p != "float"):
@@ -192,7 +192,7 @@ class MixedPrecisionSearch:
         recipe, groups = self.recipe, self.groups
         minimize = "latency" if recipe.max_drop is not None else "nsr"
         max_ms = recipe.latency_ms
-        iterations, measured, seen = [], [], {}
+        iterations, measured, seen = [], [], set()
         for index in range(recipe.mixed_iterations):
             self.k = k
             assign, relaxed = self._solve(minimize, k, max_ms)
@@ -201,7 +201,7 @@ class MixedPrecisionSearch:
                 break
             with self.reporter.stage(f"build + measure choice {index + 1}"):
                 result = self._measure(assign, self.build(_node_precisions(groups, assign)), groups)
-            seen[key] = result
+            seen.add(key)
             measured.append(result)
             record = self._describe(assign) | {"iteration": index + 1, "relaxed": relaxed, "k": k,
                                                "measured": _figures(result), "met": _met(result, recipe)}

@@ -104,6 +104,9 @@ def main():
 @click.option("--max-drop", help="Accuracy budget (metric drop, else top-1 disagreement): 0.01 or 1%.")
 @click.option("--latency-ms", type=float, help="Latency budget, median ms on the target (--scheme mixed).")
 @click.option("--size-mb", type=float, help="Model size budget in MB of 10^6 bytes (--scheme mixed).")
+@click.option("--sensitivity", type=click.Choice(["auto", "measured", "proxy"]), default="auto", show_default=True,
+              help="--scheme mixed: measure each group's effect on the output, or estimate it from layer "
+                   "statistics (auto: the proxy for large models).")
 @click.option("--random-calibration", is_flag=True, help="Calibrate on synthetic data when no --calib is given.")
 @click.option("--allow-slowdown", is_flag=True, help="Deliver int8 even when it measures slower than float.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement (and the no-slowdown check).")
@@ -118,7 +121,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
 def compile(model, target, calib, eval_path, scheme, method, percentile, optional_ops, exclude, metric, max_drop, latency_ms, size_mb,
-            random_calibration, allow_slowdown, no_measure, sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache,
+            sensitivity, random_calibration, allow_slowdown, no_measure, sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache,
             as_json, output):
     """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, measure it, and write an artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
@@ -127,7 +130,7 @@ def compile(model, target, calib, eval_path, scheme, method, percentile, optiona
 
     recipe = Recipe(scheme=scheme, method=method, percentile=percentile, optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
-                    latency_ms=latency_ms, size_mb=size_mb,
+                    latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
                     sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
     request = CompileRequest(model=model, target=load_target(target), recipe=recipe, out_dir=output, calib=calib,

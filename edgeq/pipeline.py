@@ -280,7 +280,8 @@ class _Compilation:
 
         search = MixedPrecisionSearch(self.recipe, self.target, self.runtime, self.reporter, build, self.measure,
                                       self.metric, self._sensitivity_cache())
-        self.mixed = search(self.model, self.float_path, self.current, self.calib, self.holdout, self.feed)
+        self.mixed = search(self.model, self.float_path, self.current, self.calib, self.holdout, self.feed,
+                            self.calibrator.ranges)
         chosen = self.mixed.chosen
         self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"
         counts = self.mixed.to_dict()["chosen"]["precisions"]
@@ -308,7 +309,8 @@ class _Compilation:
             return None
         key = json.dumps([self.normalized_digest, self.calib.digest, sorted(self.calibrator.ranges.items()),
                           self.candidates[self.chosen], self.target.quantization.__dict__,
-                          self.target.precisions.__dict__, self.recipe.sensitivity_feeds, sorted(self.request.keep_float)],
+                          self.target.precisions.__dict__, self.recipe.sensitivity_feeds, self.recipe.sensitivity,
+                          sorted(self.request.keep_float)],
                          default=str)
         return self.request.cache_dir / "sensitivity" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 

@@ -12,6 +12,7 @@ from edgeq.errors import UserError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 SCHEMES = ("int8", "mixed")
+SENSITIVITY = ("auto", "measured", "proxy")
 SPARSITY = ("none", "2:4")
 SPARSITY_METHODS = ("reconstruct", "magnitude")
 
@@ -60,6 +61,7 @@ class Recipe:
     size_mb: float | None = None  # --scheme mixed: model size budget (10^6 bytes)
     mixed_iterations: int = 4  # builds measured by the mixed-precision feedback loop, at most
     sensitivity_feeds: int = 8  # calibration feeds each one-group sensitivity build runs
+    sensitivity: str = "auto"  # "measured" (one build per group), "proxy" (layer statistics), "auto": by size
     no_slowdown: bool = True
     max_ratio: float = 0.97  # deliver int8 only when int8/float median latency is at most this
     max_revert_rounds: int = 2
@@ -89,6 +91,8 @@ class Recipe:
             raise UserError(f"unknown calibration method '{self.method}'", f"use one of {CALIBRATION_METHODS}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile {self.percentile} out of range", "use a value in (50, 100], e.g. 99.999")
+        if self.sensitivity not in SENSITIVITY:
+            raise UserError(f"unknown sensitivity mode '{self.sensitivity}'", f"use one of {SENSITIVITY}")
         if self.sparsity not in SPARSITY:
             raise UserError(f"unknown sparsity '{self.sparsity}'", f"use one of {SPARSITY}")
         if self.sparsity_method not in SPARSITY_METHODS:

@@ -9,7 +9,8 @@ Rules:
   image size; H accumulates in float32 (F² · 4 bytes per distinct input, F the feature count).
 - Layers that read the same tensor with the same geometry share one H.
 
-Side-effect only: the model is not changed; the result is :attr:`LayerInputsPass.grams` (layer name → H).
+Side-effect only: the model is not changed; the results are :attr:`LayerInputsPass.grams` (layer name → H)
+and :attr:`LayerInputsPass.rows` (layer name → how many rows H sums).
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ class _GramSum:
         self.total: np.ndarray | None = None
         self.pending: list[np.ndarray] = []
         self.rows = 0
+        self.count = 0  # rows summed so far, flushed or not
 
     def add(self, rows: np.ndarray) -> None:
         self.pending.append(rows)
         self.rows += len(rows)
+        self.count += len(rows)
         if self.rows >= FLUSH_ROWS:
             self._flush()
 
@@ -109,6 +112,7 @@ class LayerInputsPass(ir.passes.PassBase):
         self.rows_per_feed, self.seed = rows_per_feed, seed
         self.on_progress = on_progress
         self.grams: dict[str, np.ndarray] = {}
+        self.rows: dict[str, int] = {}
 
     def _key(self, layer: Layer) -> tuple:
         source = layer.node.inputs[0].name
@@ -144,4 +148,5 @@ class LayerInputsPass(ir.passes.PassBase):
                 self.on_progress(i + 1, len(self.data))
         grams = {key: total.result() for key, total in sums.items()}
         self.grams = {name: grams[key] for name, key in keys.items()}
+        self.rows = {name: sums[key].count for name, key in keys.items()}
         return ir.passes.PassResult(model, modified=False)

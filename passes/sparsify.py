@@ -55,8 +55,9 @@ class Layer:
     def out_channels(self) -> int:
         return int(self.weight.const_value.shape[self.out_axis])
 
-    def rows(self) -> np.ndarray:
-        w = self.array
+    def rows(self, w: np.ndarray | None = None) -> np.ndarray:
+        """The weight (or ``w``, an array of its shape) as rows [outputs, features]."""
+        w = self.array if w is None else w
         if self.transposed:
             return w.T
         if w.ndim == 2:

@@ -33,13 +33,17 @@ from edgeq.fidelity import accuracy_drop, compare_models
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs, group_times, uniform
 from edgeq.mixed.groups import Group, layer_groups
-from edgeq.mixed.sensitivity import Sensitivity, measure_sensitivity
+from edgeq.mixed.sensitivity import Sensitivity, measure_sensitivity, proxy_nsr
 from edgeq.model_io import folder_bytes
 from edgeq.runtimes.base import Latency, cost_by_node
 
 COSINE_DROP_PER_NSR = 0.5
 DROP_MARGIN = 1.05
 MISPREDICTED = 1.10
+# ``auto`` sensitivity: the proxy only when one-group builds would write more than this (BERT-base with int4:
+# ~40 GB). Measured figures are worth minutes: layer-level ones miss how much of a layer's noise reaches the
+# output (on the digits transformer, proxy / measured spans 0.5–60 across layers).
+PROXY_ABOVE_TRIAL_MB = 20000
 MB = 1e6
 
 
@@ -93,7 +97,8 @@ class SearchResult:
             "x_axis": "ms" if self.costs.latency is not None else "bytes",
             "groups": groups,
             "sensitivity": {"feeds": self.sensitivity.feeds, "seconds": self.sensitivity.seconds,
-                            "cache_hit": self.sensitivity.cache_hit},
+                            "cache_hit": self.sensitivity.cache_hit, "proxy_groups": self.sensitivity.proxy_groups,
+                            "proxy_scale": self.sensitivity.proxy_scale},
             "drop_per_nsr": self.k,
             "frontier": self.frontier,
             "iterations": self.iterations,
@@ -117,7 +122,12 @@ class MixedPrecisionSearch:
         self.build, self.measure, self.metric = build, measure, metric
         self.sensitivity_cache = sensitivity_cache
 
-    def __call__(self, model: ir.Model, float_path: Path, uniform_int8, calib, holdout, feed: dict) -> SearchResult:
+    def _use_proxy(self, trials: int) -> bool:
+        mode = self.recipe.sensitivity
+        return mode == "proxy" or (mode == "auto" and trials * self.float_bytes / MB > PROXY_ABOVE_TRIAL_MB)
+
+    def __call__(self, model: ir.Model, float_path: Path, uniform_int8, calib, holdout, feed: dict,
+                 ranges: dict) -> SearchResult:
         self.float_path, self.holdout, self.feed = float_path, holdout, feed
         self.float_bytes = folder_bytes(float_path.parent)
         rules, precisions = self.target.quantization, self.target.precisions
@@ -125,11 +135,15 @@ class MixedPrecisionSearch:
                               rules.activation_fusions, precisions.int4_block_size)
         seconds = {}
         started = time.perf_counter()
-        feeds = [f.inputs for f in itertools.islice(iter(calib), self.recipe.sensitivity_feeds)]
+        feeds = list(itertools.islice(iter(calib), self.recipe.sensitivity_feeds))
         trials = sum(len(g.precisions) - 1 for g in groups)
-        with self.reporter.stage(f"sensitivity: {trials} one-group builds on {len(feeds)} feeds"):
+        proxy = {}
+        if self._use_proxy(trials) and not (self.sensitivity_cache and self.sensitivity_cache.is_file()):
+            with self.reporter.stage("sensitivity proxy: layer input statistics"):
+                proxy = proxy_nsr(model, groups, feeds, ranges, self.target)
+        with self.reporter.stage(f"sensitivity: {trials} group × precision figures on {len(feeds)} feeds"):
             sensitivity = measure_sensitivity(groups, lambda p: self.build(p).path, self.runtime, float_path, feeds,
-                                              self.sensitivity_cache, self.reporter.progress)
+                                              self.sensitivity_cache, self.reporter.progress, proxy)
         seconds["sensitivity"] = time.perf_counter() - started
         started = time.perf_counter()
         with self.reporter.stage("costs: profile whole builds per precision"):

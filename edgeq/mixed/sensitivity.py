@@ -6,6 +6,15 @@ Rules:
   noise-to-signal ratio NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR).
 - Noise from independent sources adds, so a configuration's NSR is predicted as the sum of its groups' NSRs
   (the additivity HAWQ and ZeroQ assume too); the search checks every prediction it acts on by measurement.
+- Proxy (``--sensitivity proxy``; ``auto`` uses it for large models): for a one-layer group whose weight
+  :func:`edgeq.passes.sparsify.layer_view` can read as rows W (Conv without groups, Gemm, MatMul), the layer's
+  own NSR is computed from its input Gram matrix H on the same feeds — weight error tr(ΔW H ΔWᵀ) plus, for
+  int8, the input and output rounding noise (n·s²/12 per element, s from the calibrated ranges) — over the
+  signal tr(W H Wᵀ). Weight quantization error × activation scale, no build per group. Three proxied groups
+  are also measured, and the geometric mean of measured / proxy scales every proxy to output NSR; other
+  groups (depthwise convolutions, shared weights, attention MatMuls) are measured. One scale cannot say how
+  much of each layer's noise reaches the output (a residual stream dilutes late layers' noise), so proxies
+  are rougher than measurements; the search's measured builds correct the overall scale.
 - The table is cached beside the calibration ranges, keyed by the caller (model, data, ranges, op set, rules).
 """
 
@@ -19,8 +28,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from edgeq.mixed.groups import Group
+from edgeq.passes.insert_qdq import activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
+from edgeq.passes.layer_inputs import LayerInputsPass
+from edgeq.passes.sparsify import Layer, layer_view
+from edgeq.target import Target
+
+CALIBRATION_GROUPS = 3
 
 
 @dataclass
@@ -29,6 +45,8 @@ class Sensitivity:
     feeds: int
     seconds: float = 0.0
     cache_hit: bool = False
+    proxy_groups: list[str] | None = None  # groups whose figures are scaled proxies
+    proxy_scale: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,31 +66,89 @@ def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarra
 
 
 def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], Path], runtime, float_path: Path,
-                        feeds: list[dict], cache_file: Path | None = None,
-                        on_progress: Callable[[int, int], None] | None = None) -> Sensitivity:
+                        feeds: list, cache_file: Path | None = None,
+                        on_progress: Callable[[int, int], None] | None = None,
+                        proxy: dict[str, dict[str, float]] | None = None) -> Sensitivity:
     """``build(precisions)`` writes a model with those node precisions into a folder of its own, which is
-    removed once measured."""
+    removed once measured. ``feeds`` are calibration feeds; ``proxy`` (from :func:`proxy_nsr`) stands in for
+    the groups it names, scaled by the calibration groups measured too."""
     if cache_file is not None and cache_file.is_file():
         cached = json.loads(cache_file.read_text())
-        return Sensitivity(cached["nsr"], cached["feeds"], 0.0, cache_hit=True)
+        return Sensitivity(**cached, cache_hit=True)
     started = time.perf_counter()
+    proxy = proxy or {}
     reference_session = runtime.session(float_path)
-    reference = [reference_session.run(feed) for feed in feeds]
+    reference = [reference_session.run(feed.inputs) for feed in feeds]
     all_float = {node: "float" for g in groups for node in g.nodes}
-    trials = [(g, p) for g in groups for p in g.precisions if p != "float"]
+    proxied = [g for g in groups if g.name in proxy]
+    checks = [proxied[int(i)] for i in np.unique(np.linspace(0, len(proxied) - 1, CALIBRATION_GROUPS).round())] \
+        if proxied else []
+    trials = [(g, p) for g in groups for p in g.precisions if p != "float" and (g.name not in proxy or g in checks)]
     nsr: dict[str, dict[str, float]] = {g.name: {"float": 0.0} for g in groups}
     for done, (group, precision) in enumerate(trials, start=1):
         path = build(all_float | {node: precision for node in group.nodes})
         session = runtime.session(path)
-        nsr[group.name][precision] = output_nsr(reference, [session.run(feed) for feed in feeds])
+        nsr[group.name][precision] = output_nsr(reference, [session.run(feed.inputs) for feed in feeds])
         del session
         shutil.rmtree(path.parent)
         if on_progress:
             on_progress(done, len(trials))
-    result = Sensitivity(nsr, len(feeds), time.perf_counter() - started)
+    scale = None
+    if proxied:
+        ratios = [nsr[g.name][p] / proxy[g.name][p] for g in checks for p in g.precisions
+                  if p != "float" and proxy[g.name][p] > 0 and nsr[g.name][p] > 0]
+        scale = float(np.exp(np.mean(np.log(ratios)))) if ratios else 1.0
+        for g in proxied:
+            if g not in checks:
+                nsr[g.name] |= {p: v * scale for p, v in proxy[g.name].items()}
+    result = Sensitivity(nsr, len(feeds), time.perf_counter() - started, False,
+                         [g.name for g in proxied if g not in checks] or None, scale)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"nsr": nsr, "feeds": len(feeds)}))
+        tmp.write_text(json.dumps({k: v for k, v in result.to_dict().items() if k != "cache_hit"}))
         tmp.replace(cache_file)
     return result
+
+
+def proxy_nsr(model: ir.Model, groups: list[Group], feeds: list, ranges: dict, target: Target) -> dict:
+    """Layer-level NSR per precision for the one-layer groups whose weight reads as rows; see the rules."""
+    layers = {}
+    for group in groups:
+        node = next(n for n in model.graph if n.name == group.nodes[0]) if len(group.nodes) == 1 else None
+        layer = layer_view(node) if node is not None else "not one layer"
+        if isinstance(layer, Layer):
+            layers[group.name] = (group, layer)
+    if not layers:
+        return {}
+    inputs = LayerInputsPass(feeds, [layer for _, layer in layers.values()])
+    inputs(model)
+    return {name: {p: _layer_nsr(layer, inputs.grams[layer.node.name], inputs.rows[layer.node.name], p, ranges,
+                                 target) for p in group.precisions if p != "float"}
+            for name, (group, layer) in layers.items()}
+
+
+def _layer_nsr(layer: Layer, gram: np.ndarray, rows: int, precision: str, ranges: dict, target: Target) -> float:
+    w = layer.rows().astype(np.float64)
+    signal = float(np.sum((w @ gram) * w))
+    array = layer.array.astype(np.float32)
+    rules = target.quantization
+    noise = 0.0
+    if precision == "int4":
+        q, scale, zero = int4_blockwise(array, target.precisions.int4_block_size)
+        block = target.precisions.int4_block_size
+        back = ((q.reshape(-1, block, q.shape[1]).astype(np.float32) - zero[:, None, :]) * scale[:, None, :])
+        delta = layer.rows(array - back.reshape(array.shape)).astype(np.float64)
+    else:
+        axis = weight_channel_axis(layer.node, array.ndim) if rules.per_channel else None
+        q, scale = weight_quantize(array, axis, rules.reduce_range)
+        shape = [1] * array.ndim
+        if axis is not None:
+            shape[axis] = -1
+        delta = layer.rows(array - q.astype(np.float32) * scale.reshape(shape)).astype(np.float64)
+        for value, per_row in ((layer.node.inputs[0], float(np.sum(w * w))), (layer.node.outputs[0], w.shape[0])):
+            if value.name in ranges:
+                step = activation_qparams(*ranges[value.name], rules.activations, rules.symmetric_activations).scale
+                noise += rows * per_row * step * step / 12.0
+    noise += float(np.sum((delta @ gram) * delta))
+    return noise / signal if signal > 0 else 0.0

@@ -120,9 +120,9 @@ def main():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
-def compile(model, target, calib, eval_path, scheme, method, percentile, optional_ops, exclude, metric, max_drop, latency_ms, size_mb,
-            sensitivity, random_calibration, allow_slowdown, no_measure, sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache,
-            as_json, output):
+def compile(model, target, calib, eval_path, scheme, method, percentile, optional_ops, exclude, metric, max_drop,
+            latency_ms, size_mb, sensitivity, random_calibration, allow_slowdown, no_measure, sparsity,
+            sparsity_method, sparsity_permute, keep_float, repeats, no_cache, as_json, output):
     """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, measure it, and write an artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
     from edgeq.recipe import Exclusions, Recipe

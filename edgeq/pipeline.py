@@ -150,7 +150,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             manifest["sparsity"] = (run.sparsity.report if run.sparsity else {}) | {
                 "check": _check_sparsity(delivered)}
         if tensorrt.uses_tensorrt(request.target):
-            manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=run.delivered != "float",
+            manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=run.delivered != "float" and run.has_int8,
                                                      sparse=bool(run.sparsity and run.sparsity.report["pruned"]))
         writer.publish(manifest)
     return manifest, exit_code
@@ -313,6 +313,10 @@ class _Compilation:
                           sorted(self.request.keep_float)],
                          default=str)
         return self.request.cache_dir / "sensitivity" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+    @property
+    def has_int8(self) -> bool:
+        return any(d.precision == "int8" for d in self.current.insert.decisions.values())
 
     @property
     def delivered_path(self) -> Path:

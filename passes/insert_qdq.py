@@ -22,7 +22,9 @@ Rules:
 - Per-node precisions (``precisions``, from the mixed-precision allocation; a node not named is int8): ``float``
   stays float; ``int4`` is weight-only — a MatMul's 2-D constant weight becomes asymmetric uint4 in blocks of
   ``int4_block_size`` rows along the reduction axis (a blocked DequantizeLinear, opset 21, which ONNX Runtime
-  fuses into ``MatMulNBits``); its activations stay float and it takes no part in QDQ growth.
+  fuses into ``MatMulNBits``); its activations stay float and it takes no part in QDQ growth. ``fp16`` stores
+  a node's constant weight in float16 with a Cast to float before use (half the bytes; what it computes in is
+  the runtime's choice — TensorRT with fp16 enabled runs float layers in fp16 anyway).
 
 Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
 the original node it serves), used to attribute measured kernel time back to original nodes.
@@ -268,10 +270,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             act = self._fused_activation(node) if roles[node] != "passthrough" else None
             if act is not None:
                 self.owners[act.name] = node.name
-        int4 = [n for n in graph if self.precisions.get(n.name) == "int4" and EXCLUDE_KEY not in n.meta]
-        for node in int4:
-            self._quantize_int4(graph, node)
-        return bool(kept) or any(self.decisions[n.name].quantized for n in int4)
+        weight_only = [n for n in graph if self.precisions.get(n.name) in ("int4", "fp16") and EXCLUDE_KEY not in n.meta]
+        for node in weight_only:
+            if self.precisions[node.name] == "int4":
+                self._quantize_int4(graph, node)
+            else:
+                self._store_fp16(graph, node)
+        return bool(kept) or any(self.decisions[n.name].quantized for n in weight_only)
 
     def _grow(self, graph: ir.Graph, roles: dict, eligible: set) -> set:
         kept = {n for n in eligible if roles[n] == "compute"}
@@ -413,6 +418,23 @@ class InsertQDQPass(ir.passes.InPlacePass):
             self._weights[key] = (dq.outputs[0], scale)
         node.replace_input_with(1, self._weights[key][0])
         self.decisions[node.name] = Decision(node.op_type, True, f"int4 weight-only, blocks of {block}", "int4")
+
+    def _store_fp16(self, graph: ir.Graph, node: ir.Node) -> None:
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if not _is_const(weight) or weight.const_value.dtype != ir.DataType.FLOAT:
+            self.decisions[node.name] = Decision(node.op_type, False, "fp16 needs a constant float32 weight")
+            return
+        key = f"{self._prefix}{weight.name}_fp16"
+        if key not in self._weights:
+            half = self._initializer(graph, key, weight.const_value.numpy().astype(np.float16))
+            cast = ir.Node("", "Cast", [half], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{key}_Cast",
+                           num_outputs=1)
+            cast.outputs[0].name, cast.outputs[0].dtype = f"{key}_as_float", ir.DataType.FLOAT
+            graph.append(cast)
+            self.owners[cast.name] = node.name
+            self._weights[key] = (cast.outputs[0], None)
+        node.replace_input_with(1, self._weights[key][0])
+        self.decisions[node.name] = Decision(node.op_type, True, "fp16 weights (Cast to float before use)", "fp16")
 
     def _initializer4(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=name, const_value=ir.Tensor(array, dtype=ir.DataType.UINT4, name=name))

@@ -74,11 +74,13 @@ def test_int4_blockwise_is_exact_for_zeros_and_within_half_a_step():
 def test_per_node_precisions_build_a_model_ort_runs(tmp_path):
     proto = mlp_model()
     model = ir.serde.deserialize_model(proto)
-    insert = InsertQDQPass(TARGET.quantization, ranges_for(proto), precisions={"mm1": "int4", "mm2": "float"},
-                           int4_block_size=32)
+    insert = InsertQDQPass(TARGET.quantization, ranges_for(proto),
+                           precisions={"mm1": "int4", "mm2": "float", "mm4": "fp16"}, int4_block_size=32)
     insert(model)
     d = insert.decisions
-    assert (d["mm1"].precision, d["mm2"].precision, d["mm3"].precision) == ("int4", "float", "int8")
+    assert [d[n].precision for n in ("mm1", "mm2", "mm3", "mm4")] == ["int4", "float", "int8", "fp16"]
+    half = [n for n in model.graph if n.op_type == "Cast"]
+    assert len(half) == 1 and half[0].inputs[0].const_value.dtype == ir.DataType.FLOAT16
     assert "mixed-precision allocation" in d["mm2"].reason
     assert model.opset_imports[""] == 21
     dq = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.attributes.get_int("block_size", 0)]
@@ -107,14 +109,14 @@ def test_groups_join_concat_inputs_and_shared_weights(shared):
     model = ir.serde.deserialize_model(proto)
     insert = InsertQDQPass(TARGET.quantization, ranges_for(proto))
     insert(ir.serde.deserialize_model(proto))
-    groups = layer_groups(model, insert.decisions, ("float", "int8", "int4"), ("Relu", "Clip"), 32)
+    groups = layer_groups(model, insert.decisions, ("float", "fp16", "int8", "int4"), ("Relu", "Clip"), 32)
     members = sorted(tuple(sorted(g.nodes)) for g in groups)
     assert members == [("mm1",), ("mm2", "mm3"), ("mm4",)]  # Concat inputs together (and a shared w2)
     by_name = {n: g for g in groups for n in g.nodes}
     assert by_name["mm1"].timed == ("mm1", "relu")
     for g in groups:
-        assert g.precisions == ("float", "int8", "int4")
-        assert g.bytes["int4"] < g.bytes["int8"] < g.bytes["float"]
+        assert g.precisions == ("float", "fp16", "int8", "int4")
+        assert g.bytes["int4"] < g.bytes["int8"] < g.bytes["fp16"] < g.bytes["float"]
     mm23 = by_name["mm2"].bytes["float"]
     assert mm23 == (1 if shared else 2) * 128 * 64 * 4  # a shared weight is stored once
 
@@ -285,3 +287,20 @@ def test_sensitivity_proxy_tracks_measured_figures(tmp_path):
     ratios = [tables["proxy"][g][p] / tables["measured"][g][p] for g in sensitivity["proxy_groups"]
               for p in tables["measured"][g] if p != "float"]
     assert len(ratios) >= 4 and all(0.01 < r < 100 for r in ratios), ratios
+
+
+def test_tensorrt_target_mixes_fp16_and_int8_by_size_without_measuring(tmp_path):
+    out = tmp_path / "orin"
+    folder = EXAMPLES / "digits_cnn"
+    result = run("compile", folder / "model.onnx", "-t", "jetson-orin", "--calib", folder / "calib.npz", "--eval",
+                 folder / "eval.npz", "--metric", EXAMPLES / "metric.py:accuracy", "--scheme", "mixed",
+                 "--max-drop", "0.3%", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    mixed = manifest["mixed"]
+    assert mixed["x_axis"] == "bytes" and manifest["latency"]["measured"] is False
+    precisions = {g["precision"] for g in mixed["groups"]}
+    assert "float" not in precisions and precisions <= {"fp16", "int8"}  # fp16 is smaller than float and ~lossless
+    assert manifest["delivered"]["bytes"] < 0.6 * manifest["delivered"]["float_bytes"]
+    options = manifest["deploy"]["onnxruntime"]["provider_options"]["TensorrtExecutionProvider"]
+    assert options.get("trt_int8_enable", False) == ("int8" in precisions)

@@ -11,10 +11,11 @@ Rules:
 - A group's time counts its members and the activation each member's output alone feeds (ORT fuses
   Conv/Gemm + Relu, Clip, Sigmoid, … into one float kernel, and the Q→DQ pair moves past Relu/Clip in int8).
 - A group offers a precision only when every member supports it (int4: MatMuls with a 2-D constant weight
-  whose reduction axis is a multiple of the block size). ``float`` and ``int8`` are always offered.
+  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight). ``float`` and
+  ``int8`` are always offered.
 - Bytes per precision count the group's weights and biases as stored: float as in the model; int8 one byte
   per weight plus a float scale and a zero point per channel, int32 biases with their scales; int4 half a byte
-  per weight plus a float scale and a 4-bit zero point per block.
+  per weight plus a float scale and a 4-bit zero point per block; fp16 two bytes per weight, biases as they are.
 """
 
 from __future__ import annotations
@@ -79,13 +80,19 @@ def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tu
     groups = []
     for nodes in members.values():
         offered = tuple(p for p in candidates if p in ("float", "int8") or
-                        (p == "int4" and all(int4_ineligible(n, int4_block) is None for n in nodes)))
+                        (p == "int4" and all(int4_ineligible(n, int4_block) is None for n in nodes)) or
+                        (p == "fp16" and all(_float_weight(n) for n in nodes)))
         group = Group(nodes[0].name, tuple(n.name for n in nodes),
                       "+".join(dict.fromkeys(n.op_type for n in nodes)), offered)
         group.bytes = {p: _stored_bytes(nodes, p, int4_block) for p in offered}
         group.timed = group.nodes + tuple(a.name for a in map(_fused_activation, nodes) if a is not None)
         groups.append(group)
     return groups
+
+
+def _float_weight(node: ir.Node) -> bool:
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    return weight is not None and weight.const_value is not None and weight.const_value.dtype == ir.DataType.FLOAT
 
 
 def _fused_activation(node: ir.Node) -> ir.Node | None:
@@ -113,8 +120,10 @@ def _stored_bytes(nodes: list[ir.Node], precision: str, int4_block: int) -> int:
             seen.add(value.name)
             array = value.const_value
             size = int(np.prod(array.shape)) if array.shape.dims else 1
-            if precision == "float":
+            if precision == "float" or (precision == "fp16" and index == 2):
                 total += array.nbytes
+            elif precision == "fp16":
+                total += 2 * size
             elif index == 2:  # bias: int32 values, a float scale each, an int32 zero point each
                 total += 12 * size
             elif precision == "int8":

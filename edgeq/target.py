@@ -10,7 +10,8 @@ A target says what the device can run fast, and edgeq only quantizes what it can
   multiple for the input channels; ``pays_from_channels`` is where sparse kernels start to pay. No section:
   no sparse kernels.
 - ``[precisions]``: the precisions ``--scheme mixed`` may give a layer (``candidates``): ``float``, ``fp16``
-  (weights stored in float16), ``int8`` (W8A8 QDQ) and ``int4`` (weight-only, block-wise along the reduction
+  (weights stored in float16), ``int8`` (W8A8 QDQ), ``int16`` (W8A16: 16-bit activations, for devices with
+  16-bit activation kernels; ORT's CPU EP has none) and ``int4`` (weight-only, block-wise along the reduction
   axis, ``int4_block_size`` rows per scale; MatMuls with a 2-D constant weight, which ORT runs as
   ``MatMulNBits``). No section: float and int8.
 - ``[onnxruntime]``: execution providers and thread counts for building and measuring.
@@ -33,7 +34,7 @@ from edgeq.errors import UserError
 
 _INT_TYPES = ("uint8", "int8")
 SPARSITY_PATTERNS = ("2:4",)
-PRECISIONS = ("float", "fp16", "int8", "int4")
+PRECISIONS = ("float", "fp16", "int8", "int16", "int4")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ Rules:
   nodes are reported as left float.
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
 - Per-node precisions (``precisions``, from the mixed-precision allocation; a node not named is int8): ``float``
-  stays float; ``int4`` is weight-only — a MatMul's 2-D constant weight becomes asymmetric uint4 in blocks of
+  stays float; ``int16`` is W8A16 — int8 weights, and every activation tensor the node reads or writes gets a
+  16-bit Q→DQ pair (opset 21; for targets with 16-bit activation kernels); ``int4`` is weight-only — a MatMul's 2-D constant weight becomes asymmetric uint4 in blocks of
   ``int4_block_size`` rows along the reduction axis (a blocked DequantizeLinear, opset 21, which ONNX Runtime
   fuses into ``MatMulNBits``); its activations stay float and it takes no part in QDQ growth. ``fp16`` stores
   a node's constant weight in float16 with a Cast to float before use (half the bytes; what it computes in is
@@ -41,11 +42,12 @@ from onnx_ir.passes import common
 
 from edgeq.target import QuantizationRules
 
-_NP_TYPES = {"uint8": np.uint8, "int8": np.int8}
+_NP_TYPES = {"uint8": np.uint8, "int8": np.int8, "uint16": np.uint16, "int16": np.int16}
+WIDE = {"uint8": "uint16", "int8": "int16"}  # the 16-bit activations of an "int16" (W8A16) node
 _SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
 
-INT4_OPSET = 21  # blocked DequantizeLinear and the 4-bit types
+INT4_OPSET = 21  # blocked DequantizeLinear, the 4-bit types, and 16-bit Quantize/DequantizeLinear
 
 
 @dataclass(frozen=True)
@@ -64,20 +66,22 @@ class Decision:
 class QParams:
     scale: float
     zero_point: int
+    dtype: str = "uint8"
 
 
 def activation_qparams(lo: float, hi: float, dtype: str, symmetric: bool = False) -> QParams:
-    """8-bit parameters for the range [lo, hi] (which contains 0): asymmetric, or symmetric int8 (±127,
-    zero point 0)."""
+    """8- or 16-bit parameters for the range [lo, hi] (which contains 0): asymmetric, or symmetric signed
+    (±127 / ±32767, zero point 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+    levels = 2 ** np.iinfo(_NP_TYPES[dtype]).bits - 1
     if symmetric:
         bound = max(-lo, hi)
-        return QParams(float(np.float32(bound / 127.0)) if bound > 0 else 1.0, 0)
-    qmin = 0 if dtype == "uint8" else -128
+        return QParams(float(np.float32(bound / (levels // 2))) if bound > 0 else 1.0, 0, dtype)
+    qmin = int(np.iinfo(_NP_TYPES[dtype]).min)
     if hi - lo <= 0:
-        return QParams(1.0, qmin if dtype == "uint8" else 0)
-    scale = (hi - lo) / 255.0
-    return QParams(float(np.float32(scale)), int(np.clip(round(qmin - lo / scale), qmin, qmin + 255)))
+        return QParams(1.0, 0, dtype)
+    scale = (hi - lo) / levels
+    return QParams(float(np.float32(scale)), int(np.clip(round(qmin - lo / scale), qmin, qmin + levels)), dtype)
 
 
 def weight_quantize(weight: np.ndarray, axis: int | None, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +187,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             return node.meta[EXCLUDE_KEY]
         if node.name in self.keep_float:
             return "returned to float: int8 was slower here (measured)"
-        if self.precisions.get(node.name, "int8") != "int8":
+        if self.precisions.get(node.name, "int8") not in ("int8", "int16"):
             return f"{self.precisions[node.name]} by the mixed-precision allocation"
         for i in self._activation_inputs(node, role):
             if not _is_activation(node.inputs[i], self.ranges):
@@ -234,7 +238,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     if attr in node.attributes:
                         quantized |= self._quantize_graph(node.attributes[attr].as_graph(), f"{node.name}_{attr}_")
         quantized |= self._quantize_graph(model.graph, "")
-        if any(d.precision == "int4" for d in self.decisions.values()):
+        if any(d.precision in ("int4", "int16") for d in self.decisions.values()):
             model.opset_imports[""] = max(model.opset_imports.get("", INT4_OPSET), INT4_OPSET)
         self._count_subgraph_compute(model.graph)
         common.TopologicalSortPass()(model)
@@ -266,7 +270,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for value, owner in tensors.items():
             self._insert_pair(graph, value, qparams[value], owner)
         for node in kept:
-            self.decisions[node.name] = Decision(node.op_type, True, roles[node])
+            wide = self.precisions.get(node.name) == "int16" and roles[node] == "compute"
+            self.decisions[node.name] = Decision(node.op_type, True, roles[node], "int16" if wide else "int8")
             act = self._fused_activation(node) if roles[node] != "passthrough" else None
             if act is not None:
                 self.owners[act.name] = node.name
@@ -315,7 +320,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return tensors
 
     def _resolve_qparams(self, graph, roles, kept, tensors) -> dict[ir.Value, QParams]:
-        dtype = self.rules.activations
+        """Per tensor: 16-bit when an int16 (W8A16) compute node reads or writes it, else 8-bit; a passthrough
+        op's output takes its input's parameters."""
+        wide = {v for n in kept if roles[n] == "compute" and self.precisions.get(n.name) == "int16"
+                for v in (*(n.inputs[i] for i in self._activation_inputs(n, "compute")), self._fused_output(n))}
         params: dict[ir.Value, QParams] = {}
         for node in graph:  # topological order: a passthrough's input is resolved before its output
             for value in (*node.inputs, *node.outputs):
@@ -324,6 +332,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     if producer in kept and roles.get(producer) == "passthrough" and producer.inputs[0] in params:
                         params[value] = params[producer.inputs[0]]
                     else:
+                        dtype = WIDE[self.rules.activations] if value in wide else self.rules.activations
                         params[value] = activation_qparams(*self.ranges[value.name], dtype,
                                                            self.rules.symmetric_activations)
         return params
@@ -443,7 +452,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _insert_pair(self, graph: ir.Graph, value: ir.Value, params: QParams, owner: str) -> None:
         base = self._prefix + value.name  # a branch may quantize a value the main graph quantizes too
-        dtype = _NP_TYPES[self.rules.activations]
+        dtype = _NP_TYPES[params.dtype]
         scale = self._initializer(graph, f"{base}_scale", np.array(params.scale, dtype=np.float32))
         zero = self._initializer(graph, f"{base}_zero_point", np.array(params.zero_point, dtype=dtype))
         qnode = ir.Node("", "QuantizeLinear", [value, scale, zero], name=f"{base}_QuantizeLinear", num_outputs=1)

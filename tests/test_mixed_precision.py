@@ -304,3 +304,41 @@ def test_tensorrt_target_mixes_fp16_and_int8_by_size_without_measuring(tmp_path)
     assert manifest["delivered"]["bytes"] < 0.6 * manifest["delivered"]["float_bytes"]
     options = manifest["deploy"]["onnxruntime"]["provider_options"]["TensorrtExecutionProvider"]
     assert options.get("trt_int8_enable", False) == ("int8" in precisions)
+
+
+def test_int16_activations_are_wider_and_more_accurate_than_int8(tmp_path):
+    proto = mlp_model()
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    errors = {}
+    for precision in ("int8", "int16"):
+        model = ir.serde.deserialize_model(proto)
+        everything_float = {n: "float" for n in ("mm1", "mm2", "mm4")}
+        insert = InsertQDQPass(TARGET.quantization, ranges_for(proto), precisions=everything_float | {"mm3": precision})
+        insert(model)
+        assert insert.decisions["mm3"].precision == precision
+        zero_points = {n.inputs[0].name: n.inputs[2].const_value.dtype for n in model.graph
+                       if n.op_type == "QuantizeLinear"}
+        expected = ir.DataType.UINT16 if precision == "int16" else ir.DataType.UINT8
+        assert zero_points["r"] == zero_points["b"] == expected  # what mm3 reads and writes
+        path = tmp_path / f"{precision}.onnx"
+        ir.save(model, path)
+        errors[precision] = output_nsr([[ref]], [[ort.InferenceSession(str(path)).run(None, {"x": x})[0]]])
+    assert 0 < errors["int16"] < 0.9 * errors["int8"]  # the int8 weights (W8A16) still bound the gain
+
+
+def test_measurement_rejects_int16_where_the_target_has_no_16_bit_kernels(tmp_path):
+    text = (EXAMPLES.parent / "targets/x86-avx512-vnni.toml").read_text()
+    target = tmp_path / "x86-int16.toml"
+    target.write_text(text.replace('candidates = ["float", "int8", "int4"]', 'candidates = ["float", "int8", "int16"]'))
+    out = tmp_path / "tf"
+    folder = EXAMPLES / "digits_cnn"
+    result = run("compile", folder / "model.onnx", "-t", target, "--calib", folder / "calib.npz", "--eval",
+                 folder / "eval.npz", "--scheme", "mixed", "--max-drop", "1%", "--repeats", 20, "-o", out)
+    assert result.exit_code == 0, result.output
+    mixed = json.loads((out / "manifest.json").read_text())["mixed"]
+    for g in mixed["groups"]:
+        assert g["nsr"]["int16"] < g["nsr"]["int8"]
+        # ORT's CPU EP runs int16 QDQ as float plus conversions: slower than float, so never the fastest choice
+        assert g["precision"] != "int16"
+        assert g["ms_by_precision"]["int16"] > g["ms_by_precision"]["float"] * 0.9

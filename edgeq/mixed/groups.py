@@ -11,8 +11,8 @@ Rules:
 - A group's time counts its members and the activation each member's output alone feeds (ORT fuses
   Conv/Gemm + Relu, Clip, Sigmoid, … into one float kernel, and the Q→DQ pair moves past Relu/Clip in int8).
 - A group offers a precision only when every member supports it (int4: MatMuls with a 2-D constant weight
-  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight). ``float`` and
-  ``int8`` are always offered.
+  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight). ``float``, ``int8``
+  and ``int16`` are always offered when the target lists them.
 - Bytes per precision count the group's weights and biases as stored: float as in the model; int8 one byte
   per weight plus a float scale and a zero point per channel, int32 biases with their scales; int4 half a byte
   per weight plus a float scale and a 4-bit zero point per block; fp16 two bytes per weight, biases as they are.
@@ -79,7 +79,7 @@ def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tu
         members.setdefault(sets.find(name), []).append(node)
     groups = []
     for nodes in members.values():
-        offered = tuple(p for p in candidates if p in ("float", "int8") or
+        offered = tuple(p for p in candidates if p in ("float", "int8", "int16") or
                         (p == "int4" and all(int4_ineligible(n, int4_block) is None for n in nodes)) or
                         (p == "fp16" and all(_float_weight(n) for n in nodes)))
         group = Group(nodes[0].name, tuple(n.name for n in nodes),
@@ -126,7 +126,7 @@ def _stored_bytes(nodes: list[ir.Node], precision: str, int4_block: int) -> int:
                 total += 2 * size
             elif index == 2:  # bias: int32 values, a float scale each, an int32 zero point each
                 total += 12 * size
-            elif precision == "int8":
+            elif precision in ("int8", "int16"):  # W8A8 and W8A16 store the same int8 weights
                 total += size + 5 * int(array.shape[weight_channel_axis(node, len(array.shape))])
             else:  # int4: K × N weight in blocks of int4_block rows
                 total += size // 2 + (size // int4_block) * 9 // 2

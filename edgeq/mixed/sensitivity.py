@@ -9,7 +9,7 @@ Rules:
 - Proxy (``--sensitivity proxy``; ``auto`` uses it for large models): for a one-layer group whose weight
   :func:`edgeq.passes.sparsify.layer_view` can read as rows W (Conv without groups, Gemm, MatMul), the layer's
   own NSR is computed from its input Gram matrix H on the same feeds — weight error tr(ΔW H ΔWᵀ) plus, for
-  int8, the input and output rounding noise (n·s²/12 per element, s from the calibrated ranges) — over the
+  int8 and int16, the input and output rounding noise (n·s²/12 per element, s from the calibrated ranges) — over the
   signal tr(W H Wᵀ). Weight quantization error × activation scale, no build per group. Three proxied groups
   are also measured, and the geometric mean of measured / proxy scales every proxy to output NSR; other
   groups (depthwise convolutions, shared weights, attention MatMuls) are measured. One scale cannot say how
@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq.mixed.groups import Group
-from edgeq.passes.insert_qdq import activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
+from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
 from edgeq.target import Target
@@ -148,7 +148,8 @@ def _layer_nsr(layer: Layer, gram: np.ndarray, rows: int, precision: str, ranges
         delta = layer.rows(array - q.astype(np.float32) * scale.reshape(shape)).astype(np.float64)
         for value, per_row in ((layer.node.inputs[0], float(np.sum(w * w))), (layer.node.outputs[0], w.shape[0])):
             if value.name in ranges:
-                step = activation_qparams(*ranges[value.name], rules.activations, rules.symmetric_activations).scale
+                dtype = WIDE[rules.activations] if precision == "int16" else rules.activations
+                step = activation_qparams(*ranges[value.name], dtype, rules.symmetric_activations).scale
                 noise += rows * per_row * step * step / 12.0
     noise += float(np.sum((delta @ gram) * delta))
     return noise / signal if signal > 0 else 0.0

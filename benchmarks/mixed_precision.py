@@ -4,8 +4,8 @@ under a drop budget uniform int8 misses; int4 weights for the transformer under 
     python benchmarks/mixed_precision.py [--models resnet18,mobilenetv2,bert_small] [--calib 64] [--eval 16]
 
 Every mixed compile uses the optional op set (Add, ActMatMul, …) the int8 compile chose, so the variants
-differ only in precisions. Fidelity is the output's mean cosine with the float model on the eval feeds, given to edgeq as a user metric
-(float scores 1, so the metric drop is 1 − cosine). Per model, with one calibration and sensitivity cache:
+differ only in precisions. Fidelity is the output's mean cosine with the float model on the eval feeds,
+given to edgeq as a user metric (float scores 1, so the metric drop is 1 − cosine). Per model, with one calibration and sensitivity cache:
 - int8: ``--scheme int8`` (op-set choice and the no-slowdown loop): drop D8 and latency L8;
 - mixed @ fidelity: ``--scheme mixed --max-drop D8``;
 - mixed @ latency: ``--scheme mixed --latency-ms 1.05·L8`` (the most accurate configuration as fast as int8,
@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from vs_ort_quantizer import export, write_feeds  # noqa: E402
+from vs_ort_quantizer import prepare  # noqa: E402
 from zoo import ZOO  # noqa: E402
 
 from edgeq.calibration_data import CalibrationData, input_specs  # noqa: E402
@@ -81,14 +81,8 @@ def compile_variant(model: Path, calib: Path, evalf: Path, metric: str, cache: P
 
 
 def bench_model(name: str, calib_count: int, eval_count: int, repeats: int) -> dict:
-    entry = ZOO[name]
     folder = WORK / name
-    folder.mkdir(parents=True, exist_ok=True)
-    fp32 = folder / "fp32.onnx"
-    if not fp32.exists():
-        export(entry, fp32)
-    calib = write_feeds(entry, folder / "calib", calib_count, seed=1)
-    evalf = write_feeds(entry, folder / "eval", eval_count, seed=2)
+    fp32, calib, evalf = prepare(ZOO[name], folder, calib_count, eval_count)
     runtime = OnnxRuntime(load_target(TARGET))
     metric = write_metric(folder, fp32, evalf, runtime)
     feed = next(iter(CalibrationData.from_path(evalf, input_specs(load_model(fp32))))).inputs
@@ -99,7 +93,8 @@ def bench_model(name: str, calib_count: int, eval_count: int, repeats: int) -> d
     def run(label: str, recipe: Recipe) -> dict:
         manifest, code, seconds, path = compile_variant(fp32, calib, evalf, metric, cache, recipe)
         mixed = manifest.get("mixed", {})
-        rows[label] = {"path": path, "optional_ops": manifest["recipe"]["optional_ops"], "drop": manifest["fidelity"]["metric"]["drop"], "exit": code,
+        rows[label] = {"path": path, "optional_ops": manifest["recipe"]["optional_ops"],
+                       "drop": manifest["fidelity"]["metric"]["drop"], "exit": code,
                        "seconds": seconds, "bytes": manifest["delivered"]["bytes"],
                        "float_bytes": manifest["delivered"]["float_bytes"],
                        "ms": manifest["latency"]["int8"]["median_ms"] if "int8" in manifest["latency"] else None,
@@ -134,7 +129,8 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         for label, row in r["rows"].items():
             print(f"| {r['model']} | {label} | {row['drop']:.2e} | {row['loss_vs_int8']:.2f} | "
-                  f"{row['ratio_vs_float']:.2f} | {row['ratio_vs_int8']:.2f} | {row['bytes'] / row['float_bytes']:.2f} | "
+                  f"{row['ratio_vs_float']:.2f} | {row['ratio_vs_int8']:.2f} | "
+                  f"{row['bytes'] / row['float_bytes']:.2f} | "
                   f"{row['precisions']} | {row['exit']} | {row['seconds']:.0f} |")
 
 

@@ -106,15 +106,20 @@ def fidelity(ref: ort.InferenceSession, test: ort.InferenceSession, feeds: list[
     return min(o["sqnr_db"] for o in outputs), (min(top1) if top1 else None)
 
 
-def bench_model(name: str, work: Path, calib_count: int, repeats: int) -> dict:
-    entry = ZOO[name]
-    folder = work / name
+def prepare(entry, folder: Path, calib_count: int, eval_count: int) -> tuple[Path, Path, Path]:
+    """The zoo model exported once into ``folder``, with seeded calibration and evaluation feeds."""
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = folder / "fp32.onnx"
     if not fp32.exists():
         export(entry, fp32)
-    calib = write_feeds(entry, folder / "calib", calib_count, seed=1)
-    evalf = write_feeds(entry, folder / "eval", 8, seed=2)
+    return (fp32, write_feeds(entry, folder / "calib", calib_count, seed=1),
+            write_feeds(entry, folder / "eval", eval_count, seed=2))
+
+
+def bench_model(name: str, work: Path, calib_count: int, repeats: int) -> dict:
+    entry = ZOO[name]
+    folder = work / name
+    fp32, calib, evalf = prepare(entry, folder, calib_count, 8)
     started = time.perf_counter()
     manifest, _ = compile_model(CompileRequest(model=fp32, target=load_target(TARGET), recipe=Recipe(latency_repeats=20),
                                                out_dir=folder / "edgeq", calib=calib, eval=evalf, cache_dir=None))

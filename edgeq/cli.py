@@ -128,7 +128,8 @@ def compile(model, target, calib, eval_path, scheme, method, percentile, optiona
     from edgeq.recipe import Exclusions, Recipe
     from edgeq.target import load_target
 
-    recipe = Recipe(scheme=scheme, method=method, percentile=percentile, optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
+    recipe = Recipe(scheme=scheme, method=method, percentile=percentile, optional_ops=optional_ops,
+                    exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
                     latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,

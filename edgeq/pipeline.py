@@ -150,7 +150,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             manifest["sparsity"] = (run.sparsity.report if run.sparsity else {}) | {
                 "check": _check_sparsity(delivered)}
         if tensorrt.uses_tensorrt(request.target):
-            manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=run.delivered != "float" and run.has_int8,
+            int8 = run.delivered != "float" and run.has_int8
+            manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=int8,
                                                      sparse=bool(run.sparsity and run.sparsity.report["pruned"]))
         writer.publish(manifest)
     return manifest, exit_code

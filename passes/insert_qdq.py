@@ -21,8 +21,8 @@ Rules:
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
 - Per-node precisions (``precisions``, from the mixed-precision allocation; a node not named is int8): ``float``
   stays float; ``int16`` is W8A16 — int8 weights, and every activation tensor the node reads or writes gets a
-  16-bit Q→DQ pair (opset 21; for targets with 16-bit activation kernels); ``int4`` is weight-only — a MatMul's 2-D constant weight becomes asymmetric uint4 in blocks of
-  ``int4_block_size`` rows along the reduction axis (a blocked DequantizeLinear, opset 21, which ONNX Runtime
+  16-bit Q→DQ pair (opset 21; for targets with 16-bit activation kernels); ``int4`` is weight-only — a
+  MatMul's 2-D constant weight becomes asymmetric uint4 in blocks of ``int4_block_size`` rows along the reduction axis (a blocked DequantizeLinear, opset 21, which ONNX Runtime
   fuses into ``MatMulNBits``); its activations stay float and it takes no part in QDQ growth. ``fp16`` stores
   a node's constant weight in float16 with a Cast to float before use (half the bytes; what it computes in is
   the runtime's choice — TensorRT with fp16 enabled runs float layers in fp16 anyway).
@@ -275,7 +275,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             act = self._fused_activation(node) if roles[node] != "passthrough" else None
             if act is not None:
                 self.owners[act.name] = node.name
-        weight_only = [n for n in graph if self.precisions.get(n.name) in ("int4", "fp16") and EXCLUDE_KEY not in n.meta]
+        weight_only = [n for n in graph
+                       if self.precisions.get(n.name) in ("int4", "fp16") and EXCLUDE_KEY not in n.meta]
         for node in weight_only:
             if self.precisions[node.name] == "int4":
                 self._quantize_int4(graph, node)
@@ -419,12 +420,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             sv = self._initializer(graph, f"{key}_scale", scale)
             zv = self._initializer4(graph, f"{key}_zero_point", zero)
             attrs = [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", block)]
-            dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attributes=attrs, name=f"{key}_DequantizeLinear",
-                         num_outputs=1)
-            dq.outputs[0].name, dq.outputs[0].dtype = f"{key}_dequantized", ir.DataType.FLOAT
-            graph.append(dq)
-            self.owners[dq.name] = node.name
-            self._weights[key] = (dq.outputs[0], scale)
+            dq = self._weight_maker(graph, node.name, "DequantizeLinear", [qv, sv, zv], attrs, key, "dequantized")
+            self._weights[key] = (dq, scale)
         node.replace_input_with(1, self._weights[key][0])
         self.decisions[node.name] = Decision(node.op_type, True, f"int4 weight-only, blocks of {block}", "int4")
 
@@ -436,14 +433,19 @@ class InsertQDQPass(ir.passes.InPlacePass):
         key = f"{self._prefix}{weight.name}_fp16"
         if key not in self._weights:
             half = self._initializer(graph, key, weight.const_value.numpy().astype(np.float16))
-            cast = ir.Node("", "Cast", [half], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{key}_Cast",
-                           num_outputs=1)
-            cast.outputs[0].name, cast.outputs[0].dtype = f"{key}_as_float", ir.DataType.FLOAT
-            graph.append(cast)
-            self.owners[cast.name] = node.name
-            self._weights[key] = (cast.outputs[0], None)
+            attrs = [ir.AttrInt64("to", ir.DataType.FLOAT)]
+            self._weights[key] = (self._weight_maker(graph, node.name, "Cast", [half], attrs, key, "as_float"), None)
         node.replace_input_with(1, self._weights[key][0])
         self.decisions[node.name] = Decision(node.op_type, True, "fp16 weights (Cast to float before use)", "fp16")
+
+    def _weight_maker(self, graph: ir.Graph, owner: str, op_type: str, inputs: list, attrs: list, key: str,
+                      suffix: str) -> ir.Value:
+        """Append the node that makes a float weight from its stored form (blocked DequantizeLinear, Cast)."""
+        made = ir.Node("", op_type, inputs, attributes=attrs, name=f"{key}_{op_type}", num_outputs=1)
+        made.outputs[0].name, made.outputs[0].dtype = f"{key}_{suffix}", ir.DataType.FLOAT
+        graph.append(made)
+        self.owners[made.name] = owner
+        return made.outputs[0]
 
     def _initializer4(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=name, const_value=ir.Tensor(array, dtype=ir.DataType.UINT4, name=name))

@@ -5,7 +5,8 @@ profiler; a fused kernel (``QLinearConv`` made from ``DequantizeLinear → Conv 
 name of the node it was made from plus a ``_token_N`` suffix, which is stripped to map its time back to the
 original node; a node ORT fused with its neighbours keeps the first one's name plus ``/<Name>Fusion`` tags
 (``MatMul_3/MatMulAddFusion``), which are stripped too; a kernel of ORT's NCHWc layout is named after the
-value it makes (``relu_3_nchwc``), and counts for the node that makes that value in the model. Kernels ORT adds itself (layout Transposes) are reported under their own names.
+value it makes (``relu_3_nchwc``), and counts for the node that makes that value in the model. Kernels ORT
+adds itself (layout Transposes) are reported under their own names.
 """
 
 from __future__ import annotations

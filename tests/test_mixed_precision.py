@@ -282,7 +282,8 @@ def test_sensitivity_proxy_tracks_measured_figures(tmp_path):
         if name not in sensitivity["proxy_groups"]:  # measured in both runs (calibration groups, attention, …)
             assert figures == pytest.approx(tables["measured"][name], rel=1e-6)
         elif "int4" in figures:  # the proxy ranks int4 as noisier than int8, as measured
-            assert figures["int4"] > figures["int8"] and tables["measured"][name]["int4"] > tables["measured"][name]["int8"]
+            measured = tables["measured"][name]
+            assert figures["int4"] > figures["int8"] and measured["int4"] > measured["int8"]
     # layer-level figures miss how much of a layer's noise reaches the output, but stay within two decades
     ratios = [tables["proxy"][g][p] / tables["measured"][g][p] for g in sensitivity["proxy_groups"]
               for p in tables["measured"][g] if p != "float"]

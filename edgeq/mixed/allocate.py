@@ -4,8 +4,8 @@ Rules:
 - Variables x[g, p] ∈ {0, 1} with one precision per group (Σ_p x[g, p] = 1): a multiple-choice knapsack,
   solved exactly by HiGHS through scipy's ``milp`` (MixDQ's formulation).
 - Objective: latency when a fidelity budget is given (bytes where latency is not measured); otherwise NSR, the
-  most accurate configuration within the latency and size budgets; bytes when the search falls back. A tiny secondary term breaks ties: toward
-  fidelity when minimizing latency, toward latency when minimizing NSR.
+  most accurate configuration within the latency and size budgets; bytes when the search falls back. A tiny
+  secondary term breaks ties: toward fidelity when minimizing latency or bytes, toward speed when minimizing NSR.
 - Constraints, each when given: predicted NSR ≤ ``max_nsr``, latency ≤ ``max_ms``, bytes ≤ ``max_bytes``.
 - The Pareto frontier (ZeroQ's): the fastest configuration under a sweep of NSR caps, from the NSR of the
   fastest configuration down to 0 (all float).

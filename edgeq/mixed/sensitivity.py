@@ -9,8 +9,8 @@ Rules:
 - Proxy (``--sensitivity proxy``; ``auto`` uses it for large models): for a one-layer group whose weight
   :func:`edgeq.passes.sparsify.layer_view` can read as rows W (Conv without groups, Gemm, MatMul), the layer's
   own NSR is computed from its input Gram matrix H on the same feeds — weight error tr(ΔW H ΔWᵀ) plus, for
-  int8 and int16, the input and output rounding noise (n·s²/12 per element, s from the calibrated ranges) — over the
-  signal tr(W H Wᵀ). Weight quantization error × activation scale, no build per group. Three proxied groups
+  int8 and int16, the input and output rounding noise (n·s²/12 per element, s from the calibrated ranges) —
+  over the signal tr(W H Wᵀ). Weight quantization error × activation scale, no build per group. Three proxied groups
   are also measured, and the geometric mean of measured / proxy scales every proxy to output NSR; other
   groups (depthwise convolutions, shared weights, attention MatMuls) are measured. One scale cannot say how
   much of each layer's noise reaches the output (a residual stream dilutes late layers' noise), so proxies

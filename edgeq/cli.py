@@ -289,14 +289,15 @@ def targets(as_json):
         ok, why = t.can_measure_here()
         rows.append({"name": name, "arch": t.arch, "activations": t.quantization.activations,
                      "runtime": "onnxruntime " + "+".join(t.onnxruntime.providers),
+                     "mixed_precisions": list(t.precisions.candidates),
                      "measurable_here": ok, "why_not": why, "description": t.description})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("target", "arch", "activations", "runtime", "measured here", "description")
+    table = Table("target", "arch", "activations", "runtime", "--scheme mixed", "measured here", "description")
     for r in rows:
-        table.add_row(r["name"], r["arch"], r["activations"], r["runtime"], "yes" if r["measurable_here"] else
-                      f"no: {r['why_not']}", r["description"])
+        table.add_row(r["name"], r["arch"], r["activations"], r["runtime"], ", ".join(r["mixed_precisions"]),
+                      "yes" if r["measurable_here"] else f"no: {r['why_not']}", r["description"])
     out.print(table)
 
 

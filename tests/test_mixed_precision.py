@@ -340,6 +340,5 @@ def test_measurement_rejects_int16_where_the_target_has_no_16_bit_kernels(tmp_pa
     mixed = json.loads((out / "manifest.json").read_text())["mixed"]
     for g in mixed["groups"]:
         assert g["nsr"]["int16"] < g["nsr"]["int8"]
-        # ORT's CPU EP runs int16 QDQ as float plus conversions: slower than float, so never the fastest choice
+        # ORT's CPU EP has no 16-bit kernels (float plus conversions): int8 is faster wherever the budget allows it
         assert g["precision"] != "int16"
-        assert g["ms_by_precision"]["int16"] > g["ms_by_precision"]["float"] * 0.9

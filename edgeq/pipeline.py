@@ -285,8 +285,9 @@ class _Compilation:
                             self.calibrator.ranges)
         chosen = self.mixed.chosen
         self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"
-        counts = self.mixed.to_dict()["chosen"]["precisions"]
-        self.reason = "groups by precision: " + ", ".join(f"{p} {n}" for p, n in counts.items())
+        chosen_precisions = sorted(chosen.assign.values())
+        self.reason = "groups by precision: " + ", ".join(
+            f"{p} {chosen_precisions.count(p)}" for p in dict.fromkeys(chosen_precisions))
         if not self.measure:
             self.reason += f"; latency not measured: {self.why_not_measured}"
         elif chosen.ms > chosen.latency["float"].median_ms and self._float_meets_budgets():
@@ -342,7 +343,8 @@ class _Compilation:
                 "quantized_nodes": len(self.current.quantized),
                 "float_nodes": sum(1 for d in insert.decisions.values() if not d.quantized),
                 "subgraph_compute_left_float": insert.subgraph_compute_left_float,
-                "decisions": {n: {"op_type": d.op_type, "quantized": d.quantized, "reason": d.reason}
+                "decisions": {n: {"op_type": d.op_type, "quantized": d.quantized, "precision": d.precision,
+                                  "reason": d.reason}
                               for n, d in sorted(insert.decisions.items())},
             },
             "latency": ({k: v.to_dict() for k, v in latency.items()}

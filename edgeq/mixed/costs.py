@@ -15,7 +15,7 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from edgeq.mixed.groups import Group
 
@@ -47,9 +47,6 @@ class Costs:
             self.rest_ms += unexplained
         for group in changed:
             self.latency[group][assign[group]] += unexplained / len(changed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def group_times(groups: list[Group], node_ms: dict[str, float]) -> dict[str, float]:

@@ -39,10 +39,6 @@ class Group:
     bytes: dict[str, int] = field(default_factory=dict)
     timed: tuple[str, ...] = ()  # the members and their fused activations: where the group's time is found
 
-    def to_dict(self) -> dict:
-        return {"nodes": list(self.nodes), "op_type": self.op_type, "precisions": list(self.precisions),
-                "bytes": self.bytes}
-
 
 class _UnionFind:
     def __init__(self, items):

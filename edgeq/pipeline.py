@@ -50,7 +50,7 @@ from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, compare_models, load_metric
 from edgeq.mixed import report
-from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult
+from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.exclude import ExcludePass
@@ -285,9 +285,8 @@ class _Compilation:
                             self.calibrator.ranges)
         chosen = self.mixed.chosen
         self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"
-        chosen_precisions = sorted(chosen.assign.values())
         self.reason = "groups by precision: " + ", ".join(
-            f"{p} {chosen_precisions.count(p)}" for p in dict.fromkeys(chosen_precisions))
+            f"{p} {n}" for p, n in precision_counts(chosen.assign).items())
         if not self.measure:
             self.reason += f"; latency not measured: {self.why_not_measured}"
         elif chosen.ms > chosen.latency["float"].median_ms and self._float_meets_budgets():
@@ -296,7 +295,7 @@ class _Compilation:
                            " and float meets the budgets")
         if self.measure:
             owners = self.current.insert.owners
-            self.profiles = {"float": cost_by_node(self.runtime.profile(self.float_path, self.feed), owners),
+            self.profiles = {"float": cost_by_node(self.mixed.float_times, owners),
                              "int8": chosen.node_ms}
 
     def _float_meets_budgets(self) -> bool:

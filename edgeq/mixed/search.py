@@ -82,17 +82,16 @@ class SearchResult:
     iterations: list[dict] = field(default_factory=list)
     k: float = COSINE_DROP_PER_NSR
     seconds: dict[str, float] = field(default_factory=dict)
-
+    float_times: list = field(default_factory=list)  # the float model's per-kernel profile (NodeTime), if measured
 
     def to_dict(self) -> dict:
         """The manifest's ``mixed`` section (and what ``report.html`` is drawn from)."""
         chosen = self.chosen.assign
         groups = [{"name": g.name, "nodes": list(g.nodes), "op_type": g.op_type, "precision": chosen[g.name],
-                   "nsr": self.sensitivity.nsr[g.name], "ms": _chosen_ms(self, g.name),
+                   "nsr": self.sensitivity.nsr[g.name], "ms": self.chosen.group_ms[g.name] if self.chosen.group_ms else None,
                    "ms_by_precision": self.costs.latency[g.name] if self.costs.latency else None,
                    "bytes": self.costs.bytes[g.name][chosen[g.name]], "bytes_by_precision": self.costs.bytes[g.name]}
                   for g in self.groups]
-        counts = {p: sum(1 for v in chosen.values() if v == p) for p in sorted(set(chosen.values()))}
         return {
             "x_axis": "ms" if self.costs.latency is not None else "bytes",
             "groups": groups,
@@ -102,17 +101,17 @@ class SearchResult:
             "drop_per_nsr": self.k,
             "frontier": self.frontier,
             "iterations": self.iterations,
-            "chosen": _figures(self.chosen) | {"precisions": counts},
+            "chosen": _figures(self.chosen) | {"precisions": precision_counts(chosen)},
             "uniform_int8": _figures(self.uniform_int8),
             "float": {"ms": self.float_ms, "bytes": self.float_bytes},
             "seconds": self.seconds,
         }
 
 
-def _chosen_ms(result: SearchResult, group: str) -> float | None:
-    if result.chosen.group_ms is not None:
-        return result.chosen.group_ms[group]
-    return None
+def precision_counts(assign: dict[str, str]) -> dict[str, int]:
+    """How many groups take each precision, precisions in name order."""
+    values = sorted(assign.values())
+    return {p: values.count(p) for p in dict.fromkeys(values)}
 
 
 class MixedPrecisionSearch:
@@ -160,18 +159,18 @@ class MixedPrecisionSearch:
             record["delivered"] = result is chosen
         frontier = [self._describe(a) for a in pareto_front(groups, sensitivity, costs, self._max_bytes())]
         return SearchResult(groups, sensitivity, costs, chosen, base, self.float_ms, self.float_bytes, frontier,
-                            iterations, self.k, seconds)
+                            iterations, self.k, seconds, self.float_times)
 
     # tables ---------------------------------------------------------------------------------------------
     def _costs(self, groups: list[Group], uniform_int8) -> tuple[Costs, Measured]:
         byte_table = {g.name: g.bytes for g in groups}
         rest_bytes = self.float_bytes - sum(g.bytes["float"] for g in groups)
-        self.float_ms = None
+        self.float_ms, self.float_times = None, []
         if not self.measure:
             costs = Costs(None, byte_table, 0.0, rest_bytes)
             return costs, self._measure(uniform(groups, "int8"), uniform_int8, groups)
-        float_times = self.runtime.profile(self.float_path, self.feed)
-        latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(float_times, {})).items()}
+        self.float_times = self.runtime.profile(self.float_path, self.feed)
+        latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(self.float_times, {})).items()}
         costs = Costs(latency, byte_table, 0.0, rest_bytes)
         base = None
         for precision in dict.fromkeys(p for g in groups for p in g.precisions if p != "float"):
@@ -257,8 +256,7 @@ class MixedPrecisionSearch:
     def _describe(self, assign: dict[str, str]) -> dict:
         nsr = predicted_nsr(self.sensitivity, assign)
         ms, size = self.costs.predict(assign)
-        counts = {p: sum(1 for v in assign.values() if v == p) for p in dict.fromkeys(sorted(assign.values()))}
-        return {"precisions": counts, "assign": assign,
+        return {"precisions": precision_counts(assign), "assign": assign,
                 "predicted": {"nsr": nsr, "drop": self.k * nsr, "ms": ms, "bytes": size}}
 
 

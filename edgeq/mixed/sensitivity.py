@@ -113,9 +113,9 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
 
 def proxy_nsr(model: ir.Model, groups: list[Group], feeds: list, ranges: dict, target: Target) -> dict:
     """Layer-level NSR per precision for the one-layer groups whose weight reads as rows; see the rules."""
-    layers = {}
+    layers, nodes = {}, {n.name: n for n in model.graph}
     for group in groups:
-        node = next(n for n in model.graph if n.name == group.nodes[0]) if len(group.nodes) == 1 else None
+        node = nodes[group.nodes[0]] if len(group.nodes) == 1 else None
         layer = layer_view(node) if node is not None else "not one layer"
         if isinstance(layer, Layer):
             layers[group.name] = (group, layer)

@@ -1,4 +1,4 @@
-"""Artifact: the output folder of a compile — ``model.onnx`` and ``manifest.json``.
+"""Artifact: the output folder of a compile — ``model.onnx`` (or a TVM ``model.so``) and ``manifest.json``.
 
 Rules: everything is written into a hidden temporary sibling folder and renamed into place at the end, so a
 failed or interrupted compile leaves no half-written output. An existing output folder is replaced only if it
@@ -7,11 +7,14 @@ is empty or holds an earlier edgeq artifact (it has a ``manifest.json``); anythi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from edgeq.errors import UserError
@@ -26,6 +29,15 @@ def check_output_dir(out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise UserError(f"output folder {out_dir} is not empty and is not an edgeq artifact",
                         "pass a new or empty folder with -o")
+
+
+def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of Python and the packages a build depends on (``extra``: more of them), for the manifest."""
+    versions = {"python": platform.python_version()}
+    for name in ("edgeq", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", *extra):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
 
 
 class ArtifactWriter:

@@ -1,7 +1,13 @@
-"""``edgeq bench``: latency of one model, or two interleaved, with the target's runtime settings."""
+"""``edgeq bench``: latency of one model, or two interleaved, with the target's runtime settings.
+
+With ``--runtime tvm`` each ONNX model is first built with TVM (schedules from the target's tuning database
+where it has them, TVM's defaults elsewhere; no tuning), and ONNX Runtime's latency for MODEL is measured in
+the same interleaved run when the target is local.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,12 +16,14 @@ import onnx_ir as ir
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import UserError
 from edgeq.model_io import load_proto
+from edgeq.runtimes.base import measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
 
 
-def bench_models(model: Path, target: Target, feeds: Path | None, compare: Path | None, repeats: int) -> dict:
-    ok, why = target.can_measure_here()
+def bench_models(model: Path, target: Target, feeds: Path | None, compare: Path | None, repeats: int,
+                 runtime: str = "onnxruntime", cache_dir: Path | None = None) -> dict:
+    ok, why = target.can_measure_here(runtime)
     if not ok:
         raise UserError(f"cannot measure {target.name} here: {why}", "run edgeq bench on the device itself")
     paths = [Path(model)] + ([Path(compare)] if compare else [])
@@ -24,8 +32,32 @@ def bench_models(model: Path, target: Target, feeds: Path | None, compare: Path 
         load_proto(other)
     data = CalibrationData.from_path(feeds, specs) if feeds else CalibrationData.random(specs, count=1)
     feed = next(iter(data)).inputs
-    runtime = OnnxRuntime(target)
-    latency = runtime.measure({str(p): p for p in paths}, feed, repeats=repeats)
-    return {"target": target.name, "random_inputs": feeds is None,
-            "latency": {k: v.to_dict() for k, v in latency.items()},
-            "profile": [asdict(t) for t in runtime.profile(paths[0], feed)]}
+    report = {"target": target.name, "runtime": runtime, "random_inputs": feeds is None}
+    if runtime == "tvm":
+        return report | _bench_tvm(paths, target, feed, repeats, cache_dir)
+    ort = OnnxRuntime(target)
+    latency = ort.measure({str(p): p for p in paths}, feed, repeats=repeats)
+    return report | {"latency": {k: v.to_dict() for k, v in latency.items()},
+                     "profile": [asdict(t) for t in ort.profile(paths[0], feed)]}
+
+
+def _bench_tvm(paths: list[Path], target: Target, feed: dict, repeats: int, cache_dir: Path | None) -> dict:
+    from edgeq.runtimes import tvm_tuning
+    from edgeq.runtimes.tvm import TvmRuntime
+
+    folder = tvm_tuning.database_dir(cache_dir, target) if cache_dir else None
+    database = tvm_tuning.open_database(folder) if folder and folder.is_dir() else None
+    runtime = TvmRuntime(target, database, feed)
+    with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as work:
+        libraries = {}
+        for index, path in enumerate(paths):
+            (Path(work) / str(index)).mkdir()
+            libraries[str(path)] = runtime.build(path, Path(work) / str(index))
+        runners = {name: runtime.session(lib).runner(feed) for name, lib in libraries.items()}
+        if target.rpc is None:
+            session = OnnxRuntime(target).session(paths[0])
+            runners[f"onnxruntime: {paths[0]}"] = lambda: session.run(feed)
+        latency = measure_interleaved(runners, repeats=repeats)
+        profile = runtime.profile(libraries[str(paths[0])], feed) if target.rpc is None else []
+    return {"database": str(folder) if database is not None else None,
+            "latency": {k: v.to_dict() for k, v in latency.items()}, "profile": [asdict(t) for t in profile]}

@@ -90,9 +90,18 @@ def main():
 @click.option("-t", "--target", required=True, help="Bundled target name (see 'edgeq targets') or a .toml path.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration feeds: .npz/.npy folder or file, or images.")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Evaluation feeds (default: hold back 20%).")
-@click.option("--scheme", type=click.Choice(["int8", "mixed"]), default="int8", show_default=True,
-              help="int8 everywhere it pays, or mixed: a precision per layer group (float/int8/int4 as the target "
-                   "offers) chosen from measured sensitivity and latency within the budgets.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "tvm"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: a quantized ONNX model; tvm: a float model compiled into one library (model.so) for "
+                   "the target's [tvm] section, tuned with --tune-trials.")
+@click.option("--scheme", type=click.Choice(["int8", "mixed", "float"]),
+              help="int8 everywhere it pays (default with onnxruntime), mixed: a precision per layer group "
+                   "(float/int8/int4 as the target offers) chosen from measured sensitivity and latency within the "
+                   "budgets, or float (the only scheme, and default, with --runtime tvm).")
+@click.option("--tune-trials", type=int, default=0, show_default=True,
+              help="--runtime tvm: MetaSchedule trials for this model, cumulative in the tuning database "
+                   "(a re-compile finding them there tunes nothing). 0: TVM's default schedules only.")
+@click.option("--device", help="Where to measure: local, or rpc://TRACKER_HOST:PORT/KEY for a board registered with a "
+                               "TVM RPC tracker (--runtime tvm). Default: the target's [measure] where.")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile",
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
@@ -120,29 +129,59 @@ def main():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
-def compile(model, target, calib, eval_path, scheme, method, percentile, optional_ops, exclude, metric, max_drop,
+def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, optional_ops, exclude, metric, max_drop,
             latency_ms, size_mb, sensitivity, random_calibration, allow_slowdown, no_measure, sparsity,
             sparsity_method, sparsity_permute, keep_float, repeats, no_cache, as_json, output):
-    """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, measure it, and write an artifact folder."""
+    """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, or compile it with TVM; measure it, and write an
+    artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
     from edgeq.recipe import Exclusions, Recipe
     from edgeq.target import load_target
 
-    recipe = Recipe(scheme=scheme, method=method, percentile=percentile, optional_ops=optional_ops,
+    scheme = scheme or ("float" if runtime == "tvm" else "int8")
+    recipe = Recipe(scheme=scheme, runtime=runtime, tune_trials=tune_trials, method=method, percentile=percentile, optional_ops=optional_ops,
                     exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
                     latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
                     sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
-    request = CompileRequest(model=model, target=load_target(target), recipe=recipe, out_dir=output, calib=calib,
+    request = CompileRequest(model=model, target=load_target(target).with_device(device), recipe=recipe, out_dir=output, calib=calib,
                              eval=eval_path, metric=metric, cache_dir=None if no_cache else _default_cache_dir(),
                              measure=not no_measure, keep_float=tuple(keep_float))
     manifest, code = compile_model(request, RichReporter(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(manifest, indent=2, default=str))
+    elif runtime == "tvm":
+        _print_tvm_summary(manifest, output)
     else:
         _print_compile_summary(manifest, output)
     sys.exit(code)
+
+
+def _print_tvm_summary(manifest: dict, output: Path) -> None:
+    delivered, tvm = manifest["delivered"], manifest["tvm"]
+    table = Table(title=f"edgeq compile --runtime tvm → {output}", show_header=False)
+    table.add_row("delivered", f"{delivered['file']} for {delivered['arch']} ({delivered['bytes'] / 1e6:.2f} MB, "
+                               f"inputs {delivered['input_shapes']})")
+    table.add_row("note", delivered["reason"])
+    table.add_row("TVM target", tvm["target"])
+    tuning = tvm["tuning"]
+    if tuning:
+        table.add_row("tuning", f"{tvm['tasks']} tasks · {tuning['trials_run']} trials run in {tuning['seconds']:.1f} s "
+                                f"({tuning['trials_in_database_before']} found in {tuning['database']}) · "
+                                f"runner {tuning['runner']}")
+    lat = manifest["latency"]
+    if "tvm" in lat:
+        parts = [f"{name} {lat[name]['median_ms']:.3f} ms" for name in ("tvm", "tvm_untuned", "onnxruntime")
+                 if name in lat]
+        table.add_row("latency (median)", " · ".join(parts))
+    else:
+        table.add_row("latency", f"not measured: {lat['why']}")
+    check = tvm["check"]
+    table.add_row("check vs ONNX Runtime", f"max relative error {check['max_relative_error']:.2e} on {check['feeds']} "
+                  f"feeds ({'ok' if check['ok'] else 'FAILED'}, tolerance {check['tolerance']:g})" if check["run"]
+                  else f"not run: {check['why']}")
+    out.print(table)
 
 
 def _print_compile_summary(manifest: dict, output: Path) -> None:
@@ -277,6 +316,19 @@ def inspect(model, target, nodes, as_json):
         out.print(node_table)
 
 
+TVM_QDQ_NOTE = ("--runtime tvm builds float models: TVM 0.27 imports ONNX QDQ as float fake-quant (no integer "
+                "kernels), slower than float, so quantized models go to ONNX Runtime.")
+
+
+def _tvm_summary(t) -> str:
+    if t.tvm is None:
+        return "none"
+    target = t.tvm.target
+    if target["kind"] == "cuda":
+        return f"cuda {target.get('arch', '')} (float), host {t.tvm.arch}"
+    return f"llvm {target.get('mcpu', '')} {t.tvm.arch} (float)"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json):
@@ -289,14 +341,16 @@ def targets(as_json):
         ok, why = t.can_measure_here()
         rows.append({"name": name, "arch": t.arch, "activations": t.quantization.activations,
                      "runtime": "onnxruntime " + "+".join(t.onnxruntime.providers),
+                     "tvm": _tvm_summary(t),
                      "mixed_precisions": list(t.precisions.candidates),
                      "measurable_here": ok, "why_not": why, "description": t.description})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("target", "arch", "activations", "runtime", "--scheme mixed", "measured here", "description")
+    table = Table("target", "arch", "activations", "runtime", "--runtime tvm", "--scheme mixed", "measured here",
+                  "description", caption=TVM_QDQ_NOTE)
     for r in rows:
-        table.add_row(r["name"], r["arch"], r["activations"], r["runtime"], ", ".join(r["mixed_precisions"]),
+        table.add_row(r["name"], r["arch"], r["activations"], r["runtime"], r["tvm"], ", ".join(r["mixed_precisions"]),
                       "yes" if r["measurable_here"] else f"no: {r['why_not']}", r["description"])
     out.print(table)
 
@@ -306,26 +360,32 @@ def targets(as_json):
 @click.option("-t", "--target", required=True)
 @click.option("--feeds", type=click.Path(path_type=Path), help="Feeds for the run (default: random inputs).")
 @click.option("--compare", type=click.Path(path_type=Path), help="A second model measured interleaved with MODEL.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "tvm"]), default="onnxruntime", show_default=True,
+              help="tvm: build each model with TVM first (tuned schedules from the tuning database where it has them) "
+                   "and measure ONNX Runtime beside it.")
+@click.option("--device", help="local, or rpc://TRACKER_HOST:PORT/KEY (--runtime tvm). Default: the target's.")
 @click.option("--repeats", type=int, default=100, show_default=True)
 @click.option("--top", type=int, default=10, show_default=True, help="Rows of the per-node profile.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, target, feeds, compare, repeats, top, as_json):
-    """Measure MODEL's latency on TARGET (min/median/p90) and its costliest nodes."""
+def bench(model, target, feeds, compare, runtime, device, repeats, top, as_json):
+    """Measure MODEL's latency on TARGET (min/median/p90) and its costliest nodes (kernels, with TVM)."""
     from edgeq.bench import bench_models
     from edgeq.target import load_target
 
-    report = bench_models(model, load_target(target), feeds, compare, repeats)
+    report = bench_models(model, load_target(target).with_device(device), feeds, compare, repeats, runtime,
+                          _default_cache_dir())
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    table = Table("model", "min ms", "median ms", "p90 ms", "ratio", title=f"edgeq bench on {target}"
+    table = Table("model", "min ms", "median ms", "p90 ms", "ratio", title=f"edgeq bench on {target} ({runtime})"
                   + (" (random inputs)" if report["random_inputs"] else ""))
     base = report["latency"][str(model)]["median_ms"]
     for name, lat in report["latency"].items():
         table.add_row(name, f"{lat['min_ms']:.3f}", f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}",
                       f"{lat['median_ms'] / base:.2f}")
     out.print(table)
-    nodes = Table("node", "op type", "ms/run", title=f"costliest nodes of {model}")
+    nodes = Table("node" if runtime == "onnxruntime" else "kernel", "op type", "ms/run",
+                  title=f"costliest {'nodes' if runtime == 'onnxruntime' else 'TVM kernels'} of {model}")
     for n in report["profile"][:top]:
         nodes.add_row(n["name"], n["op_type"], f"{n['ms']:.4f}")
     out.print(nodes)

@@ -36,16 +36,14 @@ import contextlib
 import hashlib
 import itertools
 import json
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from importlib import metadata
 from pathlib import Path
 from typing import ContextManager, Protocol
 
 
-from edgeq.artifact import MODEL, ArtifactWriter
+from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, compare_models, load_metric
@@ -112,18 +110,13 @@ class _Build:
         return sorted(n for n, d in self.insert.decisions.items() if d.quantized)
 
 
-def tool_versions() -> dict[str, str]:
-    names = ("edgeq", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy")
-    versions = {"python": platform.python_version()}
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return versions
-
-
 def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> tuple[dict, int]:
     """Run the whole pipeline and publish the artifact; returns (manifest, exit code)."""
     reporter = reporter or SilentReporter()
+    if request.recipe.runtime == "tvm":
+        from edgeq.tvm_compile import compile_tvm  # imports TVM's runtime module: only this path pays for it
+
+        return compile_tvm(request, reporter)
     require_sparse_kernels(request.target, request.recipe)
     metric = load_metric(request.metric) if request.metric else None
     with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-") as work:

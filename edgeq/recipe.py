@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from edgeq.errors import UserError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
-SCHEMES = ("int8", "mixed")
+SCHEMES = ("int8", "mixed", "float")
+RUNTIMES = ("onnxruntime", "tvm")
 SENSITIVITY = ("auto", "measured", "proxy")
 SPARSITY = ("none", "2:4")
 SPARSITY_METHODS = ("reconstruct", "magnitude")
@@ -46,7 +47,11 @@ class Exclusions:
 
 @dataclass(frozen=True)
 class Recipe:
-    scheme: str = "int8"  # or "mixed": a precision per layer group from the target's candidates, within budgets
+    # "mixed": a precision per layer group from the target's candidates, within budgets; "float": no
+    # quantization (the TVM runtime's only scheme: TVM has no integer kernels for ONNX QDQ)
+    scheme: str = "int8"
+    runtime: str = "onnxruntime"  # or "tvm": a tuned TVM library instead of an ONNX model for ONNX Runtime
+    tune_trials: int = 0  # --runtime tvm: MetaSchedule trials for the model (cumulative in the tuning database)
     method: str = "percentile"  # measured best SQNR on the whole zoo (benchmarks/vs_ort_quantizer.py)
     # Which optional op groups to quantize — the target's requant ops (Add, Mul, Concat, …) and ActMatMul
     # (MatMuls of two activations): "auto" (measure candidate sets, keep the best), "all", "none"
@@ -75,6 +80,19 @@ class Recipe:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise UserError(f"unknown scheme '{self.scheme}'", f"use one of {SCHEMES}")
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"unknown runtime '{self.runtime}'", f"use one of {RUNTIMES}")
+        if self.runtime == "tvm" and self.scheme != "float":
+            raise UserError(f"--runtime tvm builds float models only (--scheme {self.scheme} asked): TVM 0.27 has no "
+                            "integer kernels for ONNX QDQ", "drop --scheme, or use --runtime onnxruntime for int8")
+        if self.runtime == "onnxruntime" and self.scheme == "float":
+            raise UserError("--scheme float is the TVM runtime's (ONNX Runtime runs the float model as it is)",
+                            "add --runtime tvm, or choose --scheme int8 or mixed")
+        if self.tune_trials < 0 or (self.tune_trials and self.runtime != "tvm"):
+            raise UserError("--tune-trials tunes TVM kernels and must not be negative", "add --runtime tvm")
+        if self.runtime == "tvm" and self.sparsity != "none":
+            raise UserError("--sparsity 2:4 needs sparse kernels, which edgeq's TVM builds do not have",
+                            "use --runtime onnxruntime with a sparse target")
         if self.scheme == "mixed" and self.max_drop is None and self.latency_ms is None and self.size_mb is None:
             raise UserError("--scheme mixed needs a budget to allocate against",
                             "give --max-drop, --latency-ms and/or --size-mb")

@@ -15,9 +15,13 @@ A target says what the device can run fast, and edgeq only quantizes what it can
   axis, ``int4_block_size`` rows per scale; MatMuls with a 2-D constant weight, which ORT runs as
   ``MatMulNBits``). No section: float and int8.
 - ``[onnxruntime]``: execution providers and thread counts for building and measuring.
+- ``[tvm]``: for ``--runtime tvm``: the TVM target (``kind`` llvm or cuda, ``mcpu``, ``mtriple``, ``mattr``,
+  ``num-cores`` = threads, ``arch`` for CUDA, ``host`` for the CPU side of a GPU target) and the
+  ``cross_compiler`` that links a library for another architecture. No section: no TVM builds.
 - ``[measure]``: where latency is measured. ``local`` measures on this machine only when its architecture
-  matches the target's and ONNX Runtime here has the target's first execution provider; otherwise nothing is
-  measured and the report says so.
+  matches the target's (and, for ONNX Runtime, it has the target's first execution provider; for a TVM CUDA
+  target, a GPU); ``rpc://HOST:PORT/KEY`` measures TVM builds on a board registered with a TVM RPC tracker
+  under KEY. Otherwise nothing is measured and the report says so.
 
 Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of their own file.
 """
@@ -25,8 +29,9 @@ Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of th
 from __future__ import annotations
 
 import platform
+import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from edgeq.errors import UserError
 _INT_TYPES = ("uint8", "int8")
 SPARSITY_PATTERNS = ("2:4",)
 PRECISIONS = ("float", "fp16", "int8", "int16", "int4")
+TVM_KINDS = ("llvm", "cuda")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,41 @@ class OrtSettings:
 
 
 @dataclass(frozen=True)
+class TvmSettings:
+    target: dict
+    cross_compiler: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.target["kind"]
+
+    @property
+    def arch(self) -> str:
+        """The CPU architecture the library is linked for (the host's for a GPU target)."""
+        triple = self.target.get("host", self.target).get("mtriple", "")
+        return triple.split("-")[0] if triple else "x86_64"
+
+
+@dataclass(frozen=True)
+class RpcDevice:
+    """A board behind a TVM RPC tracker: ``rpc://HOST:PORT/KEY``."""
+
+    host: str
+    port: int
+    key: str
+
+    @classmethod
+    def parse(cls, url: str) -> "RpcDevice":
+        match = re.fullmatch(r"rpc://([^:/]+):(\d+)/(\S+)", url)
+        if not match:
+            raise UserError(f"bad device address '{url}'", "use rpc://TRACKER_HOST:PORT/KEY, e.g. rpc://127.0.0.1:9190/pi5")
+        return cls(match[1], int(match[2]), match[3])
+
+    def __str__(self) -> str:
+        return f"rpc://{self.host}:{self.port}/{self.key}"
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -86,16 +127,35 @@ class Target:
     onnxruntime: OrtSettings
     sparsity: SparsityRules = field(default_factory=SparsityRules)
     precisions: PrecisionRules = field(default_factory=PrecisionRules)
+    tvm: TvmSettings | None = None
     measure_where: str = "local"
     source: str = ""
 
-    def can_measure_here(self) -> tuple[bool, str]:
-        """Whether latency for this target can be measured on this machine, and why not."""
-        if self.measure_where != "local":
-            return False, f"remote measurement ({self.measure_where}) is not supported yet"
+    @property
+    def rpc(self) -> RpcDevice | None:
+        return RpcDevice.parse(self.measure_where) if self.measure_where.startswith("rpc://") else None
+
+    def with_device(self, device: str | None) -> "Target":
+        """This target measured elsewhere: ``local`` or ``rpc://HOST:PORT/KEY`` (checked here)."""
+        if device is None:
+            return self
+        if device != "local":
+            RpcDevice.parse(device)
+        return replace(self, measure_where=device)
+
+    def can_measure_here(self, runtime: str = "onnxruntime") -> tuple[bool, str]:
+        """Whether latency for this target can be measured from this machine by ``runtime``, and why not."""
+        if self.rpc is not None:
+            if runtime == "tvm":
+                return True, ""
+            return False, f"ONNX Runtime cannot measure through {self.measure_where}: use --runtime tvm"
         host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
         if host != self.arch:
             return False, f"target architecture {self.arch} differs from this machine's ({host})"
+        if runtime == "tvm":
+            from edgeq.runtimes.tvm import device_present  # imports TVM: only TVM's check needs it
+
+            return device_present(self)
         import onnxruntime as ort  # only this check needs it
 
         provider = self.onnxruntime.providers[0]
@@ -164,6 +224,7 @@ def _parse(data: dict, source: str) -> Target:
         precisions = PrecisionRules(candidates=tuple(pr.get("candidates", ("float", "int8"))),
                                     int4_block_size=int(pr.get("int4_block_size", 32)))
         ort = data.get("onnxruntime", {})
+        tvm = data.get("tvm")
         target = Target(
             name=data["name"],
             description=data.get("description", ""),
@@ -177,6 +238,7 @@ def _parse(data: dict, source: str) -> Target:
             ),
             sparsity=sparsity,
             precisions=precisions,
+            tvm=TvmSettings(dict(tvm["target"]), tvm.get("cross_compiler", "")) if tvm else None,
             measure_where=data.get("measure", {}).get("where", "local"),
             source=source,
         )
@@ -198,6 +260,10 @@ def _parse(data: dict, source: str) -> Target:
     if block < 16 or block & (block - 1):
         raise UserError(f"target {source}: int4_block_size {block} is not a power of two ≥ 16",
                         "use 32 (ONNX Runtime's MatMulNBits default)")
+    if target.tvm and target.tvm.kind not in TVM_KINDS:
+        raise UserError(f"target {source}: unsupported TVM target kind '{target.tvm.kind}'", f"use one of {TVM_KINDS}")
+    if target.measure_where != "local":
+        RpcDevice.parse(target.measure_where)
     if sparsity.in_channel_multiple % 4:
         raise UserError(f"target {source}: in_channel_multiple must be a multiple of 4 (groups of four)",
                         "fix the target file")

@@ -1,0 +1,147 @@
+"""``edgeq compile --runtime tvm``: a float model → one tuned TVM library for the target, checked and measured.
+
+    load → normalize → import into Relax → [tune with MetaSchedule] → build model.so → check vs ONNX Runtime
+         → latency: ORT fp32 · TVM untuned · TVM tuned, interleaved → artifact
+
+Rules:
+- Float only. Quantized models go to ONNX Runtime: TVM 0.27 imports ONNX QDQ as float quantize/dequantize
+  around float kernels (no integer compute), which is slower than the float model, so a QDQ model is refused
+  rather than built slower (the README's measured figures say by how much).
+- Feeds: ``--eval`` or else ``--calib`` (up to :data:`CHECK_FEEDS`), or else seeded random inputs; the library
+  is built for their shapes.
+- Check: where the library runs here (same architecture; a CUDA GPU for CUDA) or on an RPC board, its outputs
+  are compared with ONNX Runtime's on the same feeds; a relative error over :data:`TOLERANCE` (max |tvm - ort|
+  / max |ort|, per output) fails the compile (exit 3, artifact written for inspection).
+- Latency (where it can be measured): tuned, untuned (TVM's default schedules only) and, locally, ONNX Runtime
+  fp32 on the target's settings, in one interleaved run; tuning time and trials go in the manifest.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
+from edgeq.calibration_data import CalibrationData, input_specs
+from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK
+from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
+from edgeq.passes.normalize import NormalizePass
+from edgeq.runtimes import tvm_tuning
+from edgeq.runtimes.base import measure_interleaved
+from edgeq.runtimes.onnxruntime import OnnxRuntime, create_session
+from edgeq.runtimes.tvm import LIBRARY, TvmRuntime, library_arch
+
+CHECK_FEEDS = 8
+TOLERANCE = 1e-4
+
+
+def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """Largest over outputs of max |candidate - reference| / max |reference|."""
+    return max(float(np.abs(c.astype(np.float64) - r).max() / max(float(np.abs(r).max()), 1e-12))
+               for r, c in zip(reference, candidate))
+
+
+def compile_tvm(request, reporter) -> tuple[dict, int]:
+    """Run the TVM compile and publish the artifact; returns (manifest, exit code)."""
+    target, recipe = request.target, request.recipe
+    with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-tvm-") as work:
+        work = Path(work)
+        with reporter.stage("load + normalize"):
+            model = load_model(request.model)
+            source_digest = model_digest(model)
+            NormalizePass()(model)
+            (work / "float").mkdir()
+            float_path = save_model(model, work / "float" / MODEL)
+        data, random_inputs = _feeds(request, model)
+        feeds = [f.inputs for f, _ in zip(data, range(CHECK_FEEDS))]
+        can_run, why_not = target.can_measure_here("tvm")
+        database = tuning = None
+        if recipe.tune_trials:
+            folder = tvm_tuning.database_dir(request.cache_dir or work / "cache", target)
+            database = tvm_tuning.open_database(folder)
+        runtime = TvmRuntime(target, database, feeds[0])
+        with reporter.stage("import into TVM Relax"):
+            fused = runtime.lower(float_path)
+        if database is not None:
+            with reporter.stage(f"tune with MetaSchedule (up to {recipe.tune_trials} trials)"):
+                tuning = tvm_tuning.tune(fused, target, recipe.tune_trials, database, folder, reporter.progress)
+        with reporter.stage(f"build {LIBRARY} for {target.tvm.arch}"):
+            library = runtime.build(float_path, writer.tmp, fused)
+        check, latency = {"run": False, "why": why_not}, {"measured": False, "why": why_not}
+        if can_run and request.measure:
+            untuned = None
+            if database is not None:
+                with reporter.stage("build untuned (for the before/after latency)"):
+                    untuned = TvmRuntime(target, None, feeds[0]).build(float_path, work, fused)
+            with reporter.stage("measure latency"):
+                latency = _measure(runtime, target, float_path, library, untuned, feeds[0], recipe)
+        if can_run:
+            with reporter.stage(f"check outputs vs ONNX Runtime on {len(feeds)} feeds"):
+                check = _check(runtime.session(library), float_path, feeds)
+        manifest = _manifest(request, source_digest, data.describe() | {"random": random_inputs}, runtime, fused,
+                             library, float_path, tuning, check, latency)
+        writer.publish(manifest)
+    failed = check["run"] and not check["ok"]
+    return manifest, EXIT_BUDGET_MISSED if failed else EXIT_OK
+
+
+def _manifest(request, source_digest: str, feeds_info: dict, runtime: TvmRuntime, fused, library: Path,
+              float_path: Path, tuning, check: dict, latency: dict) -> dict:
+    return {
+        "edgeq": "artifact/1",
+        "tools": tool_versions(("apache-tvm",)),
+        "inputs": {"model": {"name": Path(request.model).name, "sha256": source_digest}, "feeds": feeds_info},
+        "target": request.target.to_dict(),
+        "recipe": request.recipe.to_dict(),
+        "delivered": {"runtime": "tvm", "precision": "float", "file": LIBRARY, "arch": library_arch(library),
+                      "bytes": library.stat().st_size, "float_bytes": folder_bytes(float_path.parent),
+                      "input_shapes": {k: list(np.shape(v)) for k, v in runtime.feed.items()},
+                      "reason": _reason(tuning, latency)},
+        "tvm": {"target": str(runtime.tvm_target), "tasks": len(tvm_tuning.tasks_of(fused, runtime.tvm_target)),
+                "tuning": tuning.to_dict() if tuning else None, "check": check},
+        "latency": latency,
+    }
+
+
+def _feeds(request, model) -> tuple[CalibrationData, bool]:
+    specs = input_specs(model)
+    path = request.eval or request.calib
+    if path is not None:
+        return CalibrationData.from_path(path, specs), False
+    return CalibrationData.random(specs, count=CHECK_FEEDS, seed=request.recipe.seed), True
+
+
+def _measure(runtime: TvmRuntime, target, float_path: Path, library: Path, untuned: Path | None, feed: dict,
+             recipe) -> dict:
+    runners = {"tvm": runtime.session(library).runner(feed)}
+    if untuned is not None:
+        runners["tvm_untuned"] = runtime.session(untuned).runner(feed)
+    if target.rpc is None:  # ONNX Runtime runs here only
+        session = OnnxRuntime(target).session(float_path)
+        runners["onnxruntime"] = lambda: session.run(feed)
+    measured = measure_interleaved(runners, recipe.latency_warmup, recipe.latency_repeats)
+    result = {name: lat.to_dict() for name, lat in measured.items()}
+    for other in ("onnxruntime", "tvm_untuned"):
+        if other in measured:
+            result[f"tvm_over_{other}"] = measured["tvm"].median_ms / measured[other].median_ms
+    return result
+
+
+def _check(session, float_path: Path, feeds: list[dict]) -> dict:
+    """The library's outputs vs ONNX Runtime's (CPU, on this machine) for the float model."""
+    reference = create_session(float_path)
+    error = max(relative_error(reference.run(None, dict(f)), session.run(f)) for f in feeds)
+    return {"run": True, "feeds": len(feeds), "max_relative_error": error, "tolerance": TOLERANCE,
+            "ok": error <= TOLERANCE}
+
+
+def _reason(tuning, latency: dict) -> str:
+    if tuning is None:
+        return "untuned: TVM's default schedules only (pass --tune-trials to tune)"
+    hit = " (database hit: nothing to tune)" if tuning.hit else ""
+    ratio = latency.get("tvm_over_onnxruntime")
+    return f"tuned with {tuning.trials_in_database_before + tuning.trials_run} trials{hit}" + (
+        f"; ×{ratio:.2f} ONNX Runtime fp32 latency" if ratio is not None else "")
+

@@ -1,0 +1,271 @@
+"""Apache TVM implementation of the Runtime protocol: ONNX → Relax → one shared library for the target.
+
+Rules:
+- Import: ``tvm.relax.frontend.onnx`` at fixed input shapes (those of the feed the library will run on),
+  weights bound as constants, so the library is the whole model.
+- Lowering: ``DecomposeOpsForInference``, then legalize and fuse — the fused functions are the tasks
+  MetaSchedule tunes (:mod:`edgeq.runtimes.tvm_tuning`). A tuning database, when given, supplies schedules for
+  the tasks it has records of (``MetaScheduleApplyDatabase``); TVM's default schedules (``dlight``) cover the
+  rest where it has them (GEMV and reductions on CPU; all GPU kernels, which cannot run unscheduled).
+- Export: ``export_library``, linked by the target's ``cross_compiler`` when the library is for another
+  architecture; the ELF header of what was written must name the target's architecture.
+- Run: the Relax VM on the target's device with the target's ``num-cores`` threads (``TVM_NUM_THREADS``, which a
+  process reads once: the first library it runs sets it), or on a board behind a TVM RPC tracker (the library is
+  uploaded; latency is the device's own timer, without the network).
+- Latency: the same interleaved protocol as ONNX Runtime (:func:`edgeq.runtimes.base.measure_interleaved`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgeq.errors import UserError
+from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
+from edgeq.target import Target
+
+LIBRARY = "model.so"
+# ELF e_machine codes of the architectures edgeq builds for.
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+
+
+def _tvm():
+    """TVM, imported on first use (a few seconds): only ``--runtime tvm`` pays for it."""
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401  (registers the Relax passes and VM)
+    except ImportError:
+        raise UserError("--runtime tvm needs Apache TVM, which is not installed",
+                        "pip install 'edgeq[tvm]' (apache-tvm 0.27)") from None
+    return tvm
+
+
+def tvm_target(target: Target):
+    if target.tvm is None:
+        raise UserError(f"target {target.name} has no [tvm] section", "use a target that lists one (edgeq targets)")
+    return _tvm().target.Target(target.tvm.target)
+
+
+def device_present(target: Target) -> tuple[bool, str]:
+    """Whether this machine has the target's device (its CPU, or a CUDA GPU for a CUDA target)."""
+    if target.tvm is None:
+        return False, f"target {target.name} has no [tvm] section"
+    if target.tvm.kind == "cuda" and not _tvm().cuda(0).exist:
+        return False, "no CUDA GPU on this machine"
+    return True, ""
+
+
+def library_arch(path: Path) -> str:
+    """The architecture an ELF shared library was built for, from its header."""
+    header = Path(path).read_bytes()[:20]
+    if header[:4] != b"\x7fELF":
+        return "not an ELF file"
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return ELF_MACHINES.get(machine, f"ELF machine {machine}")
+
+
+def static_shapes(model_path: Path, feed: Mapping[str, np.ndarray] | None) -> dict[str, list[int]]:
+    """Input shapes to build for: the feed's, else the model's own (which must then be static)."""
+    if feed is not None:
+        return {name: list(np.shape(value)) for name, value in feed.items()}
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    shapes = {}
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if not all(dims):
+            raise UserError(f"input {value.name} of {model_path.name} has a dynamic shape",
+                            "give feeds (--feeds/--calib) whose shapes the library is built for")
+        shapes[value.name] = dims
+    return shapes
+
+
+def import_onnx(model_path: Path, shapes: dict[str, list[int]]):
+    """The model as a Relax module, weights bound as constants."""
+    tvm = _tvm()
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = onnx.load(str(model_path))
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise UserError(f"{model_path.name} is quantized (QDQ); TVM 0.27 runs QDQ as float fake-quant, slower "
+                        "than the float model", "give TVM the float model, or use --runtime onnxruntime for int8")
+    try:
+        mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+    except Exception as exc:  # the frontend raises bare errors for ops it lacks (LSTM, Loop, QLinearConv, …)
+        raise UserError(f"TVM's ONNX importer cannot read {model_path.name}: {str(exc).splitlines()[0][:200]}",
+                        "use --runtime onnxruntime for this model") from None
+    return tvm.relax.transform.DecomposeOpsForInference()(mod)
+
+
+def fuse(mod, target):
+    """Legalize and fuse: the fused primitive functions are the tuning tasks."""
+    tvm = _tvm()
+    relax = tvm.relax
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _default_schedules(target):
+    """TVM's rule-based schedules for the functions no database record covers."""
+    from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "cuda":
+        rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    else:
+        rules = (dl.cpu.GEMV(), dl.cpu.Reduction())
+    return dl.ApplyDefaultSchedule(*rules)
+
+
+def compile_fused(fused, target, database=None):
+    """A fused module → an executable: database schedules first, then default schedules, then codegen."""
+    tvm = _tvm()
+    with target, tvm.transform.PassContext(opt_level=3):
+        if database is not None:
+            with database:  # the pass reads the database in scope
+                fused = tvm.relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
+        fused = _default_schedules(target)(fused)
+    return tvm.compile(fused, target=target)
+
+
+class _TvmSession:
+    """A library loaded into the Relax VM, locally or on an RPC device."""
+
+    def __init__(self, library: Path, target: Target, remote=None):
+        tvm = _tvm()
+        kind = target.tvm.kind if target.tvm else "llvm"
+        if remote is None:
+            module = tvm.runtime.load_module(str(library))
+            self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        else:
+            remote.upload(str(library))
+            module = remote.load_module(Path(library).name)
+            self.device = remote.cuda(0) if kind == "cuda" else remote.cpu(0)
+        self.remote = remote
+        threads = _threads(target)
+        if threads and remote is not None:  # a board of its own: TVM's usual setting, threads pinned to big cores
+            remote.get_function("runtime.config_threadpool")(1, threads)
+        self.vm = tvm.relax.VirtualMachine(module, self.device)
+        self._tvm = tvm
+
+    def _args(self, feeds: Mapping[str, np.ndarray]) -> list:
+        return [self._tvm.runtime.tensor(np.ascontiguousarray(v), self.device) for v in feeds.values()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.vm["main"](*self._args(feeds))
+        outputs = [result] if hasattr(result, "numpy") else list(result)
+        return [o.numpy() for o in outputs]
+
+    def runner(self, feeds: Mapping[str, np.ndarray]):
+        """One timed run per call, inputs already on the device. On an RPC device the call returns the device's
+        own timing of the run, so the network round trip is not counted."""
+        args = self._args(feeds)
+        if self.remote is None:
+            main = self.vm["main"]
+            return lambda: main(*args)
+        timer = self.vm.time_evaluator("main", self.device, number=1, repeat=1)
+        return lambda: timer(*args).mean
+
+
+class TvmRuntime:
+    """Builds with TVM for ``target``; ``database`` (a MetaSchedule database) supplies tuned schedules."""
+
+    name = "tvm"
+
+    def __init__(self, target: Target, database=None, feed: Mapping[str, np.ndarray] | None = None):
+        self.target, self.database, self.feed = target, database, feed
+        self.tvm_target = tvm_target(target)
+        if _threads(target):  # read when this process first runs a parallel kernel (tuning candidates included);
+            # pinning threads with config_threadpool would make them share a core with ONNX Runtime's
+            os.environ.setdefault("TVM_NUM_THREADS", str(_threads(target)))
+        self._remote = None
+
+    def lower(self, model_path: Path):
+        """The fused Relax module of ``model_path`` at the feed's shapes (what is tuned and compiled)."""
+        return fuse(import_onnx(Path(model_path), static_shapes(Path(model_path), self.feed)), self.tvm_target)
+
+    def build(self, model_path: Path, out_dir: Path, fused=None) -> Path:
+        """Compile and export ``out_dir/model.so`` for the target's architecture (checked in the ELF header)."""
+        fused = self.lower(model_path) if fused is None else fused
+        executable = compile_fused(fused, self.tvm_target, self.database)
+        library = Path(out_dir) / LIBRARY
+        executable.export_library(str(library), **self._linker())
+        arch = library_arch(library)
+        if arch != self.target.tvm.arch:
+            raise RuntimeError(f"{library} was linked for {arch}, not {self.target.tvm.arch}")
+        return library
+
+    def _linker(self) -> dict:
+        """Cross-compile when the library's architecture is not this machine's."""
+        host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+        if self.target.tvm.arch == host:
+            return {}
+        compiler = self.target.tvm.cross_compiler
+        if not compiler:
+            raise UserError(f"target {self.target.name} builds for {self.target.tvm.arch} but names no "
+                            "cross_compiler", "add cross_compiler = \"aarch64-linux-gnu-g++\" to its [tvm] section")
+        import shutil
+
+        if shutil.which(compiler) is None:
+            raise UserError(f"cross compiler {compiler} not found",
+                            "install it (Debian: apt-get install g++-aarch64-linux-gnu) or fix cross_compiler")
+        return {"fcompile": _tvm().support.cc.cross_compiler(compiler)}
+
+    def _rpc_session(self):
+        if self._remote is None:
+            from tvm import rpc
+
+            device = self.target.rpc
+            try:
+                tracker = rpc.connect_tracker(device.host, device.port)
+                self._remote = tracker.request(device.key, priority=1, session_timeout=600)
+            except Exception as exc:
+                raise UserError(f"cannot reach {device}: {str(exc).splitlines()[0][:160]}",
+                                "start the tracker and the board's rpc_server (README: measuring on a board)") from None
+        return self._remote
+
+    def session(self, model_path: Path) -> _TvmSession:
+        """``model_path``: a library built by :meth:`build` (``.so``)."""
+        remote = self._rpc_session() if self.target.rpc is not None else None
+        return _TvmSession(Path(model_path), self.target, remote)
+
+    def measure(self, models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], warmup: int = 5,
+                repeats: int = 50) -> dict[str, Latency]:
+        runners = {name: self.session(path).runner(feeds) for name, path in models.items()}
+        return measure_interleaved(runners, warmup=warmup, repeats=repeats)
+
+    def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
+        """Time per kernel call (TVM's fused names, e.g. ``fused_conv2d_add_relu``) averaged over ``runs``, timed
+        around each call by the VM's instrument hook (local CPU libraries: calls there are synchronous)."""
+        session = self.session(model_path)
+        args = session._args(feeds)
+        totals: dict[str, float] = {}
+        started: list[float] = []
+
+        def instrument(func, symbol, before_run, ret_value, *call_args):
+            if before_run:
+                started.append(time.perf_counter())
+            elif started:
+                totals[symbol] = totals.get(symbol, 0.0) + (time.perf_counter() - started.pop()) * 1e3
+            return 0  # VMInstrumentReturnKind.NO_OP
+
+        session.vm.set_instrument(instrument)
+        for _ in range(runs):
+            session.vm["main"](*args)
+        return sorted((NodeTime(n, "tvm", ms / runs) for n, ms in totals.items() if not n.startswith("vm.builtin")),
+                      key=lambda t: -t.ms)
+
+
+def _threads(target: Target) -> int | None:
+    """The target's ``num-cores``: TVM's threads, as ORT's intra-op threads on the same target."""
+    cores = target.tvm.target.get("num-cores") if target.tvm and target.tvm.kind == "llvm" else None
+    return int(cores) if cores else None

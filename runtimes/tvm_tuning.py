@@ -1,0 +1,217 @@
+"""MetaSchedule tuning of a model's kernels, with a database that persists across compiles.
+
+Rules:
+- Tasks are the fused functions of the lowered model (:func:`edgeq.runtimes.tvm.TvmRuntime.lower`).
+- ``trials`` is the model's cumulative budget on a target: the database (one per TVM target, under the cache
+  folder; records keyed by each task's structure, so models sharing a layer share its records) already holds
+  some measured trials for these tasks; only the difference is tuned. A compile asking for no more trials than
+  are recorded is a database hit and tunes nothing.
+- Candidates are built in this process and, locally, timed in it too; for ``rpc://HOST:PORT/KEY`` TVM's RPC
+  runner times them on the board (:func:`_builder_and_runner`).
+- Every task gets a first round before the gradient task scheduler spends the rest where latency falls
+  fastest; the round is sized so that the first rounds take at most half the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgeq.runtimes.tvm import _tvm
+from edgeq.target import Target
+
+# Evolutionary search sized for a 2-core machine: with TVM's defaults (population 512, 50 random samples,
+# 4 genetic iterations) mutation and sampling took most of the tuning time here, not building and running.
+POPULATION = 64
+RANDOM_SAMPLES = 24
+GENETIC_ITERATIONS = 1
+# Each candidate: one warm-up run, then the mean of 3 runs (enough to rank kernels; the model is measured later).
+RUNS_PER_CANDIDATE = 3
+
+
+@dataclass
+class TuningReport:
+    trials_requested: int
+    trials_in_database_before: int
+    trials_run: int
+    seconds: float
+    tasks: int
+    database: str
+    runner: str
+
+    @property
+    def hit(self) -> bool:
+        return self.trials_run == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"database_hit": self.hit}
+
+
+def _builder_and_runner(target: Target):
+    """A builder that builds candidates in this process, and the runner that times them.
+
+    TVM's LocalBuilder starts worker processes that import TVM afresh for every batch (on 2 cores that timed
+    out on every candidate), and its LocalRunner exports, links and loads each candidate in another process.
+    Locally, a built candidate stays in memory and is timed right here (candidates are verified before they run;
+    a crash would end the compile, which an isolated runner avoids at about a second per candidate). For a
+    board, candidates are exported and TVM's RPC runner uploads and times them there.
+    """
+    tvm = _tvm()
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner.local_runner import (LocalRunnerFuture, default_alloc_argument,
+                                                            default_run_evaluator)
+
+    evaluator = ms.runner.EvaluatorConfig(number=RUNS_PER_CANDIDATE, repeat=1, min_repeat_ms=0,
+                                          enable_cpu_cache_flush=False)
+    device = target.rpc
+    built: dict[str, object] = {}
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    module = default_build(item.mod, item.target, None)
+                except tvm.TVMError as exc:  # an invalid candidate: recorded as failed, the search goes on
+                    results.append(BuilderResult(None, str(exc)[:2000]))
+                    continue
+                if device is None:
+                    key = f"in-process:{len(built)}:{id(module)}"
+                    built[key] = module
+                else:
+                    key = default_export(module)
+                results.append(BuilderResult(key, None))
+            return results
+
+    @derived_object
+    class InProcessRunner(PyRunner):
+        def run(self, runner_inputs):
+            futures = []
+            for item in runner_inputs:
+                module = built.pop(str(item.artifact_path))
+                dev = tvm.runtime.device(str(item.device_type), 0)
+                try:
+                    args = default_alloc_argument(dev, tuple(a.as_json() for a in item.args_info), 1)
+                    futures.append(LocalRunnerFuture(res=default_run_evaluator(module, dev, evaluator, args)))
+                except tvm.TVMError as exc:
+                    futures.append(LocalRunnerFuture(error_message=str(exc)[:2000]))
+            return futures
+
+    if device is None:
+        return InProcessBuilder(), InProcessRunner()
+    rpc = ms.runner.RPCConfig(tracker_host=device.host, tracker_port=device.port, tracker_key=device.key,
+                              session_timeout_sec=120)
+    return InProcessBuilder(), ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator)
+
+
+def database_dir(cache_dir: Path, target: Target) -> Path:
+    """One database per TVM target: its records are only valid for the target they were measured on."""
+    tvm_target = _tvm().target.Target(target.tvm.target)
+    key = json.dumps([str(tvm_target), str(target.rpc or "local")])
+    return Path(cache_dir) / "tvm" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def open_database(folder: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(folder))
+
+
+def _register_intrinsics(tvm_target) -> None:
+    """Register the tensor intrinsics MetaSchedule may use on this target. Importing TVM's ``tensor_intrin``
+    package registers every family (CUDA's alone took 46 s here, on every compile), so for a CPU target an
+    empty package stands in for it and only the target's family (x86 or arm_cpu) is imported."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        package = types.ModuleType(name)
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules[name] = package
+    families = ["cuda"] if tvm_target.kind.name == "cuda" else ["arm_cpu" if "arm_cpu" in tvm_target.keys else "x86"]
+    for family in families:
+        importlib.import_module(f"{name}.{family}")
+
+
+def tasks_of(fused, tvm_target) -> list:
+    """The tuning tasks of a fused module (functions TVM's default schedules have not already scheduled)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return [t for t in ms.relax_integration.extract_tasks(fused, tvm_target)
+            if not t.mod.attrs.get("tirx.is_scheduled", False)]
+
+
+def recorded_trials(database, tasks) -> int:
+    """Measured trials the database holds for these tasks."""
+    total = 0
+    for task in tasks:
+        mod = task.dispatched[0]
+        if database.has_workload(mod):
+            total += len(database.get_top_k(database.commit_workload(mod), 1 << 20))
+    return total
+
+
+def tune(fused, target: Target, trials: int, database, folder: Path, on_progress=None) -> TuningReport:
+    """Tune the tasks of ``fused`` until ``database`` (opened from ``folder``, where the logs go too) holds
+    ``trials`` measured trials for them."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tvm_target = _tvm().target.Target(target.tvm.target)
+    tasks = tasks_of(fused, tvm_target)
+    _register_intrinsics(tvm_target)
+    before = recorded_trials(database, tasks)
+    budget = max(0, trials - before)
+    started = time.perf_counter()
+    if budget and tasks:
+        _quiet_tvm_logs()
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, str(folder), strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=POPULATION, init_min_unmeasured=RANDOM_SAMPLES, genetic_num_iters=GENETIC_ITERATIONS), num_threads=2, seed=0)
+        per_round = max(8, min(64, budget // (2 * len(tasks))))
+        builder, runner = _builder_and_runner(target)
+        callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()]
+        if target.rpc is not None:  # candidates were exported to temporary folders
+            callbacks.append(ms.measure_callback.RemoveBuildArtifact())
+        if on_progress is not None:
+            callbacks = [*callbacks, _progress_callback(budget, on_progress)]
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(folder), max_trials_global=budget,
+                      num_trials_per_iter=per_round, builder=builder, runner=runner, database=database,
+                      measure_callbacks=callbacks)
+    return TuningReport(trials, before, recorded_trials(database, tasks) - before, time.perf_counter() - started,
+                        len(tasks), str(folder), str(target.rpc or "local"))
+
+
+def _progress_callback(budget: int, on_progress):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Progress(PyMeasureCallback):
+        done = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.done += len(runner_results)
+            on_progress(min(self.done, budget), budget)
+
+    return Progress()
+
+
+def _quiet_tvm_logs() -> None:
+    """MetaSchedule logs every round to the console; edgeq shows its own progress instead (its per-task logs still
+    go to files in the database folder). Its handlers are dropped before each tuning: MetaSchedule sets them up
+    afresh, and its setup fails on a handler it did not name (test runners attach such handlers)."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    logger.handlers.clear()
+    logger.setLevel(logging.WARNING)

@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from vs_ort_quantizer import prepare  # noqa: E402
@@ -34,12 +32,9 @@ from edgeq.runtimes.base import measure_interleaved  # noqa: E402
 from edgeq.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
 from edgeq.runtimes.tvm import TvmRuntime  # noqa: E402
 from edgeq.target import load_target  # noqa: E402
+from edgeq.tvm_compile import relative_error  # noqa: E402
 
 TARGET = "x86-avx512-vnni"
-
-
-def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    return max(float(np.abs(c - r).max() / max(np.abs(r).max(), 1e-12)) for r, c in zip(reference, candidate))
 
 
 def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) -> dict:
@@ -104,18 +99,19 @@ def main() -> None:
     rows = [bench_model(m, args.work, args.trials, args.steps, args.repeats) for m in args.models.split(",")]
     (args.work / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"\nTVM vs ONNX Runtime fp32 on {TARGET} (1 thread each), cumulative trial budget {args.trials}\n")
-    print("| model | tasks | trials | tuning (min) | ORT ms | TVM untuned ×ORT | TVM tuned ×ORT | DB-hit recompile (s) "
-          "| max rel. error |")
+    print("| model | tasks | trials | tuning (min) | ORT ms | TVM untuned ×ORT | TVM tuned ×ORT "
+          "| DB-hit recompile (s) | max rel. error |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['tasks']} | {r['trials']} | {r['tuning_s'] / 60:.1f} | {r['ort_ms']:.2f} | "
-              f"{r['untuned_ratio']:.1f} | {r['tuned_ratio']:.2f} | {r['recompile_s']:.1f} | {r['max_rel_error']:.1e} |")
+              f"{r['untuned_ratio']:.1f} | {r['tuned_ratio']:.2f} | {r['recompile_s']:.1f} | "
+              f"{r['max_rel_error']:.1e} |")
     print("\nTrials vs latency (TVM/ORT median ratio after each step)\n")
     print("| model | " + " | ".join(f"step {i + 1}" for i in range(args.steps)) + " |")
     print("|---|" + "---|" * args.steps)
     for r in rows:
-        print(f"| {r['model']} | " + " | ".join(f"{c['trials']} trials, {c['tuning_s'] / 60:.1f} min: ×{c['ratio']:.2f}"
-                                                 for c in r["curve"]) + " |")
+        steps = (f"{c['trials']} trials, {c['tuning_s'] / 60:.1f} min: ×{c['ratio']:.2f}" for c in r["curve"])
+        print(f"| {r['model']} | " + " | ".join(steps) + " |")
 
 
 if __name__ == "__main__":

@@ -129,9 +129,9 @@ def main():
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
-def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, optional_ops, exclude, metric, max_drop,
-            latency_ms, size_mb, sensitivity, random_calibration, allow_slowdown, no_measure, sparsity,
-            sparsity_method, sparsity_permute, keep_float, repeats, no_cache, as_json, output):
+def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, optional_ops,
+            exclude, metric, max_drop, latency_ms, size_mb, sensitivity, random_calibration, allow_slowdown, no_measure,
+            sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache, as_json, output):
     """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, or compile it with TVM; measure it, and write an
     artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
@@ -139,14 +139,15 @@ def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, devic
     from edgeq.target import load_target
 
     scheme = scheme or ("float" if runtime == "tvm" else "int8")
-    recipe = Recipe(scheme=scheme, runtime=runtime, tune_trials=tune_trials, method=method, percentile=percentile, optional_ops=optional_ops,
-                    exclude=Exclusions.parse(exclude),
+    recipe = Recipe(scheme=scheme, runtime=runtime, tune_trials=tune_trials, method=method, percentile=percentile,
+                    optional_ops=optional_ops,                    exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
                     latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
                     sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
-    request = CompileRequest(model=model, target=load_target(target).with_device(device), recipe=recipe, out_dir=output, calib=calib,
-                             eval=eval_path, metric=metric, cache_dir=None if no_cache else _default_cache_dir(),
+    request = CompileRequest(model=model, target=load_target(target).with_device(device), recipe=recipe,
+                             out_dir=output, calib=calib, eval=eval_path, metric=metric,
+                             cache_dir=None if no_cache else _default_cache_dir(),
                              measure=not no_measure, keep_float=tuple(keep_float))
     manifest, code = compile_model(request, RichReporter(enabled=not as_json))
     if as_json:
@@ -167,7 +168,8 @@ def _print_tvm_summary(manifest: dict, output: Path) -> None:
     table.add_row("TVM target", tvm["target"])
     tuning = tvm["tuning"]
     if tuning:
-        table.add_row("tuning", f"{tvm['tasks']} tasks · {tuning['trials_run']} trials run in {tuning['seconds']:.1f} s "
+        table.add_row("tuning", f"{tvm['tasks']} tasks · {tuning['trials_run']} trials run in "
+                                f"{tuning['seconds']:.1f} s "
                                 f"({tuning['trials_in_database_before']} found in {tuning['database']}) · "
                                 f"runner {tuning['runner']}")
     lat = manifest["latency"]

@@ -27,11 +27,11 @@ from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
-from edgeq.passes.normalize import NormalizePass
+from edgeq.passes.normalize import NormalizePass, quantized_ops_in
 from edgeq.runtimes import tvm_tuning
 from edgeq.runtimes.base import measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime, create_session
-from edgeq.runtimes.tvm import LIBRARY, TvmRuntime, library_arch
+from edgeq.runtimes.tvm import LIBRARY, TvmRuntime, library_arch, refuse_quantized
 
 CHECK_FEEDS = 8
 TOLERANCE = 1e-4
@@ -50,6 +50,7 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
         work = Path(work)
         with reporter.stage("load + normalize"):
             model = load_model(request.model)
+            refuse_quantized(Path(request.model).name, quantized_ops_in(model))
             source_digest = model_digest(model)
             NormalizePass()(model)
             (work / "float").mkdir()

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from edgeq.errors import UserError
+from edgeq.passes.normalize import QUANTIZED_OPS
 from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
 from edgeq.target import Target
 
@@ -88,15 +89,21 @@ def static_shapes(model_path: Path, feed: Mapping[str, np.ndarray] | None) -> di
     return shapes
 
 
+def refuse_quantized(name: str, quantized_ops: list[str]) -> None:
+    """Quantized models go to ONNX Runtime: TVM would run them slower than their float build."""
+    if quantized_ops:
+        raise UserError(f"{name} is quantized ({', '.join(sorted(set(quantized_ops))[:3])}): TVM 0.27 has no integer "
+                        "kernels for ONNX QDQ and runs it as float fake-quant, slower than the float model",
+                        "give TVM the float model, or use --runtime onnxruntime for int8")
+
+
 def import_onnx(model_path: Path, shapes: dict[str, list[int]]):
     """The model as a Relax module, weights bound as constants."""
     tvm = _tvm()
     from tvm.relax.frontend.onnx import from_onnx
 
     model = onnx.load(str(model_path))
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
-        raise UserError(f"{model_path.name} is quantized (QDQ); TVM 0.27 runs QDQ as float fake-quant, slower "
-                        "than the float model", "give TVM the float model, or use --runtime onnxruntime for int8")
+    refuse_quantized(model_path.name, [n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS])
     try:
         mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     except Exception as exc:  # the frontend raises bare errors for ops it lacks (LSTM, Loop, QLinearConv, …)

@@ -133,7 +133,7 @@ def test_quantized_models_are_refused_not_built_slower(tmp_path):
     path = tmp_path / "qdq.onnx"
     onnx.save(qdq_model(), path)
     result = run("compile", path, "-t", HOST, "--runtime", "tvm", "-o", tmp_path / "out")
-    assert result.exit_code == 2 and "is quantized (QDQ)" in result.output and "--runtime onnxruntime" in result.output
+    assert result.exit_code == 2 and "is quantized (" in result.output and "--runtime onnxruntime" in result.output
     assert not (tmp_path / "out").exists()
 
 

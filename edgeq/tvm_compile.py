@@ -101,7 +101,8 @@ def _manifest(request, source_digest: str, feeds_info: dict, runtime: TvmRuntime
                       "input_shapes": {k: list(np.shape(v)) for k, v in runtime.feed.items()},
                       "reason": _reason(tuning, latency)},
         "tvm": {"target": str(runtime.tvm_target), "tasks": len(tvm_tuning.tasks_of(fused, runtime.tvm_target)),
-                "tuning": tuning.to_dict() if tuning else None, "check": check},
+                "tuning": tuning.to_dict() if tuning else None, "check": check}
+        | ({"cuda_kernels": runtime.cuda_kernels} if runtime.cuda_kernels else {}),
         "latency": latency,
     }
 

@@ -17,8 +17,10 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,6 +146,27 @@ def compile_fused(fused, target, database=None):
     return tvm.compile(fused, target=target)
 
 
+def check_cuda_kernels(module, target) -> dict:
+    """A CUDA library built without a GPU carries its kernels as CUDA C, which the device's NVRTC compiles when
+    the library loads; here nvcc compiles that source for the target's architecture, so a kernel the device
+    could not compile fails now rather than on the board."""
+    stack, source = [module], None
+    while stack and source is None:
+        current = stack.pop()
+        source = current.inspect_source("cuda") if current.kind == "cuda" else None
+        stack.extend(current.imports)
+    arch = target.attrs.get("arch", "")
+    report = {"form": "CUDA C, compiled by NVRTC when the library loads", "arch": arch,
+              "source_bytes": len(source or "")}
+    if source is None or shutil.which("nvcc") is None:
+        return report | {"nvcc_check": "not run: no nvcc here" if source else "no CUDA kernels"}
+    from tvm.support import nvcc
+
+    with target:  # nvcc's helpers read the architecture from the current target
+        cubin = nvcc.compile_cuda(source, target_format="cubin", arch=arch, compiler="nvcc")
+    return report | {"nvcc_check": f"ok: {len(cubin)} bytes of {arch} code"}
+
+
 class _TvmSession:
     """A library loaded into the Relax VM, locally or on an RPC device."""
 
@@ -154,8 +177,10 @@ class _TvmSession:
             module = tvm.runtime.load_module(str(library))
             self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
         else:
-            remote.upload(str(library))
-            module = remote.load_module(Path(library).name)
+            # A name per content: re-uploading over a library the board's process has loaded crashes it.
+            name = f"{hashlib.sha256(Path(library).read_bytes()).hexdigest()[:16]}-{Path(library).name}"
+            remote.upload(str(library), target=name)
+            module = remote.load_module(name)
             self.device = remote.cuda(0) if kind == "cuda" else remote.cpu(0)
         self.remote = remote
         threads = _threads(target)
@@ -191,10 +216,12 @@ class TvmRuntime:
     def __init__(self, target: Target, database=None, feed: Mapping[str, np.ndarray] | None = None):
         self.target, self.database, self.feed = target, database, feed
         self.tvm_target = tvm_target(target)
+        self.cuda_kernels: dict | None = None  # set by build() for CUDA targets
         if _threads(target):  # read when this process first runs a parallel kernel (tuning candidates included);
             # pinning threads with config_threadpool would make them share a core with ONNX Runtime's
             os.environ.setdefault("TVM_NUM_THREADS", str(_threads(target)))
         self._remote = None
+        self._sessions: dict[Path, _TvmSession] = {}
 
     def lower(self, model_path: Path):
         """The fused Relax module of ``model_path`` at the feed's shapes (what is tuned and compiled)."""
@@ -204,6 +231,8 @@ class TvmRuntime:
         """Compile and export ``out_dir/model.so`` for the target's architecture (checked in the ELF header)."""
         fused = self.lower(model_path) if fused is None else fused
         executable = compile_fused(fused, self.tvm_target, self.database)
+        self.cuda_kernels = check_cuda_kernels(executable.mod, self.tvm_target) if self.target.tvm.kind == "cuda" \
+            else None
         library = Path(out_dir) / LIBRARY
         executable.export_library(str(library), **self._linker())
         arch = library_arch(library)
@@ -220,8 +249,6 @@ class TvmRuntime:
         if not compiler:
             raise UserError(f"target {self.target.name} builds for {self.target.tvm.arch} but names no "
                             "cross_compiler", "add cross_compiler = \"aarch64-linux-gnu-g++\" to its [tvm] section")
-        import shutil
-
         if shutil.which(compiler) is None:
             raise UserError(f"cross compiler {compiler} not found",
                             "install it (Debian: apt-get install g++-aarch64-linux-gnu) or fix cross_compiler")
@@ -241,9 +268,12 @@ class TvmRuntime:
         return self._remote
 
     def session(self, model_path: Path) -> _TvmSession:
-        """``model_path``: a library built by :meth:`build` (``.so``)."""
-        remote = self._rpc_session() if self.target.rpc is not None else None
-        return _TvmSession(Path(model_path), self.target, remote)
+        """``model_path``: a library built by :meth:`build` (``.so``); loaded once per runtime."""
+        key = Path(model_path).resolve()
+        if key not in self._sessions:
+            remote = self._rpc_session() if self.target.rpc is not None else None
+            self._sessions[key] = _TvmSession(key, self.target, remote)
+        return self._sessions[key]
 
     def measure(self, models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], warmup: int = 5,
                 repeats: int = 50) -> dict[str, Latency]:

@@ -58,7 +58,7 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) ->
     untuned_dir.mkdir()
     runtime = TvmRuntime(target, database=database, feed=feeds[0])
     fused = runtime.lower(fp32)
-    untuned = TvmRuntime(target, feed=feeds[0]).build(fp32, untuned_dir, fused)
+    untuned = TvmRuntime(target, feed=feeds[0]).build(fp32, untuned_dir)
     untuned_ratio, ort_ms, untuned_ms = ratio(untuned)
     curve, tuning_seconds, report = [], 0.0, None
     for step in range(1, steps + 1):
@@ -66,7 +66,7 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) ->
         tuning_seconds += report.seconds
         step_dir = folder / f"step{step}"
         step_dir.mkdir()
-        library = runtime.build(fp32, step_dir, fused)
+        library = runtime.build(fp32, step_dir)
         r, _, tvm_ms = ratio(library)
         curve.append({"trials": report.trials_in_database_before + report.trials_run, "tuning_s": tuning_seconds,
                       "ratio": r, "tvm_ms": tvm_ms})
@@ -77,7 +77,7 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) ->
     hit = tvm_tuning.tune(hit_fused, target, trials, hit_runtime.database, db_folder)
     recompile_dir = folder / "recompiled"
     recompile_dir.mkdir()
-    tuned = hit_runtime.build(fp32, recompile_dir, hit_fused)
+    tuned = hit_runtime.build(fp32, recompile_dir)
     recompile_s = time.perf_counter() - started
     tuned_session = TvmRuntime(target, feed=feeds[0]).session(tuned)
     error = max(relative_error(ort_session.run(f), tuned_session.run(f)) for f in feeds)

@@ -65,30 +65,31 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
         runtime = TvmRuntime(target, database, feeds[0])
         with reporter.stage("import into TVM Relax"):
             fused = runtime.lower(float_path)
+            tasks = len(tvm_tuning.tasks_of(fused, runtime.tvm_target))
         if database is not None:
             with reporter.stage(f"tune with MetaSchedule (up to {recipe.tune_trials} trials)"):
                 tuning = tvm_tuning.tune(fused, target, recipe.tune_trials, database, folder, reporter.progress)
         with reporter.stage(f"build {LIBRARY} for {target.tvm.arch}"):
-            library = runtime.build(float_path, writer.tmp, fused)
+            library = runtime.build(float_path, writer.tmp)
         check, latency = {"run": False, "why": why_not}, {"measured": False, "why": why_not}
         if can_run and request.measure:
             untuned = None
             if database is not None:
                 with reporter.stage("build untuned (for the before/after latency)"):
-                    untuned = TvmRuntime(target, None, feeds[0]).build(float_path, work, fused)
+                    untuned = TvmRuntime(target, None, feeds[0]).build(float_path, work)
             with reporter.stage("measure latency"):
                 latency = _measure(runtime, target, float_path, library, untuned, feeds[0], recipe)
         if can_run:
             with reporter.stage(f"check outputs vs ONNX Runtime on {len(feeds)} feeds"):
                 check = _check(runtime.session(library), float_path, feeds)
-        manifest = _manifest(request, source_digest, data.describe() | {"random": random_inputs}, runtime, fused,
+        manifest = _manifest(request, source_digest, data.describe() | {"random": random_inputs}, runtime, tasks,
                              library, float_path, tuning, check, latency)
         writer.publish(manifest)
     failed = check["run"] and not check["ok"]
     return manifest, EXIT_BUDGET_MISSED if failed else EXIT_OK
 
 
-def _manifest(request, source_digest: str, feeds_info: dict, runtime: TvmRuntime, fused, library: Path,
+def _manifest(request, source_digest: str, feeds_info: dict, runtime: TvmRuntime, tasks: int, library: Path,
               float_path: Path, tuning, check: dict, latency: dict) -> dict:
     return {
         "edgeq": "artifact/1",
@@ -100,7 +101,7 @@ def _manifest(request, source_digest: str, feeds_info: dict, runtime: TvmRuntime
                       "bytes": library.stat().st_size, "float_bytes": folder_bytes(float_path.parent),
                       "input_shapes": {k: list(np.shape(v)) for k, v in runtime.feed.items()},
                       "reason": _reason(tuning, latency)},
-        "tvm": {"target": str(runtime.tvm_target), "tasks": len(tvm_tuning.tasks_of(fused, runtime.tvm_target)),
+        "tvm": {"target": str(runtime.tvm_target), "tasks": tasks,
                 "tuning": tuning.to_dict() if tuning else None, "check": check}
         | ({"cuda_kernels": runtime.cuda_kernels} if runtime.cuda_kernels else {}),
         "latency": latency,

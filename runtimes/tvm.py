@@ -227,10 +227,11 @@ class TvmRuntime:
         """The fused Relax module of ``model_path`` at the feed's shapes (what is tuned and compiled)."""
         return fuse(import_onnx(Path(model_path), static_shapes(Path(model_path), self.feed)), self.tvm_target)
 
-    def build(self, model_path: Path, out_dir: Path, fused=None) -> Path:
-        """Compile and export ``out_dir/model.so`` for the target's architecture (checked in the ELF header)."""
-        fused = self.lower(model_path) if fused is None else fused
-        executable = compile_fused(fused, self.tvm_target, self.database)
+    def build(self, model_path: Path, out_dir: Path) -> Path:
+        """Compile and export ``out_dir/model.so`` for the target's architecture (checked in the ELF header).
+        The model is lowered afresh: compiling changes the lowered module in place, and a module that was
+        compiled once no longer matches its tasks' records in the database."""
+        executable = compile_fused(self.lower(model_path), self.tvm_target, self.database)
         self.cuda_kernels = check_cuda_kernels(executable.mod, self.tvm_target) if self.target.tvm.kind == "cuda" \
             else None
         library = Path(out_dir) / LIBRARY

@@ -93,7 +93,7 @@ def test_tuned_schedules_are_applied_from_the_database(conv, tmp_path):
     scheduled = [g.name_hint for g, f in applied.functions.items()
                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled", False)]
     assert scheduled
-    library = runtime.build(conv, tmp_path, fused)
+    library = runtime.build(conv, tmp_path)
     np.testing.assert_allclose(runtime.session(library).run(feed())[0],
                                OnnxRuntime(target).session(conv).run(feed())[0], rtol=1e-5, atol=1e-5)
 

@@ -43,10 +43,11 @@ class Costs:
             self.latency[group][precision] = group_ms[group]
         unexplained = wall_ms - self.predict(assign)[0]
         changed = [g for g, p in assign.items() if p != base[g]]
-        if not changed:
-            self.rest_ms += unexplained
+        if not changed:  # times never go below zero: on a busy machine profile and wall time disagree
+            self.rest_ms = max(0.0, self.rest_ms + unexplained)
         for group in changed:
-            self.latency[group][assign[group]] += unexplained / len(changed)
+            self.latency[group][assign[group]] = max(0.0, self.latency[group][assign[group]]
+                                                     + unexplained / len(changed))
 
 
 def group_times(groups: list[Group], node_ms: dict[str, float]) -> dict[str, float]:

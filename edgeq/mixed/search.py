@@ -182,7 +182,7 @@ class MixedPrecisionSearch:
                     latency[g][precision] = ms
             if precision == "int8":
                 base = result
-                costs.rest_ms = result.ms - sum(result.group_ms.values())
+                costs.rest_ms = max(0.0, result.ms - sum(result.group_ms.values()))
         return costs, base
 
     def _measure(self, assign: dict[str, str], build, groups: list[Group]) -> Measured:

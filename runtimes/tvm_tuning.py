@@ -8,8 +8,9 @@ Rules:
   are recorded is a database hit and tunes nothing.
 - Candidates are built in this process and, locally, timed in it too; for ``rpc://HOST:PORT/KEY`` TVM's RPC
   runner times them on the board (:func:`_builder_and_runner`).
-- Every task gets a first round before the gradient task scheduler spends the rest where latency falls
-  fastest; the round is sized so that the first rounds take at most half the budget.
+- Every task gets a first round (tasks with the fewest records first) before the gradient task scheduler spends
+  the rest where latency falls fastest; the round is sized so that first rounds take at most half the budget
+  (but at least 8 candidates: the search costs about as much per round whatever its size).
 """
 
 from __future__ import annotations
@@ -169,7 +170,9 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
     from tvm.s_tir import meta_schedule as ms
 
     tvm_target = _tvm().target.Target(target.tvm.target)
-    tasks = tasks_of(fused, tvm_target)
+    # TVM's task scheduler gives tasks their first round in list order, and every call starts afresh: the tasks
+    # with the fewest records go first, so that a budget spent over several calls reaches every task.
+    tasks = sorted(tasks_of(fused, tvm_target), key=lambda task: (recorded_trials(database, [task]), -task.weight))
     _register_intrinsics(tvm_target)
     before = recorded_trials(database, tasks)
     budget = max(0, trials - before)

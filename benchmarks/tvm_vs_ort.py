@@ -48,7 +48,8 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) ->
     database = tvm_tuning.open_database(db_folder)
     ort_session = OnnxRuntime(target).session(fp32)
 
-    def ratio(library: Path) -> float:
+    def against_ort(library: Path) -> tuple[float, float, float]:
+        """TVM/ORT median ratio, ORT ms, TVM ms, measured interleaved."""
         session = TvmRuntime(target, feed=feeds[0]).session(library)
         latency = measure_interleaved({"ort": lambda: ort_session.run(feeds[0]), "tvm": session.runner(feeds[0])},
                                       warmup=3, repeats=repeats)
@@ -59,7 +60,7 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) ->
     runtime = TvmRuntime(target, database=database, feed=feeds[0])
     fused = runtime.lower(fp32)
     untuned = TvmRuntime(target, feed=feeds[0]).build(fp32, untuned_dir)
-    untuned_ratio, ort_ms, untuned_ms = ratio(untuned)
+    untuned_ratio, ort_ms, untuned_ms = against_ort(untuned)
     curve, tuning_seconds, report = [], 0.0, None
     for step in range(1, steps + 1):
         report = tvm_tuning.tune(fused, target, trials * step // steps, database, db_folder)
@@ -67,7 +68,7 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) ->
         step_dir = folder / f"step{step}"
         step_dir.mkdir()
         library = runtime.build(fp32, step_dir)
-        r, _, tvm_ms = ratio(library)
+        r, _, tvm_ms = against_ort(library)
         curve.append({"trials": report.trials_in_database_before + report.trials_run, "tuning_s": tuning_seconds,
                       "ratio": r, "tvm_ms": tvm_ms})
         print(f"  {name}: {curve[-1]}", file=sys.stderr)
@@ -81,7 +82,7 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) ->
     recompile_s = time.perf_counter() - started
     tuned_session = TvmRuntime(target, feed=feeds[0]).session(tuned)
     error = max(relative_error(ort_session.run(f), tuned_session.run(f)) for f in feeds)
-    tuned_ratio, _, tuned_ms = ratio(tuned)
+    tuned_ratio, _, tuned_ms = against_ort(tuned)
     return {"model": name, "tasks": report.tasks, "trials": curve[-1]["trials"], "tuning_s": tuning_seconds,
             "ort_ms": ort_ms, "untuned_ms": untuned_ms, "untuned_ratio": untuned_ratio, "tuned_ms": tuned_ms,
             "tuned_ratio": tuned_ratio, "recompile_s": recompile_s, "recompile_hit": hit.hit,

@@ -16,7 +16,6 @@ import onnx_ir as ir
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import UserError
 from edgeq.model_io import load_proto
-from edgeq.runtimes.base import measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
 
@@ -53,11 +52,8 @@ def _bench_tvm(paths: list[Path], target: Target, feed: dict, repeats: int, cach
         for index, path in enumerate(paths):
             (Path(work) / str(index)).mkdir()
             libraries[str(path)] = runtime.build(path, Path(work) / str(index))
-        runners = {name: runtime.session(lib).runner(feed) for name, lib in libraries.items()}
-        if target.rpc is None:
-            session = OnnxRuntime(target).session(paths[0])
-            runners[f"onnxruntime: {paths[0]}"] = lambda: session.run(feed)
-        latency = measure_interleaved(runners, repeats=repeats)
+        latency = runtime.measure_with_onnxruntime(libraries, paths[0], feed, repeats=repeats,
+                                                   ort_name=f"onnxruntime: {paths[0]}")
         profile = runtime.profile(libraries[str(paths[0])], feed) if target.rpc is None else []
     return {"database": str(folder) if database is not None else None,
             "latency": {k: v.to_dict() for k, v in latency.items()}, "profile": [asdict(t) for t in profile]}

@@ -149,7 +149,7 @@ class Target:
             if runtime == "tvm":
                 return True, ""
             return False, f"ONNX Runtime cannot measure through {self.measure_where}: use --runtime tvm"
-        host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+        host = host_arch()
         if host != self.arch:
             return False, f"target architecture {self.arch} differs from this machine's ({host})"
         if runtime == "tvm":
@@ -165,6 +165,11 @@ class Target:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def host_arch() -> str:
+    """This machine's architecture, named as targets name theirs (x86_64, aarch64)."""
+    return platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
 
 
 def bundled_target_names() -> list[str]:

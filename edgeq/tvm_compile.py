@@ -29,8 +29,7 @@ from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.normalize import NormalizePass, quantized_ops_in
 from edgeq.runtimes import tvm_tuning
-from edgeq.runtimes.base import measure_interleaved
-from edgeq.runtimes.onnxruntime import OnnxRuntime, create_session
+from edgeq.runtimes.onnxruntime import create_session
 from edgeq.runtimes.tvm import LIBRARY, TvmRuntime, library_arch, refuse_quantized
 
 CHECK_FEEDS = 8
@@ -78,7 +77,7 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
                 with reporter.stage("build untuned (for the before/after latency)"):
                     untuned = TvmRuntime(target, None, feeds[0]).build(float_path, work)
             with reporter.stage("measure latency"):
-                latency = _measure(runtime, target, float_path, library, untuned, feeds[0], recipe)
+                latency = _measure(runtime, float_path, library, untuned, feeds[0], recipe)
         if can_run:
             with reporter.stage(f"check outputs vs ONNX Runtime on {len(feeds)} feeds"):
                 check = _check(runtime.session(library), float_path, feeds)
@@ -116,15 +115,10 @@ def _feeds(request, model) -> tuple[CalibrationData, bool]:
     return CalibrationData.random(specs, count=CHECK_FEEDS, seed=request.recipe.seed), True
 
 
-def _measure(runtime: TvmRuntime, target, float_path: Path, library: Path, untuned: Path | None, feed: dict,
-             recipe) -> dict:
-    runners = {"tvm": runtime.session(library).runner(feed)}
-    if untuned is not None:
-        runners["tvm_untuned"] = runtime.session(untuned).runner(feed)
-    if target.rpc is None:  # ONNX Runtime runs here only
-        session = OnnxRuntime(target).session(float_path)
-        runners["onnxruntime"] = lambda: session.run(feed)
-    measured = measure_interleaved(runners, recipe.latency_warmup, recipe.latency_repeats)
+def _measure(runtime: TvmRuntime, float_path: Path, library: Path, untuned: Path | None, feed: dict, recipe) -> dict:
+    libraries = {"tvm": library} | ({"tvm_untuned": untuned} if untuned is not None else {})
+    measured = runtime.measure_with_onnxruntime(libraries, float_path, feed, recipe.latency_warmup,
+                                                recipe.latency_repeats)
     result = {name: lat.to_dict() for name, lat in measured.items()}
     for other in ("onnxruntime", "tvm_untuned"):
         if other in measured:

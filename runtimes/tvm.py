@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import shutil
 import time
 from collections.abc import Mapping
@@ -31,7 +30,8 @@ import onnx
 from edgeq.errors import UserError
 from edgeq.passes.normalize import QUANTIZED_OPS
 from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
-from edgeq.target import Target
+from edgeq.runtimes.onnxruntime import OnnxRuntime
+from edgeq.target import Target, host_arch
 
 LIBRARY = "model.so"
 # ELF e_machine codes of the architectures edgeq builds for.
@@ -172,7 +172,7 @@ class _TvmSession:
 
     def __init__(self, library: Path, target: Target, remote=None):
         tvm = _tvm()
-        kind = target.tvm.kind if target.tvm else "llvm"
+        kind = target.tvm.kind
         if remote is None:
             module = tvm.runtime.load_module(str(library))
             self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
@@ -189,18 +189,18 @@ class _TvmSession:
         self.vm = tvm.relax.VirtualMachine(module, self.device)
         self._tvm = tvm
 
-    def _args(self, feeds: Mapping[str, np.ndarray]) -> list:
+    def to_device(self, feeds: Mapping[str, np.ndarray]) -> list:
         return [self._tvm.runtime.tensor(np.ascontiguousarray(v), self.device) for v in feeds.values()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        result = self.vm["main"](*self._args(feeds))
+        result = self.vm["main"](*self.to_device(feeds))
         outputs = [result] if hasattr(result, "numpy") else list(result)
         return [o.numpy() for o in outputs]
 
     def runner(self, feeds: Mapping[str, np.ndarray]):
         """One timed run per call, inputs already on the device. On an RPC device the call returns the device's
         own timing of the run, so the network round trip is not counted."""
-        args = self._args(feeds)
+        args = self.to_device(feeds)
         if self.remote is None:
             main = self.vm["main"]
             return lambda: main(*args)
@@ -243,8 +243,7 @@ class TvmRuntime:
 
     def _linker(self) -> dict:
         """Cross-compile when the library's architecture is not this machine's."""
-        host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
-        if self.target.tvm.arch == host:
+        if self.target.tvm.arch == host_arch():
             return {}
         compiler = self.target.tvm.cross_compiler
         if not compiler:
@@ -281,11 +280,21 @@ class TvmRuntime:
         runners = {name: self.session(path).runner(feeds) for name, path in models.items()}
         return measure_interleaved(runners, warmup=warmup, repeats=repeats)
 
+    def measure_with_onnxruntime(self, libraries: Mapping[str, Path], model_path: Path,
+                                 feeds: Mapping[str, np.ndarray], warmup: int = 5, repeats: int = 50,
+                                 ort_name: str = "onnxruntime") -> dict[str, Latency]:
+        """TVM libraries and — where the target is this machine — ONNX Runtime on the ONNX model, interleaved."""
+        runners = {name: self.session(path).runner(feeds) for name, path in libraries.items()}
+        if self.target.rpc is None:
+            session = OnnxRuntime(self.target).session(model_path)
+            runners[ort_name] = lambda: session.run(feeds)
+        return measure_interleaved(runners, warmup=warmup, repeats=repeats)
+
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
         """Time per kernel call (TVM's fused names, e.g. ``fused_conv2d_add_relu``) averaged over ``runs``, timed
         around each call by the VM's instrument hook (local CPU libraries: calls there are synchronous)."""
         session = self.session(model_path)
-        args = session._args(feeds)
+        args = session.to_device(feeds)
         totals: dict[str, float] = {}
         started: list[float] = []
 

@@ -25,7 +25,7 @@ import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeq.runtimes.tvm import _tvm
+from edgeq.runtimes.tvm import _tvm, tvm_target
 from edgeq.target import Target
 
 # Evolutionary search sized for a 2-core machine: with TVM's defaults (population 512, 50 random samples,
@@ -119,8 +119,7 @@ def _builder_and_runner(target: Target):
 
 def database_dir(cache_dir: Path, target: Target) -> Path:
     """One database per TVM target: its records are only valid for the target they were measured on."""
-    tvm_target = _tvm().target.Target(target.tvm.target)
-    key = json.dumps([str(tvm_target), str(target.rpc or "local")])
+    key = json.dumps([str(tvm_target(target)), str(target.rpc or "local")])
     return Path(cache_dir) / "tvm" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -169,19 +168,21 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
     ``trials`` measured trials for them."""
     from tvm.s_tir import meta_schedule as ms
 
-    tvm_target = _tvm().target.Target(target.tvm.target)
+    compiled_for = tvm_target(target)
     # TVM's task scheduler gives tasks their first round in list order, and every call starts afresh: the tasks
     # with the fewest records go first, so that a budget spent over several calls reaches every task.
-    tasks = sorted(tasks_of(fused, tvm_target), key=lambda task: (recorded_trials(database, [task]), -task.weight))
-    _register_intrinsics(tvm_target)
-    before = recorded_trials(database, tasks)
+    counted = sorted(((recorded_trials(database, [task]), -task.weight, index, task)
+                      for index, task in enumerate(tasks_of(fused, compiled_for))), key=lambda c: c[:3])
+    tasks = [c[3] for c in counted]
+    _register_intrinsics(compiled_for)
+    before = sum(c[0] for c in counted)
     budget = max(0, trials - before)
     started = time.perf_counter()
     if budget and tasks:
         _quiet_tvm_logs()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, str(folder), strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=POPULATION, init_min_unmeasured=RANDOM_SAMPLES, genetic_num_iters=GENETIC_ITERATIONS), num_threads=2, seed=0)
+            tasks, str(folder), num_threads=2, seed=0, strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=POPULATION, init_min_unmeasured=RANDOM_SAMPLES, genetic_num_iters=GENETIC_ITERATIONS))
         per_round = max(8, min(64, budget // (2 * len(tasks))))
         builder, runner = _builder_and_runner(target)
         callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()]

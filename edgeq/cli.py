@@ -213,6 +213,8 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
     if "metric" in fid:
         m = fid["metric"]
         table.add_row("metric", f"float {m['float']:.4f} · delivered {m['candidate']:.4f} · drop {m['drop']:+.4f}")
+    if "caveat" in fid:
+        table.add_row("caveat", fid["caveat"])
     if manifest["budget"]:
         b = manifest["budget"]
         parts = []

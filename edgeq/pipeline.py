@@ -129,6 +129,9 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             run.guard_speed()
         with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
             fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+        caveat = request.target.int8_caveat_here() if run.delivered != "float" else ""
+        if caveat:
+            fidelity["caveat"] = caveat
         float_bytes = folder_bytes(run.float_path.parent)
         delivered = run.runtime.build(run.delivered_path, writer.tmp)
         delivered_bytes = folder_bytes(writer.tmp)

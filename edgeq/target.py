@@ -19,8 +19,10 @@ A target says what the device can run fast, and edgeq only quantizes what it can
   ``num-cores`` = threads, ``arch`` for CUDA, ``host`` for the CPU side of a GPU target) and the
   ``cross_compiler`` that links a library for another architecture. No section: no TVM builds.
 - ``[measure]``: where latency is measured. ``local`` measures on this machine only when its architecture
-  matches the target's (and, for ONNX Runtime, it has the target's first execution provider; for a TVM CUDA
-  target, a GPU); ``rpc://HOST:PORT/KEY`` measures TVM builds on a board registered with a TVM RPC tracker
+  matches the target's, its CPU has the target's ``cpu_flags`` (as Linux names them in ``/proc/cpuinfo``: int8
+  numerics and speed on x86 depend on VNNI, and AVX2 code dies on a CPU without it), and, for ONNX Runtime, it
+  has the target's first execution provider (for a TVM CUDA target, a GPU; for a TVM CPU target, every
+  instruction-set extension its ``mcpu``/``mattr`` imply); ``rpc://HOST:PORT/KEY`` measures TVM builds on a board registered with a TVM RPC tracker
   under KEY. Otherwise nothing is measured and the report says so.
 
 Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of their own file.
@@ -41,6 +43,8 @@ _INT_TYPES = ("uint8", "int8")
 SPARSITY_PATTERNS = ("2:4",)
 PRECISIONS = ("float", "fp16", "int8", "int16", "int4")
 TVM_KINDS = ("llvm", "cuda")
+# x86 CPU flags (/proc/cpuinfo names) of int8 dot products that accumulate without saturating.
+EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class Target:
     precisions: PrecisionRules = field(default_factory=PrecisionRules)
     tvm: TvmSettings | None = None
     measure_where: str = "local"
+    cpu_flags: tuple[str, ...] = ()
     source: str = ""
 
     @property
@@ -152,6 +157,9 @@ class Target:
         host = host_arch()
         if host != self.arch:
             return False, f"target architecture {self.arch} differs from this machine's ({host})"
+        missing = [flag for flag in self.cpu_flags if flag not in host_cpu_flags(self.cpu_flags)]
+        if missing:
+            return False, f"this machine's CPU lacks {', '.join(missing)}, which target {self.name} assumes"
         if runtime == "tvm":
             from edgeq.runtimes.tvm import device_present  # imports TVM: only TVM's check needs it
 
@@ -163,6 +171,17 @@ class Target:
             return False, f"{provider} is not available in this machine's ONNX Runtime"
         return True, ""
 
+    def int8_caveat_here(self) -> str:
+        """Why this machine's ONNX Runtime would compute the target's int8 models less accurately than the
+        target does ('' when it computes them alike): on x86 without VNNI, int8 kernels (AVX2's vpmaddubsw) add
+        pairs of 8-bit products in saturating 16-bit lanes, which full-range weights overflow."""
+        if host_arch() != "x86_64" or self.quantization.reduce_range:
+            return ""
+        if set(EXACT_INT8_FLAGS) & host_cpu_flags(EXACT_INT8_FLAGS):
+            return ""
+        return (f"this CPU has no VNNI: its int8 kernels saturate products of {self.name}'s full-range 8-bit weights, "
+                "so accuracy measured here is lower than on the target")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -170,6 +189,17 @@ class Target:
 def host_arch() -> str:
     """This machine's architecture, named as targets name theirs (x86_64, aarch64)."""
     return platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+
+
+def host_cpu_flags(wanted: tuple[str, ...]) -> set[str]:
+    """The CPU flags this machine has, as ``/proc/cpuinfo`` names them; where that file does not exist (not
+    Linux), the ``wanted`` ones are assumed present."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set(wanted)
+    match = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    return set(match[1].split()) if match else set(wanted)
 
 
 def bundled_target_names() -> list[str]:
@@ -245,6 +275,7 @@ def _parse(data: dict, source: str) -> Target:
             precisions=precisions,
             tvm=TvmSettings(dict(tvm["target"]), tvm.get("cross_compiler", "")) if tvm else None,
             measure_where=data.get("measure", {}).get("where", "local"),
+            cpu_flags=tuple(data.get("measure", {}).get("cpu_flags", ())),
             source=source,
         )
     except KeyError as exc:

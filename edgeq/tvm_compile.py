@@ -7,6 +7,8 @@ Rules:
 - Float only. Quantized models go to ONNX Runtime: TVM 0.27 imports ONNX QDQ as float quantize/dequantize
   around float kernels (no integer compute), which is slower than the float model, so a QDQ model is refused
   rather than built slower (the README's measured figures say by how much).
+- Tuning times candidates where the library runs: on this machine (its CPU must have the target's instruction
+  set) or on an RPC board; a target neither can run is refused ``--tune-trials`` (built untuned, it is allowed).
 - Feeds: ``--eval`` or else ``--calib`` (up to :data:`CHECK_FEEDS`), or else seeded random inputs; the library
   is built for their shapes.
 - Check: where the library runs here (same architecture; a CUDA GPU for CUDA) or on an RPC board, its outputs
@@ -25,7 +27,7 @@ import numpy as np
 
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.calibration_data import CalibrationData, input_specs
-from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK
+from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.normalize import NormalizePass, quantized_ops_in
 from edgeq.runtimes import tvm_tuning
@@ -45,6 +47,10 @@ def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
 def compile_tvm(request, reporter) -> tuple[dict, int]:
     """Run the TVM compile and publish the artifact; returns (manifest, exit code)."""
     target, recipe = request.target, request.recipe
+    can_run, why_not = target.can_measure_here("tvm")
+    if recipe.tune_trials and not can_run:  # candidates are timed where the library runs
+        raise UserError(f"cannot tune {target.name} here: {why_not}",
+                        "tune on the device (--device rpc://TRACKER_HOST:PORT/KEY), or drop --tune-trials")
     with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-tvm-") as work:
         work = Path(work)
         with reporter.stage("load + normalize"):
@@ -56,7 +62,6 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
             float_path = save_model(model, work / "float" / MODEL)
         data, random_inputs = _feeds(request, model)
         feeds = [f.inputs for f, _ in zip(data, range(CHECK_FEEDS))]
-        can_run, why_not = target.can_measure_here("tvm")
         database = tuning = None
         if recipe.tune_trials:
             folder = tvm_tuning.database_dir(request.cache_dir or work / "cache", target)

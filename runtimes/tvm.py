@@ -56,12 +56,37 @@ def tvm_target(target: Target):
 
 
 def device_present(target: Target) -> tuple[bool, str]:
-    """Whether this machine has the target's device (its CPU, or a CUDA GPU for a CUDA target)."""
+    """Whether this machine has the target's device: a CUDA GPU for a CUDA target; for a CPU target, a CPU with
+    every instruction-set extension the target's ``mcpu``/``mattr`` let LLVM use (else the library would die of
+    an illegal instruction here)."""
     if target.tvm is None:
         return False, f"target {target.name} has no [tvm] section"
-    if target.tvm.kind == "cuda" and not _tvm().cuda(0).exist:
-        return False, "no CUDA GPU on this machine"
+    if target.tvm.kind == "cuda":
+        return (True, "") if _tvm().cuda(0).exist else (False, "no CUDA GPU on this machine")
+    missing = missing_cpu_features(target)
+    if missing:
+        return False, (f"target {target.name}'s TVM build uses {', '.join(missing[:4])}"
+                       f"{' …' if len(missing) > 4 else ''}, which this CPU ({host_cpu()}) lacks")
     return True, ""
+
+
+# LLVM feature names that are instruction-set extensions (the rest are tuning hints such as "fast-gather").
+_ISA_FEATURES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "amx", "gfni", "vaes", "vpclmulqdq", "movbe",
+                 "popcnt", "lzcnt", "neon", "dotprod", "fullfp16", "i8mm", "bf16", "sve")
+
+
+def host_cpu() -> str:
+    """This machine's CPU as LLVM names it (e.g. ``sapphirerapids``, ``znver1``)."""
+    return _tvm().target.codegen.llvm_get_system_cpu()
+
+
+def missing_cpu_features(target: Target) -> list[str]:
+    """Instruction-set extensions a CPU target's code may use that this machine's CPU lacks."""
+    tvm = _tvm()
+    features = tvm.target.codegen.llvm_get_cpu_features
+    wanted = features(tvm_target(target))
+    have = features(tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()}))
+    return sorted(f for f in wanted if f.startswith(_ISA_FEATURES) and f not in have)
 
 
 def library_arch(path: Path) -> str:

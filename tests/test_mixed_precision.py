@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import EXAMPLES, conv_model, make_model
+from conftest import EXAMPLES, HOST_X86, conv_model, make_model
 from edgeq.cli import main
 from edgeq.errors import UserError
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
@@ -23,7 +23,8 @@ from edgeq.recipe import Recipe
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import load_target
 
-TARGET = load_target("x86-avx512-vnni")
+TARGET = load_target(HOST_X86)
+FULL_RANGE_RULES = load_target("x86-avx512-vnni").quantization  # 8-bit weights (x86-64's are 7-bit)
 
 
 def mlp_model(seed: int = 0, shared: bool = False) -> onnx.ModelProto:
@@ -194,7 +195,7 @@ def run(*args):
 
 def mixed_args(example: str, out, *extra):
     folder = EXAMPLES / example
-    return ("compile", folder / "model.onnx", "-t", "x86-avx512-vnni", "--calib", folder / "calib.npz",
+    return ("compile", folder / "model.onnx", "-t", HOST_X86, "--calib", folder / "calib.npz",
             "--eval", folder / "eval.npz", "--metric", EXAMPLES / "metric.py:accuracy", "--scheme", "mixed",
             "--repeats", 20, "-o", out, *extra)
 
@@ -206,7 +207,12 @@ def test_mixed_within_accuracy_budget_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     mixed = manifest["mixed"]
-    assert manifest["delivered"]["precision"] == "mixed" and manifest["budget"]["met"]
+    assert manifest["budget"]["met"]
+    if manifest["delivered"]["precision"] == "float":  # on a CPU where the tiny CNN runs slower in int8
+        assert manifest["delivered"]["reason"].startswith("every mixed build measured slower than float")
+        assert mixed["chosen"]["ms"] > mixed["chosen"]["float_ms"]
+    else:
+        assert manifest["delivered"]["precision"] == "mixed"
     assert manifest["fidelity"]["metric"]["drop"] <= 0.003
     assert mixed["iterations"] and all(g["precision"] in ("float", "int8") for g in mixed["groups"])
     assert all(g["ms"] is not None and set(g["nsr"]) == {"float", "int8"} for g in mixed["groups"])
@@ -250,7 +256,7 @@ def test_unreachable_latency_budget_exits_3_after_bounded_iterations(tmp_path):
 
 def test_mixed_errors_are_one_line(tmp_path):
     folder = EXAMPLES / "digits_cnn"
-    base = ("compile", folder / "model.onnx", "-t", "x86-avx512-vnni", "--calib", folder / "calib.npz",
+    base = ("compile", folder / "model.onnx", "-t", HOST_X86, "--calib", folder / "calib.npz",
             "-o", tmp_path / "o")
     for extra, message in ((("--scheme", "mixed"), "needs a budget"), (("--size-mb", "1"), "--scheme mixed"),
                            (("--scheme", "mixed", "--latency-ms", "1", "--no-measure"), "needs latency measured")):
@@ -315,7 +321,7 @@ def test_int16_activations_are_wider_and_more_accurate_than_int8(tmp_path):
     for precision in ("int8", "int16"):
         model = ir.serde.deserialize_model(proto)
         everything_float = {n: "float" for n in ("mm1", "mm2", "mm4")}
-        insert = InsertQDQPass(TARGET.quantization, ranges_for(proto), precisions=everything_float | {"mm3": precision})
+        insert = InsertQDQPass(FULL_RANGE_RULES, ranges_for(proto), precisions=everything_float | {"mm3": precision})
         insert(model)
         assert insert.decisions["mm3"].precision == precision
         zero_points = {n.inputs[0].name: n.inputs[2].const_value.dtype for n in model.graph
@@ -329,7 +335,7 @@ def test_int16_activations_are_wider_and_more_accurate_than_int8(tmp_path):
 
 
 def test_measurement_rejects_int16_where_the_target_has_no_16_bit_kernels(tmp_path):
-    text = (EXAMPLES.parent / "targets/x86-avx512-vnni.toml").read_text()
+    text = (EXAMPLES.parent / f"targets/{HOST_X86}.toml").read_text().replace("reduce_range = true", "reduce_range = false")
     target = tmp_path / "x86-int16.toml"
     target.write_text(text.replace('candidates = ["float", "int8", "int4"]', 'candidates = ["float", "int8", "int16"]'))
     out = tmp_path / "tf"

@@ -9,7 +9,7 @@ import onnx
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model, write_feeds
+from conftest import HOST_X86, make_model, write_feeds
 from edgeq.cli import main
 from edgeq.passes.insert_qdq import Decision
 from edgeq.pipeline import SilentReporter, _Build, _no_slowdown
@@ -87,7 +87,7 @@ def test_tiny_model_is_never_delivered_slower(tmp_path):
     onnx.save(model, tmp_path / "tiny.onnx")
     feeds = write_feeds(tmp_path / "feeds", "x", (1, 4, 2, 2), 10)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compile", str(tmp_path / "tiny.onnx"), "-t", "x86-avx512-vnni", "--calib",
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "tiny.onnx"), "-t", HOST_X86, "--calib",
                                        str(feeds), "-o", str(out), "--repeats", "30"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())

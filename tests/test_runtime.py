@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import conv_model
+from conftest import HOST_X86, conv_model
 from edgeq.runtimes.base import Latency, measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import load_target
@@ -27,7 +27,7 @@ def test_profile_maps_fused_integer_kernels_back_to_original_nodes(tmp_path):
     quant, insert = quantize(conv_model())
     path = tmp_path / "q.onnx"
     onnx.save(quant, path)
-    runtime = OnnxRuntime(load_target("x86-avx512-vnni"))
+    runtime = OnnxRuntime(load_target(HOST_X86))
     times = runtime.profile(path, {"x": np.zeros((1, 3, 16, 16), np.float32)}, runs=5)
     by_name = {t.name: t for t in times}
     assert by_name["conv1"].op_type == "QLinearConv" and by_name["conv2"].op_type == "QLinearConv"

@@ -51,3 +51,18 @@ def test_recipe_round_trips_and_validates():
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(UserError):
         Recipe(method="magic")
+
+
+def test_cpu_flags_decide_what_is_measured_here_and_whether_int8_accuracy_is_faithful(monkeypatch):
+    import edgeq.target as target_module
+
+    monkeypatch.setattr(target_module, "host_arch", lambda: "x86_64")
+    monkeypatch.setattr(target_module, "host_cpu_flags", lambda wanted: {"avx2", "fma"})  # an AVX2 CPU
+    vnni, avx2 = load_target("x86-avx512-vnni"), load_target("x86-64")
+    ok, why = vnni.can_measure_here()
+    assert not ok and "lacks avx512_vnni" in why
+    assert avx2.can_measure_here()[0]
+    assert "no VNNI" in vnni.int8_caveat_here() and "no VNNI" in load_target("jetson-orin").int8_caveat_here()
+    assert avx2.int8_caveat_here() == ""  # 7-bit weights do not overflow AVX2's 16-bit pair sums
+    monkeypatch.setattr(target_module, "host_cpu_flags", lambda wanted: {"avx2", "fma", "avx512_vnni"})
+    assert vnni.can_measure_here()[0] and vnni.int8_caveat_here() == ""

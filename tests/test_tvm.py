@@ -25,7 +25,14 @@ tvm = pytest.importorskip("tvm", reason="apache-tvm is an optional extra (pip in
 from edgeq.runtimes import tvm_tuning  # noqa: E402
 from edgeq.runtimes.tvm import TvmRuntime, library_arch  # noqa: E402
 
-HOST = "x86-avx512-vnni"
+
+
+def _host_target() -> str:
+    """The bundled x86 target whose TVM code this machine's CPU runs (AVX-512 where it has it, else AVX2)."""
+    return next((n for n in ("x86-avx512-vnni", "x86-64") if load_target(n).can_measure_here("tvm")[0]), "x86-64")
+
+
+HOST = _host_target()
 
 
 def run(*args):
@@ -145,9 +152,28 @@ def test_tune_trials_need_the_tvm_runtime(conv, tmp_path):
 def test_targets_list_their_tvm_builds():
     rows = {r["name"]: r for r in json.loads(run("targets", "--json").output)}
     assert rows["jetson-orin"]["tvm"].startswith("cuda sm_87") and "aarch64" in rows["jetson-orin"]["tvm"]
-    assert "cascadelake" in rows[HOST]["tvm"]
+    assert load_target(HOST).tvm.target["mcpu"] in rows[HOST]["tvm"]
     ok, why = load_target("aarch64").can_measure_here("tvm")
     assert not ok and "aarch64" in why
+
+
+def test_a_cpu_without_the_targets_instruction_set_neither_runs_nor_tunes_its_library(conv, tmp_path, monkeypatch):
+    """Code for AVX2/AVX-512 dies of an illegal instruction on a CPU without them: such a library is built but
+    not run here, and tuning (which runs candidates) is refused."""
+    import edgeq.runtimes.tvm as tvm_runtime
+
+    monkeypatch.setattr(tvm_runtime, "host_cpu", lambda: "x86-64")  # the baseline x86-64: SSE2, no AVX
+    ok, why = load_target(HOST).can_measure_here("tvm")
+    assert not ok and "avx2" in why and "(x86-64) lacks" in why
+    tuned = run("compile", conv, "-t", HOST, "--runtime", "tvm", "--tune-trials", 4, "-o", tmp_path / "tuned")
+    assert tuned.exit_code == 2 and f"cannot tune {HOST} here" in tuned.output and "--device rpc://" in tuned.output
+    assert not (tmp_path / "tuned").exists()
+    result = run("compile", conv, "-t", HOST, "--runtime", "tvm", "--json", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert library_arch(tmp_path / "out" / "model.so") == "x86_64"
+    assert not manifest["tvm"]["check"]["run"] and not manifest["latency"]["measured"]
+    assert "lacks" in manifest["latency"]["why"]
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")

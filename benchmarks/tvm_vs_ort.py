@@ -5,7 +5,8 @@
 For every model, from an empty tuning database: build untuned; tune in ``--steps`` equal steps up to
 ``--trials`` cumulative trials (each step continues from the database), building after each step; then
 recompile once more from the full database (a database hit: no tuning). Each build is measured interleaved
-with ONNX Runtime fp32 (the target's thread count, 1) on the same feed. Columns: tuning wall time, TVM/ORT
+with ONNX Runtime fp32 (the target's thread count, 1) on the same feed; the target is the x86 one this CPU
+runs (``--target``). Columns: tuning wall time, TVM/ORT
 median latency ratio untuned and tuned, the database-hit recompile time, and the largest relative output error
 of the tuned build vs ORT on 8 evaluation feeds (max |tvm - ort| / max |ort|). The curve table lists the ratio
 after each step. Only ratios are meaningful on a shared machine.
@@ -34,11 +35,15 @@ from edgeq.runtimes.tvm import TvmRuntime  # noqa: E402
 from edgeq.target import load_target  # noqa: E402
 from edgeq.tvm_compile import relative_error  # noqa: E402
 
-TARGET = "x86-avx512-vnni"
 
 
-def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int) -> dict:
-    target = load_target(TARGET)
+def host_target() -> str:
+    """The bundled x86 target this CPU runs: AVX512-VNNI where it has it, else AVX2."""
+    return "x86-avx512-vnni" if load_target("x86-avx512-vnni").can_measure_here("tvm")[0] else "x86-64"
+
+
+def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int, target_name: str) -> dict:
+    target = load_target(target_name)
     fp32, _, eval_folder = prepare(ZOO[name], Path("build/bench") / name, 8, 8)
     feeds = [f.inputs for f in CalibrationData.from_path(eval_folder, input_specs(load_model(fp32)))]
     folder = work / name
@@ -96,10 +101,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--work", type=Path, default=Path("build/bench-tvm"))
+    parser.add_argument("--target", default=None, help="default: x86-avx512-vnni where this CPU has it, else x86-64")
     args = parser.parse_args()
-    rows = [bench_model(m, args.work, args.trials, args.steps, args.repeats) for m in args.models.split(",")]
+    target = args.target or host_target()
+    rows = [bench_model(m, args.work, args.trials, args.steps, args.repeats, target) for m in args.models.split(",")]
     (args.work / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nTVM vs ONNX Runtime fp32 on {TARGET} (1 thread each), cumulative trial budget {args.trials}\n")
+    print(f"\nTVM vs ONNX Runtime fp32 on {target} (1 thread each), cumulative trial budget {args.trials}\n")
     print("| model | tasks | trials | tuning (min) | ORT ms | TVM untuned ×ORT | TVM tuned ×ORT "
           "| DB-hit recompile (s) | max rel. error |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -6,10 +6,10 @@ For every model, from an empty tuning database: build untuned; tune in ``--steps
 ``--trials`` cumulative trials (each step continues from the database), building after each step; then
 recompile once more from the full database (a database hit: no tuning). Each build is measured interleaved
 with ONNX Runtime fp32 (the target's thread count, 1) on the same feed; the target is the x86 one this CPU
-runs (``--target``). Columns: tuning wall time, TVM/ORT
-median latency ratio untuned and tuned, the database-hit recompile time, and the largest relative output error
-of the tuned build vs ORT on 8 evaluation feeds (max |tvm - ort| / max |ort|). The curve table lists the ratio
-after each step. Only ratios are meaningful on a shared machine.
+runs (``--target``). Columns: tuning wall time, TVM/ORT median latency ratio untuned and tuned, the
+database-hit recompile time, and the largest relative output error of the tuned build vs ORT on 8 evaluation
+feeds (max |tvm - ort| / max |ort|). The curve table lists the ratio after each step. Only ratios are
+meaningful on a shared machine.
 """
 
 from __future__ import annotations

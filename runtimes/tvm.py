@@ -161,7 +161,19 @@ _NUMPY_FOLDS = {
     "relax.subtract": (2, lambda call, a: np.subtract(*a)),
     "relax.multiply": (2, lambda call, a: np.multiply(*a)),
     "relax.divide": (2, lambda call, a: np.divide(*a)),
+    "relax.less": (2, lambda call, a: np.less(*a)),
+    "relax.take": (2, lambda call, a: np.take(a[0], a[1], axis=int(call.attrs.axis),
+                                              mode="wrap" if call.attrs.mode == "wrap" else "clip")),
+    "relax.shape_to_tensor": (0, lambda call, a: _static_shape(call.args[0].ty)),
 }
+
+
+def _static_shape(ty) -> np.ndarray | None:
+    """A shape known at compile time, as the int64 tensor ``shape_to_tensor`` makes of it."""
+    values = getattr(ty, "values", None)
+    if values is None or not all(isinstance(v, _tvm().ir.prim.expr.IntImm) for v in values):
+        return None
+    return np.array([int(v) for v in values], np.int64)
 
 
 def _rewrite_calls(mod, rewrite):
@@ -195,6 +207,8 @@ def _fold_with_numpy(mod):
         if not all(isinstance(t, constant) for t in tensors):
             return None
         value = compute(call, [t.value.numpy() for t in tensors])
+        if value is None:
+            return None
         return tvm.relax.const(np.array(value, order="C"), str(value.dtype))  # (ascontiguousarray makes 0-d 1-d)
 
     # A folded value reaches its users through a binding: canonicalizing inlines it, and folding goes on.
@@ -232,6 +246,23 @@ def _clamps_as_relax_ops(mod):
     return _rewrite_calls(mod, clamp)
 
 
+def _squeeze_axes_positive(mod):
+    """ConvertLayout runs out of memory on a squeeze with a negative axis (BERT- and ViT-like imports have them):
+    the axes are made positive first."""
+    relax = _tvm().relax
+
+    def positive(call):
+        if getattr(call.op, "name", "") != "relax.squeeze" or call.attrs.axis is None:
+            return None
+        axes = [int(a) for a in call.attrs.axis]
+        if min(axes) >= 0:
+            return None
+        ndim = call.args[0].ty.ndim
+        return relax.op.squeeze(call.args[0], [a % ndim for a in axes])
+
+    return _rewrite_calls(mod, positive)
+
+
 def fuse(mod, target):
     """Legalize and fuse: the fused primitive functions are the tuning tasks. On a CPU, convolutions go
     channels-last first, and the weights of every task are marked layout-free, so each schedule may choose the
@@ -241,7 +272,10 @@ def fuse(mod, target):
     cpu = target.kind.name == "llvm"
     fold = tvm.transform.module_pass(lambda m, _: _fold_with_numpy(m), opt_level=0, name="FoldWithNumpy")
     clamps = tvm.transform.module_pass(lambda m, _: _clamps_as_relax_ops(m), opt_level=0, name="ClampsAsRelaxOps")
-    layout = [relax.transform.ConvertLayout(CPU_LAYOUTS), fold] if cpu and _has_op(mod, "relax.nn.conv2d") else []
+    squeeze = tvm.transform.module_pass(lambda m, _: _squeeze_axes_positive(m), opt_level=0,
+                                        name="SqueezeAxesPositive")
+    layout = [squeeze, relax.transform.ConvertLayout(CPU_LAYOUTS), fold] \
+        if cpu and _has_op(mod, "relax.nn.conv2d") else []
     passes = [fold, *([clamps] if cpu else []), *layout, relax.transform.LegalizeOps(),
               relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     if cpu:
@@ -251,8 +285,8 @@ def fuse(mod, target):
 
 
 def _has_op(mod, name: str) -> bool:
-    """Whether a Relax function of ``mod`` calls the operator ``name`` (ConvertLayout ran out of memory on a
-    BERT, which has no convolution to convert)."""
+    """Whether a Relax function of ``mod`` calls the operator ``name`` (layout conversion is skipped where there
+    is no convolution to convert)."""
     relax = _tvm().relax
     found = []
     for _, func in mod.functions_items():

@@ -6,8 +6,8 @@ Rules:
   folder; records keyed by each task's structure, so models sharing a layer share its records) already holds
   some measured trials for these tasks; only the difference is tuned. A compile asking for no more trials than
   are recorded is a database hit and tunes nothing.
-- Candidates are built in this process and, locally, timed in it too; for ``rpc://HOST:PORT/KEY`` TVM's RPC
-  runner times them on the board (:func:`_builder_and_runner`).
+- Candidates are built in this process (:data:`BUILD_THREADS` at a time) and, locally, timed in it too; for
+  ``rpc://HOST:PORT/KEY`` TVM's RPC runner times them on the board (:func:`_builder_and_runner`).
 - Every task gets a first round (tasks with the fewest records first) before the gradient task scheduler spends
   the rest where latency falls fastest; the round is sized so that first rounds take at most half the budget
   (but at least 8 candidates: the search costs about as much per round whatever its size).

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import conv_model, make_model
+from conftest import EXAMPLES, conv_model, make_model
 from edgeq.cli import main
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import load_target
@@ -63,6 +63,51 @@ def test_library_runs_like_onnxruntime_and_is_profiled_per_kernel(conv, tmp_path
     assert any(name.startswith("fused_conv2d") for name in kernels)
     latency = runtime.measure({"a": library}, feed(), warmup=1, repeats=3)["a"]
     assert latency.runs == 3 and 0 < latency.min_ms <= latency.median_ms
+
+
+def relu6_model():
+    """x → Conv → Clip(0, 6) → depthwise Conv → Clip(0, 6): MobileNet's pattern."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b2"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Clip", ["c2", "lo", "hi"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+
+
+def test_cpu_lowering_runs_convolutions_channels_last_with_layout_free_weights(tmp_path):
+    path = tmp_path / "relu6.onnx"
+    onnx.save(relu6_model(), path)
+    target = load_target(HOST)
+    runtime = TvmRuntime(target, feed=feed())
+    fused = runtime.lower(path)
+    kernels = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    convs = [f for name, f in kernels.items() if "conv2d" in name]
+    assert len(convs) == 2 and all(f.attrs["layout_free_buffers"] for f in convs)
+    calls = [line for line in fused["main"].script().splitlines() if "R.call_tir(fused_conv2d" in line]
+    assert len(calls) == 2 and all("R.Tensor((1, 16, 16, 8)" in line for line in calls)  # NHWC: channels last
+    # the ReLU6s fuse into the convolutions: only the model's input and output are transposed
+    assert sum("transpose" in name for name in kernels) == 2 and not any("maximum" == n for n in kernels)
+    library = runtime.build(path, tmp_path)
+    for seed in range(2):
+        np.testing.assert_allclose(runtime.session(library).run(feed(seed))[0],
+                                   OnnxRuntime(target).session(path).run(feed(seed))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_library_matches_onnxruntime(tmp_path):
+    """The digits transformer: embeddings (take), attention reshapes and squeezes, layer norms, GELU."""
+    folder = EXAMPLES / "digits_transformer"
+    result = run("compile", folder / "model.onnx", "-t", HOST, "--runtime", "tvm", "--eval", folder / "eval.npz",
+                 "--repeats", 3, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    check = json.loads((tmp_path / "out" / "manifest.json").read_text())["tvm"]["check"]
+    assert check["run"] and check["ok"] and check["feeds"] == 8
 
 
 def test_tuning_fills_the_database_and_a_second_compile_is_a_hit(conv, tmp_path, monkeypatch):

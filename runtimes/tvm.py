@@ -3,8 +3,9 @@
 Rules:
 - Import: ``tvm.relax.frontend.onnx`` at fixed input shapes (those of the feed the library will run on),
   weights bound as constants, so the library is the whole model.
-- Lowering: ``DecomposeOpsForInference``; on a CPU, convolutions converted to NHWC and weights marked
-  layout-free; then legalize and fuse — the fused functions are the tasks MetaSchedule tunes
+- Lowering: ``DecomposeOpsForInference``; edgeq's Relax rewrites (constants folded, on a CPU convolutions
+  channels-last: :mod:`edgeq.runtimes.tvm_rewrites`); then legalize and fuse, on a CPU with weights marked
+  layout-free — the fused functions are the tasks MetaSchedule tunes
   (:mod:`edgeq.runtimes.tvm_tuning`). A tuning database, when given, supplies schedules for the tasks it has
   records of (``MetaScheduleApplyDatabase``), with the weight layouts they chose packed into the constants at
   build time; TVM's default schedules (``dlight``) cover the rest where it has them (GEMV and reductions on CPU;
@@ -141,159 +142,22 @@ def import_onnx(model_path: Path, shapes: dict[str, list[int]]):
     return tvm.relax.transform.DecomposeOpsForInference()(mod)
 
 
-# CPU convolutions run channels-last: vectors then span output channels, each input value is broadcast once per
-# kernel tap, and MetaSchedule finds fast schedules in far fewer trials than for NCHW (ResNet-18-like, 150
-# trials: 1.55× ONNX Runtime's latency in NHWC against 2.5× in NCHW, both with packed weights).
-CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
-
-
-# Ops on constants that import and layout conversion leave behind (weight transposes, bias reshapes, the NaN
-# guards of Clip bounds), folded with numpy before legalization: TVM's FoldConstant compiles each one with LLVM
-# (~0.1 s apiece: 11 s on a MobileNetV2, on every compile), numpy takes microseconds. An op on constants not
-# listed here is computed at run time, as the importer left it.
-_NUMPY_FOLDS = {
-    "relax.permute_dims": (1, lambda call, a: np.transpose(a[0], None if call.attrs.axes is None
-                                                            else [int(x) for x in call.attrs.axes])),
-    "relax.reshape": (1, lambda call, a: a[0].reshape([int(d) for d in call.args[1].values])),
-    "relax.isnan": (1, lambda call, a: np.isnan(a[0])),
-    "relax.where": (3, lambda call, a: np.where(a[0], a[1], a[2])),
-    "relax.add": (2, lambda call, a: np.add(*a)),
-    "relax.subtract": (2, lambda call, a: np.subtract(*a)),
-    "relax.multiply": (2, lambda call, a: np.multiply(*a)),
-    "relax.divide": (2, lambda call, a: np.divide(*a)),
-    "relax.less": (2, lambda call, a: np.less(*a)),
-    "relax.take": (2, lambda call, a: np.take(a[0], a[1], axis=int(call.attrs.axis),
-                                              mode="wrap" if call.attrs.mode == "wrap" else "clip")),
-    "relax.shape_to_tensor": (0, lambda call, a: _static_shape(call.args[0].ty)),
-}
-
-
-def _static_shape(ty) -> np.ndarray | None:
-    """A shape known at compile time, as the int64 tensor ``shape_to_tensor`` makes of it."""
-    values = getattr(ty, "values", None)
-    if values is None or not all(isinstance(v, _tvm().ir.prim.expr.IntImm) for v in values):
-        return None
-    return np.array([int(v) for v in values], np.int64)
-
-
-def _rewrite_calls(mod, rewrite):
-    """Every Relax function of ``mod`` with each call replaced by ``rewrite(call)`` (``None``: kept), bottom-up."""
-    relax = _tvm().relax
-
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = self.visit_expr_post_order(call)
-            rewritten = rewrite(call)
-            return call if rewritten is None else rewritten
-
-    rewriter = Rewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-
-
-def _fold_with_numpy(mod):
-    tvm = _tvm()
-    constant = tvm.ir.expr.GenericConst
-
-    def fold(call):
-        name = getattr(call.op, "name", "")
-        if name not in _NUMPY_FOLDS:
-            return None
-        count, compute = _NUMPY_FOLDS[name]
-        tensors = call.args[:count]
-        if not all(isinstance(t, constant) for t in tensors):
-            return None
-        value = compute(call, [t.value.numpy() for t in tensors])
-        if value is None:
-            return None
-        return tvm.relax.const(np.array(value, order="C"), str(value.dtype))  # (ascontiguousarray makes 0-d 1-d)
-
-    # A folded value reaches its users through a binding: canonicalizing inlines it, and folding goes on.
-    folds = [0]
-
-    def fold_counted(call):
-        result = fold(call)
-        folds[0] += result is not None
-        return result
-
-    while True:
-        before = folds[0]
-        mod = tvm.relax.transform.CanonicalizeBindings()(_rewrite_calls(mod, fold_counted))
-        if folds[0] == before:
-            return mod
-
-
-def _clamps_as_relax_ops(mod):
-    """TVM's importer turns ONNX Clip into calls of TOPI ``maximum``/``minimum`` kernels, which layout conversion
-    cannot see through (a ReLU6 between two NHWC convolutions would cost two transposes); with scalar constant
-    bounds they are the Relax ops ``maximum``/``minimum``, which it converts."""
-    tvm = _tvm()
-    ops = {"maximum": tvm.relax.op.maximum, "minimum": tvm.relax.op.minimum}
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-
-    def clamp(call):
-        if call.op != call_tir or not isinstance(call.args[1], tvm.relax.Tuple) or len(call.args[1].fields) != 2:
-            return None
-        op = ops.get(call.args[0].name_hint.rstrip("0123456789"))
-        x, bound = call.args[1].fields
-        if op is None or not isinstance(bound, tvm.ir.expr.GenericConst) or bound.value.ndim != 0:
-            return None
-        return op(x, bound)
-
-    return _rewrite_calls(mod, clamp)
-
-
-def _squeeze_axes_positive(mod):
-    """ConvertLayout runs out of memory on a squeeze with a negative axis (BERT- and ViT-like imports have them):
-    the axes are made positive first."""
-    relax = _tvm().relax
-
-    def positive(call):
-        if getattr(call.op, "name", "") != "relax.squeeze" or call.attrs.axis is None:
-            return None
-        axes = [int(a) for a in call.attrs.axis]
-        if min(axes) >= 0:
-            return None
-        ndim = call.args[0].ty.ndim
-        return relax.op.squeeze(call.args[0], [a % ndim for a in axes])
-
-    return _rewrite_calls(mod, positive)
-
-
 def fuse(mod, target):
-    """Legalize and fuse: the fused primitive functions are the tuning tasks. On a CPU, convolutions go
-    channels-last first, and the weights of every task are marked layout-free, so each schedule may choose the
-    weight layout its loops read fastest (MetaSchedule's RewriteLayout; the packing is folded at build time)."""
+    """Legalize and fuse: the fused primitive functions are the tuning tasks. Before that, edgeq's Relax rewrites
+    (:mod:`edgeq.runtimes.tvm_rewrites`); after it, on a CPU, every task's weights are marked layout-free, so each
+    schedule may choose the weight layout its loops read fastest (MetaSchedule's RewriteLayout; the packing is
+    folded into the constants at build time)."""
     tvm = _tvm()
     relax = tvm.relax
+    from edgeq.runtimes import tvm_rewrites
+
     cpu = target.kind.name == "llvm"
-    fold = tvm.transform.module_pass(lambda m, _: _fold_with_numpy(m), opt_level=0, name="FoldWithNumpy")
-    clamps = tvm.transform.module_pass(lambda m, _: _clamps_as_relax_ops(m), opt_level=0, name="ClampsAsRelaxOps")
-    squeeze = tvm.transform.module_pass(lambda m, _: _squeeze_axes_positive(m), opt_level=0,
-                                        name="SqueezeAxesPositive")
-    layout = [squeeze, relax.transform.ConvertLayout(CPU_LAYOUTS), fold] \
-        if cpu and _has_op(mod, "relax.nn.conv2d") else []
-    passes = [fold, *([clamps] if cpu else []), *layout, relax.transform.LegalizeOps(),
+    passes = [*tvm_rewrites.before_legalize(mod, cpu), relax.transform.LegalizeOps(),
               relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     if cpu:
         passes += [relax.transform.CanonicalizeBindings(), relax.transform.AttachAttrLayoutFreeBuffers()]
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(mod)
-
-
-def _has_op(mod, name: str) -> bool:
-    """Whether a Relax function of ``mod`` calls the operator ``name`` (layout conversion is skipped where there
-    is no convolution to convert)."""
-    relax = _tvm().relax
-    found = []
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, lambda e: found.append(
-                isinstance(e, relax.Call) and getattr(e.op, "name", "") == name))
-    return any(found)
 
 
 def _default_schedules(target):

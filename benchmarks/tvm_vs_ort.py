@@ -104,8 +104,11 @@ def main() -> None:
     parser.add_argument("--target", default=None, help="default: x86-avx512-vnni where this CPU has it, else x86-64")
     args = parser.parse_args()
     target = args.target or host_target()
-    rows = [bench_model(m, args.work, args.trials, args.steps, args.repeats, target) for m in args.models.split(",")]
-    (args.work / "results.json").write_text(json.dumps(rows, indent=2))
+    rows = []
+    for model in args.models.split(","):
+        rows.append(bench_model(model, args.work, args.trials, args.steps, args.repeats, target))
+        print(f"  {model}: {rows[-1]}", file=sys.stderr)
+        (args.work / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"\nTVM vs ONNX Runtime fp32 on {target} (1 thread each), cumulative trial budget {args.trials}\n")
     print("| model | tasks | trials | tuning (min) | ORT ms | TVM untuned ×ORT | TVM tuned ×ORT "
           "| DB-hit recompile (s) | max rel. error |")

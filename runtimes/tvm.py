@@ -180,8 +180,9 @@ def compile_fused(fused, target, database=None):
         if database is not None:
             with database:  # the pass reads the database in scope
                 fused = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
-            fused = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
-                                              relax.transform.FoldConstant()])(fused)
+            from edgeq.runtimes.tvm_rewrites import fold_weight_packing
+
+            fused = fold_weight_packing(relax.transform.SplitLayoutRewritePreproc()(fused))
         fused = _default_schedules(target)(fused)
     return tvm.compile(fused, target=target)
 

@@ -180,9 +180,9 @@ def compile_fused(fused, target, database=None):
         if database is not None:
             with database:  # the pass reads the database in scope
                 fused = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
-            from edgeq.runtimes.tvm_rewrites import fold_weight_packing
+            from edgeq.runtimes import tvm_rewrites
 
-            fused = fold_weight_packing(relax.transform.SplitLayoutRewritePreproc()(fused))
+            fused = tvm_rewrites.fold_weight_packing(relax.transform.SplitLayoutRewritePreproc()(fused))
         fused = _default_schedules(target)(fused)
     return tvm.compile(fused, target=target)
 

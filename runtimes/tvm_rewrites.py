@@ -1,4 +1,5 @@
-"""Relax rewrites edgeq applies between TVM's ONNX import and legalization (:func:`before_legalize`).
+"""Relax rewrites edgeq applies between TVM's ONNX import and legalization (:func:`before_legalize`), and to
+the weight packing of tuned kernels at build time (:func:`fold_weight_packing`).
 
 Rules:
 - Constants: ops on constants that import and layout conversion leave behind (weight transposes, bias reshapes,
@@ -14,6 +15,8 @@ Rules:
   scalar constant bounds they become the Relax ops ``maximum``/``minimum``, which it converts.
 - Squeeze axes are made positive before layout conversion, which runs out of memory on a negative one (BERT-
   and ViT-like imports have them).
+- Weight packing: a tuned kernel may read its weights in a layout of its own; the packing is computed once, at
+  build time, into new constants.
 """
 
 from __future__ import annotations

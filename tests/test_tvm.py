@@ -150,6 +150,25 @@ def test_tuned_schedules_are_applied_from_the_database(conv, tmp_path):
                                OnnxRuntime(target).session(conv).run(feed())[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_tuned_database_keeps_its_best_records_and_counts_every_trial(conv, tmp_path, monkeypatch):
+    monkeypatch.setattr(tvm_tuning, "KEEP_RECORDS", 1)
+    target = load_target(HOST)
+    folder = tvm_tuning.database_dir(tmp_path / "cache", target)
+    database = tvm_tuning.open_database(folder)
+    runtime = TvmRuntime(target, database, feed())
+    fused = runtime.lower(conv)
+    tasks = tvm_tuning.tasks_of(fused, runtime.tvm_target)
+    report = tvm_tuning.tune(fused, target, 8, database, folder)
+    reopened = tvm_tuning.open_database(folder)  # what the next compile reads
+    assert 0 < len(reopened.get_all_tuning_records()) <= len(tasks) < report.trials_run
+    assert tvm_tuning.recorded_trials(reopened, tasks, folder) == report.trials_run >= 8
+    for task in tasks:  # the record kept is the fastest measured
+        kept = reopened.get_top_k(reopened.commit_workload(task.dispatched[0]), 1)
+        fastest = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+        assert [list(map(float, r.run_secs)) for r in kept] == [list(map(float, r.run_secs)) for r in fastest]
+    assert tvm_tuning.tune(runtime.lower(conv), target, 8, reopened, folder).hit
+
+
 def test_bench_with_tvm_measures_onnxruntime_beside_it(conv):
     result = run("bench", conv, "-t", HOST, "--runtime", "tvm", "--repeats", 5, "--json")
     assert result.exit_code == 0, result.output

@@ -32,14 +32,9 @@ from edgeq.runtimes import tvm_tuning  # noqa: E402
 from edgeq.runtimes.base import measure_interleaved  # noqa: E402
 from edgeq.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
 from edgeq.runtimes.tvm import TvmRuntime  # noqa: E402
-from edgeq.target import load_target  # noqa: E402
+from edgeq.target import host_x86_target, load_target  # noqa: E402
 from edgeq.tvm_compile import relative_error  # noqa: E402
 
-
-
-def host_target() -> str:
-    """The bundled x86 target this CPU runs: AVX512-VNNI where it has it, else AVX2."""
-    return "x86-avx512-vnni" if load_target("x86-avx512-vnni").can_measure_here("tvm")[0] else "x86-64"
 
 
 def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int, target_name: str) -> dict:
@@ -103,7 +98,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/bench-tvm"))
     parser.add_argument("--target", default=None, help="default: x86-avx512-vnni where this CPU has it, else x86-64")
     args = parser.parse_args()
-    target = args.target or host_target()
+    target = args.target or host_x86_target("tvm")
     rows = []
     for model in args.models.split(","):
         rows.append(bench_model(model, args.work, args.trials, args.steps, args.repeats, target))

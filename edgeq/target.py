@@ -202,6 +202,12 @@ def host_cpu_flags(wanted: tuple[str, ...]) -> set[str]:
     return set(match[1].split()) if match else set(wanted)
 
 
+def host_x86_target(runtime: str = "onnxruntime") -> str:
+    """The bundled x86 target this machine can measure ``runtime`` on: AVX512-VNNI where its CPU has it, else
+    AVX2 (``x86-64``, whose 7-bit weights AVX2's int8 kernels do not saturate)."""
+    return "x86-avx512-vnni" if load_target("x86-avx512-vnni").can_measure_here(runtime)[0] else "x86-64"
+
+
 def bundled_target_names() -> list[str]:
     folder = resources.files("edgeq.targets")
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))

@@ -9,13 +9,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.target import load_target
+from edgeq.target import host_x86_target
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-# The bundled x86 target this machine can measure: AVX512-VNNI where the CPU has it, else AVX2 (7-bit weights).
 # Latency, and int8 numerics on x86 without VNNI (8-bit weight products saturate there), depend on the CPU.
-HOST_X86 = "x86-avx512-vnni" if load_target("x86-avx512-vnni").can_measure_here()[0] else "x86-64"
+HOST_X86 = host_x86_target()
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:

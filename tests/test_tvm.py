@@ -18,21 +18,14 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import EXAMPLES, conv_model, make_model
 from edgeq.cli import main
 from edgeq.runtimes.onnxruntime import OnnxRuntime
-from edgeq.target import load_target
+from edgeq.target import host_x86_target, load_target
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is an optional extra (pip install 'edgeq[tvm]')")
 
 from edgeq.runtimes import tvm_tuning  # noqa: E402
 from edgeq.runtimes.tvm import TvmRuntime, library_arch  # noqa: E402
 
-
-
-def _host_target() -> str:
-    """The bundled x86 target whose TVM code this machine's CPU runs (AVX-512 where it has it, else AVX2)."""
-    return next((n for n in ("x86-avx512-vnni", "x86-64") if load_target(n).can_measure_here("tvm")[0]), "x86-64")
-
-
-HOST = _host_target()
+HOST = host_x86_target("tvm")  # the x86 target whose TVM code this machine's CPU runs
 
 
 def run(*args):

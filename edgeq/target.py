@@ -22,8 +22,8 @@ A target says what the device can run fast, and edgeq only quantizes what it can
   matches the target's, its CPU has the target's ``cpu_flags`` (as Linux names them in ``/proc/cpuinfo``: int8
   numerics and speed on x86 depend on VNNI, and AVX2 code dies on a CPU without it), and, for ONNX Runtime, it
   has the target's first execution provider (for a TVM CUDA target, a GPU; for a TVM CPU target, every
-  instruction-set extension its ``mcpu``/``mattr`` imply); ``rpc://HOST:PORT/KEY`` measures TVM builds on a board registered with a TVM RPC tracker
-  under KEY. Otherwise nothing is measured and the report says so.
+  instruction-set extension its ``mcpu``/``mattr`` imply); ``rpc://HOST:PORT/KEY`` measures TVM builds on a
+  board registered with a TVM RPC tracker under KEY. Otherwise nothing is measured and the report says so.
 
 Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of their own file.
 """

@@ -201,11 +201,17 @@ def _trial_counts(folder: Path) -> dict[str, int]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def recorded_trials(database, tasks, folder: Path) -> int:
-    """Measured trials these tasks were given (counted in ``folder``'s trial file; records a compaction dropped
-    still count), or the records the database holds for those the file does not name."""
+def _trials_by_task(database, tasks, folder: Path) -> list[int]:
+    """Measured trials each task was given (counted in ``folder``'s trial file, so records a compaction dropped
+    still count), or the records the database holds for a task the file does not name."""
     counts = _trial_counts(folder)
-    return sum(counts.get(_workload_key(t.dispatched[0]), _records(database, t.dispatched[0])) for t in tasks)
+    keys = [_workload_key(t.dispatched[0]) for t in tasks]
+    return [counts[k] if k in counts else _records(database, t.dispatched[0]) for k, t in zip(keys, tasks)]
+
+
+def recorded_trials(database, tasks, folder: Path) -> int:
+    """Measured trials these tasks were given, in all."""
+    return sum(_trials_by_task(database, tasks, folder))
 
 
 def _compact(database, folder: Path, tasks, kept_before: dict[str, int]) -> None:
@@ -243,8 +249,9 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
     compiled_for = tvm_target(target)
     # TVM's task scheduler gives tasks their first round in list order, and every call starts afresh: the tasks
     # with the fewest records go first, so that a budget spent over several calls reaches every task.
-    counted = sorted(((recorded_trials(database, [task], folder), -task.weight, index, task)
-                      for index, task in enumerate(tasks_of(fused, compiled_for))), key=lambda c: c[:3])
+    found = tasks_of(fused, compiled_for)
+    counted = sorted(zip(_trials_by_task(database, found, folder), (-t.weight for t in found), range(len(found)),
+                         found), key=lambda c: c[:3])
     tasks = [c[3] for c in counted]
     kept_before = {_workload_key(t.dispatched[0]): _records(database, t.dispatched[0]) for t in tasks}
     _register_intrinsics(compiled_for)

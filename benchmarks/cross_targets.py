@@ -33,7 +33,7 @@ from edgeq.model_io import load_model  # noqa: E402
 from edgeq.runtimes.onnxruntime import create_session  # noqa: E402
 from edgeq.runtimes.tvm import TvmRuntime, library_arch  # noqa: E402
 from edgeq.target import load_target  # noqa: E402
-from edgeq.tvm_compile import relative_error  # noqa: E402
+from edgeq.model_check import max_relative_error  # noqa: E402
 
 # Runs inside the emulated arm64 Python: load the library with TVM's runtime only and run each feed.
 RUNNER = """
@@ -82,7 +82,7 @@ def bench_model(name: str, work: Path, sysroot: Path | None) -> dict:
         return row | {"qemu": "not run: no --sysroot"}
     reference = create_session(fp32)
     outputs = run_under_qemu(arm, feeds, sysroot, folder / "aarch64")
-    error = max(relative_error(reference.run(None, f), o) for f, o in zip(feeds, outputs))
+    error = max(max_relative_error(reference.run(None, f), o) for f, o in zip(feeds, outputs))
     return row | {"qemu": f"ran {len(feeds)} feeds", "max_rel_error": error}
 
 

@@ -33,7 +33,7 @@ from edgeq.runtimes.base import measure_interleaved  # noqa: E402
 from edgeq.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
 from edgeq.runtimes.tvm import TvmRuntime  # noqa: E402
 from edgeq.target import host_x86_target, load_target  # noqa: E402
-from edgeq.tvm_compile import relative_error  # noqa: E402
+from edgeq.model_check import max_relative_error  # noqa: E402
 
 
 
@@ -81,7 +81,7 @@ def bench_model(name: str, work: Path, trials: int, steps: int, repeats: int, ta
     tuned = hit_runtime.build(fp32, recompile_dir)
     recompile_s = time.perf_counter() - started
     tuned_session = TvmRuntime(target, feed=feeds[0]).session(tuned)
-    error = max(relative_error(ort_session.run(f), tuned_session.run(f)) for f in feeds)
+    error = max(max_relative_error(ort_session.run(f), tuned_session.run(f)) for f in feeds)
     tuned_ratio, _, tuned_ms = against_ort(tuned)
     return {"model": name, "tasks": report.tasks, "trials": curve[-1]["trials"], "tuning_s": tuning_seconds,
             "ort_ms": ort_ms, "untuned_ms": untuned_ms, "untuned_ratio": untuned_ratio, "tuned_ms": tuned_ms,

@@ -33,7 +33,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 class InputSpec:
     name: str
     dtype: np.dtype
-    shape: tuple  # ints for fixed dims, None for symbolic ones
+    shape: tuple | None  # ints for fixed dims, None for dynamic ones; None for an unknown rank
 
     @property
     def batch(self) -> int:
@@ -41,19 +41,27 @@ class InputSpec:
         return fixed if isinstance(fixed, int) and fixed > 0 else 1
 
     def describe(self) -> str:
+        if self.shape is None:
+            return f"{self.name}: {self.dtype}[any shape]"
         dims = ",".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
 def input_specs(model) -> list[InputSpec]:
-    """The graph inputs of an ``onnx_ir`` model that need feeding (initializers excluded)."""
+    """The graph inputs of an ``onnx_ir`` model that need feeding (initializers excluded). A dim is fixed only
+    when it is a positive number: symbolic dims, and the ``-1`` or ``0`` some exporters write for dynamic ones
+    (against the spec, as ONNX Runtime also reads them), accept any size."""
     specs = []
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
         dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
-        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
+        shape = None if value.shape is None else tuple(d if isinstance(d, int) and d > 0 else None
+                                                       for d in value.shape)
         specs.append(InputSpec(value.name, dtype, shape))
+    if not specs:
+        raise UserError("the model has no inputs: there is nothing to calibrate or measure",
+                        "pass a model that reads its data from graph inputs")
     return specs
 
 
@@ -188,7 +196,7 @@ class CalibrationData:
     def _load(self, ref: _FeedRef) -> Feed:
         if self.kind == "random":
             rng = np.random.default_rng([self._seed, ref.index])
-            inputs = {s.name: rng.standard_normal([d or 1 for d in s.shape]).astype(s.dtype) for s in self.specs}
+            inputs = {s.name: rng.standard_normal([d or 1 for d in (s.shape or (1,))]).astype(s.dtype) for s in self.specs}
             return Feed(inputs, {}, f"random[{ref.index}]")
         if self.kind == "images":
             arrays = {self.specs[0].name: _load_image(ref.path, self.preprocess, self.specs[0].dtype)}
@@ -225,8 +233,8 @@ def _check_feed(arrays: dict[str, np.ndarray], specs: list[InputSpec], origin: s
         if value.dtype != spec.dtype:
             raise UserError(f"feed {origin}: input '{spec.name}' is {value.dtype}, the model expects {spec.dtype}",
                             f"save it as {spec.dtype}")
-        if value.ndim != len(spec.shape) or any(
-            d is not None and d != v for d, v in zip(spec.shape, value.shape)
+        if spec.shape is not None and value.ndim != len(spec.shape) or any(
+            d is not None and d != v for d, v in zip(spec.shape or (), value.shape)
         ):
             raise UserError(f"feed {origin}: input '{spec.name}' has shape {list(value.shape)}, "
                             f"the model expects {spec.describe()}", "reshape the feed to the model's input shape")

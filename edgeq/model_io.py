@@ -2,8 +2,12 @@
 
 Rules:
 - A missing file, a file that is not ONNX protobuf, or a corrupt one is a :class:`UserError`.
-- External data must live inside the model's folder; a location that escapes it (absolute path, ``..``)
-  is refused before anything is read.
+- External data must live inside the model's folder; a location that escapes it (absolute path, ``..``, a
+  link out or a link loop) is refused before anything is read, and so is an offset or length that does not fit
+  the file or the tensor.
+- The graph must be well formed before any pass sees it: at least one output, every value made once, every
+  value read made somewhere (in the graph, an enclosing graph, or as an input or initializer), and no cycle
+  (a node reading, through a subgraph too, what it makes). Each breach is one line naming the node.
 - Models whose tensors exceed protobuf's 2 GB limit are saved with external data next to the model.
 - Saving is atomic: write into a temporary sibling, then rename.
 """
@@ -18,7 +22,7 @@ import onnx
 import onnx_ir as ir
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from edgeq.errors import UserError
+from edgeq.errors import UserError, first_line
 
 # Above this many bytes of tensor data a model is saved with external data (protobuf caps a message at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -26,14 +30,19 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MAX_IR_VERSION = 10
 
 
-def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
+def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
     root = base.resolve()
     for tensor in _all_tensors(proto):
         if not uses_external_data(tensor):
             continue
-        location = ExternalDataInfo(tensor).location
-        target = (root / location).resolve()
-        if os.path.isabs(location) or root not in target.parents:
+        fix = "re-save the model with onnx.save(..., save_as_external_data=True)"
+        try:
+            info = ExternalDataInfo(tensor)
+            location = info.location
+            target = (root / location).resolve(strict=False)
+        except (ValueError, OSError, RuntimeError) as exc:  # bad offset/length, NUL byte, link loop
+            raise UserError(f"external data of tensor '{tensor.name}' is invalid ({first_line(exc)})", fix) from None
+        if not location or os.path.isabs(location) or root not in target.parents:
             raise UserError(
                 f"external data of tensor '{tensor.name}' points outside the model's folder ({location!r})",
                 "move the data file next to the model and store a relative location",
@@ -43,6 +52,114 @@ def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
                 f"external data file {location!r} of tensor '{tensor.name}' is missing",
                 "copy it next to the model file",
             )
+        size = target.stat().st_size
+        offset = info.offset or 0
+        length = info.length if info.length is not None else size - offset
+        expected = _tensor_bytes(tensor)
+        if offset + length > size or (expected is not None and length != expected):
+            raise UserError(f"external data of tensor '{tensor.name}' does not fit {location!r} (offset {offset}, "
+                            f"length {length}, file {size} bytes, tensor {expected} bytes)", fix)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of a tensor's raw data, or None for types whose size is not fixed (strings) or unknown."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * itemsize
+
+
+def check_graph(proto: onnx.ModelProto) -> None:
+    """The structural rules of the module docstring (a :class:`UserError` naming the first breach)."""
+    if not proto.graph.output:
+        raise UserError("the model has no outputs", "export it again with its outputs declared")
+    _check_graph(proto.graph, set(), "the main graph")
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return f"node '{node.name}' ({node.op_type})" if node.name else f"node #{index} ({node.op_type})"
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads: its inputs, and what its subgraphs read from outside themselves."""
+    names = {n for n in node.input if n}
+    for sub in _subgraphs(node):
+        names |= _free_names(sub)
+    return names
+
+
+def _free_names(graph: onnx.GraphProto) -> set[str]:
+    made = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {
+        o for n in graph.node for o in n.output if o}
+    used = set().union(*(_reads(n) for n in graph.node)) if graph.node else set()
+    used |= {o.name for o in graph.output}
+    return used - made
+
+
+def _check_graph(graph: onnx.GraphProto, outer: set[str], where: str) -> None:
+    fix = "fix or re-export the model"
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    maker: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if not name:
+                continue
+            if name in maker or name in defined:
+                raise UserError(f"value '{name}' in {where} is made twice (by {_node_label(node, index)} and "
+                                "before)", fix)
+            maker[name] = index
+    known = defined | set(maker) | outer
+    for index, node in enumerate(graph.node):
+        for name in _reads(node):
+            if name not in known:
+                raise UserError(f"{_node_label(node, index)} in {where} reads '{name}', which no node, input or "
+                                "initializer provides", fix)
+        for sub in _subgraphs(node):
+            _check_graph(sub, known, f"a subgraph of {_node_label(node, index)}")
+    for output in graph.output:
+        if output.name not in known:
+            raise UserError(f"output '{output.name}' of {where} is made by no node", fix)
+    _check_acyclic(graph, maker, known)
+
+
+def _check_acyclic(graph: onnx.GraphProto, maker: dict[str, int], known: set[str]) -> None:
+    """Kahn's algorithm over the nodes of one graph (a subgraph's outer reads count as its node's inputs)."""
+    users: dict[int, list[int]] = {}
+    waiting = []
+    for index, node in enumerate(graph.node):
+        producers = {maker[name] for name in _reads(node) if name in maker}
+        waiting.append(len(producers))
+        for producer in producers:
+            users.setdefault(producer, []).append(index)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    done = 0
+    while ready:
+        index = ready.pop()
+        done += 1
+        for user in users.get(index, ()):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                ready.append(user)
+    if done < len(graph.node):
+        stuck = next(i for i, count in enumerate(waiting) if count > 0)
+        raise UserError(f"the graph has a cycle through {_node_label(graph.node[stuck], stuck)}",
+                        "a model's graph must be acyclic: fix or re-export it")
 
 
 def _all_tensors(proto: onnx.ModelProto):
@@ -67,14 +184,24 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         ) from None
     if not proto.graph.node and not proto.graph.output:
         raise UserError(f"{path} holds no ONNX graph", "pass a valid .onnx file")
-    _check_external_locations(proto, path.parent)
-    onnx.load_external_data_for_model(proto, str(path.parent))
+    check_graph(proto)
+    _check_external_data(proto, path.parent)
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the external data of {path.name} ({first_line(exc)})",
+                        "re-save the model with its data file beside it") from None
     return proto
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX file as an onnx_ir model (see :func:`load_proto` for the checks)."""
-    return ir.from_proto(load_proto(path))
+    proto = load_proto(path)
+    try:
+        return ir.from_proto(proto)
+    except Exception as exc:  # noqa: BLE001 — onnx_ir's deserializer raises many kinds for malformed files
+        raise UserError(f"{Path(path).name} cannot be read as an ONNX graph ({type(exc).__name__}: "
+                        f"{first_line(exc)})", "fix or re-export the model") from None
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -6,6 +6,10 @@ Memory is fixed per tensor whatever the number of batches: ``MinMaxObserver`` ke
 exactly (no resampling error). The histogram then yields percentile, entropy (KL) or MSE ranges.
 
 Ranges always include zero, so that zero is exactly representable (padding, ReLU).
+
+Non-finite values (±inf, NaN: the log of a zero power in an audio front-end, say) are not part of any range:
+observers skip them and count them (``nonfinite``); ``finite`` counts the values a range was decided from,
+and a tensor with none has no range (``range()`` returns None) and stays float.
 """
 
 from __future__ import annotations
@@ -15,39 +19,67 @@ import numpy as np
 LEVELS = 256  # 8-bit activations, asymmetric
 
 
-class MinMaxObserver:
+class Observer:
+    """Collects one tensor's values batch by batch (``update``); decides a range at the end (``range``)."""
+
     def __init__(self):
-        self.lo, self.hi = np.inf, -np.inf
+        self.finite = 0
+        self.nonfinite = 0
 
     def update(self, x: np.ndarray) -> None:
-        if x.size:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
+        x = np.asarray(x, dtype=np.float32).ravel()
+        if not x.size:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # the slow path only for tensors that need it
+            keep = np.isfinite(x)
+            self.nonfinite += int(x.size - keep.sum())
+            x = x[keep]
+            if not x.size:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        self.finite += int(x.size)
+        self._update(x, lo, hi)
 
-    def range(self) -> tuple[float, float]:
-        if self.lo > self.hi:
-            return 0.0, 0.0
+    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        raise NotImplementedError
+
+    def range(self) -> tuple[float, float] | None:
+        """The clipping range (containing 0), or None when no finite value was seen."""
+        return self._range() if self.finite else None
+
+    def _range(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+
+class MinMaxObserver(Observer):
+    def __init__(self):
+        super().__init__()
+        self.lo, self.hi = np.inf, -np.inf
+
+    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+
+    def _range(self) -> tuple[float, float]:
         return min(self.lo, 0.0), max(self.hi, 0.0)
 
 
-class HistogramObserver:
+class HistogramObserver(Observer):
     """Fixed-bin histogram over [lo, lo + bins·width); grows by merging 2^k neighbouring bins."""
 
     def __init__(self, method: str = "percentile", bins: int = 2048, percentile: float = 99.999):
+        super().__init__()
         self.method = method
         self.bins = bins
         self.percentile = percentile
         self.counts = np.zeros(bins, dtype=np.float64)
         self.lo = 0.0
         self.width = 0.0
-        self.minmax = MinMaxObserver()
+        self.seen_lo, self.seen_hi = np.inf, -np.inf
 
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float32).ravel()
-        if not x.size:
-            return
-        self.minmax.update(x)
-        lo, hi = self.minmax.range()
+    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        self.seen_lo, self.seen_hi = min(self.seen_lo, lo), max(self.seen_hi, hi)
+        lo, hi = self._seen_range()
         if self.width == 0.0:
             self.lo = lo
             self.width = max(hi - lo, 1e-12) / self.bins
@@ -55,6 +87,10 @@ class HistogramObserver:
             self._grow_to(lo, hi)
         index = np.clip(((x - self.lo) / self.width).astype(np.int64), 0, self.bins - 1)
         self.counts += np.bincount(index, minlength=self.bins)
+
+    def _seen_range(self) -> tuple[float, float]:
+        """Smallest and largest finite value seen, widened to contain 0."""
+        return min(self.seen_lo, 0.0), max(self.seen_hi, 0.0)
 
     def _grow_to(self, lo: float, hi: float) -> None:
         shift = max(0, int(np.ceil((self.lo - lo) / self.width)))  # new bins needed below, in old widths
@@ -70,9 +106,7 @@ class HistogramObserver:
         self.width *= factor
 
     # range decisions -----------------------------------------------------------------------------
-    def range(self) -> tuple[float, float]:
-        if self.counts.sum() == 0:
-            return 0.0, 0.0
+    def _range(self) -> tuple[float, float]:
         if self.method == "percentile":
             lo, hi = self._percentile_range()
         elif self.method == "entropy":
@@ -92,7 +126,7 @@ class HistogramObserver:
         edges = self._edges()
         lo = edges[np.searchsorted(cdf, tail, side="left")]
         hi = edges[min(np.searchsorted(cdf, 1.0 - tail, side="left") + 1, self.bins)]
-        true_lo, true_hi = self.minmax.range()
+        true_lo, true_hi = self._seen_range()
         return max(lo, true_lo), min(hi, true_hi)
 
     def _folded(self) -> tuple[np.ndarray, float]:
@@ -104,7 +138,7 @@ class HistogramObserver:
     def _entropy_range(self) -> tuple[float, float]:
         """TensorRT's KL search on |x|: the clipping threshold whose 8-bit histogram diverges least."""
         hist, width = self._folded()
-        true_lo, true_hi = self.minmax.range()
+        true_lo, true_hi = self._seen_range()
         levels = LEVELS if true_lo >= 0.0 else LEVELS // 2
         n = len(hist)
         if n <= levels:
@@ -132,7 +166,7 @@ class HistogramObserver:
     def _mse_range(self) -> tuple[float, float]:
         """Shrink [lo, hi] jointly; keep the range with the least expected 8-bit quantization error."""
         centers = self.lo + self.width * (np.arange(self.bins) + 0.5)
-        true_lo, true_hi = self.minmax.range()
+        true_lo, true_hi = self._seen_range()
         factors = np.linspace(0.05, 1.0, 96)
         lo = true_lo * factors[:, None]
         hi = true_hi * factors[:, None]

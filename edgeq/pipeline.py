@@ -33,9 +33,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -44,16 +42,19 @@ from typing import ContextManager, Protocol
 
 
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
+from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, compare_models, load_metric
 from edgeq.mixed import report
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
+from edgeq.model_check import CHECK_FEEDS, normalize_checked
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
+from edgeq.passes.convert_opset import default_opset
+from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import InsertQDQPass
-from edgeq.passes.normalize import NormalizePass
 from edgeq.recipe import Recipe
 from edgeq.runtimes import tensorrt
 from edgeq.runtimes.base import NodeTime, cost_by_node
@@ -174,14 +175,20 @@ class _Compilation:
         self.mixed: SearchResult | None = None
 
     def prepare(self) -> None:
-        """Load, normalize, mark exclusions, [prune to 2:4], calibrate."""
-        with self.reporter.stage("load + normalize"):
+        """Load, normalize (checked against the original in ONNX Runtime), mark exclusions, [prune to 2:4],
+        calibrate."""
+        with self.reporter.stage("load"):
             model = load_model(self.request.model)
+            NormalizePass.refuse_quantized(model)
             self.source_digest = model_digest(model)
-            NormalizePass()(model)
-            self.float_path = save_model(model, _fresh_dir(self.work / "float") / MODEL)
-            self.normalized_digest = normalized_digest = model_digest(model)
+            source_opset = default_opset(model)
         self.calib, self.holdout, self.data_info = _calibration_sets(self.request, input_specs(model))
+        with self.reporter.stage("normalize"):
+            check_feeds = [f.inputs for f in itertools.islice(self.calib, CHECK_FEEDS)]
+            self.float_path = _fresh_dir(self.work / "float") / MODEL
+            self.normalize_check = {"opset": [source_opset, default_opset(model)]} | normalize_checked(
+                model, self.request.model, check_feeds, self.float_path)
+            self.normalized_digest = normalized_digest = model_digest(model)
         self.feed = next(iter(self.holdout)).inputs
         ExcludePass(self.recipe.exclude)(model)
         self.base_path = self.float_path  # what int8 starts from, and the float model delivered
@@ -300,16 +307,14 @@ class _Compilation:
         return ((recipe.size_mb is None or mixed.float_bytes <= recipe.size_mb * MB)
                 and (recipe.latency_ms is None or mixed.float_ms <= recipe.latency_ms))
 
-    def _sensitivity_cache(self) -> Path | None:
+    def _sensitivity_cache(self) -> tuple[JsonCache, list] | None:
         """Sensitivities are cached beside the calibration ranges, keyed by everything they depend on."""
         if self.request.cache_dir is None:
             return None
-        key = json.dumps([self.normalized_digest, self.calib.digest, sorted(self.calibrator.ranges.items()),
-                          self.candidates[self.chosen], self.target.quantization.__dict__,
-                          self.target.precisions.__dict__, self.recipe.sensitivity_feeds, self.recipe.sensitivity,
-                          sorted(self.request.keep_float)],
-                         default=str)
-        return self.request.cache_dir / "sensitivity" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        key = [self.normalized_digest, self.calib.digest, sorted(self.calibrator.ranges.items()),
+               self.candidates[self.chosen], self.target.quantization.__dict__, self.target.precisions.__dict__,
+               self.recipe.sensitivity_feeds, self.recipe.sensitivity, sorted(self.request.keep_float)]
+        return self.calibrator.cache, key
 
     @property
     def has_int8(self) -> bool:
@@ -329,11 +334,14 @@ class _Compilation:
             "target": self.target.to_dict(),
             "recipe": {**self.recipe.to_dict(), "optional_ops": ",".join(self.candidates[self.chosen]) or "none",
                        "keep_float": sorted(insert.keep_float)},
+            "normalize": self.normalize_check,
             "op_sets": {"chosen": self.chosen, "measured": self.variants},
             "delivered": {"precision": self.delivered, "reason": self.reason, "file": MODEL,
                           "bytes": delivered_bytes, "float_bytes": float_bytes},
             "calibration": {"method": self.recipe.method, "tensors": len(self.calibrator.ranges),
-                            "seconds": self.calib_seconds, "cache_hit": self.calibrator.cache_hit},
+                            "seconds": self.calib_seconds, "cache_hit": self.calibrator.cache_hit,
+                            "nonfinite": self.calibrator.nonfinite, "subgraphs": self.calibrator.subgraphs,
+                            "cache_problems": self.calibrator.cache.problems},
             "quantization": {
                 "quantized_nodes": len(self.current.quantized),
                 "float_nodes": sum(1 for d in insert.decisions.values() if not d.quantized),

@@ -28,20 +28,16 @@ import numpy as np
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
-from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
-from edgeq.passes.normalize import NormalizePass, quantized_ops_in
+from edgeq import model_check
+from edgeq.model_check import max_relative_error, normalize_checked
+from edgeq.model_io import folder_bytes, load_model, model_digest
+from edgeq.passes.normalize import quantized_ops_in
 from edgeq.runtimes import tvm_tuning
 from edgeq.runtimes.onnxruntime import create_session
 from edgeq.runtimes.tvm import LIBRARY, TvmRuntime, library_arch, refuse_quantized
 
 CHECK_FEEDS = 8
 TOLERANCE = 1e-4
-
-
-def relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """Largest over outputs of max |candidate - reference| / max |reference|."""
-    return max(float(np.abs(c.astype(np.float64) - r).max() / max(float(np.abs(r).max()), 1e-12))
-               for r, c in zip(reference, candidate))
 
 
 def compile_tvm(request, reporter) -> tuple[dict, int]:
@@ -53,15 +49,16 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
                         "tune on the device (--device rpc://TRACKER_HOST:PORT/KEY), or drop --tune-trials")
     with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-tvm-") as work:
         work = Path(work)
-        with reporter.stage("load + normalize"):
+        with reporter.stage("load"):
             model = load_model(request.model)
             refuse_quantized(Path(request.model).name, quantized_ops_in(model))
             source_digest = model_digest(model)
-            NormalizePass()(model)
-            (work / "float").mkdir()
-            float_path = save_model(model, work / "float" / MODEL)
         data, random_inputs = _feeds(request, model)
         feeds = [f.inputs for f, _ in zip(data, range(CHECK_FEEDS))]
+        with reporter.stage("normalize"):
+            (work / "float").mkdir()
+            float_path = work / "float" / MODEL
+            normalize_checked(model, request.model, feeds[:model_check.CHECK_FEEDS], float_path)
         database = tuning = None
         if recipe.tune_trials:
             folder = tvm_tuning.database_dir(request.cache_dir or work / "cache", target)
@@ -134,7 +131,7 @@ def _measure(runtime: TvmRuntime, float_path: Path, library: Path, untuned: Path
 def _check(session, float_path: Path, feeds: list[dict]) -> dict:
     """The library's outputs vs ONNX Runtime's (CPU, on this machine) for the float model."""
     reference = create_session(float_path)
-    error = max(relative_error(reference.run(None, dict(f)), session.run(f)) for f in feeds)
+    error = max(max_relative_error(reference.run(None, dict(f)), session.run(f)) for f in feeds)
     return {"run": True, "feeds": len(feeds), "max_relative_error": error, "tolerance": TOLERANCE,
             "ok": error <= TOLERANCE}
 

@@ -1,108 +1,142 @@
 """Collect activation ranges on real data.
 
 Rules:
-- Observed tensors: the float inputs and outputs of every main-graph node whose op type the target can run in
-  integers (``op_types``), graph inputs included, constants excluded; and the same inside the branches of
-  main-graph ``If`` nodes, which a calibration copy of the model returns as extra If outputs (the branch not
-  taken returns an empty tensor, which observers skip). Loop/Scan bodies are not observed.
+- Observed tensors: the float inputs and outputs of every node whose op type the target can run in integers
+  (``op_types``), graph inputs included, constants excluded — in the main graph and in every subgraph, at any
+  depth (If branches, Loop and Scan bodies).
 - The model runs in ONNX Runtime with those tensors added as outputs, one feed at a time; each tensor's
-  observer (``edgeq.observers``) updates and the outputs are dropped. Memory does not grow with the
-  number of feeds.
-- Ranges are cached on disk under ``cache_dir`` keyed by (model hash, data hash, method, percentile, tensors);
-  a cache hit skips the run.
+  observer (``edgeq.observers``) updates and the outputs are dropped. Memory does not grow with the number of
+  feeds. A subgraph value reaches the outputs through its node: an If returns it as an extra output (the
+  branch not taken returns an empty tensor, which observers skip); a Loop or Scan body returns it as an
+  extra scan output, so its statistics cover every iteration. Each such value is copied by an ``Identity``
+  first, so the calibration copy stays a valid model whatever the branch returns already.
+- If ONNX Runtime refuses that copy or fails running it (a scan output whose shape changes between
+  iterations, say), calibration falls back to fewer subgraphs — first none under Loop/Scan, then the main
+  graph only — and :attr:`CalibratePass.subgraphs` says what was observed and why not more.
+- Non-finite values are skipped and counted per tensor (:attr:`CalibratePass.nonfinite`); a tensor with no
+  finite value gets no range, and so stays float.
+- Ranges are cached (:mod:`edgeq.cache`) keyed by (model hash, data hash, method, percentile, tensors,
+  fallback level); a cache hit skips the run.
 
-This is a side-effect-only pass: the model is not changed; the result is :attr:`CalibratePass.ranges`.
+This is a side-effect-only pass: the model is not changed; the results are attributes of the pass.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData
 from edgeq.model_io import to_proto
 from edgeq.observers import make_observer
 
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
+# How deep calibration looks, most first: every subgraph; none under a Loop/Scan; the main graph only.
+LEVELS = ("all subgraphs", "If branches outside loops", "main graph only")
 
-def _graph_values(graph: ir.Graph, op_types: set[str]) -> dict[str, ir.Value]:
+
+def _graph_values(graph: ir.Graph, op_types: set[str]) -> list[ir.Value]:
     """Float non-constant inputs/outputs of this graph's nodes whose op type is in ``op_types``."""
-    seen: dict[str, ir.Value] = {}
+    seen: dict[ir.Value, None] = {}
     for node in graph:
         if node.op_type not in op_types:
             continue
         for value in (*node.inputs, *node.outputs):
             if (value is not None and value.name and value.const_value is None
                     and value.dtype == ir.DataType.FLOAT and not value.is_initializer()):
-                seen.setdefault(value.name, value)
-    return seen
+                seen.setdefault(value)
+    return list(seen)
 
 
-def _branches(node: ir.Node) -> list[ir.Graph]:
-    return [node.attributes[k].as_graph() for k in ("then_branch", "else_branch") if k in node.attributes]
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    if node.op_type not in SUBGRAPH_OPS or node.domain not in ("", "ai.onnx"):
+        return []
+    return [attr.as_graph() for attr in node.attributes.values() if attr.type == ir.AttributeType.GRAPH]
 
 
-def _made_inside(value: ir.Value, graph: ir.Graph) -> bool:
-    return value.producer() is not None and value.producer().graph is graph
-
-
-def observed_values(model: ir.Model, op_types: set[str]) -> list[ir.Value]:
-    """Main-graph values, then values used inside the branches of the main graph's If nodes (made there, or
-    main-graph values the branch reads)."""
-    seen = _graph_values(model.graph, op_types)
-    main_inputs = set(model.graph.inputs)
-    for node in model.graph:
-        if node.op_type == "If":
-            for branch in _branches(node):
-                for name, value in _graph_values(branch, op_types).items():
-                    if _made_inside(value, branch) or value in main_inputs or _made_inside(value, model.graph):
-                        seen.setdefault(name, value)
-    return list(seen.values())
-
-
-def _expose_branch_values(model: ir.Model, op_types: set[str]) -> dict[str, str]:
-    """Make values inside If branches observable: each branch returns them as extra outputs (an empty tensor
-    stands in for a value of the other branch), the If node gets matching outputs, and the graph returns those.
-    Returns {graph output name: inner value name}."""
-    exposed: dict[str, str] = {}
-    for node in list(model.graph):
-        if node.op_type != "If":
+def _graphs_at(graph: ir.Graph, level: str, inside_loop: bool = False):
+    """``graph`` and the subgraphs calibration looks into at ``level``."""
+    yield graph
+    if level == LEVELS[2]:
+        return
+    for node in graph:
+        loop = inside_loop or node.op_type in ("Loop", "Scan")
+        if loop and level == LEVELS[1]:
             continue
-        branches = _branches(node)
-        inner = [{n: v for n, v in _graph_values(b, op_types).items() if _made_inside(v, b)} for b in branches]
-        names = list(dict.fromkeys(n for values in inner for n in values))
+        for sub in _subgraphs(node):
+            yield from _graphs_at(sub, level, loop)
+
+
+def observed_values(model: ir.Model, op_types: set[str], level: str = LEVELS[0]) -> list[ir.Value]:
+    """Values to observe at ``level``, each in the graph that owns it (makes it, or has it as an input)."""
+    graphs = list(_graphs_at(model.graph, level))
+    seen: dict[ir.Value, None] = {}
+    for graph in graphs:
+        for value in _graph_values(graph, op_types):
+            if value.graph in graphs:
+                seen.setdefault(value)
+    return list(seen)
+
+
+def _identity(graph: ir.Graph, value: ir.Value, tag: str) -> ir.Value:
+    node = ir.Node("", "Identity", [value], name=f"{tag}_observe", num_outputs=1)
+    node.outputs[0].name, node.outputs[0].dtype = f"{tag}_observed", ir.DataType.FLOAT
+    graph.append(node)
+    return node.outputs[0]
+
+
+def _empty(graph: ir.Graph, tag: str) -> ir.Value:
+    node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.zeros((0,), np.float32)))],
+                   name=f"{tag}_absent", num_outputs=1)
+    node.outputs[0].name, node.outputs[0].dtype = f"{tag}_absent", ir.DataType.FLOAT
+    graph.append(node)
+    return node.outputs[0]
+
+
+def _widen(node: ir.Node, extra: int) -> ir.Node:
+    """Replace ``node`` by a copy with ``extra`` more outputs (appended); the old outputs keep their names."""
+    wider = ir.Node(node.domain, node.op_type, node.inputs, attributes=list(node.attributes.values()), name=node.name,
+                    num_outputs=len(node.outputs) + extra)
+    for old, new in zip(node.outputs, wider.outputs):
+        new.name, new.dtype, new.shape = old.name, old.dtype, old.shape
+    node.graph.insert_after(node, wider)
+    for old, new in zip(node.outputs, wider.outputs):
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name, new.name = f"{name}_replaced", name
+    node.graph.remove(node, safe=True)
+    return wider
+
+
+def _expose(graph: ir.Graph, wanted: set[ir.Value], counter: list[int]) -> list[tuple[ir.Value, str]]:
+    """Make every wanted value owned by ``graph`` or its subgraphs a value of ``graph``: (value, observed name)."""
+    found = [(v, v.name) for v in wanted if v.graph is graph]
+    for node in list(graph):
+        subs = _subgraphs(node)
+        inner = [_expose(sub, wanted, counter) for sub in subs]
+        names = list(dict.fromkeys(name for part in inner for _, name in part))
         if not names:
             continue
-        for branch, values in zip(branches, inner):
-            for name in names:
-                if name in values:
-                    branch.outputs.append(values[name])
-                else:
-                    empty = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(
-                        np.zeros((0,), np.float32)))], name=f"{name}_absent_{id(branch)}", num_outputs=1)
-                    empty.outputs[0].name = f"{name}_absent_{id(branch)}"
-                    branch.append(empty)
-                    branch.outputs.append(empty.outputs[0])
-        wider = ir.Node(node.domain, "If", node.inputs, attributes=list(node.attributes.values()), name=node.name,
-                        num_outputs=len(node.outputs) + len(names))
-        for old, new in zip(node.outputs, wider.outputs):
-            new.name, new.dtype, new.shape = old.name, old.dtype, old.shape
-        model.graph.insert_after(node, wider)
-        for old, new in zip(node.outputs, wider.outputs):
-            old_name = old.name
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            old.name, new.name = f"{old_name}_replaced", old_name
-        model.graph.remove(node, safe=True)
-        for name, value in zip(names, wider.outputs[len(node.outputs):]):
-            value.name = f"{name}_observed"
-            value.dtype = ir.DataType.FLOAT
-            model.graph.outputs.append(value)
-            exposed[value.name] = name
-    return exposed
+        counter[0] += 1
+        tag = f"edgeq_calib_{counter[0]}"
+        for sub, part in zip(subs, inner):
+            by_name = dict((name, value) for value, name in part)
+            for i, name in enumerate(names):
+                sub.outputs.append(_identity(sub, by_name[name], f"{tag}_{i}") if name in by_name
+                                   else _empty(sub, f"{tag}_{i}"))
+        if node.op_type == "Scan":
+            for key in ("scan_output_axes", "scan_output_directions"):
+                if key in node.attributes:
+                    node.attributes[key] = ir.AttrInt64s(key, [*node.attributes[key].as_ints(), *[0] * len(names)])
+        wider = _widen(node, len(names))
+        for i, (value, name) in enumerate(zip(wider.outputs[-len(names):], names)):
+            value.name, value.dtype = f"{tag}_{i}_out", ir.DataType.FLOAT
+            found.append((value, name))
+    return found
 
 
 class CalibratePass(ir.passes.PassBase):
@@ -118,50 +152,63 @@ class CalibratePass(ir.passes.PassBase):
         self.method = method
         self.percentile = percentile
         self.model_digest = model_digest
-        self.cache_dir = cache_dir
+        self.cache = JsonCache(cache_dir if model_digest else None)
         self.threads = threads
         self.on_progress = on_progress
         self.ranges: dict[str, tuple[float, float]] = {}
+        self.nonfinite: dict[str, dict[str, int]] = {}
+        self.subgraphs: dict = {}
         self.cache_hit = False
 
-    def _cache_file(self, names: list[str]) -> Path | None:
-        if self.cache_dir is None or not self.model_digest:
-            return None
-        key = hashlib.sha256(json.dumps(
-            [self.model_digest, self.data.digest, self.method, self.percentile, names]).encode()).hexdigest()
-        return self.cache_dir / "calibration" / f"{key[:32]}.json"
+    def _key(self, names: list[str], level: str) -> list:
+        return [self.model_digest, self.data.digest, self.method, self.percentile, names, level]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        values = observed_values(model, self.op_types)
-        names = [v.name for v in values]
-        cache = self._cache_file(names)
-        if cache is not None and cache.is_file():
-            self.ranges = {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
-            self.cache_hit = True
-            return ir.passes.PassResult(model, modified=False)
-        self.ranges = self._observe(model, names)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.ranges, indent=0, sort_keys=True))
-            tmp.replace(cache)
+        has_subgraphs = any(_subgraphs(n) for n in ir.traversal.RecursiveGraphIterator(model.graph))
+        failures = []
+        for level in LEVELS if has_subgraphs else LEVELS[-1:]:
+            names = [v.name for v in observed_values(model, self.op_types, level)]
+            cached = self.cache.get("calibration", self._key(names, level))
+            if cached is not None:
+                self.ranges = {k: tuple(v) for k, v in cached["ranges"].items()}
+                self.nonfinite, self.cache_hit = cached["nonfinite"], True
+            else:
+                try:
+                    self.ranges, self.nonfinite = self._observe(model, level)
+                except Exception as exc:  # noqa: BLE001 — ORT refused this calibration copy: look less deep
+                    if level == LEVELS[-1]:
+                        raise
+                    failures.append(f"{level}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                    continue
+                self.cache.put("calibration", self._key(names, level),
+                               {"ranges": self.ranges, "nonfinite": self.nonfinite})
+            self.subgraphs = {"observed": level, "fell_back_from": failures} if has_subgraphs else {}
+            break
         return ir.passes.PassResult(model, modified=False)
 
-    def _observe(self, model: ir.Model, names: list[str]) -> dict[str, tuple[float, float]]:
+    def _observe(self, model: ir.Model, level: str) -> tuple[dict, dict]:
         from edgeq.runtimes.onnxruntime import run_exposing
 
         augmented = model.clone()
-        exposed = _expose_branch_values(augmented, self.op_types)
+        wanted = set(observed_values(augmented, self.op_types, level))
+        main = [v.name for v in wanted if v.graph is augmented.graph]
+        inner = {v for v in wanted if v.graph is not augmented.graph}
+        exposed = _expose(augmented.graph, inner, [0])
+        augmented.graph.outputs.extend(value for value, _ in exposed)
+        fetch = main + [value.name for value, _ in exposed]
+        origin = {value.name: name for value, name in exposed}
         proto = to_proto(augmented)
         del augmented
-        inner = set(exposed.values())
-        fetch = [n for n in names if n not in inner] + list(exposed)
-        observers = {name: make_observer(self.method, self.percentile) for name in names}
+        observers = {origin.get(name, name): make_observer(self.method, self.percentile) for name in fetch}
         total = len(self.data)
         feeds = (feed.inputs for feed in self.data)
         for i, outputs in enumerate(run_exposing(proto, fetch, feeds, self.threads)):
             for name, value in zip(fetch, outputs):
-                observers[exposed.get(name, name)].update(value)
+                observers[origin.get(name, name)].update(value)
             if self.on_progress:
                 self.on_progress(i + 1, total)
-        return {name: tuple(float(v) for v in obs.range()) for name, obs in observers.items()}
+        ranges = {name: tuple(float(v) for v in r) for name, obs in observers.items()
+                  if (r := obs.range()) is not None}
+        nonfinite = {name: {"nonfinite": obs.nonfinite, "finite": obs.finite}
+                     for name, obs in observers.items() if obs.nonfinite}
+        return ranges, nonfinite

@@ -15,9 +15,9 @@ Rules:
   MatMul/Gemm the output-column axis); zeros stay exact zeros, and the weight's tensor annotations (a 2:4
   sparsity mark) move to its quantized tensor. Bias: int32 with scale s_input·s_weight and zero point 0.
 - Activations: per tensor, asymmetric, or symmetric int8 when the target asks (TensorRT).
-- The branches of main-graph ``If`` nodes are quantized by the same rules, each on its own (new weights are
-  stored in the branch, named after it); Loop/Scan bodies and deeper subgraphs are not, and their compute
-  nodes are reported as left float.
+- Subgraphs at any depth (If branches, Loop and Scan bodies) are quantized by the same rules, each on its own
+  (new weights are stored in the subgraph, named after it), wherever calibration gave their tensors ranges;
+  compute nodes left float there are counted.
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
 - Per-node precisions (``precisions``, from the mixed-precision allocation; a node not named is int8): ``float``
   stays float; ``int16`` is W8A16 — int8 weights, and every activation tensor the node reads or writes gets a
@@ -144,6 +144,16 @@ def _is_const(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None
 
 
+def _subgraphs_named(graph: ir.Graph, prefix: str = ""):
+    """Every subgraph at any depth, with a prefix naming it by its node and attribute (node names are unique)."""
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                name = f"{prefix}{node.name}_{attr.name}_"
+                yield from _subgraphs_named(attr.as_graph(), name)
+                yield attr.as_graph(), name
+
+
 class InsertQDQPass(ir.passes.InPlacePass):
     def __init__(self, rules: QuantizationRules, ranges: dict[str, tuple[float, float]],
                  keep_float: frozenset[str] | set[str] = frozenset(), precisions: dict[str, str] | None = None,
@@ -232,12 +242,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
     # the pass -----------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         quantized = False
-        for node in list(model.graph):  # If branches first: main-graph Q/DQ must not rewire their inputs
-            if node.op_type == "If":
-                for attr in ("then_branch", "else_branch"):
-                    if attr in node.attributes:
-                        quantized |= self._quantize_graph(node.attributes[attr].as_graph(), f"{node.name}_{attr}_")
-        quantized |= self._quantize_graph(model.graph, "")
+        for graph, prefix in (*_subgraphs_named(model.graph), (model.graph, "")):  # each graph on its own
+            quantized |= self._quantize_graph(graph, prefix)
         if any(d.precision in ("int4", "int16") for d in self.decisions.values()):
             model.opset_imports[""] = max(model.opset_imports.get("", INT4_OPSET), INT4_OPSET)
         self._count_subgraph_compute(model.graph)

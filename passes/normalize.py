@@ -3,7 +3,8 @@
 Rules, in order:
 1. A model that already holds quantization ops (QuantizeLinear, QLinear*, *Integer, …) is refused: quantizing
    twice only loses accuracy. The user must pass the float original.
-2. The default-domain opset is raised to at least 13 (per-channel DequantizeLinear needs ``axis``).
+2. The default-domain opset is raised to at least 13 (per-channel DequantizeLinear needs ``axis``), by
+   :mod:`edgeq.passes.convert_opset` (never by relabelling).
 3. ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too.
 4. onnxscript's optimizer folds constants, fuses BatchNorm into Conv/Gemm, removes no-op and Identity nodes
@@ -11,6 +12,11 @@ Rules, in order:
 5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
    ``Flatten`` when ``keepdims=0``): the same numbers, but an op with an integer kernel that follows ONNX
    Runtime's channels-last layout (a ReduceMean there costs several times more than in the float model).
+6. Every node and value gets a unique name (exporters leave names empty; decisions and ranges are keyed by
+   name), and every graph output is made by a node of its own graph: an output that is an outer-scope value,
+   an initializer, an input or another output gets an ``Identity`` (in subgraphs; main-graph outputs keep
+   their names) (ONNX Runtime refuses a subgraph that
+   returns an outer-scope value directly; the optimizer removes the Identity exporters put there).
 
 Deterministic: the same input model gives the same output model.
 """
@@ -20,9 +26,9 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
-from onnxscript.version_converter import ConvertVersionPass
 
 from edgeq.errors import UserError
+from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 
 MIN_OPSET = 13
 QUANTIZED_OPS = frozenset({
@@ -39,23 +45,20 @@ def quantized_ops_in(model: ir.Model) -> list[str]:
                    if node.op_type in QUANTIZED_OPS})
 
 
-def default_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
 class NormalizePass(ir.passes.InPlacePass):
     """Upgrade opset, lift Constant weights, fold, fuse BatchNorm, drop Identity, infer shapes."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    @staticmethod
+    def refuse_quantized(model: ir.Model) -> None:
         found = quantized_ops_in(model)
         if found:
             raise UserError(f"the model is already quantized (it contains {', '.join(found[:4])})",
                             "pass the float model that it was made from")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.refuse_quantized(model)
         if default_opset(model) < MIN_OPSET:
-            ConvertVersionPass(MIN_OPSET, fallback=True)(model)
-            if default_opset(model) < MIN_OPSET:
-                raise UserError(f"cannot upgrade the model from opset {default_opset(model)} to {MIN_OPSET}",
-                                "re-export it with opset 13 or later")
+            ConvertOpsetPass(MIN_OPSET)(model)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
         onnxscript.optimizer.optimize_ir(model)
         common.ShapeInferencePass()(model)
@@ -65,8 +68,26 @@ class NormalizePass(ir.passes.InPlacePass):
             common.RemoveUnusedNodesPass(),
             common.ShapeInferencePass(),
             common.TopologicalSortPass(),
+            common.NameFixPass(),
+            common.OutputFixPass(),
         ])(model)
+        for graph in list(model.graph.subgraphs()):
+            _own_outputs(graph)
         return ir.passes.PassResult(model, modified=True)
+
+
+def _own_outputs(graph: ir.Graph) -> None:
+    """Give an Identity to each output of the subgraph ``graph`` that no node of it makes (OutputFixPass covers
+    inputs and repeated outputs, not outer-scope values or initializers)."""
+    for index, value in enumerate(list(graph.outputs)):
+        producer = value.producer()
+        if producer is not None and producer.graph is graph:
+            continue
+        identity = ir.Node("", "Identity", [value], name=f"{graph.name or 'graph'}_output_{index}", num_outputs=1)
+        identity.outputs[0].name = f"{value.name}_{graph.name or 'graph'}_output_{index}"
+        identity.outputs[0].dtype, identity.outputs[0].shape = value.dtype, value.shape
+        graph.append(identity)
+        graph.outputs[index] = identity.outputs[0]
 
 
 def _reduced_axes(node: ir.Node) -> list[int] | None:

@@ -225,17 +225,18 @@ def test_compute_inside_if_branches_is_quantized_end_to_end(tmp_path):
     assert manifest["quantization"]["subgraph_compute_left_float"] == 0
 
 
-def test_compute_only_inside_loop_is_not_reported_as_success(tmp_path):
+def test_compute_only_inside_a_loop_is_quantized_end_to_end(tmp_path):
     from test_insert_qdq import _loop_model
 
     onnx.save(_loop_model(), tmp_path / "loop.onnx")
     feeds = _vector_feeds(tmp_path / "feeds", lambda i: {"n": np.array(3)})
-    result = run(*compile_args(tmp_path / "loop.onnx", feeds, tmp_path / "out"))
+    result = run(*compile_args(tmp_path / "loop.onnx", feeds, tmp_path / "out", "--no-measure"))
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
-    assert manifest["delivered"]["precision"] == "float"
-    assert "1 compute nodes inside If/Loop/Scan subgraphs" in manifest["delivered"]["reason"]
-    assert "float" in result.output
+    assert manifest["delivered"]["precision"] == "int8"
+    assert manifest["quantization"]["decisions"]["body_matmul"]["quantized"]
+    assert manifest["quantization"]["subgraph_compute_left_float"] == 0
+    assert manifest["calibration"]["subgraphs"]["observed"] == "all subgraphs"
 
 
 def test_a_measured_build_replays_byte_for_byte_from_its_manifest(tmp_path):

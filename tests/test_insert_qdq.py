@@ -168,9 +168,11 @@ def test_compute_inside_if_branches_is_calibrated_and_quantized(tmp_path):
     assert all("QLinearMatMul" in [n.op_type for n in b.node] for b in branches) and len(branches) == 2
 
 
-def _loop_model():
+def _loop_model(scale: float | None = None):
+    """h ← h · w, n times, in a Loop body (w random, or ``scale`` · identity plus a little noise)."""
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    weight = rng.standard_normal((8, 8)) if scale is None else scale * np.eye(8) + 0.05 * rng.standard_normal((8, 8))
+    w = numpy_helper.from_array(weight.astype(np.float32), "w")
     body = helper.make_graph(
         [helper.make_node("MatMul", ["h_in", "w"], ["h_out"], name="body_matmul"),
          helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
@@ -186,12 +188,38 @@ def _loop_model():
     return proto
 
 
-def test_compute_inside_loop_is_reported_left_float():
-    model = ir.from_proto(_loop_model())
-    insert = InsertQDQPass(RULES, {"x": (-1.0, 1.0)})
+def test_compute_inside_a_loop_body_is_calibrated_over_iterations_and_quantized(tmp_path):
+    """The body's MatMul grows h by ×1.5 per iteration: its output range must cover the last iteration, and
+    the body runs as an integer kernel in ONNX Runtime."""
+    proto = _loop_model(scale=1.5)
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    rng = np.random.default_rng(1)
+    finals, largest_x = [], 0.0
+    for i in range(6):
+        feed = {"x": rng.standard_normal((1, 8)).astype(np.float32), "n": np.array(3)}
+        largest_x = max(largest_x, float(feed["x"].max()))
+        np.savez(tmp_path / f"{i}.npz", **feed)
+        finals.append(ort.InferenceSession(proto.SerializeToString()).run(None, feed)[0])
+    specs = [InputSpec("x", np.dtype(np.float32), (1, 8)), InputSpec("n", np.dtype(np.int64), ())]
+    calib = CalibratePass(CalibrationData.from_path(tmp_path, specs), OPS)
+    calib(model)
+    assert calib.subgraphs["observed"] == "all subgraphs" and not calib.subgraphs["fell_back_from"]
+    assert calib.ranges["h_out"][1] >= max(float(f.max()) for f in finals) * 0.999
+    assert calib.ranges["h_in"][1] > largest_x * 1.5  # the iterations after the first were seen
+    insert = InsertQDQPass(RULES, calib.ranges)
     insert(model)
-    assert insert.subgraph_compute_left_float == 1
-    assert "Loop subgraph" in insert.decisions["body_matmul"].reason
+    assert insert.decisions["body_matmul"].quantized and insert.subgraph_compute_left_float == 0
+    quant = to_proto(model)
+    onnx.checker.check_model(quant, full_check=True)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    feed = {"x": rng.standard_normal((1, 8)).astype(np.float32), "n": np.array(3)}
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, feed)[0]
+    got = ort.InferenceSession(quant.SerializeToString(), options).run(None, feed)[0]
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+    body = next(a.g for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node for a in n.attribute if a.g.node)
+    assert "QLinearMatMul" in [n.op_type for n in body.node]
 
 
 def test_shared_weight_is_quantized_once():

@@ -7,7 +7,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import conv_model, make_model
 from edgeq.errors import UserError
-from edgeq.passes.normalize import NormalizePass, default_opset
+from edgeq.passes.convert_opset import default_opset
+from edgeq.passes.normalize import NormalizePass
 
 
 def _run(model: onnx.ModelProto, feed):

@@ -33,7 +33,7 @@ from edgeq.fidelity import accuracy_drop, compare_models
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs, group_times, uniform
 from edgeq.mixed.groups import Group, layer_groups
-from edgeq.mixed.sensitivity import Sensitivity, measure_sensitivity, proxy_nsr
+from edgeq.mixed.sensitivity import Sensitivity, cached_sensitivity, measure_sensitivity, proxy_nsr
 from edgeq.model_io import folder_bytes
 from edgeq.runtimes.base import Latency, cost_by_node
 
@@ -116,7 +116,7 @@ def precision_counts(assign: dict[str, str]) -> dict[str, int]:
 
 class MixedPrecisionSearch:
     def __init__(self, recipe, target, runtime, reporter, build: Callable[[dict[str, str]], object], measure: bool,
-                 metric=None, sensitivity_cache: Path | None = None):
+                 metric=None, sensitivity_cache: tuple | None = None):
         self.recipe, self.target, self.runtime, self.reporter = recipe, target, runtime, reporter
         self.build, self.measure, self.metric = build, measure, metric
         self.sensitivity_cache = sensitivity_cache
@@ -137,7 +137,7 @@ class MixedPrecisionSearch:
         feeds = list(itertools.islice(iter(calib), self.recipe.sensitivity_feeds))
         trials = sum(len(g.precisions) - 1 for g in groups)
         proxy = {}
-        if self._use_proxy(trials) and not (self.sensitivity_cache and self.sensitivity_cache.is_file()):
+        if self._use_proxy(trials) and cached_sensitivity(self.sensitivity_cache) is None:
             with self.reporter.stage("sensitivity proxy: layer input statistics"):
                 proxy = proxy_nsr(model, groups, feeds, ranges, self.target)
         with self.reporter.stage(f"sensitivity: {trials} group × precision figures on {len(feeds)} feeds"):

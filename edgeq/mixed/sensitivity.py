@@ -20,7 +20,6 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import onnx_ir as ir
 
 from edgeq.mixed.groups import Group
 from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
+from edgeq.cache import JsonCache
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
 from edgeq.target import Target
@@ -66,15 +66,16 @@ def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarra
 
 
 def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], Path], runtime, float_path: Path,
-                        feeds: list, cache_file: Path | None = None,
+                        feeds: list, cache: tuple[JsonCache, list] | None = None,
                         on_progress: Callable[[int, int], None] | None = None,
                         proxy: dict[str, dict[str, float]] | None = None) -> Sensitivity:
     """``build(precisions)`` writes a model with those node precisions into a folder of its own, which is
     removed once measured. ``feeds`` are calibration feeds; ``proxy`` (from :func:`proxy_nsr`) stands in for
-    the groups it names, scaled by the calibration groups measured too."""
-    if cache_file is not None and cache_file.is_file():
-        cached = json.loads(cache_file.read_text())
-        return Sensitivity(**cached, cache_hit=True)
+    the groups it names, scaled by the calibration groups measured too. ``cache``: a cache and the key of
+    this table in it."""
+    cached = cached_sensitivity(cache)
+    if cached is not None:
+        return cached
     started = time.perf_counter()
     proxy = proxy or {}
     reference_session = runtime.session(float_path)
@@ -103,12 +104,14 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
                 nsr[g.name] |= {p: v * scale for p, v in proxy[g.name].items()}
     result = Sensitivity(nsr, len(feeds), time.perf_counter() - started, False,
                          [g.name for g in proxied if g not in checks] or None, scale)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: v for k, v in result.to_dict().items() if k != "cache_hit"}))
-        tmp.replace(cache_file)
+    if cache is not None:
+        cache[0].put("sensitivity", cache[1], {k: v for k, v in result.to_dict().items() if k != "cache_hit"})
     return result
+
+
+def cached_sensitivity(cache: tuple[JsonCache, list] | None) -> Sensitivity | None:
+    payload = cache[0].get("sensitivity", cache[1]) if cache is not None else None
+    return None if payload is None else Sensitivity(**payload, cache_hit=True)
 
 
 def proxy_nsr(model: ir.Model, groups: list[Group], feeds: list, ranges: dict, target: Target) -> dict:

@@ -1,91 +1,21 @@
-"""The ``edgeq`` command line.
-
-Exit codes: 0 ok · 2 bad input (one line on stderr, nothing written) · 3 budget missed (artifact written).
-Progress goes to stderr; tables, or JSON with ``--json``, go to stdout.
-"""
+"""``edgeq compile``: quantize (or, with TVM, compile) a model for a target and print what was delivered."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgeq.errors import EXIT_BAD_INPUT, UserError
-
-out = Console()
-err = Console(stderr=True)
-
-
-class RichReporter:
-    """Shows each pipeline stage while it runs (with a bar when it reports progress), then one line with its
-    time. A stage that fails leaves nothing behind but the error line."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._progress: Progress | None = None
-        self._task = None
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        if not self.enabled:
-            yield
-            return
-        started = time.perf_counter()
-        live = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
-        with live as progress:
-            self._progress, self._task = progress, progress.add_task(name, total=None)
-            try:
-                yield
-            finally:
-                self._progress = None
-        err.print(f"[green]✓[/green] {name} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
-
-    def progress(self, done: int, total: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=total)
-
-
-class EdgeqGroup(click.Group):
-    """Turns a UserError anywhere into one line on stderr and exit code 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEQ_CACHE_DIR", Path.home() / ".cache" / "edgeq"))
-
-
-def _parse_fraction(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value[:-1]) / 100 if value.endswith("%") else float(value)
-    except ValueError:
-        raise UserError(f"bad --max-drop '{value}'", "use a fraction (0.01) or a percentage (1%)") from None
-
-
-@click.group(cls=EdgeqGroup)
-@click.version_option(package_name="edgeq")
-def main():
-    """edgeq: compile float ONNX models into fast, verified int8 models for a named target."""
+from edgeq.cli.app import RichReporter, debug_option, default_cache_dir, main, out
+from edgeq.errors import UserError
 
 
 @main.command()
+@debug_option
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-t", "--target", required=True, help="Bundled target name (see 'edgeq targets') or a .toml path.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration feeds: .npz/.npy folder or file, or images.")
@@ -97,7 +27,7 @@ def main():
               help="int8 everywhere it pays (default with onnxruntime), mixed: a precision per layer group "
                    "(float/int8/int4 as the target offers) chosen from measured sensitivity and latency within the "
                    "budgets, or float (the only scheme, and default, with --runtime tvm).")
-@click.option("--tune-trials", type=int, default=0, show_default=True,
+@click.option("--tune-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="--runtime tvm: MetaSchedule trials for this model, cumulative in the tuning database "
                    "(a re-compile finding them there tunes nothing). 0: TVM's default schedules only.")
 @click.option("--device", help="Where to measure: local, or rpc://TRACKER_HOST:PORT/KEY for a board registered with a "
@@ -125,7 +55,8 @@ def main():
               show_default=True, help="2:4 weights: OBS reconstruction on calibration inputs, or magnitude only.")
 @click.option("--sparsity-permute", is_flag=True, help="Search an input-channel order that keeps more magnitude.")
 @click.option("--keep-float", multiple=True, help="Nodes to keep float (replays a manifest's recipe.keep_float).")
-@click.option("--repeats", type=int, default=50, show_default=True, help="Latency repeats per candidate.")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Latency repeats per candidate.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
@@ -140,14 +71,14 @@ def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, devic
 
     scheme = scheme or ("float" if runtime == "tvm" else "int8")
     recipe = Recipe(scheme=scheme, runtime=runtime, tune_trials=tune_trials, method=method, percentile=percentile,
-                    optional_ops=optional_ops,                    exclude=Exclusions.parse(exclude),
+                    optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
                     latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
                     sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
     request = CompileRequest(model=model, target=load_target(target).with_device(device), recipe=recipe,
                              out_dir=output, calib=calib, eval=eval_path, metric=metric,
-                             cache_dir=None if no_cache else _default_cache_dir(),
+                             cache_dir=None if no_cache else default_cache_dir(),
                              measure=not no_measure, keep_float=tuple(keep_float))
     manifest, code = compile_model(request, RichReporter(enabled=not as_json))
     if as_json:
@@ -157,6 +88,19 @@ def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, devic
     else:
         _print_compile_summary(manifest, output)
     sys.exit(code)
+
+
+def _parse_fraction(value: str | None) -> float | None:
+    """``--max-drop``: a fraction (0.01) or a percentage (1%), finite and not negative."""
+    if value is None:
+        return None
+    try:
+        fraction = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        fraction = math.nan
+    if not math.isfinite(fraction) or fraction < 0:
+        raise UserError(f"bad --max-drop '{value}'", "use a fraction (0.01) or a percentage (1%), 0 or more")
+    return fraction
 
 
 def _print_tvm_summary(manifest: dict, output: Path) -> None:
@@ -262,138 +206,3 @@ def _print_sparsity_layers(layers: dict) -> None:
         table.add_row(name, layer["op_type"], channels, "pruned" if layer["pruned"] else "dense", error,
                       layer["reason"])
     out.print(table)
-
-
-@main.command()
-@click.argument("factory")
-@click.option("--input", "inputs", multiple=True, required=True,
-              help="NAME:D0,D1,...[:DTYPE] (repeatable, in order; DTYPE float32, int64 or int32).")
-@click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed instead of dynamic.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative error vs PyTorch.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
-def export(factory, inputs, static_batch, tolerance, output):
-    """Export the nn.Module returned by FACTORY (pkg.mod:fn or file.py:fn) to ONNX, checked against PyTorch."""
-    from edgeq.export import export_torch, parse_input_spec
-
-    report = export_torch(factory, [parse_input_spec(s) for s in inputs], output,
-                          dynamic_batch=not static_batch, tolerance=tolerance)
-    out.print(f"wrote {output} (max relative error vs PyTorch {report['max_relative_error']:.2e})")
-
-
-@main.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-t", "--target", default="x86-avx512-vnni", show_default=True, help="Target for coverage.")
-@click.option("--nodes", is_flag=True, help="List every node (name, op type, subgraph depth).")
-@click.option("--json", "as_json", is_flag=True)
-def inspect(model, target, nodes, as_json):
-    """Describe MODEL: opset, ops, parameters, quantizable coverage, subgraphs, Constant weights."""
-    from edgeq.model_info import model_info
-    from edgeq.target import load_target
-
-    info = model_info(model, load_target(target))
-    if not nodes:
-        info.pop("nodes")
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    table = Table(title=f"edgeq inspect {model}", show_header=False)
-    for key in ("ir_version", "opsets", "producer", "parameters", "constant_weights", "subgraphs", "quantized_ops"):
-        table.add_row(key, str(info[key]))
-    table.add_row("inputs", ", ".join(f"{i['name']}{i['shape']}" for i in info["inputs"]))
-    table.add_row("outputs", ", ".join(f"{o['name']}{o['shape']}" for o in info["outputs"]))
-    table.add_row("ops", ", ".join(f"{k}×{v}" for k, v in info["ops"].items()))
-    if info["subgraph_ops"]:
-        table.add_row("ops in subgraphs", ", ".join(f"{k}×{v}" for k, v in info["subgraph_ops"].items()))
-    cov = info["coverage"]
-    table.add_row("quantizable coverage", f"{cov['in_main_graph']}/{cov['compute_nodes']} compute nodes in the main "
-                                          f"graph ({cov['quantizable_share']:.0%}) for {cov['target']}")
-    if "sparsity" in info:
-        sp = info["sparsity"]
-        table.add_row("2:4 sparsity", f"{sp['weights']} annotated weights · pattern "
-                                      f"{'holds' if sp['ok'] else 'BROKEN in ' + str(len(sp['violations']))} · "
-                                      f"compressed/dense {sp['bytes_ratio']:.2f}")
-    out.print(table)
-    if nodes:
-        node_table = Table("name", "op type", "depth")
-        for n in info["nodes"]:
-            node_table.add_row(n["name"], n["op_type"], str(n["depth"]))
-        out.print(node_table)
-
-
-TVM_QDQ_NOTE = ("--runtime tvm builds float models: TVM 0.27 imports ONNX QDQ as float fake-quant (no integer "
-                "kernels), slower than float, so quantized models go to ONNX Runtime.")
-
-
-def _tvm_summary(t) -> str:
-    if t.tvm is None:
-        return "none"
-    target = t.tvm.target
-    if target["kind"] == "cuda":
-        return f"cuda {target.get('arch', '')} (float), host {t.tvm.arch}"
-    return f"llvm {target.get('mcpu', '')} {t.tvm.arch} (float)"
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True)
-def targets(as_json):
-    """List the bundled targets and whether this machine can measure them."""
-    from edgeq.target import bundled_target_names, load_target
-
-    rows = []
-    for name in bundled_target_names():
-        t = load_target(name)
-        ok, why = t.can_measure_here()
-        rows.append({"name": name, "arch": t.arch, "activations": t.quantization.activations,
-                     "runtime": "onnxruntime " + "+".join(t.onnxruntime.providers),
-                     "tvm": _tvm_summary(t),
-                     "mixed_precisions": list(t.precisions.candidates),
-                     "measurable_here": ok, "why_not": why, "description": t.description})
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    table = Table("target", "arch", "activations", "runtime", "--runtime tvm", "--scheme mixed", "measured here",
-                  "description", caption=TVM_QDQ_NOTE)
-    for r in rows:
-        table.add_row(r["name"], r["arch"], r["activations"], r["runtime"], r["tvm"], ", ".join(r["mixed_precisions"]),
-                      "yes" if r["measurable_here"] else f"no: {r['why_not']}", r["description"])
-    out.print(table)
-
-
-@main.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-t", "--target", required=True)
-@click.option("--feeds", type=click.Path(path_type=Path), help="Feeds for the run (default: random inputs).")
-@click.option("--compare", type=click.Path(path_type=Path), help="A second model measured interleaved with MODEL.")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "tvm"]), default="onnxruntime", show_default=True,
-              help="tvm: build each model with TVM first (tuned schedules from the tuning database where it has them) "
-                   "and measure ONNX Runtime beside it.")
-@click.option("--device", help="local, or rpc://TRACKER_HOST:PORT/KEY (--runtime tvm). Default: the target's.")
-@click.option("--repeats", type=int, default=100, show_default=True)
-@click.option("--top", type=int, default=10, show_default=True, help="Rows of the per-node profile.")
-@click.option("--json", "as_json", is_flag=True)
-def bench(model, target, feeds, compare, runtime, device, repeats, top, as_json):
-    """Measure MODEL's latency on TARGET (min/median/p90) and its costliest nodes (kernels, with TVM)."""
-    from edgeq.bench import bench_models
-    from edgeq.target import load_target
-
-    report = bench_models(model, load_target(target).with_device(device), feeds, compare, repeats, runtime,
-                          _default_cache_dir())
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    table = Table("model", "min ms", "median ms", "p90 ms", "ratio", title=f"edgeq bench on {target} ({runtime})"
-                  + (" (random inputs)" if report["random_inputs"] else ""))
-    base = report["latency"][str(model)]["median_ms"]
-    for name, lat in report["latency"].items():
-        table.add_row(name, f"{lat['min_ms']:.3f}", f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}",
-                      f"{lat['median_ms'] / base:.2f}")
-    out.print(table)
-    nodes = Table("node" if runtime == "onnxruntime" else "kernel", "op type", "ms/run",
-                  title=f"costliest {'nodes' if runtime == 'onnxruntime' else 'TVM kernels'} of {model}")
-    for n in report["profile"][:top]:
-        nodes.add_row(n["name"], n["op_type"], f"{n['ms']:.4f}")
-    out.print(nodes)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,13 @@
 """Artifact: the output folder of a compile — ``model.onnx`` (or a TVM ``model.so``) and ``manifest.json``.
 
-Rules: everything is written into a hidden temporary sibling folder and renamed into place at the end, so a
-failed or interrupted compile leaves no half-written output. An existing output folder is replaced only if it
-is empty or holds an earlier edgeq artifact (it has a ``manifest.json``); anything else is refused.
+Rules:
+- Everything is written into a hidden temporary sibling folder and renamed into place at the end, so a
+  failed or interrupted compile leaves no half-written output (and a killed one leaves a folder the next
+  compile into the same place sweeps away: :mod:`edgeq.scratch`).
+- ``-o`` is checked before any work: not a file, not a symbolic link, not holding the compile's own inputs,
+  and in a folder edgeq can write. An existing folder is replaced only if it is empty or is an earlier edgeq
+  artifact — a ``manifest.json`` of edgeq's and no file that its manifest does not list (an earlier edgeq's
+  manifest without the list: only the files artifacts hold). Anything else is refused, never wiped.
 """
 
 from __future__ import annotations
@@ -13,22 +18,50 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from edgeq import scratch
 from edgeq.errors import UserError
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
+# What an artifact folder may hold when its manifest predates the "files" list.
+ARTIFACT_FILES = frozenset({MANIFEST, MODEL, f"{MODEL}.data", "model.so", "report.html"})
 
 
-def check_output_dir(out_dir: Path) -> None:
+def _foreign_entry(out_dir: Path) -> str | None:
+    """The first entry of an existing folder that is not part of an edgeq artifact, or None."""
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return None
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        if not str(manifest.get("edgeq", "")).startswith("artifact/"):
+            raise ValueError("not an edgeq manifest")
+        allowed = set(manifest.get("files") or ARTIFACT_FILES) | {MANIFEST}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return MANIFEST if MANIFEST in entries else entries[0]
+    return next((name for name in entries if name not in allowed or not (out_dir / name).is_file()
+                 or (out_dir / name).is_symlink()), None)
+
+
+def check_output_dir(out_dir: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """The rules on ``-o`` (module docstring); ``inputs`` are the paths the compile reads."""
+    if out_dir.is_symlink():
+        raise UserError(f"output path {out_dir} is a symbolic link", "pass the real folder path with -o")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} is a file", "pass a folder path with -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise UserError(f"output folder {out_dir} is not empty and is not an edgeq artifact",
-                        "pass a new or empty folder with -o")
+    resolved = out_dir.resolve()
+    for path in inputs:
+        inside = Path(path).resolve()
+        if inside == resolved or resolved in inside.parents:
+            raise UserError(f"-o {out_dir} holds this compile's input {path}", "write the artifact somewhere else")
+    if out_dir.is_dir():
+        foreign = _foreign_entry(out_dir)
+        if foreign is not None:
+            raise UserError(f"output folder {out_dir} is not empty and is not an edgeq artifact (it holds "
+                            f"{foreign!r})", "pass a new or empty folder with -o")
 
 
 def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -43,23 +76,27 @@ def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
 class ArtifactWriter:
     """Collects files in a temporary folder; :meth:`publish` moves them into ``out_dir`` at once."""
 
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, inputs: tuple[Path, ...] = ()):
         self.out_dir = Path(out_dir)
-        check_output_dir(self.out_dir)
+        check_output_dir(self.out_dir, inputs)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        self._prefix = f".{self.out_dir.name}."
+        scratch.sweep(self.out_dir.parent, self._prefix)
+        self.tmp = scratch.make_dir(self.out_dir.parent, self._prefix)
 
     def path(self, name: str) -> Path:
         return self.tmp / name
 
     def publish(self, manifest: dict) -> Path:
+        manifest = manifest | {"files": sorted({p.name for p in self.tmp.iterdir()} | {MANIFEST})}
         text = json.dumps(_finite(manifest), indent=2, sort_keys=True, default=_jsonable)
         self.path(MANIFEST).write_text(text + "\n")
         _apply_umask(self.tmp)  # mkdtemp makes the folder private; an artifact gets the usual permissions
         backup = None
         if self.out_dir.exists():
-            backup = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, backup)
+            check_output_dir(self.out_dir)  # still an artifact (nothing was added while we worked)
+            backup = scratch.make_dir(self.out_dir.parent, self._prefix, "old")
+            os.replace(self.out_dir, backup / "artifact")
         os.replace(self.tmp, self.out_dir)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)

@@ -7,12 +7,12 @@ the same interleaved run when the target is local.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import onnx_ir as ir
 
+from edgeq import scratch
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import UserError
 from edgeq.model_io import load_proto
@@ -47,7 +47,7 @@ def _bench_tvm(paths: list[Path], target: Target, feed: dict, repeats: int, cach
     folder = tvm_tuning.database_dir(cache_dir, target) if cache_dir else None
     database = tvm_tuning.open_database(folder) if folder and folder.is_dir() else None
     runtime = TvmRuntime(target, database, feed)
-    with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as work:
+    with scratch.scratch_dir("bench") as work:
         libraries = {}
         for index, path in enumerate(paths):
             (Path(work) / str(index)).mkdir()

@@ -12,7 +12,6 @@ Rules:
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import onnx_ir.external_data
 from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
 from edgeq.errors import UserError
+from edgeq import scratch
 from edgeq.model_io import save_model
 from edgeq.user_code import load_callable
 
@@ -76,7 +76,7 @@ def export_module(module, inputs: list[tuple[str, list[int], str]], out_path: st
     example = tuple(example)
     dynamic = tuple({0: torch.export.Dim("batch")} for _ in inputs) if dynamic_batch else None
     out_path = Path(out_path)
-    with tempfile.TemporaryDirectory(prefix="edgeq-export-") as tmp, warnings.catch_warnings():
+    with scratch.scratch_dir("export") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():

@@ -7,6 +7,12 @@ while losing most detections), so every output is reported on its own, and outpu
 - for class-like outputs ([batch, classes]): top-1 agreement and top-5 overlap with the reference;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
+Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
+where the reference is finite has failed (``nonfinite`` counts them; its SQNR is −inf and its cosine 0), however
+close the rest is; non-finite values of the reference itself are counted (``reference_nonfinite``).
+Outputs whose channel count changes from feed to feed (variable length) report no per-channel figures.
+A metric that raises, or returns something other than a finite number, is a :class:`UserError`.
+
 Accumulation is streaming (sums per feed), except that outputs are kept when a user metric needs them.
 """
 
@@ -17,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgeq.errors import UserError, first_line
 from edgeq.user_code import load_callable
 
 MAX_GROUPS = 4096
@@ -43,9 +50,22 @@ class _OutputStats:
     topk: float = 0.0
     class_like: bool = False
     group: dict = field(default_factory=dict)
+    grouped: bool = True  # False once the channel count changed between feeds
+    nonfinite: int = 0
+    reference_nonfinite: int = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if ref.shape != test.shape:
+            self.nonfinite += max(ref.size, test.size)  # a candidate of another shape is broken outright
+            return
         ref64, test64 = ref.astype(np.float64), test.astype(np.float64)
+        ref_ok, test_ok = np.isfinite(ref64), np.isfinite(test64)
+        if not (ref_ok.all() and test_ok.all()):
+            self.reference_nonfinite += int(ref.size - ref_ok.sum())
+            self.nonfinite += int((ref_ok & ~test_ok).sum())
+            both = ref_ok & test_ok
+            ref64, test64 = np.where(both, ref64, 0.0), np.where(both, test64, 0.0)
+            ref, test = ref64, test64
         err = ref64 - test64
         self.dot += float((ref64 * test64).sum())
         self.ref_sq += float((ref64 ** 2).sum())
@@ -60,7 +80,9 @@ class _OutputStats:
             ref_top = np.argsort(-ref, axis=1)[:, :k]
             test_top = np.argsort(-test, axis=1)[:, :k]
             self.topk += float(sum(len(set(a) & set(b)) / k for a, b in zip(ref_top, test_top)))
-        if ref.ndim >= 2 and 2 <= ref.shape[1] <= MAX_GROUPS:
+        if self.group and len(self.group["dot"]) != (ref.shape[1] if ref.ndim >= 2 else 0):
+            self.grouped, self.group = False, {}
+        if self.grouped and ref.ndim >= 2 and 2 <= ref.shape[1] <= MAX_GROUPS:
             axes = tuple(i for i in range(ref.ndim) if i != 1)
             for key, part in (("dot", ref64 * test64), ("ref_sq", ref64 ** 2), ("test_sq", test64 ** 2),
                               ("err_sq", err ** 2)):
@@ -76,6 +98,12 @@ class _OutputStats:
         if self.class_like and self.rows:
             out["top1_agreement"] = self.top1 / self.rows
             out[f"top{TOPK}_overlap"] = self.topk / self.rows
+        if self.reference_nonfinite:
+            out["reference_nonfinite"] = self.reference_nonfinite
+        if self.nonfinite:
+            out |= {"nonfinite": self.nonfinite, "sqnr_db": float("-inf"), "cosine": 0.0}
+            if "top1_agreement" in out:
+                out["top1_agreement"] = 0.0
         if self.group:
             g = self.group
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -118,12 +146,32 @@ class FidelityMeter:
             self.feeds.append(feed)
 
     def summary(self, metric: MetricFn | None = None) -> dict:
-        result = {"feeds": self.count, "outputs": {n: s.summary() for n, s in self.stats.items() if s.ref_sq or s.err_sq}}
+        outputs = {n: s.summary() for n, s in self.stats.items() if s.ref_sq or s.err_sq or s.nonfinite}
+        result = {"feeds": self.count, "outputs": outputs,
+                  "nonfinite_outputs": sorted(n for n, o in outputs.items() if o.get("nonfinite"))}
         if metric is not None:
-            ref_value = float(metric(self.ref_outputs, self.feeds))
-            test_value = float(metric(self.test_outputs, self.feeds))
+            ref_value = _call_metric(metric, self.ref_outputs, self.feeds)
+            test_value = _call_metric(metric, self.test_outputs, self.feeds)
             result["metric"] = {"float": ref_value, "candidate": test_value, "drop": ref_value - test_value}
         return result
+
+
+def _call_metric(metric: MetricFn, outputs: list[dict], feeds: list) -> float:
+    name = getattr(metric, "__name__", "the metric")
+    try:
+        raw = metric(outputs, feeds)
+    except Exception as exc:  # noqa: BLE001 — user code: any failure is theirs to fix
+        raise UserError(f"--metric {name} raised {type(exc).__name__}: {first_line(exc) or 'no message'}",
+                        "fix the metric: it gets fn(outputs, feeds), outputs a list of {output name: array} per "
+                        "feed, feeds with .inputs and .extras (arrays in the feed files that are not inputs)") from None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not np.isfinite(value):
+        raise UserError(f"--metric {name} returned {str(raw)[:60]!r}, not a finite number",
+                        "return a float, higher is better")
+    return value
 
 
 def accuracy_drop(summary: dict) -> float:

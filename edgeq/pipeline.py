@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ContextManager, Protocol
 
 
+from edgeq import scratch
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
@@ -100,6 +100,12 @@ class CompileRequest:
     measure: bool = True
     keep_float: tuple[str, ...] = ()  # replay of earlier no-slowdown decisions
 
+    @property
+    def input_paths(self) -> tuple[Path, ...]:
+        """The files and folders this compile reads (``-o`` must not hold them)."""
+        metric_file = self.metric.rpartition(":")[0] if self.metric and ".py:" in self.metric else None
+        return tuple(Path(p) for p in (self.model, self.calib, self.eval, metric_file) if p)
+
 
 @dataclass
 class _Build:
@@ -120,7 +126,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         return compile_tvm(request, reporter)
     require_sparse_kernels(request.target, request.recipe)
     metric = load_metric(request.metric) if request.metric else None
-    with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-") as work:
+    scratch.sweep()
+    with ArtifactWriter(request.out_dir, request.input_paths) as writer, scratch.scratch_dir("compile") as work:
         run = _Compilation(request, reporter, Path(work), metric)
         run.prepare()
         run.choose_op_set()
@@ -130,6 +137,11 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             run.guard_speed()
         with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
             fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+            if run.delivered != "float" and fidelity["nonfinite_outputs"]:
+                run.delivered = "float"
+                run.reason = (f"the quantized build output NaN or Inf where float does not (output "
+                              f"{', '.join(fidelity['nonfinite_outputs'])}): a broken model is never delivered")
+                fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
         caveat = request.target.int8_caveat_here() if run.delivered != "float" else ""
         if caveat:
             fidelity["caveat"] = caveat

@@ -6,6 +6,7 @@ and ``Recipe.from_dict`` reads it back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from edgeq.errors import UserError
@@ -103,8 +104,13 @@ class Recipe:
             raise UserError("--scheme mixed with --sparsity 2:4 is not supported yet",
                             "compile with one of the two")
         for name in ("latency_ms", "size_mb"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive", "e.g. 10")
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number (got {value})", "e.g. 10")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise UserError(f"--max-drop must be a number ≥ 0 (got {self.max_drop})", "e.g. 0.01 or 1%")
+        if self.latency_repeats < 1 or self.latency_warmup < 0:
+            raise UserError("--repeats must be at least 1", "e.g. 50")
         if self.method not in CALIBRATION_METHODS:
             raise UserError(f"unknown calibration method '{self.method}'", f"use one of {CALIBRATION_METHODS}")
         if not 50.0 < self.percentile <= 100.0:

@@ -20,11 +20,11 @@ Rules:
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from edgeq import scratch
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
@@ -47,8 +47,7 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
     if recipe.tune_trials and not can_run:  # candidates are timed where the library runs
         raise UserError(f"cannot tune {target.name} here: {why_not}",
                         "tune on the device (--device rpc://TRACKER_HOST:PORT/KEY), or drop --tune-trials")
-    with ArtifactWriter(request.out_dir) as writer, tempfile.TemporaryDirectory(prefix="edgeq-tvm-") as work:
-        work = Path(work)
+    with ArtifactWriter(request.out_dir, request.input_paths) as writer, scratch.scratch_dir("tvm") as work:
         with reporter.stage("load"):
             model = load_model(request.model)
             refuse_quantized(Path(request.model).name, quantized_ops_in(model))

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from edgeq import scratch
 from edgeq.model_io import save_model
 from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
 from edgeq.target import Target
@@ -56,7 +56,7 @@ def run_exposing(proto: onnx.ModelProto, names: list[str], feeds: Iterable[Mappi
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    with tempfile.TemporaryDirectory(prefix="edgeq-expose-") as tmp:
+    with scratch.scratch_dir("expose") as tmp:
         path = save_model(proto, Path(tmp) / "exposed.onnx")
         del proto
         session = create_session(path, intra_op_threads=intra_op_threads)
@@ -103,18 +103,14 @@ class OnnxRuntime:
         return _OrtSession(self._session(model_path))
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
-        prefix = str(Path(model_path).with_suffix("")) + "-profile"
-        session = self._session(model_path, profile_prefix=prefix)
-        for _ in range(3):
-            session.run(None, dict(feeds))
-        # ORT's profiler records every run since creation; warm-up runs are counted, so run a fixed total.
-        for _ in range(runs):
-            session.run(None, dict(feeds))
-        trace = session.end_profiling()
-        try:
-            events = json.loads(Path(trace).read_text())
-        finally:
-            Path(trace).unlink(missing_ok=True)
+        with scratch.scratch_dir("profile") as folder:  # never beside the model: its folder may be read-only
+            session = self._session(model_path, profile_prefix=str(folder / "profile"))
+            for _ in range(3):
+                session.run(None, dict(feeds))
+            # ORT's profiler records every run since creation; warm-up runs are counted, so run a fixed total.
+            for _ in range(runs):
+                session.run(None, dict(feeds))
+            events = json.loads(Path(session.end_profiling()).read_text())
         graph = onnx.load(str(model_path), load_external_data=False).graph
         makers = {value: node.name for node in graph.node for value in node.output}
         total: dict[tuple[str, str], float] = defaultdict(float)

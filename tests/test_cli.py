@@ -255,11 +255,46 @@ def test_a_measured_build_replays_byte_for_byte_from_its_manifest(tmp_path):
     assert (first / "model.onnx").read_bytes() == (again / "model.onnx").read_bytes()
 
 
-def test_an_earlier_artifact_is_replaced_whole(tmp_path, conv_onnx, conv_feeds):
+def test_an_earlier_artifact_is_replaced_whole_and_a_foreign_file_is_never_wiped(tmp_path, conv_onnx, conv_feeds):
     out = tmp_path / "art"
     assert run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure")).exit_code == 0
-    (out / "stale.txt").write_text("from an earlier build")
+    assert json.loads((out / "manifest.json").read_text())["files"] == ["manifest.json", "model.onnx"]
     assert run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure", "--method", "minmax")).exit_code == 0
-    assert not (out / "stale.txt").exists()
     assert json.loads((out / "manifest.json").read_text())["recipe"]["method"] == "minmax"
+    (out / "notes.txt").write_text("the user's own file")
+    result = run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure"))
+    assert result.exit_code == 2 and "notes.txt" in result.output and (out / "notes.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art")) == []
+
+
+@pytest.mark.parametrize("case", ["manifest only", "inputs inside", "symlink", "not edgeq json"])
+def test_output_folders_edgeq_must_not_replace(tmp_path, conv_onnx, conv_feeds, case):
+    out = tmp_path / "out"
+    out.mkdir()
+    model, feeds = conv_onnx, conv_feeds
+    if case == "manifest only":  # any folder with a manifest.json used to be wiped whole
+        (out / "manifest.json").write_text("{}")
+        (out / "data.csv").write_text("1,2,3")
+    elif case == "inputs inside":
+        model = out / "conv.onnx"
+        shutil.copy(conv_onnx, model)
+        (out / "manifest.json").write_text(json.dumps({"edgeq": "artifact/1", "files": ["conv.onnx"]}))
+    elif case == "symlink":
+        out.rmdir()
+        (tmp_path / "real").mkdir()
+        out.symlink_to(tmp_path / "real")
+    else:
+        (out / "manifest.json").write_text(json.dumps({"name": "someone else's"}))
+    before = sorted(p.name for p in out.iterdir())
+    result = run(*compile_args(model, feeds, out, "--no-measure"))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_stale_temporary_folders_of_dead_processes_are_swept(tmp_path, conv_onnx, conv_feeds):
+    dead = tmp_path / ".art.edgeq-999999999-abc"  # a pid no process has
+    dead.mkdir()
+    (dead / "model.onnx").write_text("half written")
+    assert run(*compile_args(conv_onnx, conv_feeds, tmp_path / "art", "--no-measure")).exit_code == 0
+    assert not dead.exists()

@@ -48,13 +48,13 @@ from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, compare_models, load_metric
 from edgeq.mixed import report
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
-from edgeq.model_check import CHECK_FEEDS, normalize_checked
+from edgeq.model_check import CHECK_FEEDS, check_same_function, load_in_onnxruntime, normalize_checked, run_feeds
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
-from edgeq.passes.convert_opset import default_opset
+from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
-from edgeq.passes.insert_qdq import InsertQDQPass
+from edgeq.passes.insert_qdq import WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass
 from edgeq.recipe import Recipe
 from edgeq.runtimes import tensorrt
 from edgeq.runtimes.base import NodeTime, cost_by_node
@@ -185,6 +185,7 @@ class _Compilation:
         self.profiles: dict[str, dict[str, float]] = {}
         self.delivered, self.reason = "int8", ""
         self.mixed: SearchResult | None = None
+        self._wide = None  # the model at WIDE_OPSET, made when an int4/int16 build first needs it
 
     def prepare(self) -> None:
         """Load, normalize (checked against the original in ONNX Runtime), mark exclusions, [prune to 2:4],
@@ -196,10 +197,10 @@ class _Compilation:
             source_opset = default_opset(model)
         self.calib, self.holdout, self.data_info = _calibration_sets(self.request, input_specs(model))
         with self.reporter.stage("normalize"):
-            check_feeds = [f.inputs for f in itertools.islice(self.calib, CHECK_FEEDS)]
+            self.check_feeds = [f.inputs for f in itertools.islice(self.calib, CHECK_FEEDS)]
             self.float_path = _fresh_dir(self.work / "float") / MODEL
             self.normalize_check = {"opset": [source_opset, default_opset(model)]} | normalize_checked(
-                model, self.request.model, check_feeds, self.float_path)
+                model, self.request.model, self.check_feeds, self.float_path)
             self.normalized_digest = normalized_digest = model_digest(model)
         self.feed = next(iter(self.holdout)).inputs
         ExcludePass(self.recipe.exclude)(model)
@@ -226,13 +227,27 @@ class _Compilation:
                         activation_matmuls=ACT_MATMUL in optional_ops)
 
         def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None) -> _Build:
-            candidate = self.model.clone()
+            wide = precisions and any(p in WIDE_OPSET_PRECISIONS for p in precisions.values())
+            candidate = (self._model_at_wide_opset() if wide else self.model).clone()
             insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float, precisions,
                                    self.target.precisions.int4_block_size)
             insert(candidate)
             folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build
+
+    def _model_at_wide_opset(self):
+        """The calibrated model converted (once, and checked in ONNX Runtime) to the opset int4 and int16 Q/DQ
+        need: converted by the one converter, never relabelled."""
+        if self._wide is None:
+            model = self.model.clone()
+            ConvertOpsetPass(WIDE_OPSET)(model)
+            path = save_model(model, _fresh_dir(self.work / f"opset{WIDE_OPSET}") / MODEL)
+            reference = run_feeds(load_in_onnxruntime(self.float_path), self.check_feeds)
+            check_same_function(self.float_path, path, self.check_feeds, reference,
+                                f"converting the model to opset {WIDE_OPSET}")
+            self._wide = model
+        return self._wide
 
     def choose_op_set(self) -> None:
         present = {n.op_type for n in self.model.graph}

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from edgeq.passes.convert_opset import default_opset
 from edgeq.passes.exclude import EXCLUDE_KEY
 from onnx_ir.passes import common
 
@@ -47,7 +48,10 @@ WIDE = {"uint8": "uint16", "int8": "int16"}  # the 16-bit activations of an "int
 _SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
 
-INT4_OPSET = 21  # blocked DequantizeLinear, the 4-bit types, and 16-bit Quantize/DequantizeLinear
+# Blocked DequantizeLinear, the 4-bit types and 16-bit Quantize/DequantizeLinear need this opset: a model
+# given int4 or int16 precisions must have been converted to it (edgeq.passes.convert_opset), never relabelled.
+WIDE_OPSET = 21
+WIDE_OPSET_PRECISIONS = ("int4", "int16")
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         quantized = False
         for graph, prefix in (*_subgraphs_named(model.graph), (model.graph, "")):  # each graph on its own
             quantized |= self._quantize_graph(graph, prefix)
-        if any(d.precision in ("int4", "int16") for d in self.decisions.values()):
-            model.opset_imports[""] = max(model.opset_imports.get("", INT4_OPSET), INT4_OPSET)
+        if any(d.precision in WIDE_OPSET_PRECISIONS for d in self.decisions.values()) and \
+                default_opset(model) < WIDE_OPSET:
+            raise ValueError(f"int4/int16 Q/DQ needs opset {WIDE_OPSET}; convert the model first")
         self._count_subgraph_compute(model.graph)
         common.TopologicalSortPass()(model)
         common.RemoveUnusedNodesPass()(model)

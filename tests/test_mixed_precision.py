@@ -18,6 +18,7 @@ from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs
 from edgeq.mixed.groups import Group, layer_groups
 from edgeq.mixed.sensitivity import Sensitivity, output_nsr
+from edgeq.passes.convert_opset import ConvertOpsetPass
 from edgeq.passes.insert_qdq import InsertQDQPass, int4_blockwise
 from edgeq.recipe import Recipe
 from edgeq.runtimes.onnxruntime import OnnxRuntime
@@ -75,6 +76,7 @@ def test_int4_blockwise_is_exact_for_zeros_and_within_half_a_step():
 def test_per_node_precisions_build_a_model_ort_runs(tmp_path):
     proto = mlp_model()
     model = ir.serde.deserialize_model(proto)
+    ConvertOpsetPass(21)(model)  # int4 Q/DQ needs opset 21: converted, never relabelled
     insert = InsertQDQPass(TARGET.quantization, ranges_for(proto),
                            precisions={"mm1": "int4", "mm2": "float", "mm4": "fp16"}, int4_block_size=32)
     insert(model)
@@ -320,6 +322,7 @@ def test_int16_activations_are_wider_and_more_accurate_than_int8(tmp_path):
     errors = {}
     for precision in ("int8", "int16"):
         model = ir.serde.deserialize_model(proto)
+        ConvertOpsetPass(21)(model)
         everything_float = {n: "float" for n in ("mm1", "mm2", "mm4")}
         insert = InsertQDQPass(FULL_RANGE_RULES, ranges_for(proto), precisions=everything_float | {"mm3": precision})
         insert(model)
@@ -349,3 +352,34 @@ def test_measurement_rejects_int16_where_the_target_has_no_16_bit_kernels(tmp_pa
         assert g["nsr"]["int16"] < g["nsr"]["int8"]
         # ORT's CPU EP has no 16-bit kernels (float plus conversions): int8 is faster wherever the budget allows it
         assert g["precision"] != "int16"
+
+
+def test_int4_builds_of_an_opset_17_model_convert_attribute_axes(tmp_path):
+    """A legacy-export LayerNorm (ReduceMean with an axes attribute, opset 17) before int4 MatMuls: the int4
+    builds need opset 21, where axes is an input. The model is converted, not relabelled, so every candidate
+    loads in ONNX Runtime."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], keepdims=1, name="ln_mean"),
+             helper.make_node("Sub", ["x", "mean"], ["centered"], name="ln_sub"),
+             helper.make_node("MatMul", ["centered", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.2, n) for n in ("w1", "w2")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 64])], inits, opset=17)
+    onnx.save(proto, tmp_path / "ln.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(12):
+        np.savez(feeds / f"{i}.npz", x=rng.standard_normal((1, 16, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    result = run("compile", tmp_path / "ln.onnx", "-t", HOST_X86, "--calib", feeds, "-o", out, "--scheme", "mixed",
+                 "--size-mb", "0.007", "--no-measure")
+    assert result.exit_code in (0, 3), result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mixed"]["chosen"]["precisions"].get("int4", 0) >= 1
+    delivered = onnx.load(str(out / "model.onnx"))
+    assert {o.domain or "": o.version for o in delivered.opset_import}[""] == 21
+    reduce = next(n for n in delivered.graph.node if n.op_type == "ReduceMean")
+    assert not [a for a in reduce.attribute if a.name == "axes"] and len(reduce.input) == 2
+    ort.InferenceSession(str(out / "model.onnx"))

@@ -8,7 +8,7 @@ Rules, in order:
 3. ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too.
 4. onnxscript's optimizer folds constants, fuses BatchNorm into Conv/Gemm, removes no-op and Identity nodes
-   and dead code; onnx_ir's shape inference then types every intermediate value.
+   (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value.
 5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
    ``Flatten`` when ``keepdims=0``): the same numbers, but an op with an integer kernel that follows ONNX
    Runtime's channels-last layout (a ReduceMean there costs several times more than in the float model).
@@ -61,18 +61,21 @@ class NormalizePass(ir.passes.InPlacePass):
             ConvertOpsetPass(MIN_OPSET)(model)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
         onnxscript.optimizer.optimize_ir(model)
+        # Before any pass that counts only node uses: a node whose output a subgraph returns directly has no
+        # node use and would be removed as dead. (onnx_ir's IdentityEliminationPass is not run for the same
+        # reason: it folds a branch's Identity of an outer value into that value; the optimizer above removes
+        # the Identity nodes it can remove safely.)
+        for graph in list(model.graph.subgraphs()):
+            _own_outputs(graph)
         common.ShapeInferencePass()(model)
         _spatial_means_to_global_pool(model.graph)
         ir.passes.PassManager([
-            common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.ShapeInferencePass(),
             common.TopologicalSortPass(),
             common.NameFixPass(),
             common.OutputFixPass(),
         ])(model)
-        for graph in list(model.graph.subgraphs()):
-            _own_outputs(graph)
         return ir.passes.PassResult(model, modified=True)
 
 

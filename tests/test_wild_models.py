@@ -1,0 +1,250 @@
+"""Tiny reproductions of what real exporters write (torch's two exporters, tf2onnx, paddle2onnx) and of each
+failure class found on real models: every one compiles, and its artifact loads in ONNX Runtime and computes
+close to the original."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_model
+from edgeq.cli import main
+
+F = TensorProto.FLOAT
+RNG = np.random.default_rng(0)
+
+
+def _w(name, shape, scale=0.3):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _feeds(folder, count, make):
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        np.savez(folder / f"{i:03d}.npz", **make(rng, i))
+    return folder
+
+
+def _compile(tmp_path, proto, feeds, *extra, target="x86-64"):
+    model = tmp_path / "model.onnx"
+    onnx.save(proto, model)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(model), "-t", target, "--calib", str(feeds), "-o", str(out),
+                                       "--no-measure", *extra])
+    assert "Traceback" not in result.output
+    return result, out
+
+
+def _close_to_original(proto, out, feeds, tolerance=0.1):
+    """The artifact loads, and on every feed each output's error norm is within ``tolerance`` of its norm."""
+    ref = ort.InferenceSession(proto.SerializeToString())
+    got = ort.InferenceSession(str(out / "model.onnx"))
+    for path in sorted(feeds.iterdir()):
+        with np.load(path) as archive:
+            feed = {k: archive[k] for k in archive.files if k in {i.name for i in ref.get_inputs()}}
+        for r, g in zip(ref.run(None, feed), got.run(None, feed)):
+            assert np.linalg.norm(r - g) <= tolerance * max(np.linalg.norm(r), 1e-6)
+
+
+# --- control flow as exporters write it ---------------------------------------------------------------------
+
+def _branch(name, nodes, output):
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, F, None)])
+
+
+def _if_returning_outer_values():
+    """then: MatMul inside; else: an Identity of an outer value (tf2onnx/torch write these; the optimizer
+    drops the Identity, and ORT refuses a branch that returns an outer value directly) — and a second If whose
+    branches return an initializer and a graph input the same way."""
+    then = _branch("then", [helper.make_node("MatMul", ["x", "w"], ["t_mm"], name="then_mm"),
+                            helper.make_node("Relu", ["t_mm"], ["t_out"], name="then_relu")], "t_out")
+    other = _branch("else", [helper.make_node("Identity", ["h"], ["e_out"], name="else_id")], "e_out")
+    init = _branch("init_branch", [helper.make_node("Identity", ["bias"], ["i_out"], name="init_id")], "i_out")
+    inp = _branch("input_branch", [helper.make_node("Identity", ["x"], ["x_out"], name="input_id")], "x_out")
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="pre_mm"),
+             helper.make_node("If", ["c"], ["y1"], then_branch=then, else_branch=other, name="if1"),
+             helper.make_node("If", ["c"], ["y2"], then_branch=init, else_branch=inp, name="if2"),
+             helper.make_node("Add", ["y1", "y2"], ["y"], name="add")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 8]),
+                              helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                      [helper.make_tensor_value_info("y", F, [1, 8])],
+                      [_w("w", (8, 8)), _w("w0", (8, 8)), _w("bias", (1, 8))], opset=13)
+
+
+def _nested_if_and_if_in_loop():
+    """A nested If (its inner branches read a value of the outer branch and of the main graph, the same value
+    in several graphs), and an If inside a Loop body (a scripted-RNN-style loop with a branch per step)."""
+    inner_then = _branch("inner_then", [helper.make_node("MatMul", ["o_mm", "w"], ["it"], name="inner_mm")], "it")
+    inner_else = _branch("inner_else", [helper.make_node("MatMul", ["x", "w"], ["ie"], name="inner_mm_x")], "ie")
+    outer_then = _branch("outer_then", [
+        helper.make_node("MatMul", ["x", "w"], ["o_mm"], name="outer_mm"),
+        helper.make_node("If", ["c2"], ["o_if"], then_branch=inner_then, else_branch=inner_else, name="inner_if")],
+        "o_if")
+    outer_else = _branch("outer_else", [helper.make_node("Relu", ["x"], ["o_relu"], name="outer_relu")], "o_relu")
+    step_then = _branch("step_then", [helper.make_node("MatMul", ["h_in", "w"], ["s_mm"], name="step_mm")], "s_mm")
+    step_else = _branch("step_else", [helper.make_node("Neg", ["h_in"], ["s_neg"], name="step_neg")], "s_neg")
+    body = helper.make_graph(
+        [helper.make_node("If", ["c"], ["h_step"], then_branch=step_then, else_branch=step_else, name="step_if"),
+         helper.make_node("Tanh", ["h_step"], ["h_out"], name="step_tanh"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", F, [1, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", F, [1, 8])])
+    nodes = [helper.make_node("If", ["c"], ["a"], then_branch=outer_then, else_branch=outer_else, name="outer_if"),
+             helper.make_node("Loop", ["n", "", "a"], ["y"], body=body, name="loop")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 8]),
+                              helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("c2", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+                      [helper.make_tensor_value_info("y", F, [1, 8])], [_w("w", (8, 8))], opset=13)
+
+
+@pytest.mark.parametrize("build", [_if_returning_outer_values, _nested_if_and_if_in_loop])
+def test_control_flow_as_exporters_write_it(tmp_path, build):
+    proto = build()
+    feeds = _feeds(tmp_path / "feeds", 12, lambda rng, i: {
+        "x": rng.standard_normal((1, 8)).astype(np.float32), "c": np.array(i % 3 != 0), "c2": np.array(i % 2 == 0),
+        "n": np.array(3)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    decisions = manifest["quantization"]["decisions"]
+    subgraph_mms = [n for n, d in decisions.items() if d["op_type"] == "MatMul" and n != "pre_mm"]
+    assert subgraph_mms and all(decisions[n]["quantized"] for n in subgraph_mms), decisions
+    assert manifest["calibration"]["subgraphs"]["observed"] == "all subgraphs"
+    _close_to_original(proto, out, feeds)
+
+
+def test_torch_cond_and_a_scripted_loop_as_torch_exports_them(tmp_path):
+    """torch.cond through the dynamo exporter (an If whose branches are local functions, inlined) and a
+    data-dependent loop scripted and exported by the legacy exporter (a Loop)."""
+    import torch
+
+    class Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda t: torch.relu(self.a(t)), lambda t: self.b(t) * 2.0, (x,))
+
+    class Steps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = torch.nn.Linear(8, 8)
+
+        def forward(self, x, n: int):
+            for _ in range(n):
+                x = torch.tanh(self.cell(x))
+            return x
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8)
+    cond_path, loop_path = tmp_path / "cond.onnx", tmp_path / "loop.onnx"
+    torch.onnx.export(Cond().eval(), (x,), str(cond_path), dynamo=True)
+    torch.onnx.export(torch.jit.script(Steps().eval()), (x, 3), str(loop_path), dynamo=False,
+                      input_names=["x", "n"])
+    for path, make in ((cond_path, lambda rng, i: {"x": (rng.standard_normal((1, 8)) + (i % 2 - 0.5)).astype(
+            np.float32)}), (loop_path, lambda rng, i: {"x": rng.standard_normal((1, 8)).astype(np.float32),
+                                                       "n": np.array(2 + i % 3)})):
+        proto = onnx.load(str(path))
+        assert {n.op_type for n in proto.graph.node} & {"If", "Loop"}
+        case = tmp_path / path.stem
+        case.mkdir()
+        feeds = _feeds(case / "feeds", 12, make)
+        result, out = _compile(case, proto, feeds)
+        assert result.exit_code == 0, result.output
+        decisions = json.loads((out / "manifest.json").read_text())["quantization"]["decisions"]
+        inner = [d for d in decisions.values() if d["op_type"] in ("Gemm", "MatMul")]
+        assert inner and all(d["quantized"] for d in inner), decisions
+        _close_to_original(proto, out, feeds)
+
+
+# --- shapes and values as found in the wild -------------------------------------------------------------------
+
+def _paddle_style():
+    """paddle2onnx: dynamic dims written as -1, every weight in a Constant node, no initializers."""
+    weight = helper.make_node("Constant", [], ["conv_w"], value=_w("cw", (8, 3, 3, 3)), name="const_w")
+    bias = helper.make_node("Constant", [], ["conv_b"], value=_w("cb", (8,), 0.1), name="const_b")
+    nodes = [weight, bias, helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "paddle", [helper.make_tensor_value_info("x", F, [-1, 3, -1, -1])],
+                              [helper.make_tensor_value_info("y", F, [-1, 8, -1, -1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
+
+
+def test_minus_one_dims_and_constant_weights_accept_every_real_feed(tmp_path):
+    proto = _paddle_style()
+    feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((1, 3, 12, 20)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["decisions"]["conv"]["quantized"]
+    assert manifest["normalize"]["opset"] == [11, 13]
+    _close_to_original(proto, out, feeds)
+
+
+def test_dims_that_differ_per_feed(tmp_path):
+    """Variable text length: [1, T, 16] with T changing from feed to feed."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, "T", 16])],
+                       [helper.make_tensor_value_info("y", F, [1, "T", 4])], [_w("w1", (16, 32)), _w("w2", (32, 4))])
+    feeds = _feeds(tmp_path / "feeds", 12, lambda rng, i: {"x": rng.standard_normal((1, 3 + i, 16)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    _close_to_original(proto, out, feeds)
+
+
+def test_non_finite_activations_are_skipped_counted_and_left_float(tmp_path):
+    """A spectrogram-style front end: log of a power that is often exactly zero (−inf, observed where Relu
+    reads it) before a MatMul, and a log of a power that is always zero."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["p"], name="mm"),
+             helper.make_node("Relu", ["p"], ["power"], name="relu"),
+             helper.make_node("Log", ["power"], ["logp"], name="log"),
+             helper.make_node("Relu", ["logp"], ["positive_log"], name="relu_log"),
+             helper.make_node("MatMul", ["positive_log", "w2"], ["y"], name="mm2"),
+             helper.make_node("Mul", ["power", "zero"], ["nothing"], name="zeroed"),
+             helper.make_node("Log", ["nothing"], ["all_inf"], name="log_zero"),
+             helper.make_node("MatMul", ["all_inf", "w2"], ["z"], name="mm_inf")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 16])],
+                       [helper.make_tensor_value_info("y", F, [1, 16]), helper.make_tensor_value_info("z", F, [1, 16])],
+                       [_w("w", (16, 16)), _w("w2", (16, 16)), numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    feeds = _feeds(tmp_path / "feeds", 12, lambda rng, i: {"x": rng.standard_normal((1, 16)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    nonfinite = manifest["calibration"]["nonfinite"]
+    assert "logp" in nonfinite and nonfinite["logp"]["finite"] > 0
+    assert nonfinite["all_inf"]["finite"] == 0
+    decisions = manifest["quantization"]["decisions"]
+    assert decisions["mm2"]["quantized"] and not decisions["mm_inf"]["quantized"]
+
+
+def test_a_build_that_outputs_non_finite_values_is_never_delivered(tmp_path):
+    """log of a MatMul output that is positive but tiny in one column: in int8 it rounds to exactly 0, and
+    log(0) = −inf."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Log", ["h"], ["y"], name="log")]
+    weight = np.abs(RNG.standard_normal((16, 16))).astype(np.float32) * 0.5
+    weight[:, 0] = 1e-5
+    w = numpy_helper.from_array(weight, "w")
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 16])],
+                       [helper.make_tensor_value_info("y", F, [1, 16])], [w])
+    feeds = _feeds(tmp_path / "feeds", 12, lambda rng, i: {
+        "x": (rng.random((1, 16)) + 0.1).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["delivered"]["precision"] == "float"
+    assert "NaN or Inf" in manifest["delivered"]["reason"]
+    x = np.full((1, 16), 0.5, np.float32)
+    assert np.isfinite(ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x})[0]).all()

@@ -52,6 +52,9 @@ def check_output_dir(out_dir: Path, inputs: tuple[Path, ...] = ()) -> None:
         raise UserError(f"output path {out_dir} is a symbolic link", "pass the real folder path with -o")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} is a file", "pass a folder path with -o")
+    blocking = next((p for p in out_dir.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"output path {out_dir} is inside {blocking}, which is a file", "pass a folder path with -o")
     resolved = out_dir.resolve()
     for path in inputs:
         inside = Path(path).resolve()

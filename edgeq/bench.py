@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import onnx_ir as ir
 
 from edgeq import scratch
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import UserError
-from edgeq.model_io import load_proto
+from edgeq.model_check import load_in_onnxruntime, run_feeds
+from edgeq.model_io import load_model, load_proto
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target
 
@@ -26,11 +26,13 @@ def bench_models(model: Path, target: Target, feeds: Path | None, compare: Path 
     if not ok:
         raise UserError(f"cannot measure {target.name} here: {why}", "run edgeq bench on the device itself")
     paths = [Path(model)] + ([Path(compare)] if compare else [])
-    specs = input_specs(ir.from_proto(load_proto(model)))
+    specs = input_specs(load_model(model))
     for other in paths[1:]:
         load_proto(other)
     data = CalibrationData.from_path(feeds, specs) if feeds else CalibrationData.random(specs, count=1)
     feed = next(iter(data)).inputs
+    for path in paths:  # a model ONNX Runtime cannot load or run on this feed is the user's to fix
+        run_feeds(load_in_onnxruntime(path), [feed], f"model {path.name}")
     report = {"target": target.name, "runtime": runtime, "random_inputs": feeds is None}
     if runtime == "tvm":
         return report | _bench_tvm(paths, target, feed, repeats, cache_dir)

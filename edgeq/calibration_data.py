@@ -55,7 +55,11 @@ def input_specs(model) -> list[InputSpec]:
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
-        dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+        try:
+            dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+        except TypeError:
+            raise UserError(f"model input '{value.name}' has no usable element type ({value.dtype})",
+                            "declare the input's type (float32, int64, …) in the model") from None
         shape = None if value.shape is None else tuple(d if isinstance(d, int) and d > 0 else None
                                                        for d in value.shape)
         specs.append(InputSpec(value.name, dtype, shape))

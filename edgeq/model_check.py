@@ -40,8 +40,8 @@ def run_feeds(session: ort.InferenceSession, feeds: list[dict], what: str = "the
         try:
             outputs.append(session.run(None, feed))
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{what} fails in onnxruntime {ort.__version__} on calibration feed {index} "
-                            f"({first_line(exc)})", "check the feeds against what the model expects") from None
+            raise UserError(f"{what} fails in onnxruntime {ort.__version__} on feed {index} ({first_line(exc)})",
+                            "check the feeds against what the model expects, or fix the model") from None
     return outputs
 
 

@@ -13,9 +13,9 @@ Rules, in order:
    ``Flatten`` when ``keepdims=0``): the same numbers, but an op with an integer kernel that follows ONNX
    Runtime's channels-last layout (a ReduceMean there costs several times more than in the float model).
 6. Every node and value gets a unique name (exporters leave names empty; decisions and ranges are keyed by
-   name), and every graph output is made by a node of its own graph: an output that is an outer-scope value,
-   an initializer, an input or another output gets an ``Identity`` (in subgraphs; main-graph outputs keep
-   their names) (ONNX Runtime refuses a subgraph that
+   name), and every subgraph output is made by a node of its own graph: an output that is an outer-scope
+   value, an initializer, an input or another output gets an ``Identity`` (main-graph outputs keep their
+   names and are left as they are) (ONNX Runtime refuses a subgraph that
    returns an outer-scope value directly; the optimizer removes the Identity exporters put there).
 
 Deterministic: the same input model gives the same output model.
@@ -60,7 +60,9 @@ class NormalizePass(ir.passes.InPlacePass):
         if default_opset(model) < MIN_OPSET:
             ConvertOpsetPass(MIN_OPSET)(model)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
+        input_names = [v.name for v in model.graph.inputs]
         onnxscript.optimizer.optimize_ir(model)
+        _restore_input_names(model.graph, input_names)
         # Before any pass that counts only node uses: a node whose output a subgraph returns directly has no
         # node use and would be removed as dead. (onnx_ir's IdentityEliminationPass is not run for the same
         # reason: it folds a branch's Identity of an outer value into that value; the optimizer above removes
@@ -74,17 +76,34 @@ class NormalizePass(ir.passes.InPlacePass):
             common.ShapeInferencePass(),
             common.TopologicalSortPass(),
             common.NameFixPass(),
-            common.OutputFixPass(),
         ])(model)
         return ir.passes.PassResult(model, modified=True)
 
 
+def _restore_input_names(graph: ir.Graph, names: list[str]) -> None:
+    """The optimizer renames an input that is also an output (``x`` → ``x_orig`` + ``Identity`` → ``x``); the
+    model's interface keeps its names, so the output goes back to being the input itself."""
+    for value, name in zip(graph.inputs, names):
+        if value.name == name:
+            continue
+        for index, output in enumerate(list(graph.outputs)):
+            producer = output.producer()
+            if output.name == name and producer is not None and producer.op_type == "Identity" \
+                    and producer.inputs[0] is value:
+                graph.outputs[index] = value
+                graph.remove(producer, safe=True)
+        value.name = name
+
+
 def _own_outputs(graph: ir.Graph) -> None:
-    """Give an Identity to each output of the subgraph ``graph`` that no node of it makes (OutputFixPass covers
-    inputs and repeated outputs, not outer-scope values or initializers)."""
+    """Give an Identity to each output of the subgraph ``graph`` that no node of it makes, or that it returns
+    twice. (onnx_ir's OutputFixPass misses outer-scope values and initializers, and renames the main graph's
+    inputs when one is also an output.)"""
+    seen = set()
     for index, value in enumerate(list(graph.outputs)):
         producer = value.producer()
-        if producer is not None and producer.graph is graph:
+        if producer is not None and producer.graph is graph and value not in seen:
+            seen.add(value)
             continue
         identity = ir.Node("", "Identity", [value], name=f"{graph.name or 'graph'}_output_{index}", num_outputs=1)
         identity.outputs[0].name = f"{value.name}_{graph.name or 'graph'}_output_{index}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ err = Console(stderr=True)
 
 # OS errors that are the machine's state, not a bug: said in one line like a user error.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
-                       errno.ELOOP, errno.EMFILE}
+                       errno.ELOOP, errno.EMFILE, errno.ENOTDIR, errno.EISDIR}
 _debug = False
 
 
@@ -68,9 +69,16 @@ class RichReporter:
             self._progress.update(self._task, completed=done, total=total)
 
 
+# Libraries that log their own recoverable failures with a trace (onnx_ir's shape inference, onnxscript's
+# optimizer and converter): the user sees them only with --debug.
+_CHATTY_LOGGERS = ("onnx_ir", "onnxscript")
+
+
 def _set_debug(ctx, param, value):
     global _debug
     _debug = _debug or bool(value)
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if _debug else logging.ERROR)
 
 
 debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench examples clean
+.PHONY: demo test bench realworld examples clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)  ## the whole test suite (what CI runs)
 
 bench: $(STAMP)  ## edgeq vs ONNX Runtime's quantize_static on the model zoo
 	$(BIN)/python benchmarks/vs_ort_quantizer.py
+
+realworld: $(STAMP)  ## edgeq vs ONNX Runtime's quantizer on the real-model corpus: make realworld CORPUS=DIR
+	$(BIN)/python benchmarks/realworld.py --corpus $(CORPUS)
 
 examples: $(STAMP)  ## retrain and re-export the example models
 	$(BIN)/python examples/build_examples.py

@@ -9,7 +9,9 @@ Rules:
   feeds. A subgraph value reaches the outputs through its node: an If returns it as an extra output (the
   branch not taken returns an empty tensor, which observers skip); a Loop or Scan body returns it as an
   extra scan output, so its statistics cover every iteration. Each such value is copied by an ``Identity``
-  first, so the calibration copy stays a valid model whatever the branch returns already.
+  first, so the calibration copy stays a valid model whatever the branch returns already. So that memory does
+  not grow with the iteration count (a 500-step decoder), a body returns per iteration a summary of each value
+  instead of all of it: its min, its max and an evenly strided sample of at most ``LOOP_SAMPLE`` elements.
 - If ONNX Runtime refuses that copy or fails running it (a scan output whose shape changes between
   iterations, say), calibration falls back to fewer subgraphs — first none under Loop/Scan, then the main
   graph only — and :attr:`CalibratePass.subgraphs` says what was observed and why not more.
@@ -35,6 +37,7 @@ from edgeq.model_io import to_proto
 from edgeq.observers import make_observer
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
+LOOP_SAMPLE = 1024  # elements of each value a Loop/Scan body returns per iteration for calibration
 # How deep calibration looks, most first: every subgraph; none under a Loop/Scan; the main graph only.
 LEVELS = ("all subgraphs", "If branches outside loops", "main graph only")
 
@@ -89,6 +92,31 @@ def _identity(graph: ir.Graph, value: ir.Value, tag: str) -> ir.Value:
     return node.outputs[0]
 
 
+def _summary(graph: ir.Graph, value: ir.Value, tag: str) -> ir.Value:
+    """[min, max, every k-th element] of ``value`` (k chosen so that at most LOOP_SAMPLE elements remain)."""
+    def node(op, inputs, suffix, **attrs):
+        made = ir.Node("", op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+                       name=f"{tag}_{suffix}", num_outputs=1)
+        made.outputs[0].name = f"{tag}_{suffix}"
+        graph.append(made)
+        return made.outputs[0]
+
+    def const(array, suffix):
+        return node("Constant", [], suffix, value=ir.tensor(np.asarray(array)))
+
+    flat = node("Reshape", [value, const(np.array([-1], np.int64), "flat_shape")], "flat")
+    size = node("Shape", [flat], "size")
+    step = node("Add", [node("Div", [size, const(np.array([LOOP_SAMPLE], np.int64), "sample")], "ratio"),
+                        const(np.array([1], np.int64), "one")], "step")
+    sample = node("Slice", [flat, const(np.array([0], np.int64), "start"), size, const(np.array([0], np.int64), "axis"),
+                            step], "strided")
+    low = node("ReduceMin", [flat], "min", keepdims=1)
+    high = node("ReduceMax", [flat], "max", keepdims=1)
+    summary = node("Concat", [low, high, sample], "observed", axis=0)
+    summary.dtype = ir.DataType.FLOAT
+    return summary
+
+
 def _empty(graph: ir.Graph, tag: str) -> ir.Value:
     node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.zeros((0,), np.float32)))],
                    name=f"{tag}_absent", num_outputs=1)
@@ -123,10 +151,11 @@ def _expose(graph: ir.Graph, wanted: set[ir.Value], counter: list[int]) -> list[
             continue
         counter[0] += 1
         tag = f"edgeq_calib_{counter[0]}"
+        copy = _summary if node.op_type in ("Loop", "Scan") else _identity
         for sub, part in zip(subs, inner):
             by_name = dict((name, value) for value, name in part)
             for i, name in enumerate(names):
-                sub.outputs.append(_identity(sub, by_name[name], f"{tag}_{i}") if name in by_name
+                sub.outputs.append(copy(sub, by_name[name], f"{tag}_{i}") if name in by_name
                                    else _empty(sub, f"{tag}_{i}"))
         if node.op_type == "Scan":
             for key in ("scan_output_axes", "scan_output_directions"):

@@ -4,8 +4,10 @@
          → no-slowdown feedback (return costly nodes to float, rebuild; bounded) → artifact [→ 2:4 check]
 
 Rules:
+- The user's model must load and run in ONNX Runtime; the normalized model must compute what it computes
+  (:mod:`edgeq.model_check`, on a few calibration feeds), and so must any opset conversion a build needs.
 - Fidelity is measured on feeds held back from calibration (or the ``--eval`` set), always against the dense
-  float model; a 2:4 model (:mod:`edgeq.sparsity_stage`) is what int8 starts from and the float model delivered.
+  float model; a quantized build whose outputs hold NaN/Inf where float's do not is never delivered; a 2:4 model (:mod:`edgeq.sparsity_stage`) is what int8 starts from and the float model delivered.
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
 - Optional op set (``recipe.optional_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … (requant ops)
   or MatMuls of two activations (``ActMatMul``: attention) pays depends on the model and ORT's kernels

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
 from edgeq.target import Target
 
 _NCHWC = "_nchwc"
+PROFILE_SECONDS = 1.0
 _ORT_SUFFIX = re.compile(r"(_token_\d+|/+\w*Fusion/*)+$")
 
 
@@ -62,6 +64,19 @@ def run_exposing(proto: onnx.ModelProto, names: list[str], feeds: Iterable[Mappi
         session = create_session(path, intra_op_threads=intra_op_threads)
         for feed in feeds:
             yield session.run(names, dict(feed))
+
+
+def _kernel_events(trace: Path) -> Iterator[tuple[str, str, float]]:
+    """(kernel name, op type, µs) of each kernel-time event of an ORT profile (one JSON object per line), read
+    one line at a time."""
+    with trace.open() as lines:
+        for line in lines:
+            if '_kernel_time"' not in line:
+                continue
+            event = json.loads(line.strip().rstrip(","))
+            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+                yield event["name"][: -len("_kernel_time")], event.get("args", {}).get("op_name", ""), \
+                    event.get("dur", 0)
 
 
 class _OrtSession:
@@ -103,23 +118,26 @@ class OnnxRuntime:
         return _OrtSession(self._session(model_path))
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
+        """Average kernel time per node over up to ``runs`` runs (fewer for slow models: about
+        :data:`PROFILE_SECONDS` of runs, at least 3). The trace is read event by event: a Loop body's kernels
+        make millions of events."""
         with scratch.scratch_dir("profile") as folder:  # never beside the model: its folder may be read-only
             session = self._session(model_path, profile_prefix=str(folder / "profile"))
-            for _ in range(3):
+            for _ in range(2):
                 session.run(None, dict(feeds))
-            # ORT's profiler records every run since creation; warm-up runs are counted, so run a fixed total.
+            started = time.perf_counter()
+            session.run(None, dict(feeds))
+            runs = max(3, min(runs, int(PROFILE_SECONDS / max(time.perf_counter() - started, 1e-6))))
+            # ORT's profiler records every run since creation; the 3 warm-up runs are counted too.
             for _ in range(runs):
                 session.run(None, dict(feeds))
-            events = json.loads(Path(session.end_profiling()).read_text())
-        graph = onnx.load(str(model_path), load_external_data=False).graph
-        makers = {value: node.name for node in graph.node for value in node.output}
-        total: dict[tuple[str, str], float] = defaultdict(float)
-        for event in events:
-            if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-                continue
-            name = _ORT_SUFFIX.sub("", event["name"][: -len("_kernel_time")])
-            if name.endswith(_NCHWC):
-                name = makers.get(name[: -len(_NCHWC)], name)
-            total[(name, event.get("args", {}).get("op_name", ""))] += event.get("dur", 0) / 1e3
+            graph = onnx.load(str(model_path), load_external_data=False).graph
+            makers = {value: node.name for node in graph.node for value in node.output}
+            total: dict[tuple[str, str], float] = defaultdict(float)
+            for kernel, op_type, microseconds in _kernel_events(Path(session.end_profiling())):
+                name = _ORT_SUFFIX.sub("", kernel)
+                if name.endswith(_NCHWC):
+                    name = makers.get(name[: -len(_NCHWC)], name)
+                total[(name, op_type)] += microseconds / 1e3
         count = runs + 3
         return sorted((NodeTime(n, op, ms / count) for (n, op), ms in total.items()), key=lambda t: -t.ms)

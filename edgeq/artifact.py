@@ -5,7 +5,7 @@ Rules:
   failed or interrupted compile leaves no half-written output (and a killed one leaves a folder the next
   compile into the same place sweeps away: :mod:`edgeq.scratch`).
 - ``-o`` is checked before any work: not a file, not a symbolic link, not holding the compile's own inputs,
-  and in a folder edgeq can write. An existing folder is replaced only if it is empty or is an earlier edgeq
+  in a folder edgeq can write, on a disk with room for the artifact (``room`` bytes, the caller's estimate). An existing folder is replaced only if it is empty or is an earlier edgeq
   artifact — a ``manifest.json`` of edgeq's and no file that its manifest does not list (an earlier edgeq's
   manifest without the list: only the files artifacts hold). Anything else is refused, never wiped.
 """
@@ -79,10 +79,14 @@ def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
 class ArtifactWriter:
     """Collects files in a temporary folder; :meth:`publish` moves them into ``out_dir`` at once."""
 
-    def __init__(self, out_dir: str | os.PathLike, inputs: tuple[Path, ...] = ()):
+    def __init__(self, out_dir: str | os.PathLike, inputs: tuple[Path, ...] = (), room: int = 0):
         self.out_dir = Path(out_dir)
         check_output_dir(self.out_dir, inputs)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.out_dir.parent).free
+        if free < room:
+            raise UserError(f"the disk of {self.out_dir.parent} has {free / 1e6:.0f} MB free, the artifact needs about "
+                            f"{room / 1e6:.0f} MB", "free space, or choose another -o")
         self._prefix = f".{self.out_dir.name}."
         scratch.sweep(self.out_dir.parent, self._prefix)
         self.tmp = scratch.make_dir(self.out_dir.parent, self._prefix)

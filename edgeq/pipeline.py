@@ -108,6 +108,13 @@ class CompileRequest:
         metric_file = self.metric.rpartition(":")[0] if self.metric and ".py:" in self.metric else None
         return tuple(Path(p) for p in (self.model, self.calib, self.eval, metric_file) if p)
 
+    @property
+    def artifact_room(self) -> int:
+        """Bytes the artifact may need: the model's (and its external data's) twice over (float + a build)."""
+        model = Path(self.model)
+        parts = [model, *(p for p in model.parent.glob("*.data") if p.is_file())] if model.is_file() else []
+        return 2 * sum(p.stat().st_size for p in parts)
+
 
 @dataclass
 class _Build:
@@ -129,7 +136,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
     require_sparse_kernels(request.target, request.recipe)
     metric = load_metric(request.metric) if request.metric else None
     scratch.sweep()
-    with ArtifactWriter(request.out_dir, request.input_paths) as writer, scratch.scratch_dir("compile") as work:
+    with ArtifactWriter(request.out_dir, request.input_paths, request.artifact_room) as writer, scratch.scratch_dir("compile") as work:
         run = _Compilation(request, reporter, Path(work), metric)
         run.prepare()
         run.choose_op_set()

@@ -47,7 +47,7 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
     if recipe.tune_trials and not can_run:  # candidates are timed where the library runs
         raise UserError(f"cannot tune {target.name} here: {why_not}",
                         "tune on the device (--device rpc://TRACKER_HOST:PORT/KEY), or drop --tune-trials")
-    with ArtifactWriter(request.out_dir, request.input_paths) as writer, scratch.scratch_dir("tvm") as work:
+    with ArtifactWriter(request.out_dir, request.input_paths, request.artifact_room) as writer, scratch.scratch_dir("tvm") as work:
         with reporter.stage("load"):
             model = load_model(request.model)
             refuse_quantized(Path(request.model).name, quantized_ops_in(model))

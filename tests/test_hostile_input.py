@@ -231,3 +231,17 @@ def test_sigterm_leaves_nothing_behind(tmp_path):
     assert stderr.strip().splitlines()[-1] == "error: terminated; nothing was written"
     assert ours() == [] and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_disk_without_room_is_refused_before_any_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from edgeq import artifact
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(artifact.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    model, feeds = _conv(tmp_path)
+    _one_line_error(run("compile", model, "-t", "x86-64", "--calib", feeds, "--no-measure", "-o", tmp_path / "out"),
+                    2, "MB free")
+    assert shutil.disk_usage is not None and not (tmp_path / "out").exists()

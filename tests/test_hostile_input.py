@@ -234,7 +234,6 @@ def test_sigterm_leaves_nothing_behind(tmp_path):
 
 
 def test_a_disk_without_room_is_refused_before_any_work(tmp_path, monkeypatch):
-    import shutil
     from collections import namedtuple
 
     from edgeq import artifact
@@ -244,4 +243,4 @@ def test_a_disk_without_room_is_refused_before_any_work(tmp_path, monkeypatch):
     model, feeds = _conv(tmp_path)
     _one_line_error(run("compile", model, "-t", "x86-64", "--calib", feeds, "--no-measure", "-o", tmp_path / "out"),
                     2, "MB free")
-    assert shutil.disk_usage is not None and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()

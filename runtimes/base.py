@@ -2,8 +2,9 @@
 
 Latency rule: candidates are compared inside one process, interleaved, on the same feed. After ``warmup``
 runs each, every round runs each candidate once, in an order that alternates between rounds so neither
-always runs first; per-run wall times give min, median and p90. Only ratios from one such run are meaningful
-on a shared machine.
+always runs first; per-run wall times give min, median and p90. There are at least ``repeats`` rounds, and
+more for fast models — as many as fill :data:`MIN_SECONDS` per candidate (at most :data:`MAX_ROUNDS`): 50 runs
+of a sub-millisecond model are noise. Only ratios from one such run are meaningful on a shared machine.
 """
 
 from __future__ import annotations
@@ -71,12 +72,19 @@ class Runtime(Protocol):
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int) -> list[NodeTime]: ...
 
 
+MIN_SECONDS = 1.0
+MAX_ROUNDS = 5000
+
+
 def measure_interleaved(runners: Mapping[str, Callable[[], object]], warmup: int = 5,
                         repeats: int = 50) -> dict[str, Latency]:
     names = list(runners)
-    for _ in range(warmup):
+    started = time.perf_counter()
+    for _ in range(max(warmup, 1)):
         for name in names:
             runners[name]()
+    per_round = (time.perf_counter() - started) / max(warmup, 1)
+    repeats = max(repeats, min(MAX_ROUNDS, int(MIN_SECONDS * len(names) / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repeats):
         order = names if round_index % 2 == 0 else names[::-1]

@@ -55,7 +55,7 @@ def test_library_runs_like_onnxruntime_and_is_profiled_per_kernel(conv, tmp_path
     kernels = {t.name for t in runtime.profile(library, feed(), runs=2)}
     assert any(name.startswith("fused_conv2d") for name in kernels)
     latency = runtime.measure({"a": library}, feed(), warmup=1, repeats=3)["a"]
-    assert latency.runs == 3 and 0 < latency.min_ms <= latency.median_ms
+    assert latency.runs >= 3 and 0 < latency.min_ms <= latency.median_ms
 
 
 def relu6_model():

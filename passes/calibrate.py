@@ -85,44 +85,44 @@ def observed_values(model: ir.Model, op_types: set[str], level: str = LEVELS[0])
     return list(seen)
 
 
-def _identity(graph: ir.Graph, value: ir.Value, tag: str) -> ir.Value:
-    node = ir.Node("", "Identity", [value], name=f"{tag}_observe", num_outputs=1)
-    node.outputs[0].name, node.outputs[0].dtype = f"{tag}_observed", ir.DataType.FLOAT
+def _append(graph: ir.Graph, op: str, inputs: list, name: str, **attributes) -> ir.Value:
+    """Append a one-output node named ``name`` (its output too) to ``graph``; returns the output."""
+    node = ir.Node("", op, inputs, name=name, num_outputs=1,
+                   attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()])
+    node.outputs[0].name = name
     graph.append(node)
     return node.outputs[0]
 
 
+def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    return _append(graph, "Constant", [], name, value=ir.tensor(array))
+
+
+def _identity(graph: ir.Graph, value: ir.Value, tag: str) -> ir.Value:
+    copy = _append(graph, "Identity", [value], f"{tag}_observed")
+    copy.dtype = ir.DataType.FLOAT
+    return copy
+
+
 def _summary(graph: ir.Graph, value: ir.Value, tag: str) -> ir.Value:
     """[min, max, every k-th element] of ``value`` (k chosen so that at most LOOP_SAMPLE elements remain)."""
-    def node(op, inputs, suffix, **attrs):
-        made = ir.Node("", op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
-                       name=f"{tag}_{suffix}", num_outputs=1)
-        made.outputs[0].name = f"{tag}_{suffix}"
-        graph.append(made)
-        return made.outputs[0]
-
-    def const(array, suffix):
-        return node("Constant", [], suffix, value=ir.tensor(np.asarray(array)))
-
-    flat = node("Reshape", [value, const(np.array([-1], np.int64), "flat_shape")], "flat")
-    size = node("Shape", [flat], "size")
-    step = node("Add", [node("Div", [size, const(np.array([LOOP_SAMPLE], np.int64), "sample")], "ratio"),
-                        const(np.array([1], np.int64), "one")], "step")
-    sample = node("Slice", [flat, const(np.array([0], np.int64), "start"), size, const(np.array([0], np.int64), "axis"),
-                            step], "strided")
-    low = node("ReduceMin", [flat], "min", keepdims=1)
-    high = node("ReduceMax", [flat], "max", keepdims=1)
-    summary = node("Concat", [low, high, sample], "observed", axis=0)
+    ints = lambda v, name: _constant(graph, np.array([v], np.int64), f"{tag}_{name}")  # noqa: E731
+    flat = _append(graph, "Reshape", [value, ints(-1, "flat_shape")], f"{tag}_flat")
+    size = _append(graph, "Shape", [flat], f"{tag}_size")
+    ratio = _append(graph, "Div", [size, ints(LOOP_SAMPLE, "sample")], f"{tag}_ratio")
+    step = _append(graph, "Add", [ratio, ints(1, "one")], f"{tag}_step")
+    sample = _append(graph, "Slice", [flat, ints(0, "start"), size, ints(0, "axis"), step], f"{tag}_strided")
+    low = _append(graph, "ReduceMin", [flat], f"{tag}_min", keepdims=1)
+    high = _append(graph, "ReduceMax", [flat], f"{tag}_max", keepdims=1)
+    summary = _append(graph, "Concat", [low, high, sample], f"{tag}_observed", axis=0)
     summary.dtype = ir.DataType.FLOAT
     return summary
 
 
 def _empty(graph: ir.Graph, tag: str) -> ir.Value:
-    node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.zeros((0,), np.float32)))],
-                   name=f"{tag}_absent", num_outputs=1)
-    node.outputs[0].name, node.outputs[0].dtype = f"{tag}_absent", ir.DataType.FLOAT
-    graph.append(node)
-    return node.outputs[0]
+    empty = _constant(graph, np.zeros((0,), np.float32), f"{tag}_absent")
+    empty.dtype = ir.DataType.FLOAT
+    return empty
 
 
 def _widen(node: ir.Node, extra: int) -> ir.Node:

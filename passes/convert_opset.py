@@ -14,7 +14,7 @@ rewritten here, at the boundary where each changed, in every graph and subgraph:
    coordinates, nearest rounds down), Scatter (11) → ScatterElements; Resize from opset 10 gains the empty
    ``roi`` input (11) and keeps opset 10's coordinates. ``BatchNormalization``'s ``spatial`` (dropped at 9)
    is removed when it is 1 (the only value ONNX Runtime ran); RoiAlign (16) keeps opset 10's
-   ``output_half_pixel`` coordinates.
+   ``output_half_pixel`` coordinates. An opset-8 ``Scan`` (batched) has no equivalent and is refused.
 5. Above 18, onnxscript's version converter takes over (it is right there: DFT, GridSample and
    GroupNormalization are the ops it adapts).
 
@@ -168,6 +168,11 @@ def _batchnorm_9(node: ir.Node) -> None:
                         "re-export the model with a recent exporter")
 
 
+def _scan_9(node: ir.Node) -> None:
+    raise UserError(f"node '{node.name}' is an opset-8 Scan (batched, with sequence lengths), which later opsets "
+                    "cannot express node for node", "re-export the model at opset 9 or later")
+
+
 def _roialign_16(node: ir.Node) -> None:
     if "coordinate_transformation_mode" not in node.attributes:
         node.attributes["coordinate_transformation_mode"] = ir.AttrString(
@@ -177,6 +182,7 @@ def _roialign_16(node: ir.Node) -> None:
 # (op type, first opset with the new signature) → adapter; applied in opset order.
 ADAPTERS: dict[tuple[str, int], Adapter] = {
     ("BatchNormalization", 9): _batchnorm_9,
+    ("Scan", 9): _scan_9,
     ("Upsample", 9): _attr_to_input("scales", 1, np.float32),
     ("Upsample", 10): _rename_op("Resize"),
     ("Slice", 10): _slice_10,

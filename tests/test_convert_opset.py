@@ -87,6 +87,7 @@ CASES = {
     "Clip 17": (_case("Clip", 17, X4, [None], ["lo", "hi"], [_floats("lo", -0.1), _floats("hi", 0.4)]), 21),
     "GroupNormalization 18": (_case("GroupNormalization", 18, [1, 4, 3, 3], [[1, 4, 3, 3]], ["s", "b"],
                                     [_floats("s", [1.0, 2.0]), _floats("b", [0.1, -0.2])], num_groups=2), 21),
+    "DFT 17": (_case("DFT", 17, [1, 8, 1], [[1, 8, 2]], axis=1), 21),
     "GridSample 16": (_case("GridSample", 16, [1, 2, 5, 5], [None], ["grid"],
                             [_floats("grid", RNG.uniform(-1, 1, (1, 3, 4, 2)))], mode="bilinear"), 21),
 }
@@ -140,3 +141,9 @@ def test_downgrade_and_prehistoric_opsets_are_refused():
     old = _case("Relu", 6, [2], [None])
     with pytest.raises(UserError, match="older than 7"):
         ConvertOpsetPass(13)(ir.from_proto(old))
+    body = helper.make_graph([helper.make_node("Add", ["s_in", "x_t"], ["s_out"])], "body",
+                             [_info("s_in", [2]), _info("x_t", [2])], [_info("s_out", [2])])
+    scan = helper.make_node("Scan", ["", "s0", "xs"], ["s_last"], body=body, num_scan_inputs=1, name="scan8")
+    graph = helper.make_graph([scan], "g", [_info("s0", [1, 2]), _info("xs", [1, 3, 2])], [_info("s_last", [1, 2])])
+    with pytest.raises(UserError, match="opset-8 Scan"):
+        ConvertOpsetPass(13)(ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])))

@@ -13,6 +13,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from edgeq.errors import UserError
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 # What an artifact folder may hold when its manifest predates the "files" list.
+PUBLISH_ATTEMPTS = 3
 ARTIFACT_FILES = frozenset({MANIFEST, MODEL, f"{MODEL}.data", "model.so", "report.html"})
 
 
@@ -99,13 +101,20 @@ class ArtifactWriter:
         text = json.dumps(_finite(manifest), indent=2, sort_keys=True, default=_jsonable)
         self.path(MANIFEST).write_text(text + "\n")
         _apply_umask(self.tmp)  # mkdtemp makes the folder private; an artifact gets the usual permissions
-        backup = None
-        if self.out_dir.exists():
-            check_output_dir(self.out_dir)  # still an artifact (nothing was added while we worked)
-            backup = scratch.make_dir(self.out_dir.parent, self._prefix, "old")
-            os.replace(self.out_dir, backup / "artifact")
-        os.replace(self.tmp, self.out_dir)
-        if backup is not None:
+        backup = scratch.make_dir(self.out_dir.parent, self._prefix, "old")
+        try:
+            for attempt in range(PUBLISH_ATTEMPTS):  # another compile into the same -o may publish meanwhile
+                try:
+                    if self.out_dir.exists():
+                        check_output_dir(self.out_dir)  # still an artifact (nothing was added while we worked)
+                        os.replace(self.out_dir, backup / f"artifact{attempt}")
+                    os.replace(self.tmp, self.out_dir)
+                    return self.out_dir
+                except (FileNotFoundError, FileExistsError, OSError) as exc:
+                    if attempt == PUBLISH_ATTEMPTS - 1 or not isinstance(exc, (FileNotFoundError, FileExistsError)) \
+                            and exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+        finally:
             shutil.rmtree(backup, ignore_errors=True)
         return self.out_dir
 

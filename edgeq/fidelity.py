@@ -160,7 +160,7 @@ def _call_metric(metric: MetricFn, outputs: list[dict], feeds: list) -> float:
     name = getattr(metric, "__name__", "the metric")
     try:
         raw = metric(outputs, feeds)
-    except Exception as exc:  # noqa: BLE001 — user code: any failure is theirs to fix
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 — user code: any failure is theirs to fix
         raise UserError(f"--metric {name} raised {type(exc).__name__}: {first_line(exc) or 'no message'}",
                         "fix the metric: it gets fn(outputs, feeds), outputs a list of {output name: array} per "
                         "feed, feeds with .inputs and .extras (arrays in the feed files that are not inputs)") from None

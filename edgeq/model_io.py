@@ -5,6 +5,7 @@ Rules:
 - External data must live inside the model's folder; a location that escapes it (absolute path, ``..``, a
   link out or a link loop) is refused before anything is read, and so is an offset or length that does not fit
   the file or the tensor.
+- Unnamed nodes get a name (``<OpType>_<n>``), the same for ``inspect`` as for ``compile``.
 - The graph must be well formed before any pass sees it: at least one output, every value made once, every
   value read made somewhere (in the graph, an enclosing graph, or as an input or initializer), and no cycle
   (a node reading, through a subgraph too, what it makes). Each breach is one line naming the node.
@@ -75,6 +76,28 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
     if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         return (count + 1) // 2
     return count * itemsize
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from _all_nodes(sub)
+
+
+def _name_nodes(proto: onnx.ModelProto) -> None:
+    """Name every unnamed node ``<OpType>_<n>`` (exporters often leave names empty; edgeq's decisions,
+    ``--exclude name:`` and ``inspect --nodes`` all speak of nodes by name)."""
+    nodes = list(_all_nodes(proto.graph))
+    taken = {n.name for n in nodes if n.name}
+    counter = 0
+    for node in nodes:
+        if node.name:
+            continue
+        while f"{node.op_type}_{counter}" in taken:
+            counter += 1
+        node.name = f"{node.op_type}_{counter}"
+        taken.add(node.name)
 
 
 def check_graph(proto: onnx.ModelProto) -> None:
@@ -185,6 +208,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     if not proto.graph.node and not proto.graph.output:
         raise UserError(f"{path} holds no ONNX graph", "pass a valid .onnx file")
     check_graph(proto)
+    _name_nodes(proto)
     _check_external_data(proto, path.parent)
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))

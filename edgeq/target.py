@@ -219,7 +219,10 @@ def load_target(name_or_path: str) -> Target:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise UserError(f"target file not found: {path}", "check the path, or run 'edgeq targets'")
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read target file {path} ({exc})", "pass a UTF-8 TOML file") from None
     else:
         if name_or_path not in bundled_target_names():
             raise UserError(
@@ -286,6 +289,9 @@ def _parse(data: dict, source: str) -> Target:
         )
     except KeyError as exc:
         raise UserError(f"target {source} lacks the key {exc}", "see targets/x86-64.toml for the format") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"target {source} has a value of the wrong type ({exc})",
+                        "see targets/x86-64.toml for the format") from None
     for kind in (rules.activations, rules.weights):
         if kind not in _INT_TYPES:
             raise UserError(f"target {source}: unsupported integer type '{kind}'", f"use one of {_INT_TYPES}")

@@ -27,8 +27,15 @@ def load_callable(spec: str, option: str) -> Callable:
             loader_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
+    except UserError:
+        raise
     except ImportError as exc:
         raise UserError(f"{option}: cannot import '{module_name}' ({exc})", "check the name and PYTHONPATH") from None
+    except BaseException as exc:  # noqa: BLE001 — the user's module failed while importing (SyntaxError, sys.exit…)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise UserError(f"{option}: importing '{module_name}' raised {type(exc).__name__}: {exc}",
+                        "fix the module") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"{option}: '{attr}' is not a function in {module_name}", "name a callable")

@@ -244,3 +244,31 @@ def test_a_disk_without_room_is_refused_before_any_work(tmp_path, monkeypatch):
     _one_line_error(run("compile", model, "-t", "x86-64", "--calib", feeds, "--no-measure", "-o", tmp_path / "out"),
                     2, "MB free")
     assert not (tmp_path / "out").exists()
+
+
+def test_user_code_and_target_files_that_misbehave(tmp_path):
+    model, feeds = _conv(tmp_path)
+    (tmp_path / "exits.py").write_text("import sys\n\ndef metric(outputs, feeds):\n    sys.exit(5)\n")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('import-time failure')\n\ndef metric(o, f):\n    return 1\n")
+    (tmp_path / "bad.toml").write_text('name = "t"\narch = "x86_64"\n[quantization]\nactivations = "uint8"\n'
+                                       'weights = "int8"\ncompute_ops = ["Conv"]\n[onnxruntime]\nintra_op_threads = "many"\n')
+    args = ("compile", model, "--calib", feeds, "--no-measure", "-o", tmp_path / "out")
+    _one_line_error(run(*args, "-t", "x86-64", "--metric", f"{tmp_path / 'exits.py'}:metric"), 2, "raised SystemExit")
+    _one_line_error(run(*args, "-t", "x86-64", "--metric", f"{tmp_path / 'broken.py'}:metric"), 2,
+                    "raised RuntimeError: import-time failure")
+    _one_line_error(run(*args, "-t", tmp_path / "bad.toml"), 2, "wrong type")
+    _one_line_error(run(*args, "-t", "x86-64", "--exclude", "re:("), 2, "bad --exclude regex")
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_compiles_into_one_folder_at_once(tmp_path):
+    model, feeds = _conv(tmp_path)
+    command = [sys.executable, "-c", "from edgeq.cli import main; main()", "compile", str(model), "-t", "x86-64",
+               "--calib", str(feeds), "--no-measure", "--no-cache", "-o", str(tmp_path / "out")]
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
+    assert all(code == 0 for code, _ in results), results
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["files"] == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.onnx"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -14,9 +14,9 @@ Rules, in order:
    Runtime's channels-last layout (a ReduceMean there costs several times more than in the float model).
 6. Every node and value gets a unique name (exporters leave names empty; decisions and ranges are keyed by
    name), and every subgraph output is made by a node of its own graph: an output that is an outer-scope
-   value, an initializer, an input or another output gets an ``Identity`` (main-graph outputs keep their
-   names and are left as they are) (ONNX Runtime refuses a subgraph that
-   returns an outer-scope value directly; the optimizer removes the Identity exporters put there).
+   value, an initializer, an input or another output gets an ``Identity``. (ONNX Runtime refuses a subgraph
+   that returns an outer-scope value directly, and the optimizer removes the Identity exporters put there.)
+   Main-graph inputs and outputs keep their names.
 
 Deterministic: the same input model gives the same output model.
 """

@@ -72,7 +72,7 @@ class Runtime(Protocol):
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int) -> list[NodeTime]: ...
 
 
-MIN_SECONDS = 1.0
+MIN_SECONDS = 0.5
 MAX_ROUNDS = 5000
 
 

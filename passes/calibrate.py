@@ -18,7 +18,7 @@ Rules:
 - Non-finite values are skipped and counted per tensor (:attr:`CalibratePass.nonfinite`); a tensor with no
   finite value gets no range, and so stays float.
 - Ranges are cached (:mod:`edgeq.cache`) keyed by (model hash, data hash, method, percentile, tensors,
-  fallback level); a cache hit skips the run.
+  fallback level, the observation procedure's version, ONNX Runtime's version); a cache hit skips the run.
 
 This is a side-effect-only pass: the model is not changed; the results are attributes of the pass.
 """
@@ -38,6 +38,7 @@ from edgeq.observers import make_observer
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 LOOP_SAMPLE = 1024  # elements of each value a Loop/Scan body returns per iteration for calibration
+OBSERVATION_VERSION = 2  # part of the cache key: raise it when what is observed, or how, changes
 # How deep calibration looks, most first: every subgraph; none under a Loop/Scan; the main graph only.
 LEVELS = ("all subgraphs", "If branches outside loops", "main graph only")
 
@@ -190,7 +191,10 @@ class CalibratePass(ir.passes.PassBase):
         self.cache_hit = False
 
     def _key(self, names: list[str], level: str) -> list:
-        return [self.model_digest, self.data.digest, self.method, self.percentile, names, level]
+        import onnxruntime
+
+        return [OBSERVATION_VERSION, onnxruntime.__version__, self.model_digest, self.data.digest, self.method,
+                self.percentile, names, level, LOOP_SAMPLE]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         has_subgraphs = any(_subgraphs(n) for n in ir.traversal.RecursiveGraphIterator(model.graph))

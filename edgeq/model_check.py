@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 
 from edgeq.errors import UserError, first_line
+from edgeq.model_io import save_model
+from edgeq.passes.normalize import NormalizePass
 from edgeq.runtimes.onnxruntime import create_session, run_exposing
 
 TOLERANCE = 1e-4
@@ -120,9 +122,6 @@ def _float_values(proto: onnx.ModelProto) -> set[str]:
 def normalize_checked(model, source: Path, feeds: list[dict], out_path: Path) -> dict:
     """Normalize ``model`` (loaded from ``source``) in place, save it to ``out_path``, and prove on ``feeds``
     that it computes what ``source`` computes in ONNX Runtime; returns the check's figures."""
-    from edgeq.model_io import save_model
-    from edgeq.passes.normalize import NormalizePass
-
     reference = run_feeds(load_in_onnxruntime(source), feeds)
     NormalizePass()(model)
     save_model(model, out_path)

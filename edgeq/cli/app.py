@@ -31,7 +31,7 @@ err = Console(stderr=True)
 # OS errors that are the machine's state, not a bug: said in one line like a user error.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
                        errno.ELOOP, errno.EMFILE, errno.ENOTDIR, errno.EISDIR}
-_debug = False
+_DEBUG = "edgeq.debug"
 
 
 class Terminated(BaseException):
@@ -75,10 +75,10 @@ _CHATTY_LOGGERS = ("onnx_ir", "onnxscript")
 
 
 def _set_debug(ctx, param, value):
-    global _debug
-    _debug = _debug or bool(value)
+    """``--debug`` on the group or on a verb (ctx.meta is shared by one invocation's contexts)."""
+    debug = ctx.meta[_DEBUG] = ctx.meta.get(_DEBUG, False) or bool(value)
     for name in _CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if _debug else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
@@ -129,7 +129,7 @@ def _in_main_thread() -> bool:
 
 
 def _internal(ctx, exc: BaseException, command: str) -> None:
-    if _debug:
+    if ctx.meta.get(_DEBUG):
         traceback.print_exception(exc, file=sys.stderr)
     _fail(ctx, f"error: internal error in {errors.stage_of(exc, command)}: {type(exc).__name__}: "
                f"{errors.first_line(exc) or 'no message'}; rerun with --debug for the trace", EXIT_INTERNAL)

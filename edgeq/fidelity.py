@@ -5,6 +5,12 @@ while losing most detections), so every output is reported on its own, and outpu
 (axis 1, at most ``MAX_GROUPS`` wide) also report their worst channels. Figures:
 - cosine similarity, SQNR in dB (signal power over error power), max absolute error;
 - for class-like outputs ([batch, classes]): top-1 agreement and top-5 overlap with the reference;
+- the output's kind, read from the reference's values, and the agreement of the decision it carries:
+  ``indices`` (integer outputs: the share of equal elements), ``classes`` (values in [0, 1] whose last axis
+  sums to 1: the share of positions whose argmax agrees), ``scores`` (values in [0, 1] otherwise —
+  probability maps, masks: intersection over union of the values above 0.5), ``embedding`` (last axis of
+  unit length), ``logits`` (other [batch, C] outputs: argmax agreement), ``values`` (at most
+  :data:`FEW_VALUES` per feed: scores, regressions) and ``map`` (anything else: spectrograms, box maps);
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -28,6 +34,9 @@ from edgeq.user_code import load_callable
 
 MAX_GROUPS = 4096
 TOPK = 5
+FEW_VALUES = 16
+_EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to unit length for a kind
+DECIDING = ("indices", "classes", "logits")  # kinds judged by their argmax / exact values
 
 
 def _db(signal: float, noise: float) -> float:
@@ -53,6 +62,55 @@ class _OutputStats:
     grouped: bool = True  # False once the channel count changed between feeds
     nonfinite: int = 0
     reference_nonfinite: int = 0
+    # evidence of the output's kind, from the reference, and the agreement of the decisions it carries
+    unit_interval: bool = True
+    sums_to_one: bool = True
+    unit_norm: bool = True
+    rank: int = 0
+    last: int = 0
+    elements: int = 0
+    argmax_agree: int = 0
+    argmax_rows: int = 0
+    above_ref: int = 0
+    above_test: int = 0
+    above_both: int = 0
+
+    def _evidence(self, ref: np.ndarray, test: np.ndarray) -> None:
+        self.rank, self.elements = ref.ndim, max(self.elements, ref.size)
+        self.last = ref.shape[-1] if ref.ndim else 1
+        if ref.size:
+            self.unit_interval &= bool(ref.min() >= -_EPS / 1000 and ref.max() <= 1 + _EPS / 1000)
+        if ref.ndim and self.last >= 2 and ref.size:
+            self.sums_to_one &= bool(np.abs(ref.sum(-1) - 1).max() <= _EPS)
+            self.unit_norm &= bool(np.abs(np.sqrt(np.square(ref).sum(-1)) - 1).max() <= _EPS)
+            rows = ref.reshape(-1, self.last), test.reshape(-1, self.last)
+            self.argmax_agree += int((rows[0].argmax(1) == rows[1].argmax(1)).sum())
+            self.argmax_rows += rows[0].shape[0]
+        else:
+            self.sums_to_one = self.unit_norm = False
+        ref_above, test_above = ref > 0.5, test > 0.5
+        self.above_ref += int(ref_above.sum())
+        self.above_test += int(test_above.sum())
+        self.above_both += int((ref_above & test_above).sum())
+
+    def kind(self) -> str:
+        if self.sums_to_one and self.unit_interval:
+            return "classes"
+        if self.unit_interval:
+            return "scores"
+        if self.unit_norm:
+            return "embedding"
+        if self.rank == 2 and self.last >= 2:
+            return "logits"
+        return "values" if self.elements <= FEW_VALUES else "map"
+
+    def decision_agreement(self, kind: str) -> float | None:
+        if kind in ("classes", "logits"):
+            return self.argmax_agree / self.argmax_rows if self.argmax_rows else 1.0
+        if kind == "scores":
+            union = self.above_ref + self.above_test - self.above_both
+            return self.above_both / union if union else 1.0
+        return None
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         if ref.shape != test.shape:
@@ -66,6 +124,7 @@ class _OutputStats:
             both = ref_ok & test_ok
             ref64, test64 = np.where(both, ref64, 0.0), np.where(both, test64, 0.0)
             ref, test = ref64, test64
+        self._evidence(ref64, test64)
         err = ref64 - test64
         self.dot += float((ref64 * test64).sum())
         self.ref_sq += float((ref64 ** 2).sum())
@@ -98,12 +157,17 @@ class _OutputStats:
         if self.class_like and self.rows:
             out["top1_agreement"] = self.top1 / self.rows
             out[f"top{TOPK}_overlap"] = self.topk / self.rows
+        out["kind"] = kind = self.kind()
+        agreement = self.decision_agreement(kind)
+        if agreement is not None:
+            out["decision_agreement"] = agreement
         if self.reference_nonfinite:
             out["reference_nonfinite"] = self.reference_nonfinite
         if self.nonfinite:
             out |= {"nonfinite": self.nonfinite, "sqnr_db": float("-inf"), "cosine": 0.0}
-            if "top1_agreement" in out:
-                out["top1_agreement"] = 0.0
+            for key in ("top1_agreement", "decision_agreement"):
+                if key in out:
+                    out[key] = 0.0
         if self.group:
             g = self.group
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -113,6 +177,22 @@ class _OutputStats:
             out["channels"] = len(sqnr)
             out["worst_channels"] = [{"channel": int(c), "sqnr_db": sqnr[c], "cosine": float(cos[c])} for c in worst]
         return out
+
+
+@dataclass
+class _IndexStats:
+    """An integer output (token ids, class indices): only exact agreement means anything."""
+
+    agree: int = 0
+    total: int = 0
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        self.total += max(ref.size, test.size)
+        if ref.shape == test.shape:
+            self.agree += int((ref == test).sum())
+
+    def summary(self) -> dict:
+        return {"kind": "indices", "decision_agreement": self.agree / self.total if self.total else 1.0}
 
 
 MetricFn = Callable[[list[dict[str, np.ndarray]], list], float]
@@ -128,7 +208,7 @@ class FidelityMeter:
 
     def __init__(self, output_names: list[str], keep_for_metric: bool = False):
         self.names = output_names
-        self.stats = {n: _OutputStats() for n in output_names}
+        self.stats: dict = {}
         self.keep = keep_for_metric
         self.ref_outputs: list[dict] = []
         self.test_outputs: list[dict] = []
@@ -138,15 +218,17 @@ class FidelityMeter:
     def update(self, ref: list[np.ndarray], test: list[np.ndarray], feed=None) -> None:
         self.count += 1
         for name, r, t in zip(self.names, ref, test):
-            if np.issubdtype(r.dtype, np.floating):
-                self.stats[name].update(r, t)
+            if name not in self.stats:
+                self.stats[name] = _OutputStats() if np.issubdtype(r.dtype, np.floating) else _IndexStats()
+            self.stats[name].update(np.asarray(r), np.asarray(t))
         if self.keep:
             self.ref_outputs.append(dict(zip(self.names, ref)))
             self.test_outputs.append(dict(zip(self.names, test)))
             self.feeds.append(feed)
 
     def summary(self, metric: MetricFn | None = None) -> dict:
-        outputs = {n: s.summary() for n, s in self.stats.items() if s.ref_sq or s.err_sq or s.nonfinite}
+        outputs = {n: s.summary() for n, s in self.stats.items()
+                   if isinstance(s, _IndexStats) or s.ref_sq or s.err_sq or s.nonfinite}
         result = {"feeds": self.count, "outputs": outputs,
                   "nonfinite_outputs": sorted(n for n, o in outputs.items() if o.get("nonfinite"))}
         if metric is not None:
@@ -174,16 +256,20 @@ def _call_metric(metric: MetricFn, outputs: list[dict], feeds: list) -> float:
     return value
 
 
+def disagreement(output: dict) -> float:
+    """How far one output is from the reference, by its kind: the share of disagreeing decisions (indices,
+    classes, logits: argmax or exact; scores: 1 − IoU above 0.5), else 1 − cosine."""
+    if "decision_agreement" in output:
+        return 1.0 - output["decision_agreement"]
+    return 1.0 - output["cosine"]
+
+
 def accuracy_drop(summary: dict) -> float:
-    """The drop a ``--max-drop`` budget is checked against: the user metric's drop when given, else the
-    worst class-like output's top-1 disagreement, else the worst output's 1 − cosine."""
+    """The drop a ``--max-drop`` budget is checked against: the user metric's drop when given, else the worst
+    output's :func:`disagreement`."""
     if "metric" in summary:
         return summary["metric"]["drop"]
-    outputs = summary["outputs"].values()
-    top1 = [o["top1_agreement"] for o in outputs if "top1_agreement" in o]
-    if top1:
-        return 1.0 - min(top1)
-    return max((1.0 - o["cosine"] for o in outputs), default=0.0)
+    return max((disagreement(o) for o in summary["outputs"].values()), default=0.0)
 
 
 def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int | None = None) -> dict:

@@ -42,14 +42,16 @@ from pathlib import Path
 from typing import ContextManager, Protocol
 
 
-from edgeq import scratch
+from edgeq import guard, scratch
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, compare_models, load_metric
 from edgeq.mixed import report
+from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
+from edgeq.mixed.sensitivity import measure_sensitivity
 from edgeq.model_check import CHECK_FEEDS, check_same_function, load_in_onnxruntime, normalize_checked, run_feeds
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
@@ -143,6 +145,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         if request.recipe.scheme == "mixed":
             run.allocate_bits()
         else:
+            run.hold_guard()
             run.guard_speed()
         with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
             fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
@@ -151,6 +154,13 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
                 run.reason = (f"the quantized build output NaN or Inf where float does not (output "
                               f"{', '.join(fidelity['nonfinite_outputs'])}): a broken model is never delivered")
                 fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+            if run.guard_applies:
+                fidelity["guard"] = guard.check(fidelity)
+                if run.delivered != "float" and not fidelity["guard"]["met"]:  # the speed rounds broke it
+                    run.delivered = "float"
+                    run.reason = "the delivered build missed the fidelity guard: " + guard.describe(fidelity["guard"])
+                    fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+                    fidelity["guard"] = guard.check(fidelity)
         caveat = request.target.int8_caveat_here() if run.delivered != "float" else ""
         if caveat:
             fidelity["caveat"] = caveat
@@ -195,6 +205,8 @@ class _Compilation:
         self.delivered, self.reason = "int8", ""
         self.mixed: SearchResult | None = None
         self._wide = None  # the model at WIDE_OPSET, made when an int4/int16 build first needs it
+        self.guard_report: dict = {}
+        self.guard_failed = False
 
     def prepare(self) -> None:
         """Load, normalize (checked against the original in ONNX Runtime), mark exclusions, [prune to 2:4],
@@ -276,9 +288,53 @@ class _Compilation:
             self.chosen = _choose_variant(self.variants)
         self.current = builds[self.chosen]
 
+    @property
+    def guard_applies(self) -> bool:
+        """The default fidelity guard holds an int8 build unless the user stated a metric or budget."""
+        recipe = self.recipe
+        return recipe.guard and recipe.scheme == "int8" and recipe.max_drop is None and self.metric is None
+
+    def hold_guard(self) -> None:
+        """The default fidelity guard (:mod:`edgeq.guard`): when the chosen int8 build misses it, the fewest,
+        most sensitive layer groups return to float until it holds; if only float holds it, float is
+        delivered, saying why."""
+        if not self.guard_applies or not self.current.quantized:
+            return
+        with self.reporter.stage("fidelity guard"):
+            uniform = guard.check(compare_models(self.runtime, self.float_path, self.current.path, self.holdout))
+        self.guard_report = {"thresholds": guard.THRESHOLDS, "uniform_int8": uniform}
+        if uniform["met"]:
+            return
+        build_with = self.builder(self.candidates[self.chosen])
+        keep, tags = set(self.current.insert.keep_float), itertools.count(1)
+        groups = layer_groups(self.model, self.current.insert.decisions, ("float", "int8"),
+                              self.rules.activation_fusions, self.target.precisions.int4_block_size)
+        feeds = list(itertools.islice(iter(self.calib), self.recipe.sensitivity_feeds))
+        with self.reporter.stage(f"guard: sensitivity of {len(groups)} groups on {len(feeds)} feeds"):
+            cache = self._sensitivity_cache()
+            table = measure_sensitivity(groups, lambda p: build_with(keep, f"guard-sens{next(tags)}", p).path,
+                                        self.runtime, self.float_path, feeds,
+                                        cache, self.reporter.progress)
+        nsr = {name: figures["int8"] for name, figures in table.nsr.items()}
+        with self.reporter.stage("guard: return the most sensitive groups to float"):
+            held = guard.hold(groups, nsr, lambda nodes: build_with(keep | nodes, f"guard{next(tags)}"),
+                              lambda b: compare_models(self.runtime, self.float_path, b.path, self.holdout),
+                              uniform, self.current)
+        self.guard_report |= {"sensitivity": nsr, "sensitivity_seconds": table.seconds,
+                              "float_groups": held.float_groups, "trials": held.trials}
+        if held.build is None:
+            self.delivered, self.guard_failed = "float", True
+            self.why_not_measured = "float delivered: no int8 build holds the fidelity guard"
+            self.reason = ("no int8 build holds the fidelity guard (" + guard.describe(uniform) + "); "
+                           "--metric/--max-drop state your own, --no-guard turns it off")
+        else:
+            self.current = held.build
+
     def guard_speed(self) -> None:
         """The no-slowdown guarantee; sets what is delivered and why."""
         current, recipe = self.current, self.recipe
+        if self.guard_failed:
+            return
         if not current.quantized:
             left = current.insert.subgraph_compute_left_float
             self.delivered = "float"
@@ -389,6 +445,9 @@ class _Compilation:
             "latency": ({k: v.to_dict() for k, v in latency.items()}
                         | {"ratio": latency["int8"].median_ms / latency["float"].median_ms}
                         if latency else {"measured": False, "why": self.why_not_measured}),
+            "guard": (self.guard_report or {"thresholds": guard.THRESHOLDS}) if self.guard_applies
+            else {"applied": False, "why": "--no-guard" if not self.recipe.guard else
+                  "--metric/--max-drop given" if self.recipe.scheme == "int8" else "--scheme mixed has its budgets"},
             "no_slowdown_rounds": self.rounds,
             "per_node": _per_node_table(self.profiles, insert.decisions),
             "fidelity": fidelity,

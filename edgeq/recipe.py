@@ -63,6 +63,7 @@ class Recipe:
     holdout_fraction: float = 0.2
     allow_random_calibration: bool = False
     max_drop: float | None = None
+    guard: bool = True  # with no --metric/--max-drop: hold every output to edgeq.guard's default (int8 scheme)
     latency_ms: float | None = None  # --scheme mixed: median latency budget on the target
     size_mb: float | None = None  # --scheme mixed: model size budget (10^6 bytes)
     mixed_iterations: int = 4  # builds measured by the mixed-precision feedback loop, at most

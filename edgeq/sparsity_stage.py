@@ -27,6 +27,7 @@ from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.permute_channels import PermuteChannelsPass
 from edgeq.passes.sparsify import Sparsify24Pass, prunable
 from edgeq.recipe import Recipe
+from edgeq.search import longest_prefix
 from edgeq.target import Target
 
 BUDGET_SHARE = 0.5
@@ -106,11 +107,7 @@ class SparsityStage:
             self.reporter.progress(i + 1, len(names))
         order = sorted(names, key=lambda n: -sensitivity[n])  # least sensitive (highest SQNR) first
         self.report["sensitivity_sqnr_db"] = sensitivity
-        low, high = 0, len(order)  # pruning order[:low] fits (none pruned: no drop); order[:high] does not
-        while high - low > 1:
-            middle = (low + high) // 2
-            if self._trial(model, prune, set(order[middle:]), float_path, holdout, "prefix") <= budget:
-                low = middle
-            else:
-                high = middle
-        return set(order[low:])
+        # pruning none fits (no drop); pruning all does not (measured by the caller)
+        fits = lambda prefix: self._trial(model, prune, set(order) - set(prefix), float_path, holdout,  # noqa: E731
+                                          "prefix") <= budget
+        return set(order[longest_prefix(order, fits):])

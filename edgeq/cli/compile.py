@@ -11,6 +11,7 @@ import click
 from rich.table import Table
 
 from edgeq.cli.app import RichReporter, debug_option, default_cache_dir, main, out
+from edgeq import guard
 from edgeq.errors import UserError
 
 
@@ -47,6 +48,8 @@ from edgeq.errors import UserError
               help="--scheme mixed: measure each group's effect on the output, or estimate it from layer "
                    "statistics (auto: the proxy for large models).")
 @click.option("--random-calibration", is_flag=True, help="Calibrate on synthetic data when no --calib is given.")
+@click.option("--no-guard", is_flag=True, help="Without --metric/--max-drop, do not hold outputs to the default "
+                                             "fidelity guard (see the README).")
 @click.option("--allow-slowdown", is_flag=True, help="Deliver int8 even when it measures slower than float.")
 @click.option("--no-measure", is_flag=True, help="Skip latency measurement (and the no-slowdown check).")
 @click.option("--sparsity", type=click.Choice(["none", "2:4"]), default="none", show_default=True,
@@ -61,7 +64,7 @@ from edgeq.errors import UserError
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
 def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, optional_ops,
-            exclude, metric, max_drop, latency_ms, size_mb, sensitivity, random_calibration, allow_slowdown, no_measure,
+            exclude, metric, max_drop, latency_ms, size_mb, sensitivity, random_calibration, no_guard, allow_slowdown, no_measure,
             sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache, as_json, output):
     """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, or compile it with TVM; measure it, and write an
     artifact folder."""
@@ -73,7 +76,7 @@ def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, devic
     recipe = Recipe(scheme=scheme, runtime=runtime, tune_trials=tune_trials, method=method, percentile=percentile,
                     optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
-                    latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity,
+                    latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity, guard=not no_guard,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
                     sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
     request = CompileRequest(model=model, target=load_target(target).with_device(device), recipe=recipe,
@@ -154,6 +157,11 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
         extra = f" · top-1 agree {o['top1_agreement']:.3f}" if "top1_agreement" in o else ""
         table.add_row(f"output {name}", f"cosine {o['cosine']:.5f} · SQNR {o['sqnr_db']:.1f} dB · "
                                         f"max abs {o['max_abs_error']:.3g}{extra}")
+    if "guard" in fid:
+        g = manifest["guard"]
+        back = f" · {len(g['float_groups'])} most sensitive groups returned to float" if g.get("float_groups") else ""
+        table.add_row("fidelity guard", f"{'held' if fid['guard']['met'] else 'MISSED'}{back}: "
+                                        + guard.describe(fid["guard"]))
     if "metric" in fid:
         m = fid["metric"]
         table.add_row("metric", f"float {m['float']:.4f} · delivered {m['candidate']:.4f} · drop {m['drop']:+.4f}")

@@ -1,8 +1,8 @@
 """Decision groups: the layers that take one precision together.
 
 Rules:
-- A layer is a main-graph compute node (Conv, Gemm, MatMul, …) that the uniform int8 build quantized: a node
-  the target cannot run in int8, or that the user excluded, offers no choice and is not a layer.
+- A layer is a compute node (Conv, Gemm, MatMul, …; in subgraphs too) that the uniform int8 build quantized: a
+  node the target cannot run in int8, or that the user excluded, offers no choice and is not a layer.
 - Layers that read one constant weight share a group (a stored weight has one precision).
 - Layers whose outputs (or their fused Relu/Clip) meet in one Concat share a group: integer Concat kernels on
   fixed-point targets want one type across the inputs.
@@ -57,7 +57,8 @@ class _UnionFind:
 def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tuple[str, ...],
                  fusions: tuple[str, ...], int4_block: int) -> list[Group]:
     """The decision groups of ``model``, in graph order, from the uniform int8 build's ``decisions``."""
-    layers = {n.name: n for n in model.graph if n.name in decisions and decisions[n.name].quantized
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))  # subgraphs (If, Loop, Scan) too
+    layers = {n.name: n for n in nodes if n.name in decisions and decisions[n.name].quantized
               and decisions[n.name].reason == "compute"}
     sets = _UnionFind(layers)
     by_weight: dict[str, str] = {}
@@ -65,7 +66,7 @@ def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tu
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         if weight is not None and weight.const_value is not None:
             sets.union(name, by_weight.setdefault(weight.name, name))
-    for node in model.graph:
+    for node in nodes:
         if node.op_type == "Concat":
             makers = [m for m in (_maker(v, fusions) for v in node.inputs) if m in layers]
             for other in makers[1:]:

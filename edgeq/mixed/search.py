@@ -137,7 +137,7 @@ class MixedPrecisionSearch:
         feeds = list(itertools.islice(iter(calib), self.recipe.sensitivity_feeds))
         trials = sum(len(g.precisions) - 1 for g in groups)
         proxy = {}
-        if self._use_proxy(trials) and cached_sensitivity(self.sensitivity_cache) is None:
+        if self._use_proxy(trials) and cached_sensitivity(self.sensitivity_cache, groups) is None:
             with self.reporter.stage("sensitivity proxy: layer input statistics"):
                 proxy = proxy_nsr(model, groups, feeds, ranges, self.target)
         with self.reporter.stage(f"sensitivity: {trials} group × precision figures on {len(feeds)} feeds"):

@@ -73,7 +73,7 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     removed once measured. ``feeds`` are calibration feeds; ``proxy`` (from :func:`proxy_nsr`) stands in for
     the groups it names, scaled by the calibration groups measured too. ``cache``: a cache and the key of
     this table in it."""
-    cached = cached_sensitivity(cache)
+    cached = cached_sensitivity(cache, groups)
     if cached is not None:
         return cached
     started = time.perf_counter()
@@ -105,12 +105,17 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     result = Sensitivity(nsr, len(feeds), time.perf_counter() - started, False,
                          [g.name for g in proxied if g not in checks] or None, scale)
     if cache is not None:
-        cache[0].put("sensitivity", cache[1], {k: v for k, v in result.to_dict().items() if k != "cache_hit"})
+        cache[0].put("sensitivity", _key(cache, groups), {k: v for k, v in result.to_dict().items() if k != "cache_hit"})
     return result
 
 
-def cached_sensitivity(cache: tuple[JsonCache, list] | None) -> Sensitivity | None:
-    payload = cache[0].get("sensitivity", cache[1]) if cache is not None else None
+def _key(cache: tuple[JsonCache, list], groups: list[Group]) -> list:
+    """The caller's key, and the groups the table is of."""
+    return [*cache[1], [[g.name, list(g.nodes), list(g.precisions)] for g in groups]]
+
+
+def cached_sensitivity(cache: tuple[JsonCache, list] | None, groups: list[Group]) -> Sensitivity | None:
+    payload = cache[0].get("sensitivity", _key(cache, groups)) if cache is not None else None
     return None if payload is None else Sensitivity(**payload, cache_hit=True)
 
 

@@ -1,0 +1,103 @@
+"""The default fidelity guard: what "the same model" means when the user states no ``--metric`` or ``--max-drop``.
+
+Rules:
+- Every output is held to the threshold of its kind (:mod:`edgeq.fidelity` reads the kind from the float
+  model's outputs), on the held-out feeds:
+
+  ======================  ===================================================  ==========================
+  kind                    figure                                               threshold
+  ======================  ===================================================  ==========================
+  indices                 share of equal elements (token ids, class indices)   ≥ 0.99
+  classes                 argmax agreement per position (softmax outputs)      ≥ 0.99
+  logits                  argmax agreement, and SQNR                           ≥ 0.99, ≥ 20 dB
+  scores                  IoU of the values above 0.5 (probability maps)       ≥ 0.90
+  embedding               cosine                                               ≥ 0.99
+  values                  SQNR (≤ 16 values per feed: scores, regressions)     ≥ 30 dB
+  map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB
+  ======================  ===================================================  ==========================
+
+  The thresholds sit between what real models kept and lost at their task (edgeq's real-model corpus): a
+  speech-embedding CNN kept its word accuracy at cosine 0.9956 (20.5 dB); a layout detector lost most boxes at
+  7.8 dB on its box distributions; a quality-score regressor missed a 0.05 tolerance on a 2.1 mean at 26 dB
+  (30 dB is 3% of the signal); a text detector lost its probability map at IoU 0.83; an embedding model lost
+  nearest-neighbour agreement at cosine 0.93; a classifier at top-1 agreement 0.95.
+- An output with NaN/Inf where float has none fails whatever its kind.
+- ``--metric`` or ``--max-drop`` replace the guard; ``--no-guard`` turns it off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edgeq.search import longest_prefix
+
+THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
+    "indices": (("decision_agreement", 0.99),),
+    "classes": (("decision_agreement", 0.99),),
+    "logits": (("decision_agreement", 0.99), ("sqnr_db", 20.0)),
+    "scores": (("decision_agreement", 0.90),),
+    "embedding": (("cosine", 0.99),),
+    "values": (("sqnr_db", 30.0),),
+    "map": (("sqnr_db", 18.0),),
+}
+
+
+def check(fidelity: dict) -> dict:
+    """Each output's figures against its kind's thresholds; ``met`` when every output holds."""
+    outputs = {}
+    for name, output in fidelity["outputs"].items():
+        kind = output.get("kind", "map")
+        checks = [{"figure": figure, "value": float(output.get(figure, float("-inf"))), "min": minimum}
+                  for figure, minimum in THRESHOLDS[kind]]
+        for item in checks:
+            item["met"] = item["value"] >= item["min"] and not output.get("nonfinite")
+        outputs[name] = {"kind": kind, "checks": checks, "met": all(c["met"] for c in checks)}
+    return {"met": all(o["met"] for o in outputs.values()), "outputs": outputs}
+
+
+def describe(result: dict) -> str:
+    """One line per output: kind, figure vs threshold."""
+    parts = []
+    for name, output in result["outputs"].items():
+        figures = ", ".join(f"{c['figure'].replace('decision_agreement', 'agreement')} {c['value']:.4g}"
+                            f"{'≥' if c['met'] else '<'}{c['min']:g}" for c in output["checks"])
+        parts.append(f"{name} ({output['kind']}): {figures}")
+    return "; ".join(parts)
+
+
+@dataclass
+class GuardResult:
+    """What holding the guard took: the build that holds it (None: only float does), and every trial."""
+
+    build: object | None
+    float_groups: list[str] = field(default_factory=list)
+    trials: list[dict] = field(default_factory=list)
+
+
+def hold(groups: list, nsr: dict[str, float], build: Callable[[set[str]], object],
+         measure: Callable[[object], dict], uniform_check: dict, uniform_build) -> GuardResult:
+    """Return the fewest, most sensitive groups to float so that the guard holds.
+
+    ``nsr``: each group's output NSR with that group alone in int8 (the sensitivity table of
+    :mod:`edgeq.mixed.sensitivity`); ``build(float_nodes)`` makes a candidate with those nodes float;
+    ``measure(candidate)`` its fidelity on the held-out feeds. Groups are ordered least sensitive first and the
+    longest prefix that may stay int8 while the guard holds is found by bisection (:mod:`edgeq.search`): at most
+    ⌈log₂(groups + 1)⌉ builds, each recorded. The uniform int8 build (``uniform_check``) is the known miss."""
+    order = sorted(groups, key=lambda g: nsr[g.name])
+    trials = [{"float_groups": 0, "met": uniform_check["met"], "outputs": uniform_check["outputs"]}]
+    holding: dict[int, object] = {}
+
+    def holds(prefix) -> bool:
+        float_nodes = {node for g in order[len(prefix):] for node in g.nodes}
+        candidate = build(float_nodes)
+        result = check(measure(candidate))
+        trials.append({"float_groups": len(order) - len(prefix), "met": result["met"], "outputs": result["outputs"]})
+        if result["met"]:
+            holding[len(prefix)] = candidate
+        return result["met"]
+
+    if uniform_check["met"]:
+        return GuardResult(uniform_build, [], trials)
+    kept = longest_prefix(order, holds)  # 0: no group may stay int8, float is delivered
+    return GuardResult(holding.get(kept), [g.name for g in order[kept:]], trials)

@@ -1,0 +1,110 @@
+"""The default fidelity guard: output kinds read from the float outputs, thresholds per kind, and the fewest
+most sensitive groups returned to float when uniform int8 misses it."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import HOST_X86, make_model
+from edgeq import guard
+from edgeq.cli import main
+from edgeq.fidelity import FidelityMeter
+
+RNG = np.random.default_rng(0)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("make,kind", [
+    (lambda: _softmax(RNG.standard_normal((1, 7, 30))), "classes"),
+    (lambda: 1 / (1 + np.exp(-RNG.standard_normal((1, 50, 10)))), "scores"),
+    (lambda: _unit(RNG.standard_normal((1, 2048))), "embedding"),
+    (lambda: RNG.standard_normal((1, 1000)) * 4, "logits"),
+    (lambda: RNG.standard_normal(()) + 3, "values"),
+    (lambda: RNG.standard_normal((1, 3, 16, 16)), "map"),
+    (lambda: RNG.integers(0, 30, (1, 19)), "indices"),
+])
+def test_output_kinds_are_read_from_the_reference(make, kind):
+    meter = FidelityMeter(["y"])
+    for _ in range(3):
+        ref = make()
+        ref = ref.astype(np.float32) if ref.dtype.kind == "f" else ref
+        meter.update([ref], [ref])
+    out = meter.summary()["outputs"]["y"]
+    assert out["kind"] == kind
+    assert guard.check(meter.summary())["met"]  # the reference holds its own guard
+
+
+def test_thresholds_by_kind():
+    ref = _softmax(RNG.standard_normal((1, 200, 30))).astype(np.float32)
+    flipped = ref.copy()
+    flipped[0, :4] = flipped[0, :4, ::-1]  # 4 of 200 positions decide otherwise: agreement 0.98
+    meter = FidelityMeter(["p"])
+    meter.update([ref], [flipped])
+    result = guard.check(meter.summary())
+    assert not result["met"] and result["outputs"]["p"]["kind"] == "classes"
+    assert result["outputs"]["p"]["checks"][0]["value"] == pytest.approx(0.98)
+    noisy = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    for noise, met in ((0.1, True), (0.2, False)):  # 20 dB and 14 dB against the map kind's 18 dB
+        meter = FidelityMeter(["m"])
+        meter.update([noisy], [noisy + noise * RNG.standard_normal(noisy.shape).astype(np.float32)])
+        assert guard.check(meter.summary())["met"] is met
+    nan = noisy.copy()
+    nan[0, 0, 0, 0] = np.nan
+    meter = FidelityMeter(["m"])
+    meter.update([noisy], [nan])
+    assert not guard.check(meter.summary())["met"]
+
+
+def _outlier_model(tmp_path):
+    """x[1, 8, 64] → mm1 → Relu → mm2: feature 0 of x is ±500, so a per-tensor int8 scale for x wipes out
+    every other feature (mm1 in int8 ruins the output); mm2's input is ordinary."""
+    w1 = RNG.standard_normal((64, 64)).astype(np.float32) * 0.2
+    w1[0] *= 0.002  # the outlier feature barely reaches the output
+    w2 = RNG.standard_normal((64, 64)).astype(np.float32) * 0.2
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64])],
+                       [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(model, tmp_path / "m.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        x = rng.standard_normal((1, 8, 64)).astype(np.float32)
+        x[..., 0] = 500.0 * np.sign(rng.standard_normal((1, 8)))
+        np.savez(feeds / f"{i:02d}.npz", x=x)
+    return tmp_path / "m.onnx", feeds
+
+
+def test_the_guard_returns_the_sensitive_group_to_float(tmp_path):
+    model, feeds = _outlier_model(tmp_path)
+    args = ["compile", str(model), "-t", HOST_X86, "--calib", str(feeds), "--no-measure"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    report = manifest["guard"]
+    assert not report["uniform_int8"]["met"] and report["float_groups"] == ["mm1"]
+    assert report["sensitivity"]["mm1"] > report["sensitivity"]["mm2"]
+    decisions = manifest["quantization"]["decisions"]
+    assert not decisions["mm1"]["quantized"] and decisions["mm2"]["quantized"]
+    assert manifest["delivered"]["precision"] == "int8" and manifest["fidelity"]["guard"]["met"]
+    assert len(report["trials"]) <= 2  # uniform int8, then one bisection step for two groups
+    unguarded = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "raw"), "--no-guard"])
+    assert unguarded.exit_code == 0
+    raw = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+    assert raw["quantization"]["decisions"]["mm1"]["quantized"] and raw["guard"]["applied"] is False
+    assert raw["fidelity"]["outputs"]["y"]["sqnr_db"] < 18 <= manifest["fidelity"]["outputs"]["y"]["sqnr_db"]

@@ -33,7 +33,7 @@ from edgeq.target import host_x86_target
 SETTINGS = ("edgeq", "ort-default", "ort-x86")
 
 
-def _prepare(corpus: Path, data: Path) -> Path:
+def prepare(corpus: Path, data: Path) -> Path:
     """Build the corpus (venv, models, feeds) once; returns its python."""
     env = dict(os.environ, REALWORLD_DIR=str(data))
     python = data / "venv" / "bin" / "python"
@@ -44,17 +44,20 @@ def _prepare(corpus: Path, data: Path) -> Path:
     return python
 
 
-def _run(setting: str, corpus: Path, data: Path, python: Path, models: str | None, timeout: int,
-         reuse: bool) -> dict:
+def run_setting(setting: str, corpus: Path, data: Path, python: Path, models: str | None, timeout: int,
+                reuse: bool, edgeq_flags: str | None = None) -> dict:
+    """One setting over the corpus: a baseline, ``edgeq`` with no flags, or (``edgeq_flags``) an edgeq
+    variant named ``setting``."""
     result = data / "runs" / f"{setting}.json"
     if reuse and result.is_file():
         return json.loads(result.read_text())
     command = [str(python), str(corpus / "evaluate.py"), "run", "--tag", setting, "--json", str(result),
                "--timeout", str(timeout)]
-    if setting == "edgeq":
+    if setting == "edgeq" or edgeq_flags is not None:
         edgeq = Path(sys.executable).with_name("edgeq")
+        flags = f"{edgeq_flags} " if edgeq_flags else ""
         command += ["--compile-cmd", f"{shlex.quote(str(edgeq))} compile {{model}} -t {host_x86_target()} "
-                                     "--calib {calib} -o {out}", "--output-model-name", "model.onnx"]
+                                     f"{flags}--calib {{calib}} -o {{out}}", "--output-model-name", "model.onnx"]
     else:
         command += ["--baseline", setting]
     if models:
@@ -103,8 +106,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="print the table from earlier runs' JSON where present")
     args = parser.parse_args()
     corpus, data = args.corpus.resolve(), args.data.expanduser().resolve()
-    python = _prepare(corpus, data)
-    runs = {s: _run(s, corpus, data, python, args.models, args.timeout, args.reuse)
+    python = prepare(corpus, data)
+    runs = {s: run_setting(s, corpus, data, python, args.models, args.timeout, args.reuse)
             for s in args.settings.split(",")}
     print(table(runs))
 

@@ -59,6 +59,7 @@ from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass
+from edgeq.ptq_stage import PtqStage
 from edgeq.recipe import Recipe
 from edgeq.runtimes import tensorrt
 from edgeq.runtimes.base import NodeTime, cost_by_node
@@ -241,6 +242,8 @@ class _Compilation:
             self.calibrator(model)
             self.calib_seconds = time.perf_counter() - started
         self.model = model
+        self.ptq = PtqStage(self.recipe.ptq, model, self.calib, self.reporter, self.recipe.seed) \
+            if self.recipe.ptq else None
 
     def builder(self, optional_ops: tuple[str, ...]):
         """A function (keep_float, tag[, precisions]) -> _Build that inserts QDQ with this optional op set."""
@@ -253,6 +256,8 @@ class _Compilation:
             insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float, precisions,
                                    self.target.precisions.int4_block_size)
             insert(candidate)
+            if self.ptq is not None:
+                self.ptq(candidate)
             folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build
@@ -428,6 +433,7 @@ class _Compilation:
                        "keep_float": sorted(insert.keep_float)},
             "normalize": self.normalize_check,
             "op_sets": {"chosen": self.chosen, "measured": self.variants},
+            "ptq": self.ptq.report() if self.ptq is not None else {"techniques": []},
             "delivered": {"precision": self.delivered, "reason": self.reason, "file": MODEL,
                           "bytes": delivered_bytes, "float_bytes": float_bytes},
             "calibration": {"method": self.recipe.method, "tensors": len(self.calibrator.ranges),

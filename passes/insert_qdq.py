@@ -115,6 +115,48 @@ def weight_channel_axis(node: ir.Node, rank: int) -> int:
     return rank - 1  # MatMul: columns of B
 
 
+@dataclass
+class ConstantDequantize:
+    """A DequantizeLinear of constants (a quantized weight or bias): its integers and how they dequantize."""
+
+    node: ir.Node
+    integers: ir.Value
+    scale: np.ndarray
+    zero: np.ndarray | int
+    axis: int | None
+    block: int  # 0: one scale per channel (or per tensor); else blocks of this many along ``axis``
+
+    def dequantized(self) -> np.ndarray:
+        q = self.integers.const_value.numpy().astype(np.float64)
+        scale, zero = self.scale.astype(np.float64), np.asarray(self.zero, dtype=np.float64)
+        if self.block:
+            scale = np.repeat(scale, self.block, axis=self.axis)[:q.shape[self.axis]]
+            zero = np.repeat(zero, self.block, axis=self.axis)[:q.shape[self.axis]] if zero.ndim else zero
+        elif self.axis is not None:
+            shape = [1] * q.ndim
+            shape[self.axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.ndim else zero
+        return (q - zero) * scale
+
+
+def constant_dequantize(value: ir.Value | None) -> ConstantDequantize | None:
+    """The DequantizeLinear that makes ``value`` from constant inputs, if any."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return None
+    inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
+    if any(v is None or v.const_value is None for v in inputs[:2]) or (inputs[2] is not None
+                                                                          and inputs[2].const_value is None):
+        return None
+    scale = inputs[1].const_value.numpy()
+    zero = inputs[2].const_value.numpy() if inputs[2] is not None else 0
+    rank = len(inputs[0].const_value.shape)
+    axis = node.attributes.get_int("axis", 1) if scale.size > 1 else None
+    if axis is not None and axis < 0:
+        axis += rank
+    return ConstantDequantize(node, inputs[0], scale, zero, axis, node.attributes.get_int("block_size", 0))
+
+
 def int4_blockwise(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric uint4 per block of ``block`` rows of a [K, N] weight: (q [K, N], scale and zero point
     [K / block, N]). A block's range always contains 0, so zeros stay exact zeros."""

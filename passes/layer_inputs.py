@@ -1,4 +1,4 @@
-"""Collect each prunable layer's input Gram matrix H = Σ xᵀx on calibration data.
+"""Collect each layer's input statistics on calibration data: the mean row E[x] and the Gram matrix H = Σ xᵀx.
 
 Rules:
 - x is one row of the layer's input as its weight sees it: for Conv an input patch (im2col) with features
@@ -7,10 +7,13 @@ Rules:
 - The model runs in ONNX Runtime with the layers' inputs added as outputs, one feed at a time. From each feed
   at most ``rows_per_feed`` rows are used, chosen by a seeded generator, so the cost does not grow with the
   image size; H accumulates in float32 (F² · 4 bytes per distinct input, F the feature count).
-- Layers that read the same tensor with the same geometry share one H.
+  A grouped Conv's rows are patches of its whole input (every group's channels).
+- Layers that read the same tensor with the same geometry share one H and one mean. With ``grams=False``, or
+  for a grouped Conv, only the mean is kept.
 
-Side-effect only: the model is not changed; the results are :attr:`LayerInputsPass.grams` (layer name → H)
-and :attr:`LayerInputsPass.rows` (layer name → how many rows H sums).
+Side-effect only: the model is not changed; the results are :attr:`LayerInputsPass.grams` (layer name → H),
+:attr:`LayerInputsPass.means` (layer name → E[x]) and :attr:`LayerInputsPass.rows` (layer name → how many rows
+they sum).
 """
 
 from __future__ import annotations
@@ -70,10 +73,13 @@ def conv_patches(x: np.ndarray, geometry: tuple, pick: Callable[[int], np.ndarra
 
 
 class _GramSum:
-    """Σ xᵀx over rows that arrive a few at a time. Rows are buffered and multiplied in blocks of at least
-    ``FLUSH_ROWS``: one product per small feed would write the whole F × F matrix each time (memory-bound)."""
+    """Σ xᵀx (when ``gram``) and Σ x over rows that arrive a few at a time. Rows are buffered and multiplied in
+    blocks of at least ``FLUSH_ROWS``: one product per small feed would write the whole F × F matrix each time
+    (memory-bound)."""
 
-    def __init__(self):
+    def __init__(self, gram: bool = True):
+        self.gram = gram
+        self.sum: np.ndarray | None = None
         self.total: np.ndarray | None = None
         self.pending: list[np.ndarray] = []
         self.rows = 0
@@ -88,17 +94,18 @@ class _GramSum:
 
     def _flush(self) -> None:
         block = np.concatenate(self.pending)
-        gram = block.T @ block
-        if self.total is None:
-            self.total = gram
-        else:
-            self.total += gram
+        column_sum = block.sum(axis=0, dtype=np.float64)
+        self.sum = column_sum if self.sum is None else self.sum + column_sum
+        if self.gram:
+            gram = block.T @ block
+            self.total = gram if self.total is None else self.total + gram
         self.pending, self.rows = [], 0
 
-    def result(self) -> np.ndarray:
+    def result(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """(H or None, E[x])."""
         if self.pending:
             self._flush()
-        return self.total
+        return self.total, (self.sum / max(self.count, 1)).astype(np.float32)
 
 
 class LayerInputsPass(ir.passes.PassBase):
@@ -106,12 +113,13 @@ class LayerInputsPass(ir.passes.PassBase):
     changes_input = False
 
     def __init__(self, data: CalibrationData, layers: list[Layer], rows_per_feed: int = ROWS_PER_FEED,
-                 seed: int = 0, on_progress: Callable[[int, int], None] | None = None):
+                 seed: int = 0, on_progress: Callable[[int, int], None] | None = None, grams: bool = True):
         super().__init__()
-        self.data, self.layers = data, layers
+        self.data, self.layers, self.want_grams = data, layers, grams
         self.rows_per_feed, self.seed = rows_per_feed, seed
         self.on_progress = on_progress
         self.grams: dict[str, np.ndarray] = {}
+        self.means: dict[str, np.ndarray] = {}
         self.rows: dict[str, int] = {}
 
     def _key(self, layer: Layer) -> tuple:
@@ -126,7 +134,8 @@ class LayerInputsPass(ir.passes.PassBase):
         keys = {layer.node.name: self._key(layer) for layer in self.layers}
         distinct = list(dict.fromkeys(keys.values()))
         names = list(dict.fromkeys(key[0] for key in distinct))
-        sums = {key: _GramSum() for key in distinct}
+        gram_keys = {keys[layer.node.name] for layer in self.layers if self.want_grams and layer.groups == 1}
+        sums = {key: _GramSum(key in gram_keys) for key in distinct}
         rng = np.random.default_rng(self.seed)
 
         def pick(count: int) -> np.ndarray:
@@ -146,7 +155,8 @@ class LayerInputsPass(ir.passes.PassBase):
                     sums[key].add(flat[pick(len(flat))])
             if self.on_progress:
                 self.on_progress(i + 1, len(self.data))
-        grams = {key: total.result() for key, total in sums.items()}
-        self.grams = {name: grams[key] for name, key in keys.items()}
+        results = {key: total.result() for key, total in sums.items()}
+        self.grams = {name: results[key][0] for name, key in keys.items() if results[key][0] is not None}
+        self.means = {name: results[key][1] for name, key in keys.items()}
         self.rows = {name: sums[key].count for name, key in keys.items()}
         return ir.passes.PassResult(model, modified=False)

@@ -25,7 +25,8 @@ import onnx_ir as ir
 
 from edgeq.passes.exclude import EXCLUDE_KEY
 from edgeq.sparse24 import KEY, PATTERN, annotate
-from edgeq.sparse_solver import output_error, prune_magnitude, prune_reconstruct
+from edgeq.quant.obs import output_error
+from edgeq.sparse_solver import prune_magnitude, prune_reconstruct
 from edgeq.target import SparsityRules
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -46,6 +47,10 @@ class Layer:
     @property
     def array(self) -> np.ndarray:
         return self.weight.const_value.numpy()
+
+    @property
+    def groups(self) -> int:
+        return self.node.attributes.get_int("group", 1) if self.node.op_type == "Conv" else 1
 
     @property
     def in_channels(self) -> int:
@@ -74,8 +79,9 @@ class Layer:
         return np.ascontiguousarray(np.moveaxis(rows.reshape(moved), -1, 1))
 
 
-def layer_view(node: ir.Node) -> Layer | str:
-    """The node's weight as a :class:`Layer`, or why it cannot be pruned whatever the target."""
+def layer_view(node: ir.Node, grouped: bool = False) -> Layer | str:
+    """The node's weight as a :class:`Layer`, or why it cannot be pruned whatever the target (``grouped``:
+    a grouped or depthwise Conv is a layer too; each output's features are then its group's channels)."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if weight is None or weight.const_value is None:
         return "weight is not constant (a product of two activations)"
@@ -87,7 +93,7 @@ def layer_view(node: ir.Node) -> Layer | str:
     if node.op_type == "ConvTranspose":
         return "ConvTranspose (its reduction axis is the output-channel axis)"
     if node.op_type == "Conv":
-        if node.attributes.get_int("group", 1) != 1:
+        if node.attributes.get_int("group", 1) != 1 and not grouped:
             return "grouped or depthwise convolution"
         return Layer(node, weight, in_axis=1, out_axis=0, transposed=False)
     if rank != 2:

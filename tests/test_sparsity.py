@@ -21,8 +21,8 @@ from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.cli import main
 from edgeq.model_io import load_model, save_model
 from edgeq.sparse24 import KEY, check_model, compressed_bytes, magnitude_mask, obeys
+from edgeq.quant.obs import output_error
 from edgeq.sparse_solver import (
-    output_error,
     prune_magnitude,
     prune_reconstruct,
     search_permutation,

@@ -13,6 +13,7 @@ from rich.table import Table
 from edgeq.cli.app import RichReporter, debug_option, default_cache_dir, main, out
 from edgeq import guard
 from edgeq.errors import UserError
+from edgeq.recipe import Exclusions, Recipe
 
 
 @main.command()
@@ -36,6 +37,9 @@ from edgeq.errors import UserError
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile",
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
+@click.option("--ptq", default=",".join(Recipe().ptq) or "none", show_default=True,
+              help="Post-training techniques: 'none' or a list of gptq (reconstructed weight rounding), "
+                   "bias-correction.")
 @click.option("--optional-ops", default="auto", show_default=True,
               help="Optional ops to quantize (Add, Mul, Concat, …, ActMatMul for attention): auto (measure "
                    "candidate sets), all, none, or a comma-separated list.")
@@ -63,18 +67,17 @@ from edgeq.errors import UserError
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
-def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, optional_ops,
+def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, ptq, optional_ops,
             exclude, metric, max_drop, latency_ms, size_mb, sensitivity, random_calibration, no_guard, allow_slowdown, no_measure,
             sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache, as_json, output):
     """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, or compile it with TVM; measure it, and write an
     artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
-    from edgeq.recipe import Exclusions, Recipe
     from edgeq.target import load_target
 
     scheme = scheme or ("float" if runtime == "tvm" else "int8")
     recipe = Recipe(scheme=scheme, runtime=runtime, tune_trials=tune_trials, method=method, percentile=percentile,
-                    optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
+                    ptq=_parse_list(ptq), optional_ops=optional_ops, exclude=Exclusions.parse(exclude),
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
                     latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity, guard=not no_guard,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
@@ -91,6 +94,11 @@ def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, devic
     else:
         _print_compile_summary(manifest, output)
     sys.exit(code)
+
+
+def _parse_list(value: str) -> tuple[str, ...]:
+    """``--ptq``: 'none' or comma-separated names."""
+    return () if value.strip() in ("", "none") else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _parse_fraction(value: str | None) -> float | None:

@@ -1,0 +1,1 @@
+"""Quantization numerics shared by the passes: the layer-wise error-compensation solver (:mod:`.obs`)."""

@@ -1,0 +1,142 @@
+"""Post-training techniques: reconstructed weight rounding (GPTQ) and bias correction, each end to end through
+``edgeq compile`` on real data (scikit-learn's digits), judged on held-out feeds in ONNX Runtime."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+
+from conftest import HOST_X86, make_model
+from edgeq.cli import main
+from edgeq.model_io import load_model
+from edgeq.passes.insert_qdq import constant_dequantize
+
+DIGITS = load_digits()
+
+
+def _mlp(tmp_path):
+    """digits [1, 64] (pixel values 0…16: inputs with a large mean) → MatMul+Add → Relu → MatMul+Add → logits;
+    the second layer fitted by least squares to the labels, so the logits mean something."""
+    rng = np.random.default_rng(0)
+    x = DIGITS.data.astype(np.float32)
+    w1 = (rng.standard_normal((64, 96)) * 0.05).astype(np.float32)
+    b1 = (rng.standard_normal(96) * 0.1).astype(np.float32)
+    hidden = np.maximum(x @ w1 + b1, 0)
+    w2 = np.linalg.lstsq(np.c_[hidden, np.ones(len(x))], np.eye(10)[DIGITS.target], rcond=None)[0]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+             helper.make_node("Relu", ["h1"], ["h"], name="relu"),
+             helper.make_node("MatMul", ["h", "w2"], ["y0"], name="fc2"),
+             helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2_bias")]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n)
+             for n, a in (("w1", w1), ("b1", b1), ("w2", w2[:-1]), ("b2", w2[-1]))]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    return _save(tmp_path, model, x)
+
+
+def _depthwise(tmp_path):
+    """digits as 8×8 images, 8 shifted copies as channels → depthwise 3×3 Conv (bias) → Relu → 1×1 Conv."""
+    rng = np.random.default_rng(1)
+    images = DIGITS.data.reshape(-1, 1, 8, 8).astype(np.float32)
+    x = np.concatenate([images + c for c in range(8)], axis=1)  # channel means 4…11
+    dw = (rng.standard_normal((8, 1, 3, 3)) * 0.3).astype(np.float32)
+    pw = (rng.standard_normal((16, 8, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "dw", "dwb"], ["d"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "pw", "pwb"], ["y"], name="pointwise")]
+    inits = [numpy_helper.from_array(dw, "dw"), numpy_helper.from_array(np.full(8, 0.5, np.float32), "dwb"),
+             numpy_helper.from_array(pw, "pw"), numpy_helper.from_array(np.full(16, 0.1, np.float32), "pwb")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    return _save(tmp_path, model, x)
+
+
+def _save(tmp_path, model, samples):
+    """The model, stacked calibration and evaluation feeds, and 200 held-out feeds neither sees."""
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    for name, part in (("calib", samples[:300]), ("eval", samples[1000:1300])):
+        np.savez(tmp_path / f"{name}.npz", x=part)
+    return path, samples[1300:1500, None]
+
+
+def _compile(tmp_path, model, ptq, *extra):
+    out = tmp_path / f"out-{ptq}"
+    result = CliRunner().invoke(main, ["compile", str(model), "-t", HOST_X86, "--calib", str(tmp_path / "calib.npz"),
+                                       "--eval", str(tmp_path / "eval.npz"), "--no-measure", "--no-guard",
+                                       "--ptq", ptq, *extra, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def _errors(float_model, quantized, held_out):
+    """Per feed, the quantized output minus float's, on feeds neither calibration nor evaluation saw."""
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (float_model, quantized)]
+    return np.stack([sessions[1].run(None, {"x": x})[0] - sessions[0].run(None, {"x": x})[0] for x in held_out])
+
+
+def _sqnr(float_model, quantized, held_out):
+    session = ort.InferenceSession(str(float_model), providers=["CPUExecutionProvider"])
+    signal = np.stack([session.run(None, {"x": x})[0] for x in held_out])
+    return 10 * np.log10(np.sum(signal ** 2) / np.sum(_errors(float_model, quantized, held_out) ** 2))
+
+
+def _weights(path):
+    found = {}
+    for node in load_model(path).graph:
+        weight = constant_dequantize(node.inputs[1]) if node.op_type in ("Conv", "MatMul") else None
+        if weight is not None:
+            found[node.name] = (weight.integers.const_value.numpy(), weight.scale)
+    return found
+
+
+def test_gptq_rounding_lowers_the_error_on_unseen_data_and_keeps_the_grid(tmp_path):
+    model, held_out = _mlp(tmp_path)
+    nearest, _ = _compile(tmp_path, model, "none")
+    gptq, manifest = _compile(tmp_path, model, "gptq")
+    layers = manifest["ptq"]["gptq"]
+    assert set(layers) == {"fc1", "fc2"} and all(v["error"] < v["nearest_error"] for v in layers.values())
+    assert _sqnr(model, gptq / "model.onnx", held_out) > _sqnr(model, nearest / "model.onnx", held_out) + 1.0
+    before, after = _weights(nearest / "model.onnx"), _weights(gptq / "model.onnx")
+    for name, (q, scale) in after.items():
+        np.testing.assert_array_equal(scale, before[name][1])  # the same grid, other grid points
+        assert np.abs(q).max() <= 127 and (q != before[name][0]).any()
+
+
+@pytest.mark.parametrize("make", [_mlp, _depthwise], ids=["matmul-add", "depthwise-conv"])
+def test_bias_correction_removes_the_mean_output_error(tmp_path, make):
+    model, held_out = make(tmp_path)
+    plain, _ = _compile(tmp_path, model, "none")
+    corrected, manifest = _compile(tmp_path, model, "bias-correction")
+    layers = manifest["ptq"]["bias_correction"]
+    assert layers and all(v["applied"] for v in layers.values())
+    axes = (0, 1) if make is _mlp else (0, 1, 3, 4)  # the mean error per output channel
+    bias_before = np.abs(_errors(model, plain / "model.onnx", held_out).mean(axis=axes))
+    bias_after = np.abs(_errors(model, corrected / "model.onnx", held_out).mean(axis=axes))
+    assert bias_after.mean() < 0.7 * bias_before.mean()
+
+
+def test_layers_kept_float_are_not_touched(tmp_path):
+    model, _ = _mlp(tmp_path)
+    out, manifest = _compile(tmp_path, model, "gptq,bias-correction", "--exclude", "name:fc2")
+    assert set(manifest["ptq"]["gptq"]) == {"fc1"} and set(manifest["ptq"]["bias_correction"]) == {"fc1"}
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(model).graph.initializer}
+    delivered = {i.name: numpy_helper.to_array(i) for i in onnx.load(out / "model.onnx").graph.initializer}
+    np.testing.assert_array_equal(delivered["w2"], original["w2"])
+    np.testing.assert_array_equal(delivered["b2"], original["b2"])
+    assert not np.array_equal(delivered["b1"], original["b1"])  # fc1's bias carries the correction
+
+
+def test_an_unknown_technique_is_one_line(tmp_path):
+    model, _ = _mlp(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-t", HOST_X86, "--calib", str(tmp_path / "calib.npz"),
+                                       "--ptq", "adaround", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unknown --ptq technique 'adaround'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -6,8 +6,9 @@
 Variants, each a full ``edgeq compile`` on this CPU's x86 target:
 - ``uniform``: int8 everywhere quantizable, no technique, no guard, no no-slowdown check (``--ptq none
   --no-guard --allow-slowdown``): what plain calibration gives;
-- ``gptq``, ``bias``: that plus one technique (reconstructed weight rounding; bias correction);
-- ``all``: both techniques;
+- ``smooth``, ``gptq``, ``bias``: that plus one technique (SmoothQuant; reconstructed weight rounding; bias
+  correction);
+- ``all``: the three techniques;
 - ``default``: ``edgeq compile`` with no flags (the default techniques, the fidelity guard, no-slowdown).
 Zoo models (benchmarks/zoo.py, random weights with BatchNorm statistics set on data) and the two digits
 examples (trained; their accuracy is the metric) are compiled in this process, and every variant's model runs
@@ -43,12 +44,14 @@ from edgeq.target import host_x86_target, load_target  # noqa: E402
 EXAMPLES = HERE.parent / "examples"
 VARIANTS = {  # name → (recipe fields, the same as compile flags)
     "uniform": ({"ptq": (), "guard": False, "no_slowdown": False}, "--ptq none --no-guard --allow-slowdown"),
+    "smooth": ({"ptq": ("smoothquant",), "guard": False, "no_slowdown": False},
+               "--ptq smoothquant --no-guard --allow-slowdown"),
     "gptq": ({"ptq": ("gptq",), "guard": False, "no_slowdown": False},
              "--ptq gptq --no-guard --allow-slowdown"),
     "bias": ({"ptq": ("bias-correction",), "guard": False, "no_slowdown": False},
              "--ptq bias-correction --no-guard --allow-slowdown"),
-    "all": ({"ptq": ("gptq", "bias-correction"), "guard": False, "no_slowdown": False},
-            "--ptq gptq,bias-correction --no-guard --allow-slowdown"),
+    "all": ({"ptq": ("smoothquant", "gptq", "bias-correction"), "guard": False, "no_slowdown": False},
+            "--ptq smoothquant,gptq,bias-correction --no-guard --allow-slowdown"),
     "default": ({}, ""),
 }
 

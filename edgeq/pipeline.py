@@ -233,6 +233,9 @@ class _Compilation:
             if self.sparsity.report["pruned"]:
                 self.base_path = save_model(model, _fresh_dir(self.work / "sparse") / MODEL)
                 normalized_digest = model_digest(model)
+        self.ptq = PtqStage(self.recipe.ptq, self.reporter, self.recipe.seed)
+        if self.ptq.before_calibration(model, self.calib, self.rules):  # a smoothed model calibrates anew
+            normalized_digest = model_digest(model)
         rules = self.rules
         op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
         self.calibrator = CalibratePass(self.calib, op_types, self.recipe.method, self.recipe.percentile,
@@ -242,8 +245,7 @@ class _Compilation:
             self.calibrator(model)
             self.calib_seconds = time.perf_counter() - started
         self.model = model
-        self.ptq = PtqStage(self.recipe.ptq, model, self.calib, self.reporter, self.recipe.seed) \
-            if self.recipe.ptq else None
+        self.ptq.after_calibration(model, self.calib)
 
     def builder(self, optional_ops: tuple[str, ...]):
         """A function (keep_float, tag[, precisions]) -> _Build that inserts QDQ with this optional op set."""
@@ -256,8 +258,7 @@ class _Compilation:
             insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float, precisions,
                                    self.target.precisions.int4_block_size)
             insert(candidate)
-            if self.ptq is not None:
-                self.ptq(candidate)
+            self.ptq(candidate)
             folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build
@@ -433,7 +434,7 @@ class _Compilation:
                        "keep_float": sorted(insert.keep_float)},
             "normalize": self.normalize_check,
             "op_sets": {"chosen": self.chosen, "measured": self.variants},
-            "ptq": self.ptq.report() if self.ptq is not None else {"techniques": []},
+            "ptq": self.ptq.report(),
             "delivered": {"precision": self.delivered, "reason": self.reason, "file": MODEL,
                           "bytes": delivered_bytes, "float_bytes": float_bytes},
             "calibration": {"method": self.recipe.method, "tensors": len(self.calibrator.ranges),

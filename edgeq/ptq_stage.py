@@ -1,16 +1,20 @@
-"""The post-training quantization techniques of a compile: layer input statistics once, then per build
+"""The post-training quantization techniques of a compile, around calibration:
+[smooth activation outliers (SmoothQuant)] → calibrate → layer input statistics once → per build
 [reconstruct the weights' rounding (GPTQ)] → [correct the biases].
 
 Rules:
-- ``recipe.ptq`` names the techniques (:data:`edgeq.recipe.PTQ_TECHNIQUES`): ``gptq``
-  (:mod:`edgeq.passes.round_weights`) and ``bias-correction`` (:mod:`edgeq.passes.correct_bias`).
-- Statistics come from the calibration feeds run on the float model once (:mod:`edgeq.passes.layer_inputs`):
+- ``recipe.ptq`` names the techniques (:data:`edgeq.recipe.PTQ_TECHNIQUES`): ``smoothquant``
+  (:mod:`edgeq.passes.smooth_activations`, a float rewrite that leaves the function unchanged, so it runs
+  before calibration), ``gptq`` (:mod:`edgeq.passes.round_weights`) and ``bias-correction``
+  (:mod:`edgeq.passes.correct_bias`).
+- Statistics come from the calibration feeds run on the float model (:mod:`edgeq.passes.layer_inputs`):
   every main-graph Conv/Gemm/MatMul with a constant, unshared weight gets its input mean; with ``gptq``, each
   ungrouped one also its Gram matrix, collected in chunks of at most ``GRAM_BYTES`` so that a large model does
   not hold every H at once (each chunk is one more run over the feeds).
-- Each technique runs on every candidate build after Q/DQ insertion, so it applies exactly to the layers that
-  build quantizes (a layer kept float is never touched), and solutions are shared across builds.
-- :meth:`PtqStage.report` is the manifest's ``ptq`` section: techniques, seconds, and per layer what each did.
+- GPTQ and bias correction run on every candidate build after Q/DQ insertion, so they apply exactly to the
+  layers that build quantizes (a layer kept float is never touched), and solutions are shared across builds.
+- :meth:`PtqStage.report` is the manifest's ``ptq`` section: techniques, seconds, and per site or layer what
+  each did.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from edgeq.calibration_data import CalibrationData
 from edgeq.passes.correct_bias import CorrectBiasPass
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.round_weights import RoundWeightsPass
+from edgeq.passes.smooth_activations import SmoothActivationsPass
 from edgeq.passes.sparsify import LAYER_OPS, Layer, layer_view
+from edgeq.target import QuantizationRules
 
 GRAM_BYTES = 1 << 30
-ROWS_PER_FEED = 1024  # GPTQ fits the rounding to these rows: more than the 2:4 stage's, so it does not overfit
+ROWS_PER_FEED = 1024  # the rows H sums per feed: more than the 2:4 stage's, so GPTQ does not overfit them
 
 
 def _chunks(layers: list[Layer], grams: bool) -> list[list[Layer]]:
@@ -45,27 +51,50 @@ def _chunks(layers: list[Layer], grams: bool) -> list[list[Layer]]:
 
 
 class PtqStage:
-    def __init__(self, techniques: tuple[str, ...], model: ir.Model, calib: CalibrationData, reporter,
-                 seed: int = 0):
-        self.techniques = techniques
+    def __init__(self, techniques: tuple[str, ...], reporter, seed: int = 0):
+        self.techniques, self.reporter, self.seed = techniques, reporter, seed
+        self.passes: list[ir.passes.PassBase] = []
+        self.smoothed: dict[str, dict] | None = None
+        self.seconds = 0.0
+
+    def _statistics(self, model: ir.Model, calib: CalibrationData, layers: list[Layer], grams: bool) -> dict:
+        """LayerInputsPass's results (grams, means, ranges, rows: each layer name → figure), chunk by chunk."""
+        merged = {field: {} for field in ("grams", "means", "ranges", "rows")}
+        for chunk in _chunks(layers, grams):
+            with self.reporter.stage(f"ptq: input statistics of {len(chunk)} layers"):
+                inputs = LayerInputsPass(calib, chunk, ROWS_PER_FEED, self.seed, self.reporter.progress, grams=grams)
+                inputs(model)
+            for field, figures in merged.items():
+                figures.update(getattr(inputs, field))
+        return merged
+
+    def before_calibration(self, model: ir.Model, calib: CalibrationData, rules: QuantizationRules) -> bool:
+        """SmoothQuant, when asked; True when the model changed."""
+        if "smoothquant" not in self.techniques:
+            return False
+        started = time.perf_counter()
+        stats = self._statistics(model, calib, SmoothActivationsPass.layers(model), grams=True)
+        smooth = SmoothActivationsPass(rules, stats["grams"], stats["ranges"], stats["rows"])
+        changed = smooth(model).modified
+        self.smoothed = smooth.sites
+        self.seconds += time.perf_counter() - started
+        return changed
+
+    def after_calibration(self, model: ir.Model, calib: CalibrationData) -> None:
+        """Input statistics for GPTQ and bias correction, when asked."""
+        want_grams, want_bias = "gptq" in self.techniques, "bias-correction" in self.techniques
+        if not (want_grams or want_bias):
+            return
         started = time.perf_counter()
         layers = [v for v in (layer_view(n, grouped=True) for n in model.graph if n.op_type in LAYER_OPS)
                   if isinstance(v, Layer)]
         by_name = {layer.node.name: layer for layer in layers}
-        grams, means = {}, {}
-        want_grams = "gptq" in techniques
-        for chunk in _chunks(layers, want_grams):
-            with reporter.stage(f"ptq: input statistics of {len(chunk)} layers"):
-                inputs = LayerInputsPass(calib, chunk, ROWS_PER_FEED, seed, reporter.progress, grams=want_grams)
-                inputs(model)
-            grams |= inputs.grams
-            means |= inputs.means
-        self.passes: list[ir.passes.PassBase] = []
+        stats = self._statistics(model, calib, layers, want_grams)
         if want_grams:
-            self.passes.append(RoundWeightsPass(by_name, grams))
-        if "bias-correction" in techniques:
-            self.passes.append(CorrectBiasPass(by_name, means))
-        self.seconds = time.perf_counter() - started
+            self.passes.append(RoundWeightsPass(by_name, stats["grams"]))
+        if want_bias:
+            self.passes.append(CorrectBiasPass(by_name, stats["means"]))
+        self.seconds += time.perf_counter() - started
 
     def __call__(self, candidate: ir.Model) -> None:
         started = time.perf_counter()
@@ -75,5 +104,7 @@ class PtqStage:
 
     def report(self) -> dict:
         sections = {"gptq": RoundWeightsPass, "bias_correction": CorrectBiasPass}
-        return {"techniques": list(self.techniques), "seconds": round(self.seconds, 3),
-                **{key: p.layers for p in self.passes for key, kind in sections.items() if isinstance(p, kind)}}
+        report = {"techniques": list(self.techniques), "seconds": round(self.seconds, 3)}
+        if self.smoothed is not None:
+            report["smoothquant"] = self.smoothed
+        return report | {key: p.layers for p in self.passes for key, kind in sections.items() if isinstance(p, kind)}

@@ -1,4 +1,5 @@
-"""Collect each layer's input statistics on calibration data: the mean row E[x] and the Gram matrix H = Σ xᵀx.
+"""Collect each layer's input statistics on calibration data: the mean row E[x], each feature's range and the
+Gram matrix H = Σ xᵀx.
 
 Rules:
 - x is one row of the layer's input as its weight sees it: for Conv an input patch (im2col) with features
@@ -12,7 +13,8 @@ Rules:
   for a grouped Conv, only the mean is kept.
 
 Side-effect only: the model is not changed; the results are :attr:`LayerInputsPass.grams` (layer name → H),
-:attr:`LayerInputsPass.means` (layer name → E[x]) and :attr:`LayerInputsPass.rows` (layer name → how many rows
+:attr:`LayerInputsPass.means` (layer name → E[x]), :attr:`LayerInputsPass.ranges` (layer name → (min, max)
+per feature, over the rows used) and :attr:`LayerInputsPass.rows` (layer name → how many rows
 they sum).
 """
 
@@ -80,6 +82,8 @@ class _GramSum:
     def __init__(self, gram: bool = True):
         self.gram = gram
         self.sum: np.ndarray | None = None
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
         self.total: np.ndarray | None = None
         self.pending: list[np.ndarray] = []
         self.rows = 0
@@ -94,18 +98,21 @@ class _GramSum:
 
     def _flush(self) -> None:
         block = np.concatenate(self.pending)
-        column_sum = block.sum(axis=0, dtype=np.float64)
-        self.sum = column_sum if self.sum is None else self.sum + column_sum
+        column_sum, low, high = block.sum(axis=0, dtype=np.float64), block.min(axis=0), block.max(axis=0)
+        first = self.sum is None
+        self.sum = column_sum if first else self.sum + column_sum
+        self.low = low if first else np.minimum(self.low, low)
+        self.high = high if first else np.maximum(self.high, high)
         if self.gram:
             gram = block.T @ block
             self.total = gram if self.total is None else self.total + gram
         self.pending, self.rows = [], 0
 
-    def result(self) -> tuple[np.ndarray | None, np.ndarray]:
-        """(H or None, E[x])."""
+    def result(self) -> tuple[np.ndarray | None, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """(H or None, E[x], (min, max) per feature)."""
         if self.pending:
             self._flush()
-        return self.total, (self.sum / max(self.count, 1)).astype(np.float32)
+        return self.total, (self.sum / max(self.count, 1)).astype(np.float32), (self.low, self.high)
 
 
 class LayerInputsPass(ir.passes.PassBase):
@@ -120,6 +127,7 @@ class LayerInputsPass(ir.passes.PassBase):
         self.on_progress = on_progress
         self.grams: dict[str, np.ndarray] = {}
         self.means: dict[str, np.ndarray] = {}
+        self.ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.rows: dict[str, int] = {}
 
     def _key(self, layer: Layer) -> tuple:
@@ -158,5 +166,6 @@ class LayerInputsPass(ir.passes.PassBase):
         results = {key: total.result() for key, total in sums.items()}
         self.grams = {name: results[key][0] for name, key in keys.items() if results[key][0] is not None}
         self.means = {name: results[key][1] for name, key in keys.items()}
+        self.ranges = {name: results[key][2] for name, key in keys.items()}
         self.rows = {name: sums[key].count for name, key in keys.items()}
         return ir.passes.PassResult(model, modified=False)

@@ -140,3 +140,68 @@ def test_an_unknown_technique_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert "unknown --ptq technique 'adaround'" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _pre_ln(tmp_path, decomposed=False, residual=False):
+    """16 digits per feed as tokens [1, 16, 64] → LayerNorm whose γ makes 3 channels 60× the rest (the outlier
+    channels of real transformer encoders; a per-tensor int8 scale then leaves the others a few levels) →
+    MatMul → y [; + residual: post-LN, not smoothable]."""
+    rng = np.random.default_rng(2)
+    gamma = np.ones(64, np.float32)
+    gamma[[3, 17, 40]] = 60.0
+    beta = (rng.standard_normal(64) * 0.1).astype(np.float32)
+    w = (rng.standard_normal((64, 64)) * 0.1).astype(np.float32)
+    w[[3, 17, 40]] /= 60.0  # the outliers reach the output no more than the other channels do
+    if decomposed:  # an old exporter's LayerNorm: …normalized → Mul γ → Add β
+        nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1], name="mean"),
+                 helper.make_node("Sub", ["x", "mu"], ["c"], name="center"),
+                 helper.make_node("Mul", ["c", "c"], ["c2"], name="square"),
+                 helper.make_node("ReduceMean", ["c2"], ["var"], axes=[-1], name="variance"),
+                 helper.make_node("Add", ["var", "eps"], ["ve"], name="plus_eps"),
+                 helper.make_node("Sqrt", ["ve"], ["sd"], name="sd"),
+                 helper.make_node("Div", ["c", "sd"], ["n"], name="normalize"),
+                 helper.make_node("Mul", ["n", "gamma"], ["g"], name="scale"),
+                 helper.make_node("Add", ["g", "beta"], ["ln"], name="shift")]
+        opset = 17
+    else:
+        nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], axis=-1, name="ln")]
+        opset = 17
+    nodes.append(helper.make_node("MatMul", ["ln", "w"], ["y0" if residual else "y"], name="proj"))
+    if residual:
+        nodes.append(helper.make_node("Add", ["y0", "ln"], ["y"], name="residual"))
+    inits = [numpy_helper.from_array(a, n) for n, a in (("gamma", gamma), ("beta", beta), ("w", w))]
+    inits.append(numpy_helper.from_array(np.array(1e-5, np.float32), "eps"))
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 64])], inits, opset=opset)
+    tokens = DIGITS.data[:1792].astype(np.float32).reshape(-1, 16, 64)  # 112 feeds
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "calib.npz", x=tokens[:40])
+    np.savez(tmp_path / "eval.npz", x=tokens[40:70])
+    return path, tokens[70:, None]
+
+
+@pytest.mark.parametrize("decomposed,residual", [(False, False), (True, False), (False, True)],
+                         ids=["LayerNormalization", "decomposed", "post-LN"])
+def test_smoothquant_moves_outlier_channels_into_the_weights(tmp_path, decomposed, residual):
+    model, held_out = _pre_ln(tmp_path, decomposed, residual)
+    plain, _ = _compile(tmp_path, model, "none", "--optional-ops", "none")
+    smoothed, manifest = _compile(tmp_path, model, "smoothquant", "--optional-ops", "none")
+    (site,) = manifest["ptq"]["smoothquant"].values()
+    assert site["layers"] == ["proj"] and site["alpha"] > 0 and site["error"] < site["error_unsmoothed"]
+    assert site["into"] == ("Mul" if residual else "LayerNorm")  # the residual Add still reads the LayerNorm
+    assert _sqnr(model, smoothed / "model.onnx", held_out) > _sqnr(model, plain / "model.onnx", held_out) + 6.0
+
+
+def test_smoothquant_acts_only_where_it_predicts_a_gain(tmp_path):
+    """The MLP's pixels are ordinary (α = 0: nothing moves); its Relu output has a few dominant hidden units,
+    and a Mul by 1/s in front of fc2 (the Relu's output cannot absorb it) pays on unseen data."""
+    model, held_out = _mlp(tmp_path)
+    plain, _ = _compile(tmp_path, model, "none")
+    out, manifest = _compile(tmp_path, model, "smoothquant")
+    sites = manifest["ptq"]["smoothquant"]
+    assert sites["x"]["alpha"] == 0.0 and "into" not in sites["x"]
+    assert sites["h"]["into"] == "Mul" and sites["h"]["error"] < 0.5 * sites["h"]["error_unsmoothed"]
+    nodes = onnx.load(out / "model.onnx").graph.node
+    assert [n.input[0] for n in nodes if n.op_type == "Mul"] == ["h"]
+    assert _sqnr(model, out / "model.onnx", held_out) > _sqnr(model, plain / "model.onnx", held_out) + 6.0

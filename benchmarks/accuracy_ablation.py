@@ -103,12 +103,13 @@ def bench_model(name: str, work: Path, calib_count: int, repeats: int, variants:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], header: bool = True) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    print(f"{'model':<19}{'variant':<9}{'SQNR dB':>9}{'top-1':>8}{'metric':>8}{'int8/fp32':>10}{'guard':>7}"
-          f"{'compile s':>10}  delivered")
+    if header:
+        print(f"{'model':<19}{'variant':<9}{'SQNR dB':>9}{'top-1':>8}{'metric':>8}{'int8/fp32':>10}{'guard':>7}"
+              f"{'compile s':>10}  delivered")
     for r in rows:
         delivered = r["delivered"] + (f" ({r['float_groups']} groups float)" if r["float_groups"] else "")
         print(f"{r['model']:<19}{r['variant']:<9}{f(r['sqnr'], '.1f'):>9}{f(r['top1'], '.3f'):>8}"
@@ -143,7 +144,8 @@ def main() -> None:
     for name in names:
         rows += bench_model(name, args.work, args.calib, args.repeats, variants)
         print(f"[ablation] {name} done", file=sys.stderr, flush=True)
-    print_table(rows)
+        print_table(rows[-len(variants):], header=not rows[:-len(variants)])
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -264,6 +264,11 @@ def disagreement(output: dict) -> float:
     return 1.0 - output["cosine"]
 
 
+def worst_sqnr(summary: dict) -> float:
+    """The lowest output SQNR (dB) of a fidelity summary."""
+    return min((o["sqnr_db"] for o in summary["outputs"].values()), default=float("inf"))
+
+
 def accuracy_drop(summary: dict) -> float:
     """The drop a ``--max-drop`` budget is checked against: the user metric's drop when given, else the worst
     output's :func:`disagreement`."""

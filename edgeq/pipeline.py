@@ -47,7 +47,7 @@ from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
-from edgeq.fidelity import accuracy_drop, compare_models, load_metric
+from edgeq.fidelity import accuracy_drop, compare_models, load_metric, worst_sqnr
 from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
@@ -60,7 +60,7 @@ from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass
 from edgeq.ptq_stage import PtqStage
-from edgeq.recipe import Recipe
+from edgeq.recipe import PTQ_ON_GUARD_MISS, Recipe
 from edgeq.runtimes import tensorrt
 from edgeq.runtimes.base import NodeTime, cost_by_node
 from edgeq.runtimes.onnxruntime import OnnxRuntime
@@ -301,18 +301,24 @@ class _Compilation:
         return recipe.guard and recipe.scheme == "int8" and recipe.max_drop is None and self.metric is None
 
     def hold_guard(self) -> None:
-        """The default fidelity guard (:mod:`edgeq.guard`): when the chosen int8 build misses it, the fewest,
+        """The default fidelity guard (:mod:`edgeq.guard`): when the chosen int8 build misses it, [with ``--ptq
+        auto``, GPTQ rounding and bias correction are built and kept if they measure no worse;] then the fewest,
         most sensitive layer groups return to float until it holds; if only float holds it, float is
         delivered, saying why."""
         if not self.guard_applies or not self.current.quantized:
             return
         with self.reporter.stage("fidelity guard"):
-            uniform = guard.check(compare_models(self.runtime, self.float_path, self.current.path, self.holdout))
+            measured = compare_models(self.runtime, self.float_path, self.current.path, self.holdout)
+            uniform = guard.check(measured)
         self.guard_report = {"thresholds": guard.THRESHOLDS, "uniform_int8": uniform}
         if uniform["met"]:
             return
         build_with = self.builder(self.candidates[self.chosen])
         keep, tags = set(self.current.insert.keep_float), itertools.count(1)
+        if self.ptq.auto:
+            uniform = self._try_ptq(build_with, keep, measured, uniform)
+            if uniform["met"]:
+                return
         groups = layer_groups(self.model, self.current.insert.decisions, ("float", "int8"),
                               self.rules.activation_fusions, self.target.precisions.int4_block_size)
         feeds = list(itertools.islice(iter(self.calib), self.recipe.sensitivity_feeds))
@@ -335,6 +341,24 @@ class _Compilation:
                            "--metric/--max-drop state your own, --no-guard turns it off")
         else:
             self.current = held.build
+
+    def _try_ptq(self, build_with, keep: set[str], measured: dict, uniform: dict) -> dict:
+        """``--ptq auto`` after a guard miss: the same build with PTQ_ON_GUARD_MISS; kept (and used by every
+        later build) when its worst output SQNR is no lower. Returns the guard check of the build kept."""
+        with self.reporter.stage(f"guard: try {' + '.join(PTQ_ON_GUARD_MISS)}"):
+            self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
+            candidate = build_with(keep, "guard-ptq")
+            tried = compare_models(self.runtime, self.float_path, candidate.path, self.holdout)
+        before, after = worst_sqnr(measured), worst_sqnr(tried)
+        kept = after >= before
+        self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "worst_sqnr_db": [before, after], "kept": kept}
+        if not kept:
+            self.ptq.drop()
+            return uniform
+        self.current = candidate
+        checked = guard.check(tried)
+        self.guard_report["with_ptq"] = checked
+        return checked
 
     def guard_speed(self) -> None:
         """The no-slowdown guarantee; sets what is delivered and why."""
@@ -411,7 +435,8 @@ class _Compilation:
             return None
         key = [self.normalized_digest, self.calib.digest, sorted(self.calibrator.ranges.items()),
                self.candidates[self.chosen], self.target.quantization.__dict__, self.target.precisions.__dict__,
-               self.recipe.sensitivity_feeds, self.recipe.sensitivity, sorted(self.request.keep_float)]
+               self.recipe.sensitivity_feeds, self.recipe.sensitivity, sorted(self.request.keep_float),
+               list(self.ptq.techniques)]
         return self.calibrator.cache, key
 
     @property
@@ -568,9 +593,9 @@ def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed
     result = {}
     for name, b in builds.items():
         latency = _measure_pair(runtime, float_path, b.path, feed, recipe)
-        outputs = compare_models(runtime, float_path, b.path, holdout, limit=VARIANT_FIDELITY_FEEDS)["outputs"]
+        fidelity = compare_models(runtime, float_path, b.path, holdout, limit=VARIANT_FIDELITY_FEEDS)
         result[name] = {"ratio": latency["int8"].median_ms / latency["float"].median_ms,
-                        "sqnr_db": min((o["sqnr_db"] for o in outputs.values()), default=float("inf"))}
+                        "sqnr_db": worst_sqnr(fidelity)}
     return result
 
 

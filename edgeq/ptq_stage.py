@@ -3,7 +3,9 @@
 [reconstruct the weights' rounding (GPTQ)] → [correct the biases].
 
 Rules:
-- ``recipe.ptq`` names the techniques (:data:`edgeq.recipe.PTQ_TECHNIQUES`): ``smoothquant``
+- ``recipe.ptq`` names the techniques (:data:`edgeq.recipe.PTQ_TECHNIQUES`), or is ``auto``: none up front,
+  and :data:`edgeq.recipe.PTQ_ON_GUARD_MISS` built and measured by the fidelity guard when uniform int8 misses
+  it (the pipeline keeps them when they do no worse). The techniques: ``smoothquant``
   (:mod:`edgeq.passes.smooth_activations`, a float rewrite that leaves the function unchanged, so it runs
   before calibration), ``gptq`` (:mod:`edgeq.passes.round_weights`) and ``bias-correction``
   (:mod:`edgeq.passes.correct_bias`).
@@ -52,7 +54,10 @@ def _chunks(layers: list[Layer], grams: bool) -> list[list[Layer]]:
 
 class PtqStage:
     def __init__(self, techniques: tuple[str, ...], reporter, seed: int = 0):
-        self.techniques, self.reporter, self.seed = techniques, reporter, seed
+        self.auto = techniques == ("auto",)
+        self.techniques = () if self.auto else techniques
+        self.reporter, self.seed = reporter, seed
+        self.on_guard_miss: dict | None = None  # with auto: what trying PTQ_ON_GUARD_MISS measured
         self.passes: list[ir.passes.PassBase] = []
         self.smoothed: dict[str, dict] | None = None
         self.seconds = 0.0
@@ -80,8 +85,11 @@ class PtqStage:
         self.seconds += time.perf_counter() - started
         return changed
 
-    def after_calibration(self, model: ir.Model, calib: CalibrationData) -> None:
-        """Input statistics for GPTQ and bias correction, when asked."""
+    def after_calibration(self, model: ir.Model, calib: CalibrationData, techniques: tuple[str, ...] = ()) -> None:
+        """Input statistics for GPTQ and bias correction, when asked (or named in ``techniques``: the guard's
+        second try under ``auto``)."""
+        if techniques:
+            self.techniques = techniques
         want_grams, want_bias = "gptq" in self.techniques, "bias-correction" in self.techniques
         if not (want_grams or want_bias):
             return
@@ -96,6 +104,10 @@ class PtqStage:
             self.passes.append(CorrectBiasPass(by_name, stats["means"]))
         self.seconds += time.perf_counter() - started
 
+    def drop(self) -> None:
+        """Stop applying the techniques (they measured no better)."""
+        self.passes, self.techniques = [], ()
+
     def __call__(self, candidate: ir.Model) -> None:
         started = time.perf_counter()
         for each in self.passes:
@@ -105,6 +117,8 @@ class PtqStage:
     def report(self) -> dict:
         sections = {"gptq": RoundWeightsPass, "bias_correction": CorrectBiasPass}
         report = {"techniques": list(self.techniques), "seconds": round(self.seconds, 3)}
+        if self.auto:
+            report["auto"] = self.on_guard_miss or {"tried": False, "why": "uniform int8 held the guard, or no guard"}
         if self.smoothed is not None:
             report["smoothquant"] = self.smoothed
         return report | {key: p.layers for p in self.passes for key, kind in sections.items() if isinstance(p, kind)}

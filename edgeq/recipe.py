@@ -18,6 +18,7 @@ SENSITIVITY = ("auto", "measured", "proxy")
 SPARSITY = ("none", "2:4")
 SPARSITY_METHODS = ("reconstruct", "magnitude")
 PTQ_TECHNIQUES = ("smoothquant", "gptq", "bias-correction")  # edgeq.ptq_stage
+PTQ_ON_GUARD_MISS = ("gptq", "bias-correction")  # what --ptq auto tries when uniform int8 misses the guard
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,9 @@ class Recipe:
     # (Conv/Gemm/MatMul with weights, and passthrough ops, only), or a comma-separated list.
     optional_ops: str = "auto"
     percentile: float = 99.999
-    ptq: tuple[str, ...] = ()  # post-training techniques on top of calibration (PTQ_TECHNIQUES)
+    # post-training techniques on top of calibration (PTQ_TECHNIQUES), or ("auto",): none, unless the fidelity
+    # guard misses — then PTQ_ON_GUARD_MISS is built and measured, and kept where it does better
+    ptq: tuple[str, ...] = ("auto",)
     exclude: Exclusions = field(default_factory=Exclusions)
     holdout_fraction: float = 0.2
     allow_random_calibration: bool = False
@@ -118,9 +121,10 @@ class Recipe:
             raise UserError(f"unknown calibration method '{self.method}'", f"use one of {CALIBRATION_METHODS}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile {self.percentile} out of range", "use a value in (50, 100], e.g. 99.999")
-        unknown = [t for t in self.ptq if t not in PTQ_TECHNIQUES]
+        unknown = [t for t in self.ptq if t not in PTQ_TECHNIQUES] if self.ptq != ("auto",) else []
         if unknown:
-            raise UserError(f"unknown --ptq technique '{unknown[0]}'", f"use 'none' or a list of {PTQ_TECHNIQUES}")
+            raise UserError(f"unknown --ptq technique '{unknown[0]}'",
+                            f"use 'auto', 'none' or a list of {', '.join(PTQ_TECHNIQUES)}")
         if self.sensitivity not in SENSITIVITY:
             raise UserError(f"unknown sensitivity mode '{self.sensitivity}'", f"use one of {SENSITIVITY}")
         if self.sparsity not in SPARSITY:
@@ -137,6 +141,6 @@ class Recipe:
     def from_dict(cls, data: dict) -> "Recipe":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["ptq"] = tuple(data.get("ptq", ()))
+        values["ptq"] = tuple(data.get("ptq", ("auto",)))
         values["exclude"] = Exclusions(**{k: tuple(v) for k, v in data.get("exclude", {}).items()})
         return cls(**values)

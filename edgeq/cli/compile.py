@@ -38,8 +38,9 @@ from edgeq.recipe import Exclusions, Recipe
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
 @click.option("--ptq", default=",".join(Recipe().ptq) or "none", show_default=True,
-              help="Post-training techniques: 'none' or a list of smoothquant (activation outliers into the "
-                   "weights), gptq (reconstructed weight rounding), bias-correction.")
+              help="Post-training techniques: auto (gptq + bias-correction tried when the fidelity guard misses), "
+                   "none, or a list of smoothquant (activation outliers into the weights), gptq (reconstructed "
+                   "weight rounding), bias-correction.")
 @click.option("--optional-ops", default="auto", show_default=True,
               help="Optional ops to quantize (Add, Mul, Concat, …, ActMatMul for attention): auto (measure "
                    "candidate sets), all, none, or a comma-separated list.")

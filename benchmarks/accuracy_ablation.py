@@ -36,6 +36,7 @@ from vs_ort_quantizer import prepare, session  # noqa: E402
 from zoo import ZOO  # noqa: E402
 
 from edgeq import guard  # noqa: E402
+from edgeq.fidelity import worst_sqnr  # noqa: E402
 from edgeq.pipeline import CompileRequest, compile_model  # noqa: E402
 from edgeq.recipe import Recipe  # noqa: E402
 from edgeq.runtimes.base import measure_interleaved  # noqa: E402
@@ -89,7 +90,7 @@ def bench_model(name: str, work: Path, calib_count: int, repeats: int, variants:
         outputs = fidelity["outputs"].values()
         top1 = [o["top1_agreement"] for o in outputs if "top1_agreement" in o]
         rows.append({"model": name, "variant": variant, "seconds": time.perf_counter() - started,
-                     "sqnr": min(o["sqnr_db"] for o in outputs), "top1": min(top1) if top1 else None,
+                     "sqnr": worst_sqnr(fidelity), "top1": min(top1) if top1 else None,
                      "metric": fidelity.get("metric", {}).get("candidate"),
                      "guard": guard.check(fidelity)["met"], "delivered": manifest["delivered"]["precision"],
                      "float_groups": len(manifest["guard"].get("float_groups", []))})

@@ -265,8 +265,8 @@ def disagreement(output: dict) -> float:
 
 
 def worst_sqnr(summary: dict) -> float:
-    """The lowest output SQNR (dB) of a fidelity summary."""
-    return min((o["sqnr_db"] for o in summary["outputs"].values()), default=float("inf"))
+    """The lowest output SQNR (dB) of a fidelity summary (integer outputs have none)."""
+    return min((o["sqnr_db"] for o in summary["outputs"].values() if "sqnr_db" in o), default=float("inf"))
 
 
 def accuracy_drop(summary: dict) -> float:

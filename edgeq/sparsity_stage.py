@@ -21,7 +21,7 @@ import onnx_ir as ir
 from edgeq.artifact import MODEL
 from edgeq.calibration_data import CalibrationData
 from edgeq.errors import UserError
-from edgeq.fidelity import accuracy_drop, compare_models
+from edgeq.fidelity import accuracy_drop, compare_models, worst_sqnr
 from edgeq.model_io import save_model
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.permute_channels import PermuteChannelsPass
@@ -94,7 +94,7 @@ class SparsityStage:
         summary = compare_models(self.runtime, float_path, save_model(candidate, folder / MODEL), holdout,
                                  self.metric, limit)
         drop = accuracy_drop(summary)
-        sqnr = min((o["sqnr_db"] for o in summary["outputs"].values()), default=float("inf"))
+        sqnr = worst_sqnr(summary)
         self.report["search"].append({"kind": kind, "pruned": prune.pruned, "drop": drop, "sqnr_db": sqnr})
         return drop
 

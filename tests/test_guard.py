@@ -110,3 +110,28 @@ def test_the_guard_returns_the_sensitive_group_to_float(tmp_path):
     raw = json.loads((tmp_path / "raw" / "manifest.json").read_text())
     assert raw["quantization"]["decisions"]["mm1"]["quantized"] and raw["guard"]["applied"] is False
     assert raw["fidelity"]["outputs"]["y"]["sqnr_db"] < 18 <= manifest["fidelity"]["outputs"]["y"]["sqnr_db"]
+
+
+def test_an_integer_output_alone_through_the_measured_op_sets(tmp_path):
+    """Token ids out (ArgMax), nothing float: the op-set measurement and the guard judge it by agreement, with
+    no SQNR to rank by (a real grapheme-to-phoneme model's only output)."""
+    w1 = RNG.standard_normal((64, 64)).astype(np.float32) * 0.2
+    w2 = RNG.standard_normal((64, 30)).astype(np.float32) * 0.2
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "x"], ["s"], name="residual"),
+             helper.make_node("MatMul", ["s", "w2"], ["logits"], name="mm2"),
+             helper.make_node("ArgMax", ["logits"], ["ids"], axis=-1, keepdims=0, name="argmax")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+                       [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                       [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(model, tmp_path / "m.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(20):
+        np.savez(feeds / f"{i:02d}.npz", x=RNG.standard_normal((1, 8, 64)).astype(np.float32))
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-t", HOST_X86, "--calib", str(feeds),
+                                       "--repeats", "5", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["op_sets"]["measured"]) > 1
+    assert manifest["fidelity"]["outputs"]["ids"]["kind"] == "indices"

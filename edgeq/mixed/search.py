@@ -29,7 +29,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from edgeq.fidelity import accuracy_drop, compare_models
+from edgeq.fidelity import accuracy_drop, compare_models, worst_sqnr
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs, group_times, uniform
 from edgeq.mixed.groups import Group, layer_groups
@@ -66,7 +66,7 @@ class Measured:
 
     @property
     def sqnr_db(self) -> float:
-        return min((o["sqnr_db"] for o in self.fidelity["outputs"].values()), default=float("inf"))
+        return worst_sqnr(self.fidelity)
 
 
 @dataclass

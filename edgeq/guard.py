@@ -56,6 +56,13 @@ def check(fidelity: dict) -> dict:
     return {"met": all(o["met"] for o in outputs.values()), "outputs": outputs}
 
 
+def no_worse(result: dict, than: dict) -> bool:
+    """Every figure of ``result`` at least as good as the same figure of ``than`` (two checks of one model)."""
+    return all(mine["value"] >= theirs["value"]
+               for name, output in result["outputs"].items()
+               for mine, theirs in zip(output["checks"], than["outputs"][name]["checks"]))
+
+
 def describe(result: dict) -> str:
     """One line per output: kind, figure vs threshold."""
     parts = []

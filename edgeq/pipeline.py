@@ -344,20 +344,19 @@ class _Compilation:
 
     def _try_ptq(self, build_with, keep: set[str], measured: dict, uniform: dict) -> dict:
         """``--ptq auto`` after a guard miss: the same build with PTQ_ON_GUARD_MISS; kept (and used by every
-        later build) when its worst output SQNR is no lower. Returns the guard check of the build kept."""
+        later build) when it holds the guard, or when none of the guard's figures is worse. Returns the guard
+        check of the build kept."""
         with self.reporter.stage(f"guard: try {' + '.join(PTQ_ON_GUARD_MISS)}"):
             self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
             candidate = build_with(keep, "guard-ptq")
-            tried = compare_models(self.runtime, self.float_path, candidate.path, self.holdout)
-        before, after = worst_sqnr(measured), worst_sqnr(tried)
-        kept = after >= before
-        self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "worst_sqnr_db": [before, after], "kept": kept}
+            checked = guard.check(compare_models(self.runtime, self.float_path, candidate.path, self.holdout))
+        kept = checked["met"] or guard.no_worse(checked, uniform)
+        self.guard_report["with_ptq"] = checked
+        self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "kept": kept}
         if not kept:
             self.ptq.drop()
             return uniform
         self.current = candidate
-        checked = guard.check(tried)
-        self.guard_report["with_ptq"] = checked
         return checked
 
     def guard_speed(self) -> None:

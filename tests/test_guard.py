@@ -104,7 +104,7 @@ def test_the_guard_returns_the_sensitive_group_to_float(tmp_path):
     assert manifest["delivered"]["precision"] == "int8" and manifest["fidelity"]["guard"]["met"]
     assert len(report["trials"]) <= 2  # uniform int8, then one bisection step for two groups
     auto = manifest["ptq"]["auto"]  # --ptq auto tried GPTQ + bias correction first: it cannot fix an outlier
-    assert auto["tried"] == ["gptq", "bias-correction"] and ("with_ptq" in report) == auto["kept"]
+    assert auto["tried"] == ["gptq", "bias-correction"] and "with_ptq" in report
     unguarded = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "raw"), "--no-guard"])
     assert unguarded.exit_code == 0
     raw = json.loads((tmp_path / "raw" / "manifest.json").read_text())

@@ -14,6 +14,7 @@ Rules:
   (a torch Linear exported as MatMul + Add; through the Q→DQ pair of a quantized output), when that constant
   feeds nothing else. A layer with no bias keeps
   none (not yet: a new int32 bias input for it is future work); it is reported.
+- A layer whose input mean is not finite (±inf activations) is not corrected.
 - A grouped or depthwise Conv's output channel uses its own group's channels of E[x].
 - Corrections are cached per layer name, so one pass object serves every candidate build of a compile; the
   relative size ‖e‖ / ‖b‖ is reported per layer (:attr:`CorrectBiasPass.layers`).
@@ -75,7 +76,7 @@ class CorrectBiasPass(ir.passes.InPlacePass):
         for node in model.graph:
             layer = self.float_layers.get(node.name)
             weight = constant_dequantize(node.inputs[1]) if layer is not None and len(node.inputs) > 1 else None
-            if weight is None or node.name not in self.means:
+            if weight is None or node.name not in self.means or not np.isfinite(self.means[node.name]).all():
                 continue
             bias = _bias_of(node)
             correction = self._correction(layer, weight.dequantized())

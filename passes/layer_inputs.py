@@ -104,7 +104,8 @@ class _GramSum:
         self.low = low if first else np.minimum(self.low, low)
         self.high = high if first else np.maximum(self.high, high)
         if self.gram:
-            gram = block.T @ block
+            with np.errstate(invalid="ignore", over="ignore"):  # ±inf inputs: H is not finite, and users check
+                gram = block.T @ block
             self.total = gram if self.total is None else self.total + gram
         self.pending, self.rows = [], 0
 

@@ -13,6 +13,7 @@ Rules:
   stay closest to float.
 - A layer's new integers are kept only when their output error ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on the calibration data is
   below rounding to nearest's; both figures are reported per layer (:attr:`RoundWeightsPass.layers`).
+- A layer whose inputs were not finite on the calibration data keeps nearest rounding.
 - Solutions are cached per layer name, so one pass object serves every candidate build of a compile.
 """
 
@@ -54,6 +55,9 @@ class RoundWeightsPass(ir.passes.InPlacePass):
     def _solve(self, layer: Layer, weight: ConstantDequantize) -> np.ndarray | None:
         """The layer's reconstructed integers (weight-shaped), or None when nearest rounding is as good."""
         name = layer.node.name
+        if name not in self._solutions and not np.isfinite(self.grams[name]).all():
+            self.layers[name] = {"changed": False, "reason": "non-finite layer inputs"}
+            self._solutions[name] = None
         if name not in self._solutions:
             gram, rows = self.grams[name], layer.rows().astype(np.float64)
             nearest = layer.rows(weight.integers.const_value.numpy()).astype(np.float64)

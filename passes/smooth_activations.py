@@ -18,7 +18,7 @@ Rules:
 - α per site is chosen from ``ALPHAS`` by the smallest predicted relative output error of the reading
   layers: their int8 weight error through H' = S⁻¹HS⁻¹ plus the activation rounding noise Δ²/12 of X/s's
   per-tensor range; α = 0 (nothing moves) is a candidate, so a site is smoothed only where that predicts
-  less error. Every site's α and both predictions are reported (:attr:`SmoothActivationsPass.sites`).
+  less error; a site whose values were not finite on the calibration data is left alone. Every site's α and both predictions are reported (:attr:`SmoothActivationsPass.sites`).
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
             if first not in self.grams:
                 continue
             low, high = self.ranges[first]
+            if not (np.isfinite(low).all() and np.isfinite(high).all() and np.isfinite(self.grams[first]).all()):
+                continue
             act = np.maximum(np.abs(low), np.abs(high)).astype(np.float64)
             weight = np.max([np.abs(layer.rows()).max(axis=0) for layer in layers], axis=0).astype(np.float64)
             errors = {alpha: self._predicted(layers, self._scales(act, weight, alpha), low, high) for alpha in ALPHAS}

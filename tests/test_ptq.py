@@ -205,3 +205,22 @@ def test_smoothquant_acts_only_where_it_predicts_a_gain(tmp_path):
     nodes = onnx.load(out / "model.onnx").graph.node
     assert [n.input[0] for n in nodes if n.op_type == "Mul"] == ["h"]
     assert _sqnr(model, out / "model.onnx", held_out) > _sqnr(model, plain / "model.onnx", held_out) + 6.0
+
+
+def test_non_finite_layer_inputs_leave_the_layer_as_it_was(tmp_path):
+    """Log of a zero power is −inf: a layer reading it keeps nearest rounding and its bias, and the compile
+    still succeeds (the Gram matrix of such inputs cannot be factored)."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 8)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Log", ["x"], ["l"], name="log"),
+             helper.make_node("MatMul", ["l", "w"], ["y0"], name="fc"),
+             helper.make_node("Add", ["y0", "b"], ["y"], name="fc_bias")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                       [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(8, np.float32), "b")])
+    samples = np.abs(rng.standard_normal((1500, 16))).astype(np.float32)
+    samples[::7, 0] = 0.0  # some −inf
+    path, _ = _save(tmp_path, model, samples)
+    _, manifest = _compile(tmp_path, path, "smoothquant,gptq,bias-correction")
+    assert manifest["ptq"]["gptq"]["fc"] == {"changed": False, "reason": "non-finite layer inputs"}
+    assert "fc" not in manifest["ptq"]["bias_correction"] and "l" not in manifest["ptq"]["smoothquant"]

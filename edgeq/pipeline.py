@@ -308,15 +308,14 @@ class _Compilation:
         if not self.guard_applies or not self.current.quantized:
             return
         with self.reporter.stage("fidelity guard"):
-            measured = compare_models(self.runtime, self.float_path, self.current.path, self.holdout)
-            uniform = guard.check(measured)
+            uniform = guard.check(compare_models(self.runtime, self.float_path, self.current.path, self.holdout))
         self.guard_report = {"thresholds": guard.THRESHOLDS, "uniform_int8": uniform}
         if uniform["met"]:
             return
         build_with = self.builder(self.candidates[self.chosen])
         keep, tags = set(self.current.insert.keep_float), itertools.count(1)
         if self.ptq.auto:
-            uniform = self._try_ptq(build_with, keep, measured, uniform)
+            uniform = self._try_ptq(build_with, keep, uniform)
             if uniform["met"]:
                 return
         groups = layer_groups(self.model, self.current.insert.decisions, ("float", "int8"),
@@ -342,7 +341,7 @@ class _Compilation:
         else:
             self.current = held.build
 
-    def _try_ptq(self, build_with, keep: set[str], measured: dict, uniform: dict) -> dict:
+    def _try_ptq(self, build_with, keep: set[str], uniform: dict) -> dict:
         """``--ptq auto`` after a guard miss: the same build with PTQ_ON_GUARD_MISS; kept (and used by every
         later build) when it holds the guard, or when none of the guard's figures is worse. Returns the guard
         check of the build kept."""

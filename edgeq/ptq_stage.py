@@ -42,7 +42,7 @@ def _chunks(layers: list[Layer], grams: bool) -> list[list[Layer]]:
         return [layers]
     chunks, size = [[]], 0
     for layer in layers:
-        features = layer.rows().shape[1] if layer.groups == 1 else 0
+        features = layer.array.size // layer.out_channels if layer.groups == 1 else 0
         cost = 4 * features * features
         if chunks[-1] and size + cost > GRAM_BYTES:
             chunks.append([])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgeq.passes.insert_qdq import constant_dequantize
+from edgeq.passes.insert_qdq import constant_dequantize, quantized_layers
 from edgeq.passes.sparsify import Layer
 
 
@@ -73,10 +73,8 @@ class CorrectBiasPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for node in model.graph:
-            layer = self.float_layers.get(node.name)
-            weight = constant_dequantize(node.inputs[1]) if layer is not None and len(node.inputs) > 1 else None
-            if weight is None or node.name not in self.means or not np.isfinite(self.means[node.name]).all():
+        for node, layer, weight in quantized_layers(model, self.float_layers):
+            if node.name not in self.means or not np.isfinite(self.means[node.name]).all():
                 continue
             bias = _bias_of(node)
             correction = self._correction(layer, weight.dequantized())

@@ -157,6 +157,16 @@ def constant_dequantize(value: ir.Value | None) -> ConstantDequantize | None:
     return ConstantDequantize(node, inputs[0], scale, zero, axis, node.attributes.get_int("block_size", 0))
 
 
+def quantized_layers(model: ir.Model, layers: dict):
+    """(node, its float layer from ``layers`` by name, its weight's :class:`ConstantDequantize`) for every
+    main-graph node of ``layers`` whose weight this quantized model dequantizes from constants."""
+    for node in model.graph:
+        layer = layers.get(node.name)
+        weight = constant_dequantize(node.inputs[1]) if layer is not None and len(node.inputs) > 1 else None
+        if weight is not None:
+            yield node, layer, weight
+
+
 def int4_blockwise(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric uint4 per block of ``block`` rows of a [K, N] weight: (q [K, N], scale and zero point
     [K / block, N]). A block's range always contains 0, so zeros stay exact zeros."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgeq.passes.insert_qdq import ConstantDequantize, constant_dequantize
+from edgeq.passes.insert_qdq import ConstantDequantize, quantized_layers
 from edgeq.passes.sparsify import Layer
 from edgeq.quant.obs import compensate, output_error
 
@@ -38,10 +38,8 @@ class RoundWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for node in model.graph:
-            layer = self.float_layers.get(node.name)
-            weight = constant_dequantize(node.inputs[1]) if layer is not None and len(node.inputs) > 1 else None
-            if weight is None or node.name not in self.grams or weight.block or weight.integers.const_value.dtype not in _INT8:
+        for node, layer, weight in quantized_layers(model, self.float_layers):
+            if node.name not in self.grams or weight.block or weight.integers.const_value.dtype not in _INT8:
                 continue
             if weight.axis not in (None, layer.out_axis) or len(list(weight.integers.uses())) > 1:
                 continue

@@ -106,15 +106,19 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
                 continue
             act = np.maximum(np.abs(low), np.abs(high)).astype(np.float64)
             weight = np.max([np.abs(layer.rows()).max(axis=0) for layer in layers], axis=0).astype(np.float64)
-            errors = {alpha: self._predicted(layers, self._scales(act, weight, alpha), low, high) for alpha in ALPHAS}
+            statistics = [(layer, self.grams[layer.node.name].astype(np.float64), layer.rows().astype(np.float64))
+                          for layer in layers]
+            errors = {alpha: self._predicted(statistics, self._scales(act, weight, alpha), low, high)
+                      for alpha in ALPHAS}
             alpha = min(errors, key=errors.get)
+            absorbing = absorbers(value, len(act)) if _only_layers_read(value, layers) else None
+            if absorbing is None and errors[alpha] > MUL_GAIN * errors[0.0]:
+                alpha = 0.0  # a new Mul would not pay for itself
             self.sites[value.name] = {"layers": [layer.node.name for layer in layers], "alpha": alpha,
                                       "error_unsmoothed": errors[0.0], "error": errors[alpha]}
-            scales = self._scales(act, weight, alpha)
-            absorbing = absorbers(value, len(scales)) if _only_layers_read(value, layers) else None
-            if alpha == 0.0 or (absorbing is None and errors[alpha] > MUL_GAIN * errors[0.0]):
-                self.sites[value.name] |= {"alpha": 0.0, "error": errors[0.0]} if alpha else {}
+            if alpha == 0.0:
                 continue
+            scales = self._scales(act, weight, alpha)
             if absorbing is not None:
                 for absorber in (a for a in absorbing if a is not None):
                     stored = absorber.const_value.numpy()
@@ -155,21 +159,20 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
         scales[alive] = np.clip(act[alive] ** alpha / weight[alive] ** (1 - alpha), 1e-5, 1e5)
         return scales
 
-    def _predicted(self, layers: list[Layer], scales: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
-        """Σ over the layers of (weight error + activation noise) / signal, on the calibration rows, with
-        channel j divided by ``scales[j]``."""
+    def _predicted(self, statistics: list[tuple[Layer, np.ndarray, np.ndarray]], scales: np.ndarray,
+                   low: np.ndarray, high: np.ndarray) -> float:
+        """Σ over the layers (each with its H and weight rows) of (weight error + activation noise) / signal,
+        on the calibration rows, with channel j divided by ``scales[j]``."""
         rules = self.rules
         smoothed_low, smoothed_high = min(0.0, float(np.min(low / scales))), max(0.0, float(np.max(high / scales)))
         step = (smoothed_high - smoothed_low) / _LEVELS[rules.activations]
         total = 0.0
-        for layer in layers:
-            name = layer.node.name
-            gram, rows = self.grams[name].astype(np.float64), layer.rows().astype(np.float64)
+        for layer, gram, rows in statistics:
             smoothed = rows * scales[None, :]
             q, scale = weight_quantize(smoothed, 0 if rules.per_channel else None, rules.reduce_range)
             delta = smoothed - q * (scale[:, None] if scale.ndim else scale)
             h = gram / np.outer(scales, scales)
-            noise = float(np.sum((delta @ h) * delta)) + self.rows[name] * step * step / 12 * float(np.sum(smoothed ** 2))
+            noise = float(np.sum((delta @ h) * delta)) + self.rows[layer.node.name] * step * step / 12 * float(np.sum(smoothed ** 2))
             signal = float(np.sum((rows @ gram) * rows))
             total += noise / signal if signal > 0 else 0.0
         return total

@@ -4,11 +4,13 @@
     python benchmarks/accuracy_ablation.py --corpus DIR [--data DATA] [--models a,b]   # the real-model corpus
 
 Variants, each a full ``edgeq compile`` on this CPU's x86 target:
-- ``uniform``: int8 everywhere quantizable, no technique, no guard, no no-slowdown check (``--ptq none
-  --no-guard --allow-slowdown``): what plain calibration gives;
+- ``uniform``: static int8 everywhere quantizable (every optional op), no technique, no guard, no no-slowdown
+  check (``--ptq none --no-guard --allow-slowdown --optional-ops all``): what plain calibration gives;
 - ``smooth``, ``gptq``, ``bias``: that plus one technique (SmoothQuant; reconstructed weight rounding; bias
   correction);
 - ``all``: the three techniques;
+- ``dynamic``: the MatMul/Gemm layers in dynamic int8 (run-time activation scales) and no optional op
+  (``--optional-ops DynamicMatMul``): ONNX Runtime's dynamic quantization, for transformers;
 - ``default``: ``edgeq compile`` with no flags (the default techniques, the fidelity guard, no-slowdown).
 Zoo models (benchmarks/zoo.py, random weights with BatchNorm statistics set on data) and the two digits
 examples (trained; their accuracy is the metric) are compiled in this process, and every variant's model runs
@@ -43,16 +45,17 @@ from edgeq.runtimes.base import measure_interleaved  # noqa: E402
 from edgeq.target import host_x86_target, load_target  # noqa: E402
 
 EXAMPLES = HERE.parent / "examples"
+_PLAIN = {"guard": False, "no_slowdown": False, "optional_ops": "all"}
+_PLAIN_FLAGS = "--no-guard --allow-slowdown --optional-ops all"
 VARIANTS = {  # name → (recipe fields, the same as compile flags)
-    "uniform": ({"ptq": (), "guard": False, "no_slowdown": False}, "--ptq none --no-guard --allow-slowdown"),
-    "smooth": ({"ptq": ("smoothquant",), "guard": False, "no_slowdown": False},
-               "--ptq smoothquant --no-guard --allow-slowdown"),
-    "gptq": ({"ptq": ("gptq",), "guard": False, "no_slowdown": False},
-             "--ptq gptq --no-guard --allow-slowdown"),
-    "bias": ({"ptq": ("bias-correction",), "guard": False, "no_slowdown": False},
-             "--ptq bias-correction --no-guard --allow-slowdown"),
-    "all": ({"ptq": ("smoothquant", "gptq", "bias-correction"), "guard": False, "no_slowdown": False},
-            "--ptq smoothquant,gptq,bias-correction --no-guard --allow-slowdown"),
+    "uniform": ({"ptq": ()} | _PLAIN, f"--ptq none {_PLAIN_FLAGS}"),
+    "smooth": ({"ptq": ("smoothquant",)} | _PLAIN, f"--ptq smoothquant {_PLAIN_FLAGS}"),
+    "gptq": ({"ptq": ("gptq",)} | _PLAIN, f"--ptq gptq {_PLAIN_FLAGS}"),
+    "bias": ({"ptq": ("bias-correction",)} | _PLAIN, f"--ptq bias-correction {_PLAIN_FLAGS}"),
+    "all": ({"ptq": ("smoothquant", "gptq", "bias-correction")} | _PLAIN,
+            f"--ptq smoothquant,gptq,bias-correction {_PLAIN_FLAGS}"),
+    "dynamic": ({"ptq": (), "guard": False, "no_slowdown": False, "optional_ops": "DynamicMatMul"},
+                "--ptq none --no-guard --allow-slowdown --optional-ops DynamicMatMul"),
     "default": ({}, ""),
 }
 

@@ -12,7 +12,9 @@ Rules:
 - Optional op set (``recipe.optional_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … (requant ops)
   or MatMuls of two activations (``ActMatMul``: attention) pays depends on the model and ORT's kernels
   (quantized residual Adds pay in CNNs and cost in transformers; quantized attention makes ORT run Softmax as
-  a slow QLinearSoftmax). ``auto`` builds candidates — all optional ops, none, and all but one group at a
+  a slow QLinearSoftmax); so does whether MatMul/Gemm layers with constant weights take dynamic int8
+  (``DynamicMatMul``, on targets with ``dynamic_matmuls``: each run quantizes the activation from its own
+  range, which holds accuracy where static ranges do not fit every input, at the cost of computing it). ``auto`` builds candidates — all optional ops, none, and all but one group at a
   time — measures their latency (interleaved with float) and SQNR, and keeps the most accurate of those
   within 5% of the fastest.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
@@ -58,7 +60,7 @@ from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
-from edgeq.passes.insert_qdq import WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass
+from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass, dynamic_ineligible
 from edgeq.ptq_stage import PtqStage
 from edgeq.recipe import PTQ_ON_GUARD_MISS, Recipe
 from edgeq.runtimes import tensorrt
@@ -70,8 +72,11 @@ from edgeq.sparsity_stage import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
 
 
-# The optional group "MatMul of two activations" (attention), named like an op in op sets.
+# Optional groups named like ops in op sets: "MatMul of two activations" (attention), and dynamic int8 for the
+# MatMul/Gemm layers with constant weights (activation scales computed at run time).
 ACT_MATMUL = "ActMatMul"
+DYNAMIC_MATMUL = "DynamicMatMul"
+PSEUDO_OPS = (ACT_MATMUL, DYNAMIC_MATMUL)
 # Variants whose latency is within this fraction of the fastest count as equally fast; the more accurate wins.
 VARIANT_SPEED_TOLERANCE = 0.05
 VARIANT_FIDELITY_FEEDS = 16
@@ -249,11 +254,15 @@ class _Compilation:
 
     def builder(self, optional_ops: tuple[str, ...]):
         """A function (keep_float, tag[, precisions]) -> _Build that inserts QDQ with this optional op set."""
-        rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o != ACT_MATMUL),
+        rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o not in PSEUDO_OPS),
                         activation_matmuls=ACT_MATMUL in optional_ops)
+        dynamic = self._dynamic_layers() if DYNAMIC_MATMUL in optional_ops else ()
 
         def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None) -> _Build:
             wide = precisions and any(p in WIDE_OPSET_PRECISIONS for p in precisions.values())
+            # with DynamicMatMul, a dynamic-capable layer's int8 is dynamic int8
+            precisions = {**{n: DYNAMIC for n in dynamic}, **(precisions or {})}
+            precisions = {n: DYNAMIC if n in dynamic and p == "int8" else p for n, p in precisions.items()}
             candidate = (self._model_at_wide_opset() if wide else self.model).clone()
             insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float, precisions,
                                    self.target.precisions.int4_block_size)
@@ -262,6 +271,11 @@ class _Compilation:
             folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build
+
+    def _dynamic_layers(self) -> tuple[str, ...]:
+        """The main-graph MatMul/Gemm layers that dynamic int8 can serve."""
+        return tuple(n.name for n in self.model.graph if n.op_type in self.rules.compute_ops
+                     and dynamic_ineligible(n) is None)
 
     def _model_at_wide_opset(self):
         """The calibrated model converted (once, and checked in ONNX Runtime) to the opset int4 and int16 Q/DQ
@@ -281,7 +295,10 @@ class _Compilation:
         if any(n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] is not None
                and n.inputs[1].const_value is None for n in self.model.graph):
             present.add(ACT_MATMUL)
-        available = self.rules.requant_ops + ((ACT_MATMUL,) if self.rules.activation_matmuls else ())
+        if self._dynamic_layers():
+            present.add(DYNAMIC_MATMUL)
+        available = (self.rules.requant_ops + ((ACT_MATMUL,) if self.rules.activation_matmuls else ())
+                     + ((DYNAMIC_MATMUL,) if self.rules.dynamic_matmuls else ()))
         self.candidates = op_set_candidates(self.recipe.optional_ops, available, present)
         with self.reporter.stage("insert QDQ"):
             builds = {label: self.builder(ops)(set(self.request.keep_float), "0")
@@ -561,9 +578,13 @@ def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, 
 
 
 def op_set_candidates(spec: str, available: tuple[str, ...], present: set[str]) -> dict[str, tuple[str, ...]]:
-    """Optional op sets to build, by label. ``auto``: all present, none, and all but each group in turn."""
+    """Optional op sets to build, by label. ``auto``: all present, none, all but each group in turn, and —
+    where the target has dynamic int8 MatMul kernels and the model layers for them — all with
+    ``DynamicMatMul``, which ``all`` never implies (the first candidate, used when nothing is measured, is
+    static int8)."""
+    static = tuple(op for op in available if op != DYNAMIC_MATMUL)
     if spec == "all":
-        return {"all": available}
+        return {"all": static}
     if spec == "none":
         return {"none": ()}
     if spec != "auto":
@@ -573,12 +594,12 @@ def op_set_candidates(spec: str, available: tuple[str, ...], present: set[str]) 
             raise UserError(f"--optional-ops names ops the target has no integer kernel for: {', '.join(unknown)}",
                             f"choose from {', '.join(available)}, or use auto, all or none")
         return {",".join(chosen): chosen}
-    used = tuple(op for op in available if op in present)
-    if not used:
-        return {"none": ()}
-    candidates = {"all": used, "none": ()}
+    used = tuple(op for op in static if op in present)
+    candidates = {"all": used, "none": ()} if used else {"none": ()}
     if len(used) > 1:
         candidates |= {f"all but {op}": tuple(o for o in used if o != op) for op in used}
+    if DYNAMIC_MATMUL in available and DYNAMIC_MATMUL in present:
+        candidates[f"{'all + ' if used else ''}{DYNAMIC_MATMUL}"] = (*used, DYNAMIC_MATMUL)
     return candidates
 
 

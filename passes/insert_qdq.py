@@ -19,13 +19,19 @@ Rules:
   (new weights are stored in the subgraph, named after it), wherever calibration gave their tensors ranges;
   compute nodes left float there are counted.
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
-- Per-node precisions (``precisions``, from the mixed-precision allocation; a node not named is int8): ``float``
+- Per-node precisions (``precisions``, from the mixed-precision allocation or the op set; a node not named is
+  int8; ``keep_float`` and exclusions win over them): ``float``
   stays float; ``int16`` is W8A16 — int8 weights, and every activation tensor the node reads or writes gets a
   16-bit Q→DQ pair (opset 21; for targets with 16-bit activation kernels); ``int4`` is weight-only — a
   MatMul's 2-D constant weight becomes asymmetric uint4 in blocks of ``int4_block_size`` rows along the reduction axis (a blocked DequantizeLinear, opset 21, which ONNX Runtime
   fuses into ``MatMulNBits``); its activations stay float and it takes no part in QDQ growth. ``fp16`` stores
   a node's constant weight in float16 with a Cast to float before use (half the bytes; what it computes in is
-  the runtime's choice — TensorRT with fp16 enabled runs float layers in fp16 anyway).
+  the runtime's choice — TensorRT with fp16 enabled runs float layers in fp16 anyway). ``int8-dynamic`` is
+  dynamic int8 for a MatMul/Gemm with a 2-D constant weight: the weight is stored in int8 (per column when the
+  target is per channel), the activation is quantized per tensor at run time from its own range
+  (DynamicQuantizeLinear, shared by every dynamic layer reading it) → MatMulInteger → Cast → Mul by the two
+  scales [→ Add of a Gemm's bias], which ONNX Runtime fuses into ``DynamicQuantizeMatMul``; no calibrated range
+  is needed, it takes no part in QDQ growth, and its decision's role is ``compute`` (it is a layer).
 
 Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
 the original node it serves), used to attribute measured kernel time back to original nodes.
@@ -52,6 +58,8 @@ _SUBGRAPH_OPS = ("If", "Loop", "Scan")
 # given int4 or int16 precisions must have been converted to it (edgeq.passes.convert_opset), never relabelled.
 WIDE_OPSET = 21
 WIDE_OPSET_PRECISIONS = ("int4", "int16")
+DYNAMIC = "int8-dynamic"
+OUTSIDE_QDQ = ("int4", "fp16", DYNAMIC)  # precisions outside QDQ growth, rewritten node by node after it
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class Decision:
     op_type: str
     quantized: bool
     reason: str
-    precision: str = ""  # "int8", "int4" or "float"; set from ``quantized`` when not given
+    precision: str = ""  # "int8", "int4", DYNAMIC, … or "float"; set from ``quantized`` when not given
 
     def __post_init__(self):
         if not self.precision:
@@ -191,6 +199,23 @@ def int4_ineligible(node: ir.Node, block: int) -> str | None:
     return None
 
 
+def dynamic_ineligible(node: ir.Node) -> str | None:
+    """Why dynamic int8 cannot serve this node, or None."""
+    weight = node.inputs[1] if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+    if weight is None or not _is_const(weight) or len(weight.const_value.shape) != 2:
+        return "int8-dynamic needs a MatMul or Gemm with a 2-D constant weight"
+    if weight.const_value.dtype != ir.DataType.FLOAT:
+        return "int8-dynamic needs a float32 weight"
+    if node.op_type == "Gemm":
+        attrs = node.attributes
+        if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
+            return "int8-dynamic: Gemm with transA, alpha or beta"
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and not _is_const(bias):
+            return "int8-dynamic: Gemm bias is not constant"
+    return None
+
+
 def _is_activation(value: ir.Value | None, ranges: dict) -> bool:
     return (value is not None and value.const_value is None and not value.is_initializer()
             and value.dtype == ir.DataType.FLOAT and value.name in ranges)
@@ -223,7 +248,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.decisions: dict[str, Decision] = {}
         self.owners: dict[str, str] = {}
         self.subgraph_compute_left_float = 0
-        self._weights: dict[str, tuple[ir.Value, np.ndarray]] = {}  # key → (dequantized weight, scales)
+        self._weights: dict[str, tuple] = {}  # key → the stored weight's values (a shared weight is stored once)
+        self._dynamic_inputs: dict[tuple[ir.Graph, ir.Value], list[ir.Value]] = {}
 
     # classification -------------------------------------------------------------------------------
     def _role(self, node: ir.Node) -> str | None:
@@ -338,14 +364,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             act = self._fused_activation(node) if roles[node] != "passthrough" else None
             if act is not None:
                 self.owners[act.name] = node.name
-        weight_only = [n for n in graph
-                       if self.precisions.get(n.name) in ("int4", "fp16") and EXCLUDE_KEY not in n.meta]
-        for node in weight_only:
-            if self.precisions[node.name] == "int4":
-                self._quantize_int4(graph, node)
-            else:
-                self._store_fp16(graph, node)
-        return bool(kept) or any(self.decisions[n.name].quantized for n in weight_only)
+        rewritten = [(n.name, n) for n in graph
+                       if self.precisions.get(n.name) in OUTSIDE_QDQ and EXCLUDE_KEY not in n.meta
+                       and n.name not in self.keep_float]
+        rewrite = {"int4": self._quantize_int4, "fp16": self._store_fp16, DYNAMIC: self._quantize_dynamic}
+        for name, node in rewritten:
+            rewrite[self.precisions[name]](graph, node)
+        return bool(kept) or any(self.decisions[name].quantized for name, _ in rewritten)
 
     def _grow(self, graph: ir.Graph, roles: dict, eligible: set) -> set:
         kept = {n for n in eligible if roles[n] == "compute"}
@@ -483,8 +508,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             sv = self._initializer(graph, f"{key}_scale", scale)
             zv = self._initializer4(graph, f"{key}_zero_point", zero)
             attrs = [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", block)]
-            dq = self._weight_maker(graph, node.name, "DequantizeLinear", [qv, sv, zv], attrs, key, "dequantized")
-            self._weights[key] = (dq, scale)
+            dq = self._append(graph, node.name, "DequantizeLinear", [qv, sv, zv], f"{key}_dequantized", attrs,
+                              ir.DataType.FLOAT)
+            self._weights[key] = (dq[0], scale)
         node.replace_input_with(1, self._weights[key][0])
         self.decisions[node.name] = Decision(node.op_type, True, f"int4 weight-only, blocks of {block}", "int4")
 
@@ -497,18 +523,67 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if key not in self._weights:
             half = self._initializer(graph, key, weight.const_value.numpy().astype(np.float16))
             attrs = [ir.AttrInt64("to", ir.DataType.FLOAT)]
-            self._weights[key] = (self._weight_maker(graph, node.name, "Cast", [half], attrs, key, "as_float"), None)
+            self._weights[key] = (self._append(graph, node.name, "Cast", [half], f"{key}_as_float", attrs,
+                                               ir.DataType.FLOAT)[0], None)
         node.replace_input_with(1, self._weights[key][0])
         self.decisions[node.name] = Decision(node.op_type, True, "fp16 weights (Cast to float before use)", "fp16")
 
-    def _weight_maker(self, graph: ir.Graph, owner: str, op_type: str, inputs: list, attrs: list, key: str,
-                      suffix: str) -> ir.Value:
-        """Append the node that makes a float weight from its stored form (blocked DequantizeLinear, Cast)."""
-        made = ir.Node("", op_type, inputs, attributes=attrs, name=f"{key}_{op_type}", num_outputs=1)
-        made.outputs[0].name, made.outputs[0].dtype = f"{key}_{suffix}", ir.DataType.FLOAT
+    def _quantize_dynamic(self, graph: ir.Graph, node: ir.Node) -> None:
+        reason = dynamic_ineligible(node)
+        if reason is not None:
+            self.decisions[node.name] = Decision(node.op_type, False, reason)
+            return
+        weight, name = node.inputs[1], node.name
+        axis = 1 if self.rules.per_channel else None
+        key = f"{self._prefix}{weight.name}_dynamic"
+        if key not in self._weights:
+            array = weight.const_value.numpy().astype(np.float32)
+            if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+                array = array.T
+            q, scale = weight_quantize(array, axis, self.rules.reduce_range)
+            scale = scale if axis is not None else scale.reshape(())
+            self._weights[key] = (self._initializer(graph, f"{key}_quantized", q),
+                                  self._initializer(graph, f"{key}_scale", scale),
+                                  self._initializer(graph, f"{key}_zero_point", np.zeros(scale.shape, np.int8)))
+        wq, ws, wz = self._weights[key]
+        x = node.inputs[0]
+        if (graph, x) not in self._dynamic_inputs:  # one run-time quantization per activation
+            made = self._append(graph, name, "DynamicQuantizeLinear", [x], f"{self._prefix}{x.name}_dynamic",
+                                outputs=3)
+            self._dynamic_inputs[(graph, x)] = made
+            made[0].dtype, made[1].dtype, made[2].dtype = ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8
+        xq, xs, xz = self._dynamic_inputs[(graph, x)]
+        scale = self._append(graph, name, "Mul", [xs, ws], f"{name}_dynamic_scale", dtype=ir.DataType.FLOAT)[0]
+        result = self._append(graph, name, "MatMulInteger", [xq, wq, xz, wz], f"{name}_dynamic_int32",
+                              dtype=ir.DataType.INT32)[0]
+        result = self._append(graph, name, "Cast", [result], f"{name}_dynamic_float",
+                              [ir.AttrInt64("to", ir.DataType.FLOAT)], ir.DataType.FLOAT)[0]
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        result = self._append(graph, name, "Mul", [result, scale], f"{name}_dynamic_scaled", dtype=ir.DataType.FLOAT)[0]
+        if bias is not None:
+            result = self._append(graph, name, "Add", [result, bias], f"{name}_dynamic_biased", dtype=ir.DataType.FLOAT)[0]
+        out = node.outputs[0]
+        result.shape = out.shape
+        if out.is_graph_output():  # the graph's output keeps its name
+            original, out.name = out.name, f"{out.name}_float"
+            result.name = original
+        out.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        self.decisions[name] = Decision(node.op_type, True, "compute", DYNAMIC)
+
+    def _append(self, graph: ir.Graph, owner: str, op_type: str, inputs: list, name: str, attributes=(),
+                dtype: ir.DataType | None = None, outputs: int = 1) -> list[ir.Value]:
+        """Append a node serving ``owner`` whose output is named ``name`` (three outputs: name_quantized,
+        name_scale, name_zero_point, as DynamicQuantizeLinear makes)."""
+        made = ir.Node("", op_type, inputs, attributes=list(attributes), name=f"{name}_{op_type}",
+                       num_outputs=outputs)
+        for index, value in enumerate(made.outputs):
+            value.name = name if outputs == 1 else f"{name}_{('quantized', 'scale', 'zero_point')[index]}"
+            if dtype is not None:
+                value.dtype = dtype
         graph.append(made)
         self.owners[made.name] = owner
-        return made.outputs[0]
+        return list(made.outputs)
 
     def _initializer4(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=name, const_value=ir.Tensor(array, dtype=ir.DataType.UINT4, name=name))

@@ -123,6 +123,11 @@ def test_op_set_candidates():
     with pytest.raises(UserError, match="Softmax"):
         op_set_candidates("Softmax", available, set())
     assert op_set_candidates("auto", available, {"Conv"}) == {"none": ()}
+    dynamic = (*available, "DynamicMatMul")
+    assert op_set_candidates("auto", dynamic, {"Add", "DynamicMatMul"}) == {
+        "all": ("Add",), "none": (), "all + DynamicMatMul": ("Add", "DynamicMatMul")}
+    assert op_set_candidates("auto", dynamic, {"DynamicMatMul"}) == {"none": (), "DynamicMatMul": ("DynamicMatMul",)}
+    assert op_set_candidates("all", dynamic, set()) == {"all": available}  # all is static int8
 
 
 class WorseWhenRevertedRuntime(ScriptedRuntime):

@@ -273,9 +273,12 @@ class _Compilation:
         return build
 
     def _dynamic_layers(self) -> tuple[str, ...]:
-        """The main-graph MatMul/Gemm layers that dynamic int8 can serve."""
+        """The main-graph MatMul/Gemm layers that dynamic int8 can serve: an input calibration saw always finite
+        (a run-time scale from an infinite range would turn the whole output into NaN)."""
+        seen, nonfinite = self.calibrator.ranges, self.calibrator.nonfinite
         return tuple(n.name for n in self.model.graph if n.op_type in self.rules.compute_ops
-                     and dynamic_ineligible(n) is None)
+                     and dynamic_ineligible(n) is None and n.inputs[0].name in seen
+                     and n.inputs[0].name not in nonfinite)
 
     def _model_at_wide_opset(self):
         """The calibrated model converted (once, and checked in ONNX Runtime) to the opset int4 and int16 Q/DQ

@@ -117,3 +117,29 @@ def test_dynamic_matmul_is_an_op_set_of_targets_with_the_kernels(tmp_path):
                                       str(feeds), "-o", str(tmp_path / "out2"), "--optional-ops", "DynamicMatMul",
                                       "--no-measure"])
     assert no_kernels.exit_code == 2 and "DynamicMatMul" in no_kernels.output
+
+
+def test_a_layer_whose_input_calibration_saw_infinite_stays_static(tmp_path):
+    """1/x is ±inf where x is 0: a run-time scale from that range would make every output NaN."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [helper.make_node("Div", ["one", "x"], ["inv"], name="inv"),
+             helper.make_node("MatMul", ["inv", "w"], ["y"], name="mm_inv"),
+             helper.make_node("MatMul", ["x", "w"], ["z"], name="mm_x")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+                        helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])], inits)
+    onnx.save(proto, tmp_path / "inv.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(12):
+        x = rng.standard_normal((2, 8)).astype(np.float32)
+        x[0, i % 8] = 0.0
+        np.savez(feeds / f"{i:03d}.npz", x=x)
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "inv.onnx"), "-t", HOST_X86, "--calib", str(feeds),
+                                       "-o", str(tmp_path / "out"), "--optional-ops", "DynamicMatMul",
+                                       "--no-measure", "--no-guard"])
+    assert result.exit_code == 0, result.output
+    decisions = json.loads((tmp_path / "out" / "manifest.json").read_text())["quantization"]["decisions"]
+    assert decisions["mm_x"]["precision"] == DYNAMIC and decisions["mm_inv"]["precision"] != DYNAMIC

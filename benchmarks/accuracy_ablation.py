@@ -6,9 +6,9 @@
 Variants, each a full ``edgeq compile`` on this CPU's x86 target:
 - ``uniform``: static int8 everywhere quantizable (every optional op), no technique, no guard, no no-slowdown
   check (``--ptq none --no-guard --allow-slowdown --optional-ops all``): what plain calibration gives;
-- ``smooth``, ``gptq``, ``bias``: that plus one technique (SmoothQuant; reconstructed weight rounding; bias
-  correction);
-- ``all``: the three techniques;
+- ``cle``, ``smooth``, ``gptq``, ``bias``: that plus one technique (cross-layer equalization; SmoothQuant;
+  reconstructed weight rounding; bias correction);
+- ``all``: the four techniques;
 - ``dynamic``: the MatMul/Gemm layers in dynamic int8 (run-time activation scales) and no optional op
   (``--optional-ops DynamicMatMul``): ONNX Runtime's dynamic quantization, for transformers;
 - ``default``: ``edgeq compile`` with no flags (the default techniques, the fidelity guard, no-slowdown).
@@ -49,11 +49,12 @@ _PLAIN = {"guard": False, "no_slowdown": False, "optional_ops": "all"}
 _PLAIN_FLAGS = "--no-guard --allow-slowdown --optional-ops all"
 VARIANTS = {  # name → (recipe fields, the same as compile flags)
     "uniform": ({"ptq": ()} | _PLAIN, f"--ptq none {_PLAIN_FLAGS}"),
+    "cle": ({"ptq": ("cle",)} | _PLAIN, f"--ptq cle {_PLAIN_FLAGS}"),
     "smooth": ({"ptq": ("smoothquant",)} | _PLAIN, f"--ptq smoothquant {_PLAIN_FLAGS}"),
     "gptq": ({"ptq": ("gptq",)} | _PLAIN, f"--ptq gptq {_PLAIN_FLAGS}"),
     "bias": ({"ptq": ("bias-correction",)} | _PLAIN, f"--ptq bias-correction {_PLAIN_FLAGS}"),
-    "all": ({"ptq": ("smoothquant", "gptq", "bias-correction")} | _PLAIN,
-            f"--ptq smoothquant,gptq,bias-correction {_PLAIN_FLAGS}"),
+    "all": ({"ptq": ("cle", "smoothquant", "gptq", "bias-correction")} | _PLAIN,
+            f"--ptq cle,smoothquant,gptq,bias-correction {_PLAIN_FLAGS}"),
     "dynamic": ({"ptq": (), "guard": False, "no_slowdown": False, "optional_ops": "DynamicMatMul"},
                 "--ptq none --no-guard --allow-slowdown --optional-ops DynamicMatMul"),
     "default": ({}, ""),

@@ -239,7 +239,8 @@ class _Compilation:
                 self.base_path = save_model(model, _fresh_dir(self.work / "sparse") / MODEL)
                 normalized_digest = model_digest(model)
         self.ptq = PtqStage(self.recipe.ptq, self.reporter, self.recipe.seed)
-        if self.ptq.before_calibration(model, self.calib, self.rules):  # a smoothed model calibrates anew
+        model, rewritten = self._rewrite_before_calibration(model)
+        if rewritten:  # an equalized or smoothed model calibrates anew
             normalized_digest = model_digest(model)
         rules = self.rules
         op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
@@ -251,6 +252,22 @@ class _Compilation:
             self.calib_seconds = time.perf_counter() - started
         self.model = model
         self.ptq.after_calibration(model, self.calib)
+
+    def _rewrite_before_calibration(self, model):
+        """The PTQ float rewrites (CLE, SmoothQuant), checked in ONNX Runtime to compute what the model computed;
+        one that does not is undone and the manifest says so. Returns (model, whether it was rewritten)."""
+        original = model.clone() if self.ptq.rewrites_before_calibration else None
+        if original is None or not self.ptq.before_calibration(model, self.calib, self.rules):
+            return model, False
+        path = save_model(model, _fresh_dir(self.work / "rewritten") / MODEL)
+        reference = run_feeds(load_in_onnxruntime(self.float_path), self.check_feeds)
+        try:
+            self.ptq.function_check = check_same_function(self.float_path, path, self.check_feeds, reference,
+                                                          "the PTQ rewrite")
+        except UserError as problem:
+            self.ptq.function_check = {"undone": problem.problem}
+            return original, False
+        return model, True
 
     def builder(self, optional_ops: tuple[str, ...]):
         """A function (keep_float, tag[, precisions]) -> _Build that inserts QDQ with this optional op set."""

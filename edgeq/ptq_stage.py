@@ -1,13 +1,13 @@
 """The post-training quantization techniques of a compile, around calibration:
-[smooth activation outliers (SmoothQuant)] → calibrate → layer input statistics once → per build
-[reconstruct the weights' rounding (GPTQ)] → [correct the biases].
+[equalize consecutive layers (CLE)] → [smooth activation outliers (SmoothQuant)] → calibrate → layer input
+statistics once → per build [reconstruct the weights' rounding (GPTQ)] → [correct the biases].
 
 Rules:
 - ``recipe.ptq`` names the techniques (:data:`edgeq.recipe.PTQ_TECHNIQUES`), or is ``auto``: none up front,
   and :data:`edgeq.recipe.PTQ_ON_GUARD_MISS` built and measured by the fidelity guard when uniform int8 misses
-  it (the pipeline keeps them when they do no worse). The techniques: ``smoothquant``
-  (:mod:`edgeq.passes.smooth_activations`, a float rewrite that leaves the function unchanged, so it runs
-  before calibration), ``gptq`` (:mod:`edgeq.passes.round_weights`) and ``bias-correction``
+  it (the pipeline keeps them when they do no worse). The techniques: ``cle``
+  (:mod:`edgeq.passes.equalize_layers`) and ``smoothquant`` (:mod:`edgeq.passes.smooth_activations`), float
+  rewrites that leave the function unchanged, so they run before calibration; ``gptq`` (:mod:`edgeq.passes.round_weights`) and ``bias-correction``
   (:mod:`edgeq.passes.correct_bias`).
 - Statistics come from the calibration feeds run on the float model (:mod:`edgeq.passes.layer_inputs`):
   every main-graph Conv/Gemm/MatMul with a constant, unshared weight gets its input mean; with ``gptq``, each
@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from edgeq.calibration_data import CalibrationData
 from edgeq.passes.correct_bias import CorrectBiasPass
+from edgeq.passes.equalize_layers import EqualizeLayersPass
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.round_weights import RoundWeightsPass
 from edgeq.passes.smooth_activations import SmoothActivationsPass
@@ -60,6 +61,8 @@ class PtqStage:
         self.on_guard_miss: dict | None = None  # with auto: what trying PTQ_ON_GUARD_MISS measured
         self.passes: list[ir.passes.PassBase] = []
         self.smoothed: dict[str, dict] | None = None
+        self.equalized: dict[str, dict] | None = None
+        self.function_check: dict | None = None  # the float rewrites checked against the model in ONNX Runtime
         self.seconds = 0.0
 
     def _statistics(self, model: ir.Model, calib: CalibrationData, layers: list[Layer], grams: bool) -> dict:
@@ -73,15 +76,22 @@ class PtqStage:
                 figures.update(getattr(inputs, field))
         return merged
 
+    @property
+    def rewrites_before_calibration(self) -> bool:
+        return any(t in self.techniques for t in ("cle", "smoothquant"))
+
     def before_calibration(self, model: ir.Model, calib: CalibrationData, rules: QuantizationRules) -> bool:
-        """SmoothQuant, when asked; True when the model changed."""
-        if "smoothquant" not in self.techniques:
-            return False
-        started = time.perf_counter()
-        stats = self._statistics(model, calib, SmoothActivationsPass.layers(model), grams=True)
-        smooth = SmoothActivationsPass(rules, stats["grams"], stats["ranges"], stats["rows"])
-        changed = smooth(model).modified
-        self.smoothed = smooth.sites
+        """Cross-layer equalization and SmoothQuant, when asked; True when the model changed."""
+        started, changed = time.perf_counter(), False
+        if "cle" in self.techniques:
+            equalize = EqualizeLayersPass()
+            changed = equalize(model).modified
+            self.equalized = equalize.chains
+        if "smoothquant" in self.techniques:
+            stats = self._statistics(model, calib, SmoothActivationsPass.layers(model), grams=True)
+            smooth = SmoothActivationsPass(rules, stats["grams"], stats["ranges"], stats["rows"])
+            changed |= smooth(model).modified
+            self.smoothed = smooth.sites
         self.seconds += time.perf_counter() - started
         return changed
 
@@ -119,6 +129,10 @@ class PtqStage:
         report = {"techniques": list(self.techniques), "seconds": round(self.seconds, 3)}
         if self.auto:
             report["auto"] = self.on_guard_miss or {"tried": False, "why": "uniform int8 held the guard, or no guard"}
+        if self.function_check is not None:
+            report["function_check"] = self.function_check
+        if self.equalized is not None:
+            report["cle"] = self.equalized
         if self.smoothed is not None:
             report["smoothquant"] = self.smoothed
         return report | {key: p.layers for p in self.passes for key, kind in sections.items() if isinstance(p, kind)}

@@ -17,7 +17,7 @@ RUNTIMES = ("onnxruntime", "tvm")
 SENSITIVITY = ("auto", "measured", "proxy")
 SPARSITY = ("none", "2:4")
 SPARSITY_METHODS = ("reconstruct", "magnitude")
-PTQ_TECHNIQUES = ("smoothquant", "gptq", "bias-correction")  # edgeq.ptq_stage
+PTQ_TECHNIQUES = ("cle", "smoothquant", "gptq", "bias-correction")  # edgeq.ptq_stage
 PTQ_ON_GUARD_MISS = ("gptq", "bias-correction")  # what --ptq auto tries when uniform int8 misses the guard
 
 

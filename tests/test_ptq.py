@@ -224,3 +224,72 @@ def test_non_finite_layer_inputs_leave_the_layer_as_it_was(tmp_path):
     _, manifest = _compile(tmp_path, path, "smoothquant,gptq,bias-correction")
     assert manifest["ptq"]["gptq"]["fc"] == {"changed": False, "reason": "non-finite layer inputs"}
     assert "fc" not in manifest["ptq"]["bias_correction"] and "l" not in manifest["ptq"]["smoothquant"]
+
+
+def _scaled_chain(tmp_path):
+    """digits 8×8 → Conv 1→8 whose output channels differ 1000× in scale (as BatchNorm folding leaves them) →
+    PRelu → depthwise 3×3 → Relu → 1×1 Conv: the per-tensor activation scale between the layers is set by the
+    largest channel."""
+    rng = np.random.default_rng(2)
+    x = DIGITS.data.reshape(-1, 1, 8, 8).astype(np.float32)
+    gain = np.logspace(-1.5, 1.5, 8).astype(np.float32)
+    w1 = (rng.standard_normal((8, 1, 3, 3)) * 0.1).astype(np.float32) * gain[:, None, None, None]
+    dw = (rng.standard_normal((8, 1, 3, 3)) * 0.3).astype(np.float32) / gain[:, None, None, None]
+    pw = (rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["a", "slope"], ["p"], name="prelu"),
+             helper.make_node("Conv", ["p", "dw"], ["d"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "pw"], ["y"], name="pointwise")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(gain * 0.1, "b1"),
+             numpy_helper.from_array(np.full((8, 1, 1), 0.1, np.float32), "slope"),
+             numpy_helper.from_array(dw, "dw"), numpy_helper.from_array(pw, "pw")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return _save(tmp_path, model, x)
+
+
+def test_cross_layer_equalization_keeps_the_function_and_evens_the_channels(tmp_path):
+    model, held_out = _scaled_chain(tmp_path)
+    nearest, _ = _compile(tmp_path, model, "none")
+    equalized, manifest = _compile(tmp_path, model, "cle")
+    chains = manifest["ptq"]["cle"]
+    assert set(chains) == {"conv→depthwise", "depthwise→pointwise"}
+    assert chains["conv→depthwise"]["spread_after"] < chains["conv→depthwise"]["spread_before"] / 10
+    assert manifest["ptq"]["function_check"]["max_relative_error"] < 1e-4  # the float model computes the same
+    assert _sqnr(model, equalized / "model.onnx", held_out) > _sqnr(model, nearest / "model.onnx", held_out) + 6.0
+
+
+def test_a_float_rewrite_that_changes_the_function_is_undone(tmp_path, monkeypatch):
+    from edgeq.passes import equalize_layers
+
+    def broken(self, chain):  # scales the first layer but not its readers
+        equalize_layers._scale_first(chain.first, np.full(8, 2.0))
+        return 0.0
+
+    monkeypatch.setattr(equalize_layers.EqualizeLayersPass, "_equalize", broken)
+    model, held_out = _scaled_chain(tmp_path)
+    nearest, _ = _compile(tmp_path, model, "none")
+    undone, manifest = _compile(tmp_path, model, "cle")
+    assert "changed what the model computes" in manifest["ptq"]["function_check"]["undone"]
+    assert _sqnr(model, undone / "model.onnx", held_out) == pytest.approx(_sqnr(model, nearest / "model.onnx", held_out))
+
+
+def test_cross_layer_equalization_leaves_relu6_chains_alone():
+    import onnx_ir as ir
+
+    from edgeq.passes.equalize_layers import EqualizeLayersPass
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((4, 1, 1, 1)).astype(np.float32) * np.array([100, 1, 1, 0.01], np.float32)[:, None, None, None]
+    w2 = rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["r"], name="relu6"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    model = ir.from_proto(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], inits))
+    equalize = EqualizeLayersPass()
+    assert not equalize(model).modified and equalize.chains == {}
+    np.testing.assert_array_equal(model.graph.initializers["w1"].const_value.numpy(), w1)

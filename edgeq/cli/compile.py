@@ -39,11 +39,12 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
 @click.option("--ptq", default=",".join(Recipe().ptq) or "none", show_default=True,
               help="Post-training techniques: auto (gptq + bias-correction tried when the fidelity guard misses), "
-                   "none, or a list of smoothquant (activation outliers into the weights), gptq (reconstructed "
-                   "weight rounding), bias-correction.")
+                   "none, or a list of cle (cross-layer equalization of Conv chains), smoothquant (activation "
+                   "outliers into the weights), gptq (reconstructed weight rounding), bias-correction.")
 @click.option("--optional-ops", default="auto", show_default=True,
-              help="Optional ops to quantize (Add, Mul, Concat, …, ActMatMul for attention): auto (measure "
-                   "candidate sets), all, none, or a comma-separated list.")
+              help="Optional ops to quantize (Add, Mul, Concat, …, ActMatMul for attention, DynamicMatMul for "
+                   "dynamic int8 MatMul/Gemm layers): auto (measure candidate sets), all, none, or a "
+                   "comma-separated list.")
 @click.option("--exclude", multiple=True, help="Keep float: name:NODE, re:REGEX or op:OPTYPE (repeatable).")
 @click.option("--metric", help="User metric pkg.module:fn or file.py:fn; fn(outputs, feeds) -> float.")
 @click.option("--max-drop", help="Accuracy budget (metric drop, else top-1 disagreement): 0.01 or 1%.")

@@ -27,10 +27,10 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
-from edgeq.search import longest_prefix
+from edgeq.search import Candidate, Trial, longest_prefix
 
 THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "indices": (("decision_agreement", 0.99),),
@@ -75,36 +75,42 @@ def describe(result: dict) -> str:
 
 @dataclass
 class GuardResult:
-    """What holding the guard took: the build that holds it (None: only float does), and every trial."""
+    """What holding the guard took: the build that holds it (None: only float does), and every check."""
 
     build: object | None
     float_groups: list[str] = field(default_factory=list)
     trials: list[dict] = field(default_factory=list)
 
 
-def hold(groups: list, nsr: dict[str, float], build: Callable[[set[str]], object],
-         measure: Callable[[object], dict], uniform_check: dict, uniform_build) -> GuardResult:
-    """Return the fewest, most sensitive groups to float so that the guard holds.
+def checked(trial: Trial) -> dict:
+    """The guard's check of a measured trial; records ``met`` with the trial."""
+    result = check(trial.fidelity)
+    trial.candidate.facts["guard_met"] = result["met"]
+    return result
+
+
+def hold(groups: list, nsr: dict[str, float], make: Callable[[set[str]], object],
+         uniform_check: dict) -> Generator[Candidate, Trial, GuardResult]:
+    """Return the fewest, most sensitive groups to float so that the guard holds (a strategy of
+    :mod:`edgeq.search`).
 
     ``nsr``: each group's output NSR with that group alone in int8 (the sensitivity table of
-    :mod:`edgeq.mixed.sensitivity`); ``build(float_nodes)`` makes a candidate with those nodes float;
-    ``measure(candidate)`` its fidelity on the held-out feeds. Groups are ordered least sensitive first and the
-    longest prefix that may stay int8 while the guard holds is found by bisection (:mod:`edgeq.search`): at most
-    ⌈log₂(groups + 1)⌉ builds, each recorded. The uniform int8 build (``uniform_check``) is the known miss."""
+    :mod:`edgeq.mixed.sensitivity`); ``make(float_nodes)`` builds a candidate with those nodes float, which is
+    measured on every held-out feed. Groups are ordered least sensitive first and the longest prefix that may
+    stay int8 while the guard holds is found by bisection (:func:`edgeq.search.longest_prefix`): at most
+    ⌈log₂(groups + 1)⌉ builds, each checked and recorded. ``uniform_check`` is the known miss of uniform int8."""
     order = sorted(groups, key=lambda g: nsr[g.name])
-    trials = [{"float_groups": 0, "met": uniform_check["met"], "outputs": uniform_check["outputs"]}]
-    holding: dict[int, object] = {}
+    checks = [{"float_groups": 0, "met": uniform_check["met"], "outputs": uniform_check["outputs"]}]
 
-    def holds(prefix) -> bool:
+    def candidate(prefix) -> Candidate:
         float_nodes = {node for g in order[len(prefix):] for node in g.nodes}
-        candidate = build(float_nodes)
-        result = check(measure(candidate))
-        trials.append({"float_groups": len(order) - len(prefix), "met": result["met"], "outputs": result["outputs"]})
-        if result["met"]:
-            holding[len(prefix)] = candidate
+        return Candidate("guard", f"{len(prefix)} of {len(order)} groups int8", lambda: make(float_nodes),
+                         feeds=None, facts={"float_groups": len(order) - len(prefix)})
+
+    def passes(trial: Trial) -> bool:
+        result = checked(trial)
+        checks.append({"float_groups": trial.candidate.facts["float_groups"]} | result)
         return result["met"]
 
-    if uniform_check["met"]:
-        return GuardResult(uniform_build, [], trials)
-    kept = longest_prefix(order, holds)  # 0: no group may stay int8, float is delivered
-    return GuardResult(holding.get(kept), [g.name for g in order[kept:]], trials)
+    kept, best = yield from longest_prefix(order, candidate, passes)  # 0: no group may stay int8
+    return GuardResult(best.build if best else None, [g.name for g in order[kept:]], checks)

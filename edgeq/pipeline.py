@@ -1,35 +1,30 @@
 """The compile pipeline: float ONNX in, a measured int8 (or, when int8 does not pay, float) artifact out.
 
-    load → normalize → exclude → [2:4 prune] → calibrate → insert QDQ → build → fidelity + latency
-         → no-slowdown feedback (return costly nodes to float, rebuild; bounded) → artifact [→ 2:4 check]
+    load → normalize → exclude → [2:4 prune] → [CLE, SmoothQuant] → calibrate → optional op set → fidelity
+         guard [→ GPTQ + bias correction → groups back to float] → no-slowdown → artifact [→ 2:4 check]
 
 Rules:
 - The user's model must load and run in ONNX Runtime; the normalized model must compute what it computes
-  (:mod:`edgeq.model_check`, on a few calibration feeds), and so must any opset conversion a build needs.
+  (:mod:`edgeq.model_check`, on a few calibration feeds), and so must any opset conversion a build needs and
+  any float rewrite of the PTQ techniques (undone, and said so, when it does not).
 - Fidelity is measured on feeds held back from calibration (or the ``--eval`` set), always against the dense
-  float model; a quantized build whose outputs hold NaN/Inf where float's do not is never delivered; a 2:4 model (:mod:`edgeq.sparsity_stage`) is what int8 starts from and the float model delivered.
+  float model; a quantized build whose outputs hold NaN/Inf where float's do not is never delivered; a 2:4
+  model (:mod:`edgeq.sparsity_stage`) is what int8 starts from and the float model delivered.
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
-- Optional op set (``recipe.optional_ops``): whether quantizing Add, Mul, Concat, Sigmoid, … (requant ops)
-  or MatMuls of two activations (``ActMatMul``: attention) pays depends on the model and ORT's kernels
-  (quantized residual Adds pay in CNNs and cost in transformers; quantized attention makes ORT run Softmax as
-  a slow QLinearSoftmax); so does whether MatMul/Gemm layers with constant weights take dynamic int8
-  (``DynamicMatMul``, on targets with ``dynamic_matmuls``: each run quantizes the activation from its own
-  range, which holds accuracy where static ranges do not fit every input, at the cost of computing it). ``auto`` builds candidates — all optional ops, none, and all but one group at a
-  time — measures their latency (interleaved with float) and SQNR, and keeps the most accurate of those
-  within 5% of the fastest.
+- Every measured choice is a strategy of :mod:`edgeq.search`, and every build it measured is a trial in the
+  manifest's ``search.trials``: the optional op set (:mod:`edgeq.search.op_sets`: ``auto`` measures all, none,
+  all but one group, and all + dynamic int8 MatMuls, and keeps the most accurate within 5% of the fastest),
+  the fidelity guard (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4
+  layers and the mixed-precision loop.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
-  inside measurement noise does not pay for the accuracy int8 costs.
-- No-slowdown: when int8's median latency is not below float's, per-node profiles of both builds are compared;
-  every quantized node whose int8 kernels (its Q/DQ included) cost more than its float kernels returns to
-  float (nodes ORT renamed in one build and so cannot be compared are left as they are), and the model is
-  rebuilt, at most ``recipe.max_revert_rounds`` times. If int8 is still not faster,
-  the float model is delivered and the manifest says why. Without a reachable device nothing is measured,
-  and the manifest says that instead.
-- ``--scheme mixed`` replaces the no-slowdown loop with the mixed-precision search (:mod:`edgeq.mixed`): after
-  the optional op set is chosen, each layer group gets float, int8 or int4 from measured sensitivity and
-  measured per-group latency, within the budgets, checked by building and measuring (bounded). The artifact
-  then carries ``report.html`` beside the manifest. (``int8`` in the manifest's latency and per-node tables
-  means the quantized build, mixed included.)
+  inside measurement noise does not pay for the accuracy int8 costs. If int8 is still not faster after the
+  no-slowdown rounds, the float model is delivered and the manifest says why. Without a reachable device
+  nothing is measured, and the manifest says that instead.
+- ``--scheme mixed`` replaces the guard and the no-slowdown rounds with the mixed-precision search
+  (:mod:`edgeq.mixed`): after the optional op set is chosen, each layer group gets float, int8 or int4 from
+  measured sensitivity and measured per-group latency, within the budgets, checked by building and measuring
+  (bounded). The artifact then carries ``report.html`` beside the manifest. (``int8`` in the manifest's
+  latency and per-node tables means the quantized build, mixed included.)
 - The budgets (``recipe.max_drop``; with mixed also ``latency_ms`` and ``size_mb``) decide the exit code:
   3 when one is missed, with the artifact still written.
 """
@@ -49,7 +44,7 @@ from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
-from edgeq.fidelity import accuracy_drop, compare_models, load_metric, worst_sqnr
+from edgeq.fidelity import accuracy_drop, compare_models, load_metric
 from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
@@ -61,10 +56,13 @@ from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass, dynamic_ineligible
+from edgeq.search import Candidate, Trials, run
+from edgeq.search.no_slowdown import no_slowdown
+from edgeq.search.op_sets import ACT_MATMUL, DYNAMIC_MATMUL, PSEUDO_OPS, choose_op_set, op_set_candidates
 from edgeq.ptq_stage import PtqStage
 from edgeq.recipe import PTQ_ON_GUARD_MISS, Recipe
 from edgeq.runtimes import tensorrt
-from edgeq.runtimes.base import NodeTime, cost_by_node
+from edgeq.runtimes.base import cost_by_node
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.sparse24 import KEY as SPARSITY_KEY
 from edgeq.sparse24 import check_model
@@ -72,14 +70,7 @@ from edgeq.sparsity_stage import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
 
 
-# Optional groups named like ops in op sets: "MatMul of two activations" (attention), and dynamic int8 for the
-# MatMul/Gemm layers with constant weights (activation scales computed at run time).
-ACT_MATMUL = "ActMatMul"
-DYNAMIC_MATMUL = "DynamicMatMul"
-PSEUDO_OPS = (ACT_MATMUL, DYNAMIC_MATMUL)
 # Variants whose latency is within this fraction of the fastest count as equally fast; the more accurate wins.
-VARIANT_SPEED_TOLERANCE = 0.05
-VARIANT_FIDELITY_FEEDS = 16
 REPORT = "report.html"
 
 
@@ -204,8 +195,6 @@ class _Compilation:
         can_measure, why_not = request.target.can_measure_here()
         self.measure = request.measure and can_measure
         self.why_not_measured = why_not or "disabled"
-        self.variants: dict[str, dict] = {}
-        self.rounds: list[dict] = []
         self.latency = None
         self.profiles: dict[str, dict[str, float]] = {}
         self.delivered, self.reason = "int8", ""
@@ -230,11 +219,13 @@ class _Compilation:
             self.normalize_check = {"opset": [source_opset, default_opset(model)]} | check
             self.normalized_digest = normalized_digest = model_digest(model)
         self.feed = next(iter(self.holdout)).inputs
+        self.trials = Trials(self.runtime, self.float_path, self.feed, self.holdout, self.recipe, self.metric,
+                             timed=self.measure)
         ExcludePass(self.recipe.exclude)(model)
         self.base_path = self.float_path  # what int8 starts from, and the float model delivered
         if self.recipe.sparsity != "none":
-            self.sparsity = SparsityStage(self.target, self.recipe, self.runtime, self.reporter, self.work, self.metric)
-            self.sparsity(model, self.float_path, self.calib, self.holdout)
+            self.sparsity = SparsityStage(self.target, self.recipe, self.reporter, self.work, self.trials)
+            self.sparsity(model, self.calib)
             if self.sparsity.report["pruned"]:
                 self.base_path = save_model(model, _fresh_dir(self.work / "sparse") / MODEL)
                 normalized_digest = model_digest(model)
@@ -320,16 +311,16 @@ class _Compilation:
         available = (self.rules.requant_ops + ((ACT_MATMUL,) if self.rules.activation_matmuls else ())
                      + ((DYNAMIC_MATMUL,) if self.rules.dynamic_matmuls else ()))
         self.candidates = op_set_candidates(self.recipe.optional_ops, available, present)
-        with self.reporter.stage("insert QDQ"):
-            builds = {label: self.builder(ops)(set(self.request.keep_float), "0")
-                      for label, ops in self.candidates.items()}
-        self.chosen = next(iter(builds))
-        if len(builds) > 1 and self.measure:
-            with self.reporter.stage(f"measure {len(builds)} optional op sets"):
-                self.variants = _measure_variants(self.runtime, self.float_path, builds, self.feed, self.recipe,
-                                                  self.holdout)
-            self.chosen = _choose_variant(self.variants)
-        self.current = builds[self.chosen]
+        makers = {label: (lambda ops=ops: self.builder(ops)(set(self.request.keep_float), "0"))
+                  for label, ops in self.candidates.items()}
+        self.chosen = next(iter(makers))
+        if len(makers) > 1 and self.measure:
+            with self.reporter.stage(f"measure {len(makers)} optional op sets"):
+                self.chosen = run(choose_op_set(makers), self.trials)
+            self.current = next(t.build for t in self.trials.of("op set") if t.chosen)
+        else:
+            with self.reporter.stage("insert QDQ"):
+                self.current = makers[self.chosen]()
 
     @property
     def guard_applies(self) -> bool:
@@ -345,7 +336,9 @@ class _Compilation:
         if not self.guard_applies or not self.current.quantized:
             return
         with self.reporter.stage("fidelity guard"):
-            uniform = guard.check(compare_models(self.runtime, self.float_path, self.current.path, self.holdout))
+            current = self.current
+            uniform = guard.checked(self.trials.measure(Candidate("guard", "uniform int8", lambda: current,
+                                                                  feeds=None)))
         self.guard_report = {"thresholds": guard.THRESHOLDS, "uniform_int8": uniform}
         if uniform["met"]:
             return
@@ -365,9 +358,8 @@ class _Compilation:
                                         cache, self.reporter.progress)
         nsr = {name: figures["int8"] for name, figures in table.nsr.items()}
         with self.reporter.stage("guard: return the most sensitive groups to float"):
-            held = guard.hold(groups, nsr, lambda nodes: build_with(keep | nodes, f"guard{next(tags)}"),
-                              lambda b: compare_models(self.runtime, self.float_path, b.path, self.holdout),
-                              uniform, self.current)
+            held = run(guard.hold(groups, nsr, lambda nodes: build_with(keep | nodes, f"guard{next(tags)}"), uniform),
+                       self.trials)
         self.guard_report |= {"sensitivity": nsr, "sensitivity_seconds": table.seconds,
                               "float_groups": held.float_groups, "trials": held.trials}
         if held.build is None:
@@ -384,15 +376,16 @@ class _Compilation:
         check of the build kept."""
         with self.reporter.stage(f"guard: try {' + '.join(PTQ_ON_GUARD_MISS)}"):
             self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
-            candidate = build_with(keep, "guard-ptq")
-            checked = guard.check(compare_models(self.runtime, self.float_path, candidate.path, self.holdout))
-        kept = checked["met"] or guard.no_worse(checked, uniform)
+            trial = self.trials.measure(Candidate("guard", " + ".join(PTQ_ON_GUARD_MISS),
+                                                  lambda: build_with(keep, "guard-ptq"), feeds=None))
+            checked = guard.checked(trial)
+        kept = trial.chosen = checked["met"] or guard.no_worse(checked, uniform)
         self.guard_report["with_ptq"] = checked
         self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "kept": kept}
         if not kept:
             self.ptq.drop()
             return uniform
-        self.current = candidate
+        self.current = trial.build
         return checked
 
     def guard_speed(self) -> None:
@@ -409,11 +402,11 @@ class _Compilation:
         if not self.measure:
             self.reason = f"latency not measured: {self.why_not_measured}; the no-slowdown check did not run"
             return
-        build = self.builder(self.candidates[self.chosen])
-        kernel_times: dict[Path, list[NodeTime]] = {}  # per model file: the float model is profiled once
-        current, self.latency, self.rounds = _no_slowdown(self.runtime, self.float_path, current, build, self.feed,
-                                                          recipe, self.reporter, kernel_times)
-        self.current = current
+        rebuild = self.builder(self.candidates[self.chosen])
+        with self.reporter.stage("no-slowdown: measure float vs int8, return costly nodes to float"):
+            best = run(no_slowdown(current, rebuild, self.trials.kernel_times, self.float_path, recipe), self.trials)
+        self.current = current = best.build
+        self.latency = best.latency
         ratio = self.latency["int8"].median_ms / self.latency["float"].median_ms
         if not current.quantized:
             self.delivered, self.reason = "float", "every quantized node was slower in int8 than in float (measured)"
@@ -424,7 +417,7 @@ class _Compilation:
         with self.reporter.stage("profile per node"):
             owners = current.insert.owners
             for name, path in (("float", self.float_path), ("int8", current.path)):
-                times = _profile(self.runtime, path, self.feed, kernel_times)
+                times = self.trials.kernel_times(path)
                 self.profiles[name] = cost_by_node(times, owners)
 
     def allocate_bits(self) -> None:
@@ -439,10 +432,9 @@ class _Compilation:
         def build(precisions: dict[str, str]) -> _Build:
             return build_with(set(self.request.keep_float), f"mixed{next(tags)}", precisions)
 
-        search = MixedPrecisionSearch(self.recipe, self.target, self.runtime, self.reporter, build, self.measure,
-                                      self.metric, self._sensitivity_cache())
-        self.mixed = search(self.model, self.float_path, self.current, self.calib, self.holdout, self.feed,
-                            self.calibrator.ranges)
+        search = MixedPrecisionSearch(self.recipe, self.target, self.runtime, self.reporter, build, self.trials,
+                                      self._sensitivity_cache())
+        self.mixed = search(self.model, self.float_path, self.current, self.calib, self.calibrator.ranges)
         chosen = self.mixed.chosen
         self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"
         self.reason = "groups by precision: " + ", ".join(
@@ -493,7 +485,7 @@ class _Compilation:
             "recipe": {**self.recipe.to_dict(), "optional_ops": ",".join(self.candidates[self.chosen]) or "none",
                        "keep_float": sorted(insert.keep_float)},
             "normalize": self.normalize_check,
-            "op_sets": {"chosen": self.chosen, "measured": self.variants},
+            "op_sets": {"chosen": self.chosen, "candidates": list(self.candidates)},
             "ptq": self.ptq.report(),
             "delivered": {"precision": self.delivered, "reason": self.reason, "file": MODEL,
                           "bytes": delivered_bytes, "float_bytes": float_bytes},
@@ -515,7 +507,7 @@ class _Compilation:
             "guard": (self.guard_report or {"thresholds": guard.THRESHOLDS}) if self.guard_applies
             else {"applied": False, "why": "--no-guard" if not self.recipe.guard else
                   "--metric/--max-drop given" if self.recipe.scheme == "int8" else "--scheme mixed has its budgets"},
-            "no_slowdown_rounds": self.rounds,
+            "search": {"trials": self.trials.to_list()},
             "per_node": _per_node_table(self.profiles, insert.decisions),
             "fidelity": fidelity,
             "budget": budget,
@@ -554,97 +546,6 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _profile(runtime, path: Path, feed: dict, cache: dict[Path, list[NodeTime]]) -> list[NodeTime]:
-    if path not in cache:
-        cache[path] = runtime.profile(path, feed)
-    return cache[path]
-
-
-def _no_slowdown(runtime, float_path: Path, current: _Build, build, feed: dict, recipe: Recipe, reporter,
-                 kernel_times: dict[Path, list[NodeTime]] | None = None):
-    """Measure; while int8 is not faster, return the nodes whose int8 kernels cost more to float and rebuild.
-    Returns the build measured fastest over all rounds (a rebuild can measure worse), its latency, the rounds."""
-    keep = set(current.insert.keep_float)
-    kernel_times = {} if kernel_times is None else kernel_times
-    rounds: list[dict] = []
-    best = None
-    for round_index in range(recipe.max_revert_rounds + 1):
-        with reporter.stage(f"measure float vs int8 (round {round_index + 1})"):
-            latency = _measure_pair(runtime, float_path, current.path, feed, recipe)
-        ratio = latency["int8"].median_ms / latency["float"].median_ms
-        record = {"round": round_index, "quantized_nodes": len(current.quantized),
-                  "float_ms": latency["float"].median_ms, "int8_ms": latency["int8"].median_ms, "ratio": ratio}
-        rounds.append(record)
-        if best is None or ratio < best[2]:
-            best = (current, latency, ratio)
-        if ratio <= recipe.max_ratio or not recipe.no_slowdown or round_index == recipe.max_revert_rounds:
-            break
-        with reporter.stage("profile per node"):
-            owners = current.insert.owners
-            float_cost = cost_by_node(_profile(runtime, float_path, feed, kernel_times), owners)
-            int8_cost = cost_by_node(_profile(runtime, current.path, feed, kernel_times), owners)
-        # Only nodes timed in both builds are judged: ORT renames some fused float kernels, and a node
-        # with no float time says nothing about its cost.
-        costly = sorted(n for n in current.quantized if n in float_cost and int8_cost.get(n, 0.0) > float_cost[n])
-        record["returned_to_float"] = costly
-        if not costly:
-            break
-        keep |= set(costly)
-        with reporter.stage(f"rebuild with {len(costly)} costly nodes in float"):
-            current = build(keep, str(round_index + 1))
-        if not current.quantized:
-            break
-    return best[0], best[1], rounds
-
-
-def op_set_candidates(spec: str, available: tuple[str, ...], present: set[str]) -> dict[str, tuple[str, ...]]:
-    """Optional op sets to build, by label. ``auto``: all present, none, all but each group in turn, and —
-    where the target has dynamic int8 MatMul kernels and the model layers for them — all with
-    ``DynamicMatMul``, which ``all`` never implies (the first candidate, used when nothing is measured, is
-    static int8)."""
-    static = tuple(op for op in available if op != DYNAMIC_MATMUL)
-    if spec == "all":
-        return {"all": static}
-    if spec == "none":
-        return {"none": ()}
-    if spec != "auto":
-        chosen = tuple(op.strip() for op in spec.split(",") if op.strip())
-        unknown = sorted(set(chosen) - set(available))
-        if unknown:
-            raise UserError(f"--optional-ops names ops the target has no integer kernel for: {', '.join(unknown)}",
-                            f"choose from {', '.join(available)}, or use auto, all or none")
-        return {",".join(chosen): chosen}
-    used = tuple(op for op in static if op in present)
-    candidates = {"all": used, "none": ()} if used else {"none": ()}
-    if len(used) > 1:
-        candidates |= {f"all but {op}": tuple(o for o in used if o != op) for op in used}
-    if DYNAMIC_MATMUL in available and DYNAMIC_MATMUL in present:
-        candidates[f"{'all + ' if used else ''}{DYNAMIC_MATMUL}"] = (*used, DYNAMIC_MATMUL)
-    return candidates
-
-
-def _measure_variants(runtime, float_path: Path, builds: dict[str, _Build], feed: dict, recipe: Recipe,
-                      holdout: CalibrationData) -> dict[str, dict]:
-    """Each variant's int8/float median latency ratio and worst-output SQNR. Each variant is measured in its own
-    interleaved pair with float: interleaving many models at once thrashes the caches, which flatters the
-    smallest weights and misjudges small models. (The chosen variant is measured again by the no-slowdown
-    check: a fresh measurement, free of the bias of picking the best of several.)"""
-    result = {}
-    for name, b in builds.items():
-        latency = _measure_pair(runtime, float_path, b.path, feed, recipe)
-        fidelity = compare_models(runtime, float_path, b.path, holdout, limit=VARIANT_FIDELITY_FEEDS)
-        result[name] = {"ratio": latency["int8"].median_ms / latency["float"].median_ms,
-                        "sqnr_db": worst_sqnr(fidelity)}
-    return result
-
-
-def _choose_variant(variants: dict[str, dict]) -> str:
-    """The most accurate variant among those within VARIANT_SPEED_TOLERANCE of the fastest."""
-    fastest = min(v["ratio"] for v in variants.values())
-    close = [k for k, v in variants.items() if v["ratio"] <= fastest * (1 + VARIANT_SPEED_TOLERANCE)]
-    return max(close, key=lambda k: variants[k]["sqnr_db"])
-
-
 def _calibration_sets(request: CompileRequest, specs: list[InputSpec]):
     recipe = request.recipe
     if request.calib is None:
@@ -663,11 +564,6 @@ def _calibration_sets(request: CompileRequest, specs: list[InputSpec]):
                             "add feeds, or pass --eval PATH")
     info = {"calibration": calib.describe(), "eval": holdout.describe()}
     return calib, holdout, info
-
-
-def _measure_pair(runtime: OnnxRuntime, float_path: Path, int8_path: Path, feed: dict, recipe: Recipe):
-    return runtime.measure({"float": float_path, "int8": int8_path}, feed, recipe.latency_warmup,
-                           recipe.latency_repeats)
 
 
 def _per_node_table(profiles: dict[str, dict[str, float]], decisions: dict) -> list[dict]:

@@ -12,7 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import HOST_X86, make_model, write_feeds
 from edgeq.cli import main
 from edgeq.passes.insert_qdq import Decision
-from edgeq.pipeline import SilentReporter, _Build, _no_slowdown
+from edgeq.pipeline import _Build
+from edgeq.search import Trials, run
+from edgeq.search.no_slowdown import no_slowdown
 from edgeq.runtimes.base import cost_by_node
 from edgeq.recipe import Recipe
 from edgeq.runtimes.base import NodeTime, measure_interleaved
@@ -52,6 +54,13 @@ class ScriptedRuntime:
                [NodeTime(n, "QLinearConv", 1.0 if n.startswith("slow") else 0.05) for n in quantized]
 
 
+def _drive(runtime, tmp_path, first, build, recipe):
+    """The no-slowdown strategy through the search mechanism: (chosen trial, the trials' records)."""
+    trials = Trials(runtime, tmp_path / "float", {}, None, recipe)
+    chosen = run(no_slowdown(first, build, trials.kernel_times, tmp_path / "float", recipe), trials)
+    return chosen, trials.to_list()
+
+
 def test_costly_nodes_return_to_float_until_int8_is_faster(tmp_path):
     def build(keep, tag):
         quantized = [n for n in ScriptedRuntime.nodes if n not in keep]
@@ -64,10 +73,9 @@ def test_costly_nodes_return_to_float_until_int8_is_faster(tmp_path):
     ScriptedRuntime.nodes = ["fast1", "slow1", "slow2"]
     current = build(set(), "0")
     recipe = Recipe(latency_repeats=5, latency_warmup=1)
-    final, latency, rounds = _no_slowdown(ScriptedRuntime(), tmp_path / "float", current, build, {}, recipe,
-                                          SilentReporter())
+    final, rounds = _drive(ScriptedRuntime(), tmp_path, current, build, recipe)
     assert rounds[0]["ratio"] > 1.0 and rounds[0]["returned_to_float"] == ["slow1", "slow2"]
-    assert final.quantized == ["fast1"] and rounds[-1]["ratio"] < 1.0
+    assert final.build.quantized == ["fast1"] and rounds[-1]["ratio"] < 1.0 and rounds[-1]["chosen"]
 
 
 def test_cost_attribution_counts_qdq_for_its_owner():
@@ -91,7 +99,7 @@ def test_tiny_model_is_never_delivered_slower(tmp_path):
                                        str(feeds), "-o", str(out), "--repeats", "30", "--no-guard"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    last = manifest["no_slowdown_rounds"][-1]
+    last = [t for t in manifest["search"]["trials"] if t["strategy"] == "no-slowdown"][-1]
     if manifest["delivered"]["precision"] == "int8":
         assert last["ratio"] <= 0.97
     else:
@@ -101,19 +109,17 @@ def test_tiny_model_is_never_delivered_slower(tmp_path):
 
 
 def test_variant_choice_prefers_accuracy_among_equally_fast():
-    from edgeq.pipeline import _choose_variant
+    from edgeq.search.op_sets import most_accurate_of_the_fastest as choose
 
-    assert _choose_variant({"all": {"ratio": 0.42, "sqnr_db": 26.0}, "compute": {"ratio": 0.43, "sqnr_db": 33.0}}) \
-        == "compute"
-    assert _choose_variant({"all": {"ratio": 0.53, "sqnr_db": 11.0}, "compute": {"ratio": 0.72, "sqnr_db": 12.0}}) \
-        == "all"
+    assert choose({"all": {"ratio": 0.42, "sqnr_db": 26.0}, "compute": {"ratio": 0.43, "sqnr_db": 33.0}}) == "compute"
+    assert choose({"all": {"ratio": 0.53, "sqnr_db": 11.0}, "compute": {"ratio": 0.72, "sqnr_db": 12.0}}) == "all"
 
 
 def test_op_set_candidates():
     import pytest
 
     from edgeq.errors import UserError
-    from edgeq.pipeline import op_set_candidates
+    from edgeq.search.op_sets import op_set_candidates
 
     available = ("Add", "Mul", "Concat")
     auto = op_set_candidates("auto", available, {"Conv", "Add", "Mul"})
@@ -158,8 +164,7 @@ def test_the_fastest_measured_build_is_kept_when_reverts_make_it_worse(tmp_path)
 
     (tmp_path / "float").write_text("")
     recipe = Recipe(latency_repeats=5, latency_warmup=1, max_revert_rounds=2)
-    best, latency, rounds = _no_slowdown(WorseWhenRevertedRuntime(), tmp_path / "float", build(set(), "0"), build,
-                                         {}, recipe, SilentReporter())
+    best, rounds = _drive(WorseWhenRevertedRuntime(), tmp_path, build(set(), "0"), build, recipe)
     assert [r["quantized_nodes"] for r in rounds] == [3, 2, 1]
-    assert best.quantized == ["a", "b", "c"]
-    assert latency["int8"].median_ms == min(r["int8_ms"] for r in rounds)
+    assert best.build.quantized == ["a", "b", "c"] and [r["chosen"] for r in rounds] == [True, False, False]
+    assert best.latency["int8"].median_ms == min(r["ms"] for r in rounds)

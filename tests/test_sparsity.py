@@ -264,14 +264,14 @@ def test_digits_models_stay_within_a_point_with_every_eligible_layer_2_4_and_int
 def test_a_tight_budget_leaves_the_most_sensitive_layers_dense(tmp_path):
     _, manifest = _compile(tmp_path, "digits_transformer", "--sparsity-method", "magnitude", "--max-drop", "1%")
     sparsity = manifest["sparsity"]
-    kinds = [t["kind"] for t in sparsity["search"]]
+    kinds = [t["label"] for t in sparsity["search"]]
     assert kinds[0] == "all" and sparsity["search"][0]["drop"] > 0.005  # magnitude alone misses half the budget
     assert kinds.count("alone") == sparsity["eligible"] and "prefix" in kinds
     assert 0 < sparsity["pruned"] < sparsity["eligible"]
     dense = [n for n, layer in sparsity["layers"].items() if layer["eligible"] and not layer["pruned"]]
     assert all(sparsity["layers"][n]["reason"].startswith("kept dense") for n in dense)
-    chosen = [t for t in sparsity["search"] if t["kind"] == "prefix" and t["pruned"] == sparsity["pruned"]]
-    assert chosen and chosen[-1]["drop"] <= 0.005
+    chosen = [t for t in sparsity["search"] if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["pruned"] == sparsity["pruned"] and chosen[0]["drop"] <= 0.005
 
 
 def test_2_4_on_a_target_without_sparse_kernels_is_refused(tmp_path, conv_onnx, conv_feeds):

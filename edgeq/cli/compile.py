@@ -151,9 +151,9 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
                                f"float {delivered['float_bytes'] / 1e6:.2f} MB)")
     if delivered["reason"]:
         table.add_row("note", delivered["reason"])
-    variants = manifest["op_sets"]["measured"]
+    variants = [t for t in manifest["search"]["trials"] if t["strategy"] == "op set"]
     table.add_row("optional ops", manifest["recipe"]["optional_ops"] + ("\n" + "\n".join(
-        f"  {k}: ×{v['ratio']:.2f}, {v['sqnr_db']:.1f} dB" for k, v in variants.items()) if variants else ""))
+        f"  {t['label']}: ×{t['ratio']:.2f}, {t['sqnr_db']:.1f} dB" for t in variants) if variants else ""))
     table.add_row("quantized nodes", f"{q['quantized_nodes']} (float: {q['float_nodes']}, in subgraphs left float: "
                                      f"{q['subgraph_compute_left_float']})")
     lat = manifest["latency"]

@@ -29,13 +29,14 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from edgeq.fidelity import accuracy_drop, compare_models, worst_sqnr
+from edgeq.fidelity import accuracy_drop, worst_sqnr
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs, group_times, uniform
 from edgeq.mixed.groups import Group, layer_groups
 from edgeq.mixed.sensitivity import Sensitivity, cached_sensitivity, measure_sensitivity, proxy_nsr
 from edgeq.model_io import folder_bytes
 from edgeq.runtimes.base import Latency, cost_by_node
+from edgeq.search import Candidate, Trial, Trials
 
 COSINE_DROP_PER_NSR = 0.5
 DROP_MARGIN = 1.05
@@ -59,6 +60,7 @@ class Measured:
     latency: dict[str, Latency] | None = None
     group_ms: dict[str, float] | None = None
     node_ms: dict[str, float] | None = None
+    trial: Trial | None = None  # its record in the compile's search
 
     @property
     def ms(self) -> float | None:
@@ -115,19 +117,18 @@ def precision_counts(assign: dict[str, str]) -> dict[str, int]:
 
 
 class MixedPrecisionSearch:
-    def __init__(self, recipe, target, runtime, reporter, build: Callable[[dict[str, str]], object], measure: bool,
-                 metric=None, sensitivity_cache: tuple | None = None):
+    def __init__(self, recipe, target, runtime, reporter, build: Callable[[dict[str, str]], object], trials: Trials,
+                 sensitivity_cache: tuple | None = None):
         self.recipe, self.target, self.runtime, self.reporter = recipe, target, runtime, reporter
-        self.build, self.measure, self.metric = build, measure, metric
+        self.build, self.trials, self.measure = build, trials, trials.timed
         self.sensitivity_cache = sensitivity_cache
 
     def _use_proxy(self, trials: int) -> bool:
         mode = self.recipe.sensitivity
         return mode == "proxy" or (mode == "auto" and trials * self.float_bytes / MB > PROXY_ABOVE_TRIAL_MB)
 
-    def __call__(self, model: ir.Model, float_path: Path, uniform_int8, calib, holdout, feed: dict,
-                 ranges: dict) -> SearchResult:
-        self.float_path, self.holdout, self.feed = float_path, holdout, feed
+    def __call__(self, model: ir.Model, float_path: Path, uniform_int8, calib, ranges: dict) -> SearchResult:
+        self.float_path = float_path
         self.float_bytes = folder_bytes(float_path.parent)
         rules, precisions = self.target.quantization, self.target.precisions
         groups = layer_groups(model, uniform_int8.insert.decisions, precisions.candidates,
@@ -155,6 +156,7 @@ class MixedPrecisionSearch:
         iterations, measured = self._loop(k)
         seconds["search"] = time.perf_counter() - started
         chosen = _pick(measured, self.recipe)
+        chosen.trial.chosen = True
         for record, result in zip(iterations, measured):
             record["delivered"] = result is chosen
         frontier = [self._describe(a) for a in pareto_front(groups, sensitivity, costs, self._max_bytes())]
@@ -168,15 +170,15 @@ class MixedPrecisionSearch:
         self.float_ms, self.float_times = None, []
         if not self.measure:
             costs = Costs(None, byte_table, 0.0, rest_bytes)
-            return costs, self._measure(uniform(groups, "int8"), uniform_int8, groups)
-        self.float_times = self.runtime.profile(self.float_path, self.feed)
+            return costs, self._measure(uniform(groups, "int8"), uniform_int8, groups, "uniform int8")
+        self.float_times = self.trials.kernel_times(self.float_path)
         latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(self.float_times, {})).items()}
         costs = Costs(latency, byte_table, 0.0, rest_bytes)
         base = None
         for precision in dict.fromkeys(p for g in groups for p in g.precisions if p != "float"):
             assign = uniform(groups, precision)
             build = uniform_int8 if precision == "int8" else self.build(_node_precisions(groups, assign))
-            result = self._measure(assign, build, groups)
+            result = self._measure(assign, build, groups, f"uniform {precision}")
             for g, ms in result.group_ms.items():
                 if precision in byte_table[g]:
                     latency[g][precision] = ms
@@ -185,15 +187,19 @@ class MixedPrecisionSearch:
                 costs.rest_ms = max(0.0, result.ms - sum(result.group_ms.values()))
         return costs, base
 
-    def _measure(self, assign: dict[str, str], build, groups: list[Group]) -> Measured:
-        fidelity = compare_models(self.runtime, self.float_path, build.path, self.holdout, self.metric)
-        result = Measured(assign, build, accuracy_drop(fidelity), fidelity, folder_bytes(build.path.parent))
-        if self.measure:
-            result.latency = self.runtime.measure({"float": self.float_path, "int8": build.path}, self.feed,
-                                                  self.recipe.latency_warmup, self.recipe.latency_repeats)
+    def _measure(self, assign: dict[str, str], build, groups: list[Group], label: str) -> Measured:
+        """One configuration as a trial of the compile's search: fidelity on every held-out feed, [latency and
+        per-node kernel times]."""
+        trial = self.trials.measure(Candidate("mixed", label, lambda: build, time=True, feeds=None, profile=True,
+                                              facts={"precisions": precision_counts(assign)}))
+        fidelity = trial.fidelity
+        result = Measured(assign, build, accuracy_drop(fidelity), fidelity, folder_bytes(build.path.parent),
+                          trial=trial)
+        if trial.latency:
+            result.latency = trial.latency
             if self.float_ms is None:
                 self.float_ms = result.latency["float"].median_ms
-            result.node_ms = cost_by_node(self.runtime.profile(build.path, self.feed), build.insert.owners)
+            result.node_ms = cost_by_node(trial.kernel_times, build.insert.owners)
             result.group_ms = group_times(groups, result.node_ms)
         return result
 
@@ -213,7 +219,8 @@ class MixedPrecisionSearch:
             if key in seen:  # the same choice again: its measurement stands, and nothing new can be learned
                 break
             with self.reporter.stage(f"build + measure choice {index + 1}"):
-                result = self._measure(assign, self.build(_node_precisions(groups, assign)), groups)
+                result = self._measure(assign, self.build(_node_precisions(groups, assign)), groups,
+                                       f"choice {index + 1}")
             seen.add(key)
             measured.append(result)
             record = self._describe(assign) | {"iteration": index + 1, "relaxed": relaxed, "k": k,

@@ -1,9 +1,13 @@
-"""Measured choices: candidate builds → measured fidelity (and latency) → the choice, bounded, every trial kept.
+"""Measured choices: candidate builds → measured latency and fidelity → the choice, bounded, every trial kept.
 
-:func:`longest_prefix` is the shape shared by the 2:4 stage (prune the least sensitive layers that fit the
-budget) and the fidelity guard (keep int8 the least sensitive groups that hold the guard).
+:mod:`edgeq.search.trials` is the mechanism (build, measure, record; :func:`run` drives a strategy); the
+strategies propose candidates and choose: the optional op set and the no-slowdown rounds
+(:mod:`edgeq.search.speed`), :func:`longest_prefix` — shared by the fidelity guard (keep int8 the least
+sensitive groups that hold it) and the 2:4 stage (prune the least sensitive layers that fit the budget) — and
+the mixed-precision loop (:mod:`edgeq.mixed.search`).
 """
 
 from edgeq.search.prefix import longest_prefix
+from edgeq.search.trials import Built, Candidate, Trial, Trials, run
 
-__all__ = ["longest_prefix"]
+__all__ = ["Built", "Candidate", "Trial", "Trials", "longest_prefix", "run"]

@@ -1,0 +1,49 @@
+"""No-slowdown: while the quantized build is not faster than float, return the nodes whose integer kernels cost
+more than their float ones to float, and rebuild (a strategy of :mod:`edgeq.search.trials`).
+
+Rules:
+- Each round measures the build interleaved with float; it stops when the median ratio is at most
+  ``recipe.max_ratio``, when ``recipe.no_slowdown`` is off, or after ``recipe.max_revert_rounds`` rebuilds.
+- Per-node kernel times of both builds (Q/DQ kernels and fused activations counted for the node they serve)
+  decide which quantized nodes cost more in int8; only nodes timed in both are judged (ORT renames some fused
+  float kernels, and a node with no float time says nothing about its cost). No costly node: stop.
+- The build measured fastest over all rounds is chosen (a rebuild can measure worse).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from pathlib import Path
+
+from edgeq.runtimes.base import NodeTime, cost_by_node
+from edgeq.search.trials import Candidate, Trial
+
+
+def no_slowdown(first, rebuild: Callable[[set[str], str], object], kernel_times: Callable[[Path], list[NodeTime]],
+                float_path: Path, recipe) -> Generator[Candidate, Trial, Trial]:
+    """``first``: the build to start from; ``rebuild(keep_float, tag)`` makes the next. Returns the chosen trial
+    (its ``candidate.facts`` hold the round, the node count and what was returned to float)."""
+    keep, make, best = set(first.insert.keep_float), (lambda: first), None
+    for round_index in range(recipe.max_revert_rounds + 1):
+        trial = yield Candidate("no-slowdown", f"round {round_index + 1}", make, time=True,
+                                facts={"round": round_index})
+        current = trial.build
+        trial.candidate.facts["quantized_nodes"] = len(current.quantized)
+        if best is None or trial.ratio < best.ratio:
+            best = trial
+        if trial.ratio <= recipe.max_ratio or not recipe.no_slowdown or round_index == recipe.max_revert_rounds:
+            break
+        owners = current.insert.owners
+        float_cost = cost_by_node(kernel_times(float_path), owners)
+        int8_cost = cost_by_node(kernel_times(current.path), owners)
+        costly = sorted(n for n in current.quantized if n in float_cost and int8_cost.get(n, 0.0) > float_cost[n])
+        trial.candidate.facts["returned_to_float"] = costly
+        if not costly:
+            break
+        keep |= set(costly)
+        rebuilt = rebuild(keep, str(round_index + 1))
+        if not rebuilt.quantized:
+            break
+        make = lambda built=rebuilt: built  # noqa: E731
+    best.chosen = True
+    return best

@@ -1,0 +1,71 @@
+"""Which optional ops to quantize: build each op set, measure latency and fidelity, keep the most accurate of the
+fastest (a strategy of :mod:`edgeq.search.trials`).
+
+Rules:
+- Optional ops are the target's requant ops (Add, Mul, Concat, Sigmoid, …) and two pseudo-ops: ``ActMatMul``
+  (MatMuls of two activations: attention) and, on targets with ``dynamic_matmuls``, ``DynamicMatMul`` (the
+  MatMul/Gemm layers with constant weights in dynamic int8). What pays depends on the model and the kernels
+  (quantized residual Adds pay in CNNs and cost in transformers; quantized attention makes ORT run Softmax as
+  a slow QLinearSoftmax; dynamic int8 computes each activation's range at run time).
+- ``auto`` builds all present, none, all but each in turn, and all + ``DynamicMatMul`` (which ``all`` never
+  implies: the first candidate, delivered when nothing is measured, is static int8).
+- Each candidate is measured in its own interleaved pair with float (interleaving many models at once thrashes
+  the caches, which flatters the smallest weights) and on ``FIDELITY_FEEDS`` held-out feeds; the most accurate
+  (worst-output SQNR) among those within ``SPEED_TOLERANCE`` of the fastest is chosen. (The no-slowdown check
+  measures the chosen one again: a fresh figure, free of the bias of picking the best of several.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+from edgeq.errors import UserError
+from edgeq.fidelity import worst_sqnr
+from edgeq.search.trials import Candidate, Trial
+
+ACT_MATMUL = "ActMatMul"
+DYNAMIC_MATMUL = "DynamicMatMul"
+PSEUDO_OPS = (ACT_MATMUL, DYNAMIC_MATMUL)
+SPEED_TOLERANCE = 0.05
+FIDELITY_FEEDS = 16
+
+
+def op_set_candidates(spec: str, available: tuple[str, ...], present: set[str]) -> dict[str, tuple[str, ...]]:
+    """Optional op sets to build, by label, for ``--optional-ops SPEC``."""
+    static = tuple(op for op in available if op != DYNAMIC_MATMUL)
+    if spec == "all":
+        return {"all": static}
+    if spec == "none":
+        return {"none": ()}
+    if spec != "auto":
+        chosen = tuple(op.strip() for op in spec.split(",") if op.strip())
+        unknown = sorted(set(chosen) - set(available))
+        if unknown:
+            raise UserError(f"--optional-ops names ops the target has no integer kernel for: {', '.join(unknown)}",
+                            f"choose from {', '.join(available)}, or use auto, all or none")
+        return {",".join(chosen): chosen}
+    used = tuple(op for op in static if op in present)
+    candidates = {"all": used, "none": ()} if used else {"none": ()}
+    if len(used) > 1:
+        candidates |= {f"all but {op}": tuple(o for o in used if o != op) for op in used}
+    if DYNAMIC_MATMUL in available and DYNAMIC_MATMUL in present:
+        candidates[f"{'all + ' if used else ''}{DYNAMIC_MATMUL}"] = (*used, DYNAMIC_MATMUL)
+    return candidates
+
+
+def most_accurate_of_the_fastest(figures: dict[str, dict]) -> str:
+    """The label with the best ``sqnr_db`` among those whose ``ratio`` is within SPEED_TOLERANCE of the fastest."""
+    fastest = min(v["ratio"] for v in figures.values())
+    close = [k for k, v in figures.items() if v["ratio"] <= fastest * (1 + SPEED_TOLERANCE)]
+    return max(close, key=lambda k: figures[k]["sqnr_db"])
+
+
+def choose_op_set(builds: dict[str, Callable[[], object]]) -> Generator[Candidate, Trial, str]:
+    """Measure every op set's build; returns the chosen label."""
+    trials = {}
+    for label, make in builds.items():
+        trials[label] = yield Candidate("op set", label, make, time=True, feeds=FIDELITY_FEEDS)
+    chosen = most_accurate_of_the_fastest({k: {"ratio": t.ratio, "sqnr_db": worst_sqnr(t.fidelity)}
+                                           for k, t in trials.items()})
+    trials[chosen].chosen = True
+    return chosen

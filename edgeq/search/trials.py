@@ -1,0 +1,117 @@
+"""Trials: the one place a compile builds a candidate, measures it, and records what it measured.
+
+Every measured choice of a compile — which optional op set, which nodes return to float for speed, which
+layer groups the fidelity guard keeps int8, which layers the 2:4 stage prunes, which precision each group takes
+— is a *strategy*: a generator that proposes :class:`Candidate` builds one at a time and sees each one's
+:class:`Trial` before it proposes the next (bisection, revert rounds) or chooses (:func:`run` drives it).
+
+Rules:
+- A candidate says how it is built (``make``) and what to measure: latency interleaved with the float model on
+  the target's runtime settings (``time``; only where the target can be measured here), fidelity against the
+  float model on the held-out feeds (``feeds``: all, the first n, or 0 for none), per-node kernel times
+  (``profile``).
+- Every trial is recorded in order, with its strategy, label, facts and figures; the strategy marks the one it
+  chooses. :meth:`Trials.to_list` is the manifest's ``search.trials``.
+- A strategy bounds itself (rounds, ⌈log₂(n + 1)⌉ bisection steps, one build per op set); :func:`run` measures
+  each candidate exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edgeq.fidelity import accuracy_drop, compare_models, worst_sqnr
+from edgeq.runtimes.base import NodeTime
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Built:
+    """The least a build is: its model file."""
+
+    path: Path
+
+
+@dataclass
+class Candidate:
+    strategy: str  # the choice it serves: "op set", "no-slowdown", "guard", "2:4", "mixed"
+    label: str  # what differs from its siblings
+    make: Callable[[], Any]  # builds it: an object with ``path``, the model file
+    time: bool = False
+    feeds: int | None = 0  # held-out feeds for fidelity: None all, 0 none
+    profile: bool = False
+    facts: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    build: Any
+    latency: dict | None = None  # "float" and "int8" (the candidate) → Latency
+    fidelity: dict | None = None
+    kernel_times: list[NodeTime] | None = None
+    chosen: bool = False
+
+    @property
+    def ratio(self) -> float | None:
+        return self.latency["int8"].median_ms / self.latency["float"].median_ms if self.latency else None
+
+    def to_dict(self) -> dict:
+        record = {"strategy": self.candidate.strategy, "label": self.candidate.label, **self.candidate.facts}
+        if self.latency:
+            record |= {"float_ms": self.latency["float"].median_ms, "ms": self.latency["int8"].median_ms,
+                       "ratio": self.ratio}
+        if self.fidelity:
+            record |= {"sqnr_db": worst_sqnr(self.fidelity), "drop": accuracy_drop(self.fidelity)}
+        return record | {"chosen": self.chosen}
+
+
+class Trials:
+    """Builds and measures candidates against one float model; keeps every trial."""
+
+    def __init__(self, runtime, float_path: Path, feed: dict, holdout, recipe, metric=None, timed: bool = True):
+        self.runtime, self.float_path, self.feed, self.holdout = runtime, float_path, feed, holdout
+        self.recipe, self.metric, self.timed = recipe, metric, timed
+        self.log: list[Trial] = []
+        self._kernels: dict[Path, list[NodeTime]] = {}
+
+    def measure(self, candidate: Candidate) -> Trial:
+        build = candidate.make()
+        trial = Trial(candidate, build)
+        if candidate.time and self.timed:
+            trial.latency = self.runtime.measure({"float": self.float_path, "int8": build.path}, self.feed,
+                                                 self.recipe.latency_warmup, self.recipe.latency_repeats)
+        if candidate.feeds != 0:
+            trial.fidelity = compare_models(self.runtime, self.float_path, build.path, self.holdout, self.metric,
+                                            limit=candidate.feeds)
+        if candidate.profile and self.timed:
+            trial.kernel_times = self.kernel_times(build.path)
+        self.log.append(trial)
+        return trial
+
+    def kernel_times(self, path: Path) -> list[NodeTime]:
+        """Per-node kernel times of one model file on the target's runtime settings (profiled once)."""
+        if path not in self._kernels:
+            self._kernels[path] = self.runtime.profile(path, self.feed)
+        return self._kernels[path]
+
+    def of(self, strategy: str) -> list[Trial]:
+        return [t for t in self.log if t.candidate.strategy == strategy]
+
+    def to_list(self) -> list[dict]:
+        return [t.to_dict() for t in self.log]
+
+
+def run(strategy: Generator[Candidate, Trial, R], trials: Trials) -> R:
+    """Drive ``strategy``: each candidate it proposes is built and measured once, recorded, and sent back;
+    returns what the strategy returns."""
+    try:
+        candidate = next(strategy)
+        while True:
+            candidate = strategy.send(trials.measure(candidate))
+    except StopIteration as finished:
+        return finished.value

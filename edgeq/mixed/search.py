@@ -11,7 +11,8 @@ Rules:
   has less predicted noise; a missed latency — or, when minimizing latency, a measurement more than
   ``MISPREDICTED`` over the prediction — puts the build's per-node profile and wall time back into the cost
   table (and tightens a missed cap if the choice does not change); a missed size corrects the ungrouped bytes.
-- At most ``recipe.mixed_iterations`` builds; every one is recorded, and the loop ends early when every budget
+- At most ``recipe.mixed_iterations`` builds, each a trial of the compile's search (:mod:`edgeq.search`; this loop
+  is one of its strategies); the loop ends early when every budget
   is met as predicted or the solver repeats a choice. Delivered: the best measured build (fastest, or most
   accurate when minimizing noise) among those meeting every budget; if none does, the one that misses by
   the least (summed relative excess), and the compile exits 3.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from edgeq.mixed.groups import Group, layer_groups
 from edgeq.mixed.sensitivity import Sensitivity, cached_sensitivity, measure_sensitivity, proxy_nsr
 from edgeq.model_io import folder_bytes
 from edgeq.runtimes.base import Latency, cost_by_node
-from edgeq.search import Candidate, Trial, Trials
+from edgeq.search import Candidate, Trial, Trials, run
 
 COSINE_DROP_PER_NSR = 0.5
 DROP_MARGIN = 1.05
@@ -153,7 +154,7 @@ class MixedPrecisionSearch:
         int8_nsr = predicted_nsr(sensitivity, uniform(groups, "int8"))
         k = base.drop / int8_nsr if base.drop > 0 and int8_nsr > 0 else COSINE_DROP_PER_NSR
         started = time.perf_counter()
-        iterations, measured = self._loop(k)
+        iterations, measured = run(self._loop(k), self.trials)
         seconds["search"] = time.perf_counter() - started
         chosen = _pick(measured, self.recipe)
         chosen.trial.chosen = True
@@ -170,7 +171,9 @@ class MixedPrecisionSearch:
         self.float_ms, self.float_times = None, []
         if not self.measure:
             costs = Costs(None, byte_table, 0.0, rest_bytes)
-            return costs, self._measure(uniform(groups, "int8"), uniform_int8, groups, "uniform int8")
+            assign = uniform(groups, "int8")
+            return costs, self._measured(self.trials.measure(self._candidate(assign, uniform_int8, "uniform int8")),
+                                         assign, groups)
         self.float_times = self.trials.kernel_times(self.float_path)
         latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(self.float_times, {})).items()}
         costs = Costs(latency, byte_table, 0.0, rest_bytes)
@@ -178,7 +181,8 @@ class MixedPrecisionSearch:
         for precision in dict.fromkeys(p for g in groups for p in g.precisions if p != "float"):
             assign = uniform(groups, precision)
             build = uniform_int8 if precision == "int8" else self.build(_node_precisions(groups, assign))
-            result = self._measure(assign, build, groups, f"uniform {precision}")
+            result = self._measured(self.trials.measure(self._candidate(assign, build, f"uniform {precision}")),
+                                    assign, groups)
             for g, ms in result.group_ms.items():
                 if precision in byte_table[g]:
                     latency[g][precision] = ms
@@ -187,12 +191,15 @@ class MixedPrecisionSearch:
                 costs.rest_ms = max(0.0, result.ms - sum(result.group_ms.values()))
         return costs, base
 
-    def _measure(self, assign: dict[str, str], build, groups: list[Group], label: str) -> Measured:
+    @staticmethod
+    def _candidate(assign: dict[str, str], build, label: str) -> Candidate:
         """One configuration as a trial of the compile's search: fidelity on every held-out feed, [latency and
         per-node kernel times]."""
-        trial = self.trials.measure(Candidate("mixed", label, lambda: build, time=True, feeds=None, profile=True,
-                                              facts={"precisions": precision_counts(assign)}))
-        fidelity = trial.fidelity
+        return Candidate("mixed", label, lambda: build, time=True, feeds=None, profile=True,
+                         facts={"precisions": precision_counts(assign)})
+
+    def _measured(self, trial: Trial, assign: dict[str, str], groups: list[Group]) -> Measured:
+        build, fidelity = trial.build, trial.fidelity
         result = Measured(assign, build, accuracy_drop(fidelity), fidelity, folder_bytes(build.path.parent),
                           trial=trial)
         if trial.latency:
@@ -207,7 +214,7 @@ class MixedPrecisionSearch:
     def _max_bytes(self) -> float | None:
         return self.recipe.size_mb * MB if self.recipe.size_mb is not None else None
 
-    def _loop(self, k: float) -> tuple[list[dict], list[Measured]]:
+    def _loop(self, k: float) -> Generator[Candidate, Trial, tuple[list[dict], list[Measured]]]:
         recipe, groups = self.recipe, self.groups
         minimize = "latency" if recipe.max_drop is not None else "nsr"
         max_ms = recipe.latency_ms
@@ -219,8 +226,8 @@ class MixedPrecisionSearch:
             if key in seen:  # the same choice again: its measurement stands, and nothing new can be learned
                 break
             with self.reporter.stage(f"build + measure choice {index + 1}"):
-                result = self._measure(assign, self.build(_node_precisions(groups, assign)), groups,
-                                       f"choice {index + 1}")
+                build = self.build(_node_precisions(groups, assign))
+                result = self._measured((yield self._candidate(assign, build, f"choice {index + 1}")), assign, groups)
             seen.add(key)
             measured.append(result)
             record = self._describe(assign) | {"iteration": index + 1, "relaxed": relaxed, "k": k,

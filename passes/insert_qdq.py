@@ -134,17 +134,22 @@ class ConstantDequantize:
     axis: int | None
     block: int  # 0: one scale per channel (or per tensor); else blocks of this many along ``axis``
 
-    def dequantized(self) -> np.ndarray:
-        q = self.integers.const_value.numpy().astype(np.float64)
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each integer's scale and zero point, broadcast to the integers' shape (float64)."""
+        shape = tuple(self.integers.const_value.shape.numpy())
         scale, zero = self.scale.astype(np.float64), np.asarray(self.zero, dtype=np.float64)
         if self.block:
-            scale = np.repeat(scale, self.block, axis=self.axis)[:q.shape[self.axis]]
-            zero = np.repeat(zero, self.block, axis=self.axis)[:q.shape[self.axis]] if zero.ndim else zero
+            scale = np.repeat(scale, self.block, axis=self.axis)[:shape[self.axis]]
+            zero = np.repeat(zero, self.block, axis=self.axis)[:shape[self.axis]] if zero.ndim else zero
         elif self.axis is not None:
-            shape = [1] * q.ndim
-            shape[self.axis] = -1
-            scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.ndim else zero
-        return (q - zero) * scale
+            broadcast = [1] * len(shape)
+            broadcast[self.axis] = -1
+            scale, zero = scale.reshape(broadcast), zero.reshape(broadcast) if zero.ndim else zero
+        return np.broadcast_to(scale, shape), np.broadcast_to(zero, shape)
+
+    def dequantized(self) -> np.ndarray:
+        scale, zero = self.grid()
+        return (self.integers.const_value.numpy().astype(np.float64) - zero) * scale
 
 
 def constant_dequantize(value: ir.Value | None) -> ConstantDequantize | None:

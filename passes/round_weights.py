@@ -1,13 +1,14 @@
-"""Choose the rounding of int8 weights by layer-wise reconstruction (GPTQ) instead of rounding to nearest.
+"""Choose the rounding of int8 and int4 weights by layer-wise reconstruction (GPTQ) instead of rounding to nearest.
 
 Rules:
 - A layer is rewritten when the quantized model reads its weight through a DequantizeLinear of constant
-  8-bit integers with one scale per output channel or per tensor (what :mod:`edgeq.passes.insert_qdq` makes),
-  and its float view (``layers``: an ungrouped Conv, a Gemm or a MatMul with an unshared weight) has an input
-  Gram matrix H from :mod:`edgeq.passes.layer_inputs`. Layers left float, 4-bit or fp16 in this build are not
-  touched.
+  integers (what :mod:`edgeq.passes.insert_qdq` makes: 8-bit with one scale per output channel or per tensor,
+  or 4-bit in blocks along the reduction axis), and its float view (``layers``: an ungrouped Conv, a Gemm or a
+  MatMul with an unshared weight) has an input Gram matrix H from :mod:`edgeq.passes.layer_inputs`. Layers
+  left float or fp16 in this build are not touched.
 - The grid stays: scales and zero points are those already stored, integers stay within the range the
-  stored ones span (±127, or ±63 with reduce_range). Only which grid point each weight takes changes: columns
+  stored ones span (±127, or ±63 with reduce_range; 0…15 for 4-bit). Only which grid point each weight takes
+  changes: columns
   are settled to the nearest grid point of their compensated values and each column's rounding error is spread
   over the columns not yet settled (:mod:`edgeq.quant.obs`), so the layer's outputs on the calibration data
   stay closest to float.
@@ -26,7 +27,7 @@ from edgeq.passes.insert_qdq import ConstantDequantize, quantized_layers
 from edgeq.passes.sparsify import Layer
 from edgeq.quant.obs import compensate, output_error
 
-_INT8 = (ir.DataType.INT8, ir.DataType.UINT8)
+_INTEGERS = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.UINT4)
 
 
 class RoundWeightsPass(ir.passes.InPlacePass):
@@ -39,14 +40,17 @@ class RoundWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node, layer, weight in quantized_layers(model, self.float_layers):
-            if node.name not in self.grams or weight.block or weight.integers.const_value.dtype not in _INT8:
+            if node.name not in self.grams or weight.integers.const_value.dtype not in _INTEGERS:
                 continue
-            if weight.axis not in (None, layer.out_axis) or len(list(weight.integers.uses())) > 1:
+            axis = layer.in_axis if weight.block else layer.out_axis  # blocks run along the reduction axis
+            if weight.axis not in (None, axis) or len(list(weight.integers.uses())) > 1:
                 continue
             integers = self._solve(layer, weight)
             if integers is not None:
-                weight.integers.const_value = ir.tensor(integers.astype(weight.integers.const_value.numpy().dtype),
-                                                        name=weight.integers.name)
+                stored = weight.integers.const_value
+                weight.integers.const_value = ir.Tensor(integers.astype(np.int8 if stored.dtype == ir.DataType.INT8
+                                                                        else np.uint8),
+                                                        dtype=stored.dtype, name=weight.integers.name)
                 modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -58,18 +62,22 @@ class RoundWeightsPass(ir.passes.InPlacePass):
             self._solutions[name] = None
         if name not in self._solutions:
             gram, rows = self.grams[name], layer.rows().astype(np.float64)
-            nearest = layer.rows(weight.integers.const_value.numpy()).astype(np.float64)
-            scale = np.broadcast_to(np.asarray(weight.scale, dtype=np.float64).reshape(-1), (rows.shape[0],))
-            zero = np.broadcast_to(np.asarray(weight.zero, dtype=np.float64).reshape(-1), (rows.shape[0],))
-            qmax = float(np.abs(nearest - zero[:, None]).max())
+            nearest = layer.rows(weight.integers.const_value.numpy().astype(np.float64))
+            scale, zero = (layer.rows(grid) for grid in weight.grid())
+            if weight.integers.const_value.dtype == ir.DataType.UINT4:
+                low, high = np.zeros_like(zero), np.full_like(zero, 15.0)
+            else:
+                span = float(np.abs(nearest - zero).max())
+                low, high = zero - span, zero + span
 
             def settle(column: int, block: np.ndarray, inverse: np.ndarray, i: int) -> np.ndarray:
-                q = np.clip(np.round(block[:, i] / scale) + zero, zero - qmax, zero + qmax)
-                return (q - zero) * scale
+                s, z = scale[:, column], zero[:, column]
+                q = np.clip(np.round(block[:, i] / s) + z, low[:, column], high[:, column])
+                return (q - z) * s
 
             solved = compensate(rows, gram, settle)
-            integers = np.round(solved / scale[:, None]) + zero[:, None]
-            before = output_error(rows, (nearest - zero[:, None]) * scale[:, None], gram)
+            integers = np.round(solved / scale) + zero
+            before = output_error(rows, (nearest - zero) * scale, gram)
             after = output_error(rows, solved, gram)
             better = after < before
             self.layers[name] = {"nearest_error": before, "error": after, "changed": bool(better)}

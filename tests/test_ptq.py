@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from conftest import HOST_X86, make_model
 from edgeq.cli import main
 from edgeq.model_io import load_model
-from edgeq.passes.insert_qdq import constant_dequantize
+from edgeq.passes.insert_qdq import InsertQDQPass, constant_dequantize
 
 DIGITS = load_digits()
 
@@ -293,3 +293,41 @@ def test_cross_layer_equalization_leaves_relu6_chains_alone():
     equalize = EqualizeLayersPass()
     assert not equalize(model).modified and equalize.chains == {}
     np.testing.assert_array_equal(model.graph.initializers["w1"].const_value.numpy(), w1)
+
+
+def test_gptq_rounds_int4_blocks_on_their_own_grid(tmp_path):
+    """Weight-only int4 (the mixed-precision precision) gains most from reconstruction: 16 levels per block."""
+    import onnx_ir as ir
+
+    from edgeq.calibration_data import CalibrationData, input_specs
+    from edgeq.passes.convert_opset import ConvertOpsetPass
+    from edgeq.passes.layer_inputs import LayerInputsPass
+    from edgeq.passes.round_weights import RoundWeightsPass
+    from edgeq.passes.sparsify import layer_view
+    from edgeq.target import load_target
+
+    model_path, held_out = _mlp(tmp_path)
+    rules = load_target(HOST_X86).quantization
+    float_model = load_model(model_path)
+    layers = {n.name: layer_view(n) for n in float_model.graph if n.op_type == "MatMul"}
+    calib = CalibrationData.from_path(tmp_path / "calib.npz", input_specs(float_model))
+    inputs = LayerInputsPass(calib, list(layers.values()))
+    inputs(float_model)
+    built = {}
+    for label, gptq in (("nearest", False), ("gptq", True)):
+        model = load_model(model_path)
+        ConvertOpsetPass(21)(model)
+        InsertQDQPass(rules, {}, precisions={"fc1": "int4", "fc2": "int4"}, int4_block_size=32)(model)
+        grids = {n.name: constant_dequantize(n.inputs[1]).grid() for n in model.graph if n.op_type == "MatMul"}
+        if gptq:
+            rounding = RoundWeightsPass(layers, inputs.grams)
+            rounding(model)
+            assert all(r["changed"] and r["error"] < r["nearest_error"] for r in rounding.layers.values())
+        after = {n.name: constant_dequantize(n.inputs[1]) for n in model.graph if n.op_type == "MatMul"}
+        for name, weight in after.items():  # the grid is the one insert_qdq stored; integers stay 4-bit
+            np.testing.assert_array_equal(weight.grid()[0], grids[name][0])
+            assert weight.integers.const_value.dtype == ir.DataType.UINT4
+            assert 0 <= weight.integers.const_value.numpy().astype(int).min() <= 15
+        built[label] = tmp_path / f"{label}.onnx"
+        ir.save(model, built[label])
+    assert _sqnr(model_path, built["gptq"], held_out) > _sqnr(model_path, built["nearest"], held_out) + 1.0

@@ -72,6 +72,9 @@ from edgeq.target import Target
 
 # Variants whose latency is within this fraction of the fastest count as equally fast; the more accurate wins.
 REPORT = "report.html"
+# The DynamicMatMul op set is a candidate where its layers hold this share of the weights (transformers, MLPs):
+# a CNN's classifier alone does not pay for one more build.
+DYNAMIC_SHARE = 0.5
 
 
 class Reporter(Protocol):
@@ -288,6 +291,14 @@ class _Compilation:
                      and dynamic_ineligible(n) is None and n.inputs[0].name in seen
                      and n.inputs[0].name not in nonfinite)
 
+    def _dynamic_weight_share(self) -> float:
+        """The share of the compute layers' constant weights that dynamic int8 layers would hold."""
+        weights = {n.name: n.inputs[1].const_value.size for n in self.model.graph
+                   if n.op_type in self.rules.compute_ops and len(n.inputs) > 1 and n.inputs[1] is not None
+                   and n.inputs[1].const_value is not None}
+        total = sum(weights.values())
+        return sum(weights.get(n, 0) for n in self._dynamic_layers()) / total if total else 0.0
+
     def _model_at_wide_opset(self):
         """The calibrated model converted (once, and checked in ONNX Runtime) to the opset int4 and int16 Q/DQ
         need: converted by the one converter, never relabelled."""
@@ -306,7 +317,7 @@ class _Compilation:
         if any(n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] is not None
                and n.inputs[1].const_value is None for n in self.model.graph):
             present.add(ACT_MATMUL)
-        if self._dynamic_layers():
+        if self._dynamic_weight_share() >= DYNAMIC_SHARE:
             present.add(DYNAMIC_MATMUL)
         available = (self.rules.requant_ops + ((ACT_MATMUL,) if self.rules.activation_matmuls else ())
                      + ((DYNAMIC_MATMUL,) if self.rules.dynamic_matmuls else ()))

@@ -143,3 +143,21 @@ def test_a_layer_whose_input_calibration_saw_infinite_stays_static(tmp_path):
     assert result.exit_code == 0, result.output
     decisions = json.loads((tmp_path / "out" / "manifest.json").read_text())["quantization"]["decisions"]
     assert decisions["mm_x"]["precision"] == DYNAMIC and decisions["mm_inv"]["precision"] != DYNAMIC
+
+
+def test_auto_measures_dynamic_int8_where_matmul_layers_hold_the_weights(tmp_path, conv_onnx, conv_feeds):
+    onnx.save(_mlp(), tmp_path / "mlp.onnx")
+    feeds = tmp_path / "mlp_feeds"
+    feeds.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        np.savez(feeds / f"{i:03d}.npz", x=rng.standard_normal((4, 64)).astype(np.float32))
+    labels = {}
+    for name, model, data in (("mlp", tmp_path / "mlp.onnx", feeds), ("cnn", conv_onnx, conv_feeds)):
+        result = CliRunner().invoke(main, ["compile", str(model), "-t", HOST_X86, "--calib", str(data), "-o",
+                                           str(tmp_path / name), "--repeats", "5", "--no-guard"])
+        assert result.exit_code == 0, result.output
+        trials = json.loads((tmp_path / name / "manifest.json").read_text())["search"]["trials"]
+        labels[name] = [t["label"] for t in trials if t["strategy"] == "op set"]
+    assert any("DynamicMatMul" in label for label in labels["mlp"])
+    assert labels["cnn"] and not any("DynamicMatMul" in label for label in labels["cnn"])  # a classifier only

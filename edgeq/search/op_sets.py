@@ -8,7 +8,9 @@ Rules:
   (quantized residual Adds pay in CNNs and cost in transformers; quantized attention makes ORT run Softmax as
   a slow QLinearSoftmax; dynamic int8 computes each activation's range at run time).
 - ``auto`` builds all present, none, all but each in turn, and all + ``DynamicMatMul`` (which ``all`` never
-  implies: the first candidate, delivered when nothing is measured, is static int8).
+  implies: the first candidate, delivered when nothing is measured, is static int8). ``DynamicMatMul`` counts
+  as present where its layers hold at least half of the model's layer weights (the pipeline's
+  ``DYNAMIC_SHARE``: transformers and MLPs, not a CNN with a classifier).
 - Each candidate is measured in its own interleaved pair with float (interleaving many models at once thrashes
   the caches, which flatters the smallest weights) and on ``FIDELITY_FEEDS`` held-out feeds; the most accurate
   (worst-output SQNR) among those within ``SPEED_TOLERANCE`` of the fastest is chosen. (The no-slowdown check

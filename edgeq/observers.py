@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 LEVELS = 256  # 8-bit activations, asymmetric
+HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
 
 
 class Observer:
@@ -107,14 +108,12 @@ class HistogramObserver(Observer):
 
     # range decisions -----------------------------------------------------------------------------
     def _range(self) -> tuple[float, float]:
-        if self.method == "percentile":
-            lo, hi = self._percentile_range()
-        elif self.method == "entropy":
-            lo, hi = self._entropy_range()
-        elif self.method == "mse":
-            lo, hi = self._mse_range()
-        else:
-            raise ValueError(self.method)
+        return self.range_by(self.method)
+
+    def range_by(self, method: str) -> tuple[float, float]:
+        """The range ``method`` decides from this histogram (one of HISTOGRAM_METHODS)."""
+        lo, hi = {"percentile": self._percentile_range, "entropy": self._entropy_range,
+                  "mse": self._mse_range}[method]()
         return min(lo, 0.0), max(hi, 0.0)
 
     def _edges(self) -> np.ndarray:

@@ -59,6 +59,8 @@ from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, 
 from edgeq.search import Candidate, Trials, run
 from edgeq.search.no_slowdown import no_slowdown
 from edgeq.search.op_sets import ACT_MATMUL, DYNAMIC_MATMUL, PSEUDO_OPS, choose_op_set, op_set_candidates
+from edgeq.search.ranges import GROUPS as RANGE_GROUPS
+from edgeq.search.ranges import choose_ranges
 from edgeq.ptq_stage import PtqStage
 from edgeq.recipe import PTQ_ON_GUARD_MISS, Recipe
 from edgeq.runtimes import tensorrt
@@ -245,6 +247,8 @@ class _Compilation:
             self.calibrator(model)
             self.calib_seconds = time.perf_counter() - started
         self.model = model
+        self.ranges = self.calibrator.ranges  # the ranges builds use (a per-tensor choice may replace some)
+        self.ranges_chosen: dict[str, str] = {}
         self.ptq.after_calibration(model, self.calib)
 
     def _rewrite_before_calibration(self, model):
@@ -269,13 +273,14 @@ class _Compilation:
                         activation_matmuls=ACT_MATMUL in optional_ops)
         dynamic = self._dynamic_layers() if DYNAMIC_MATMUL in optional_ops else ()
 
-        def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None) -> _Build:
+        def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None,
+                  ranges: dict[str, tuple[float, float]] | None = None) -> _Build:
             wide = precisions and any(p in WIDE_OPSET_PRECISIONS for p in precisions.values())
             # with DynamicMatMul, a dynamic-capable layer's int8 is dynamic int8
             precisions = {**{n: DYNAMIC for n in dynamic}, **(precisions or {})}
             precisions = {n: DYNAMIC if n in dynamic and p == "int8" else p for n, p in precisions.items()}
             candidate = (self._model_at_wide_opset() if wide else self.model).clone()
-            insert = InsertQDQPass(rules, self.calibrator.ranges, keep_float, precisions,
+            insert = InsertQDQPass(rules, self.ranges if ranges is None else ranges, keep_float, precisions,
                                    self.target.precisions.int4_block_size)
             insert(candidate)
             self.ptq(candidate)
@@ -341,9 +346,10 @@ class _Compilation:
 
     def hold_guard(self) -> None:
         """The default fidelity guard (:mod:`edgeq.guard`): when the chosen int8 build misses it, [with ``--ptq
-        auto``, GPTQ rounding and bias correction are built and kept if they measure no worse;] then the fewest,
-        most sensitive layer groups return to float until it holds; if only float holds it, float is
-        delivered, saying why."""
+        auto``, GPTQ rounding and bias correction are built and kept if they measure no worse;] each group's
+        sensitivity is measured, the most sensitive groups' tensors try the other calibration methods' ranges;
+        then the fewest, most sensitive groups return to float until it holds; if only float holds it, float
+        is delivered, saying why."""
         if not self.guard_applies or not self.current.quantized:
             return
         with self.reporter.stage("fidelity guard"):
@@ -368,11 +374,14 @@ class _Compilation:
                                         self.runtime, self.float_path, feeds,
                                         cache, self.reporter.progress)
         nsr = {name: figures["int8"] for name, figures in table.nsr.items()}
+        self.guard_report |= {"sensitivity": nsr, "sensitivity_seconds": table.seconds}
+        uniform = self._choose_ranges(build_with, keep, tags, sorted(groups, key=lambda g: -nsr[g.name]), uniform)
+        if uniform["met"]:
+            return
         with self.reporter.stage("guard: return the most sensitive groups to float"):
             held = run(guard.hold(groups, nsr, lambda nodes: build_with(keep | nodes, f"guard{next(tags)}"), uniform),
                        self.trials)
-        self.guard_report |= {"sensitivity": nsr, "sensitivity_seconds": table.seconds,
-                              "float_groups": held.float_groups, "trials": held.trials}
+        self.guard_report |= {"float_groups": held.float_groups, "trials": held.trials}
         if held.build is None:
             self.delivered, self.guard_failed = "float", True
             self.why_not_measured = "float delivered: no int8 build holds the fidelity guard"
@@ -380,6 +389,41 @@ class _Compilation:
                            "--metric/--max-drop state your own, --no-guard turns it off")
         else:
             self.current = held.build
+
+    def _choose_ranges(self, build_with, keep: set[str], tags, order: list, uniform: dict) -> dict:
+        """After a guard miss: the calibration method per tensor of the most sensitive groups
+        (:mod:`edgeq.search.ranges`); ranges that measured better are checked against the guard on every
+        held-out feed and kept (for every later build) when they hold it or leave none of its figures worse.
+        Returns the guard check of the build kept."""
+        nodes = {n.name: n for n in self.model.graph}
+
+        def tensors(group) -> list[str]:
+            values = []
+            for node in (nodes[name] for name in group.nodes if name in nodes):
+                users = list(node.outputs[0].uses())
+                fused = users[0][0] if len(users) == 1 and users[0][0].op_type in self.rules.activation_fusions else None
+                values += [*node.inputs, *node.outputs, *(fused.outputs if fused else ())]
+            return [v.name for v in values if v is not None and v.name in self.ranges]
+
+        wanted = [name for group in order[:RANGE_GROUPS] for name in tensors(group)]
+        if not wanted:
+            return uniform
+        with self.reporter.stage(f"guard: calibration method per tensor of {min(len(order), RANGE_GROUPS)} groups"):
+            by_method = self.calibrator.ranges_by_method(self.model, wanted)
+            ranges, chosen = run(choose_ranges(order, tensors, by_method, self.ranges,
+                                               lambda r: build_with(keep, f"ranges{next(tags)}", ranges=r)),
+                                 self.trials)
+            if not chosen:
+                return uniform
+            trial = self.trials.measure(Candidate("guard", "per-tensor ranges", feeds=None,
+                                                  make=lambda: build_with(keep, "guard-ranges", ranges=ranges)))
+            checked = guard.checked(trial)
+        self.guard_report["with_ranges"] = checked
+        if not (checked["met"] or guard.no_worse(checked, uniform)):
+            return uniform
+        trial.chosen = True
+        self.ranges, self.ranges_chosen, self.current = ranges, chosen, trial.build
+        return checked
 
     def _try_ptq(self, build_with, keep: set[str], uniform: dict) -> dict:
         """``--ptq auto`` after a guard miss: the same build with PTQ_ON_GUARD_MISS; kept (and used by every
@@ -445,7 +489,7 @@ class _Compilation:
 
         search = MixedPrecisionSearch(self.recipe, self.target, self.runtime, self.reporter, build, self.trials,
                                       self._sensitivity_cache())
-        self.mixed = search(self.model, self.float_path, self.current, self.calib, self.calibrator.ranges)
+        self.mixed = search(self.model, self.float_path, self.current, self.calib, self.ranges)
         chosen = self.mixed.chosen
         self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"
         self.reason = "groups by precision: " + ", ".join(
@@ -471,7 +515,7 @@ class _Compilation:
         """Sensitivities are cached beside the calibration ranges, keyed by everything they depend on."""
         if self.request.cache_dir is None:
             return None
-        key = [self.normalized_digest, self.calib.digest, sorted(self.calibrator.ranges.items()),
+        key = [self.normalized_digest, self.calib.digest, sorted(self.ranges.items()),
                self.candidates[self.chosen], self.target.quantization.__dict__, self.target.precisions.__dict__,
                self.recipe.sensitivity_feeds, self.recipe.sensitivity, sorted(self.request.keep_float),
                list(self.ptq.techniques)]
@@ -501,6 +545,7 @@ class _Compilation:
             "delivered": {"precision": self.delivered, "reason": self.reason, "file": MODEL,
                           "bytes": delivered_bytes, "float_bytes": float_bytes},
             "calibration": {"method": self.recipe.method, "tensors": len(self.calibrator.ranges),
+                            "per_tensor": self.ranges_chosen,
                             "seconds": self.calib_seconds, "cache_hit": self.calibrator.cache_hit,
                             "nonfinite": self.calibrator.nonfinite, "subgraphs": self.calibrator.subgraphs,
                             "cache_problems": self.calibrator.cache.problems},

@@ -21,6 +21,8 @@ Rules:
   fallback level, the observation procedure's version, ONNX Runtime's version); a cache hit skips the run.
 
 This is a side-effect-only pass: the model is not changed; the results are attributes of the pass.
+:meth:`CalibratePass.ranges_by_method` observes chosen tensors once more and returns every histogram method's
+range for each (the per-tensor choice of :mod:`edgeq.search.ranges`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import onnx_ir as ir
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData
 from edgeq.model_io import to_proto
-from edgeq.observers import make_observer
+from edgeq.observers import HISTOGRAM_METHODS, HistogramObserver, make_observer
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 LOOP_SAMPLE = 1024  # elements of each value a Loop/Scan body returns per iteration for calibration
@@ -218,6 +220,20 @@ class CalibratePass(ir.passes.PassBase):
             self.subgraphs = {"observed": level, "fell_back_from": failures} if has_subgraphs else {}
             break
         return ir.passes.PassResult(model, modified=False)
+
+    def ranges_by_method(self, model: ir.Model, names: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+        """For main-graph tensors ``names``: the range each histogram method decides, from one more run over the
+        data (the default's observers are not kept)."""
+        from edgeq.runtimes.onnxruntime import run_exposing
+
+        main = {v.name for v in _graph_values(model.graph, self.op_types)} | {v.name for v in model.graph.inputs}
+        fetch = [name for name in dict.fromkeys(names) if name in main]
+        observers = {name: HistogramObserver(percentile=self.percentile) for name in fetch}
+        for feed_outputs in run_exposing(to_proto(model), fetch, (f.inputs for f in self.data), self.threads):
+            for name, value in zip(fetch, feed_outputs):
+                observers[name].update(value)
+        return {name: {m: tuple(float(v) for v in obs.range_by(m)) for m in HISTOGRAM_METHODS}
+                for name, obs in observers.items() if obs.finite}
 
     def _observe(self, model: ir.Model, level: str) -> tuple[dict, dict]:
         from edgeq.runtimes.onnxruntime import run_exposing

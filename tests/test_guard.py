@@ -135,3 +135,30 @@ def test_an_integer_output_alone_through_the_measured_op_sets(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert len([t for t in manifest["search"]["trials"] if t["strategy"] == "op set"]) > 1
     assert manifest["fidelity"]["outputs"]["ids"]["kind"] == "indices"
+
+
+def test_a_guard_miss_tries_other_calibration_methods_on_the_most_sensitive_tensors(tmp_path):
+    """40 corrupt values (60.0) in Gaussian calibration data: the percentile range keeps them and leaves the real
+    inputs a few int8 levels; the entropy range ignores them, and the per-tensor choice finds it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 48)) * 0.2).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((48, 32)) * 0.2).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits), tmp_path / "m.onnx")
+    x = rng.standard_normal(size=(1600, 64)).astype(np.float32)
+    calib = x[:800].copy()
+    calib.reshape(-1)[rng.choice(calib.size, 40, replace=False)] = 60.0
+    np.savez(tmp_path / "calib.npz", x=calib)
+    np.savez(tmp_path / "eval.npz", x=x[800:])
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-t", HOST_X86, "--calib",
+                                       str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                                       "--no-measure", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["calibration"]["per_tensor"]["x"] == "entropy"
+    tried = {t["label"]: t for t in manifest["search"]["trials"] if t["strategy"] == "ranges"}
+    assert tried["fc1: entropy"]["chosen"] and tried["fc1: entropy"]["sqnr_db"] > tried["ranges in use"]["sqnr_db"] + 3
+    kept = manifest["guard"]["with_ranges"]
+    assert guard.no_worse(kept, manifest["guard"]["uniform_int8"])

@@ -277,13 +277,30 @@ def accuracy_drop(summary: dict) -> float:
     return max((disagreement(o) for o in summary["outputs"].values()), default=0.0)
 
 
-def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int | None = None) -> dict:
+def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int | None = None,
+                   reference: list[list[np.ndarray]] | None = None) -> dict:
     """Run two model files in ``runtime`` on the same feeds (the first ``limit`` of them, if given) and
-    summarize how far the second's outputs are from the first's."""
-    ref, test = runtime.session(ref_path), runtime.session(test_path)
-    meter = FidelityMeter(ref.output_names, keep_for_metric=metric is not None)
+    summarize how far the second's outputs are from the first's (``reference``: the first's outputs per feed,
+    already computed: it is not run again)."""
+    test = runtime.session(test_path)
+    ref = runtime.session(ref_path) if reference is None else None
+    names = ref.output_names if ref is not None else test.output_names
+    meter = FidelityMeter(names, keep_for_metric=metric is not None)
     for index, feed in enumerate(feeds):
         if index == limit:
             break
-        meter.update(ref.run(feed.inputs), test.run(feed.inputs), feed)
+        expected = reference[index] if reference is not None else ref.run(feed.inputs)
+        meter.update(expected, test.run(feed.inputs), feed)
     return meter.summary(metric)
+
+
+def reference_outputs(runtime, path, feeds, max_bytes: int) -> list[list[np.ndarray]] | None:
+    """A model's outputs on every feed, to compare many candidates against; None when they would hold more
+    than ``max_bytes``."""
+    session, outputs, size = runtime.session(path), [], 0
+    for feed in feeds:
+        outputs.append(session.run(feed.inputs))
+        size += sum(np.asarray(o).nbytes for o in outputs[-1])
+        if size > max_bytes:
+            return None
+    return outputs

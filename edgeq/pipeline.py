@@ -44,7 +44,7 @@ from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
-from edgeq.fidelity import accuracy_drop, compare_models, load_metric
+from edgeq.fidelity import accuracy_drop, load_metric
 from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
@@ -150,18 +150,18 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             run.hold_guard()
             run.guard_speed()
         with reporter.stage(f"fidelity on {len(run.holdout)} held-out feeds"):
-            fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+            fidelity = run.trials.fidelity(run.delivered_path)
             if run.delivered != "float" and fidelity["nonfinite_outputs"]:
                 run.delivered = "float"
                 run.reason = (f"the quantized build output NaN or Inf where float does not (output "
                               f"{', '.join(fidelity['nonfinite_outputs'])}): a broken model is never delivered")
-                fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+                fidelity = run.trials.fidelity(run.delivered_path)
             if run.guard_applies:
                 fidelity["guard"] = guard.check(fidelity)
                 if run.delivered != "float" and not fidelity["guard"]["met"]:  # the speed rounds broke it
                     run.delivered = "float"
                     run.reason = "the delivered build missed the fidelity guard: " + guard.describe(fidelity["guard"])
-                    fidelity = compare_models(run.runtime, run.float_path, run.delivered_path, run.holdout, metric)
+                    fidelity = run.trials.fidelity(run.delivered_path)
                     fidelity["guard"] = guard.check(fidelity)
         caveat = request.target.int8_caveat_here() if run.delivered != "float" else ""
         if caveat:

@@ -12,6 +12,8 @@ Rules:
   (``profile``).
 - Every trial is recorded in order, with its strategy, label, facts and figures; the strategy marks the one it
   chooses. :meth:`Trials.to_list` is the manifest's ``search.trials``.
+- The float model runs on the held-out feeds once: its outputs are kept (up to ``REFERENCE_BYTES``) and every
+  trial is compared against them.
 - A strategy bounds itself (rounds, ⌈log₂(n + 1)⌉ bisection steps, one build per op set); :func:`run` measures
   each candidate exactly once.
 """
@@ -23,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgeq.fidelity import accuracy_drop, compare_models, worst_sqnr
+from edgeq.fidelity import accuracy_drop, compare_models, reference_outputs, worst_sqnr
 from edgeq.runtimes.base import NodeTime
 
 R = TypeVar("R")
+REFERENCE_BYTES = 256 << 20  # the float model's held-out outputs are kept, to compare every trial against, up to this
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Trials:
         self.recipe, self.metric, self.timed = recipe, metric, timed
         self.log: list[Trial] = []
         self._kernels: dict[Path, list[NodeTime]] = {}
+        self._reference: list | None | bool = False  # False: not computed yet; None: too big to keep
 
     def measure(self, candidate: Candidate) -> Trial:
         build = candidate.make()
@@ -86,12 +90,18 @@ class Trials:
             trial.latency = self.runtime.measure({"float": self.float_path, "int8": build.path}, self.feed,
                                                  self.recipe.latency_warmup, self.recipe.latency_repeats)
         if candidate.feeds != 0:
-            trial.fidelity = compare_models(self.runtime, self.float_path, build.path, self.holdout, self.metric,
-                                            limit=candidate.feeds)
+            trial.fidelity = self.fidelity(build.path, candidate.feeds)
         if candidate.profile and self.timed:
             trial.kernel_times = self.kernel_times(build.path)
         self.log.append(trial)
         return trial
+
+    def fidelity(self, path: Path, feeds: int | None = None) -> dict:
+        """How far a model file's outputs are from float's on the first ``feeds`` held-out feeds (None: all)."""
+        if self._reference is False:
+            self._reference = reference_outputs(self.runtime, self.float_path, self.holdout, REFERENCE_BYTES)
+        return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds,
+                              reference=self._reference)
 
     def kernel_times(self, path: Path) -> list[NodeTime]:
         """Per-node kernel times of one model file on the target's runtime settings (profiled once)."""

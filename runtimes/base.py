@@ -2,9 +2,12 @@
 
 Latency rule: candidates are compared inside one process, interleaved, on the same feed. After ``warmup``
 runs each, every round runs each candidate once, in an order that alternates between rounds so neither
-always runs first; per-run wall times give min, median and p90. There are at least ``repeats`` rounds, and
-more for fast models — as many as fill :data:`MIN_SECONDS` per candidate (at most :data:`MAX_ROUNDS`): 50 runs
-of a sub-millisecond model are noise. Only ratios from one such run are meaningful on a shared machine.
+always runs first; per-run wall times give min, median and p90. There are ``repeats`` rounds, more for fast
+models — as many as fill :data:`MIN_SECONDS` per candidate (at most :data:`MAX_ROUNDS`): 50 runs of a
+sub-millisecond model are noise — and fewer for slow ones: no more than fill :data:`MAX_SECONDS` per candidate,
+but at least :data:`MIN_ROUNDS` (a one-second model's runs each average over its own jitter; 50 of them would
+cost minutes per comparison). Warm-up stops early past :data:`MAX_SECONDS`. Only ratios from one such run are
+meaningful on a shared machine.
 """
 
 from __future__ import annotations
@@ -73,18 +76,22 @@ class Runtime(Protocol):
 
 
 MIN_SECONDS = 0.5
+MAX_SECONDS = 10.0
+MIN_ROUNDS = 7
 MAX_ROUNDS = 5000
 
 
 def measure_interleaved(runners: Mapping[str, Callable[[], object]], warmup: int = 5,
                         repeats: int = 50) -> dict[str, Latency]:
     names = list(runners)
-    started = time.perf_counter()
-    for _ in range(max(warmup, 1)):
+    started, warmed = time.perf_counter(), 0
+    while warmed < max(warmup, 1) and (not warmed or time.perf_counter() - started < MAX_SECONDS):
         for name in names:
             runners[name]()
-    per_round = (time.perf_counter() - started) / max(warmup, 1)
-    repeats = max(repeats, min(MAX_ROUNDS, int(MIN_SECONDS * len(names) / max(per_round, 1e-9))))
+        warmed += 1
+    per_round = max((time.perf_counter() - started) / warmed, 1e-9)
+    repeats = max(repeats, min(MAX_ROUNDS, int(MIN_SECONDS * len(names) / per_round)))
+    repeats = min(repeats, max(MIN_ROUNDS, int(MAX_SECONDS * len(names) / per_round)))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repeats):
         order = names if round_index % 2 == 0 else names[::-1]

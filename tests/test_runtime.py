@@ -5,7 +5,8 @@ import onnx
 import pytest
 
 from conftest import HOST_X86, conv_model
-from edgeq.runtimes.base import MAX_ROUNDS, Latency, measure_interleaved
+from edgeq.runtimes import base
+from edgeq.runtimes.base import MAX_ROUNDS, MIN_ROUNDS, Latency, measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import load_target
 from test_insert_qdq import quantize
@@ -18,6 +19,19 @@ def test_interleaved_measurement_orders_candidates_correctly():
     assert lat["fast"].min_ms <= lat["fast"].median_ms <= lat["fast"].p90_ms
     # at least `repeats` rounds, and as many as fill MIN_SECONDS per candidate: here 0.5 s / 2 ms a run
     assert lat["slow"].runs == lat["fast"].runs and 100 < lat["slow"].runs < MAX_ROUNDS
+
+
+def test_slow_models_are_timed_within_a_time_budget(monkeypatch):
+    monkeypatch.setattr(base, "MAX_SECONDS", 0.05)  # a round (0.04 s) near the budget: a one-second model's case
+    calls = {"a": 0, "b": 0}
+
+    def run(name):
+        calls[name] += 1
+        time.sleep(0.02)
+
+    lat = measure_interleaved({"a": lambda: run("a"), "b": lambda: run("b")}, warmup=5, repeats=50)
+    assert lat["a"].runs == lat["b"].runs == MIN_ROUNDS  # 0.05 s fill 2 runs each; never fewer than MIN_ROUNDS
+    assert calls["a"] <= 3 + MIN_ROUNDS  # and the warm-up stopped early (2 rounds of 5)
 
 
 def test_latency_statistics():

@@ -46,3 +46,24 @@ def test_user_metric_and_drop(tmp_path):
 def test_bad_metric_specs(spec):
     with pytest.raises(UserError):
         load_metric(spec)
+
+
+def test_kept_reference_outputs_give_the_same_summary_and_have_a_size_cap(tmp_path, conv_onnx, conv_feeds):
+    from edgeq.calibration_data import CalibrationData, input_specs
+    from edgeq.fidelity import compare_models, reference_outputs
+    from edgeq.model_io import load_model
+    from edgeq.runtimes.onnxruntime import OnnxRuntime
+    from edgeq.target import load_target
+    from test_insert_qdq import quantize
+
+    import onnx
+
+    runtime = OnnxRuntime(load_target("x86-64"))
+    feeds = CalibrationData.from_path(conv_feeds, input_specs(load_model(conv_onnx)))
+    quantized = tmp_path / "q.onnx"
+    onnx.save(quantize(onnx.load(conv_onnx))[0], quantized)
+    kept = reference_outputs(runtime, conv_onnx, feeds, max_bytes=1 << 20)
+    assert len(kept) == len(feeds)
+    assert compare_models(runtime, conv_onnx, quantized, feeds, reference=kept) == \
+        compare_models(runtime, conv_onnx, quantized, feeds)
+    assert reference_outputs(runtime, conv_onnx, feeds, max_bytes=100) is None  # 10 floats per feed: 40 bytes

@@ -268,7 +268,8 @@ class _Compilation:
         return model, True
 
     def builder(self, optional_ops: tuple[str, ...]):
-        """A function (keep_float, tag[, precisions]) -> _Build that inserts QDQ with this optional op set."""
+        """A function (keep_float, tag[, precisions, ranges]) -> _Build that inserts QDQ with this optional op set
+        (ranges: replacing the ones in use)."""
         rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o not in PSEUDO_OPS),
                         activation_matmuls=ACT_MATMUL in optional_ops)
         dynamic = self._dynamic_layers() if DYNAMIC_MATMUL in optional_ops else ()

@@ -9,7 +9,7 @@ import onnxruntime as ort
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import HOST_X86, make_model
+from conftest import HOST_X86, make_model, write_feeds
 from edgeq.cli import main
 from edgeq.model_io import to_proto
 from edgeq.passes.calibrate import CalibratePass
@@ -99,11 +99,7 @@ def test_float_wins_over_dynamic_and_unfit_gemms_say_why():
 
 def test_dynamic_matmul_is_an_op_set_of_targets_with_the_kernels(tmp_path):
     onnx.save(_mlp(), tmp_path / "mlp.onnx")
-    feeds = tmp_path / "feeds"
-    feeds.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        np.savez(feeds / f"{i:03d}.npz", x=rng.standard_normal((4, 64)).astype(np.float32))
+    feeds = write_feeds(tmp_path / "feeds", "x", (4, 64), 24)
     runner = CliRunner()
     result = runner.invoke(main, ["compile", str(tmp_path / "mlp.onnx"), "-t", HOST_X86, "--calib", str(feeds),
                                   "-o", str(tmp_path / "out"), "--optional-ops", "DynamicMatMul", "--no-measure",
@@ -147,11 +143,7 @@ def test_a_layer_whose_input_calibration_saw_infinite_stays_static(tmp_path):
 
 def test_auto_measures_dynamic_int8_where_matmul_layers_hold_the_weights(tmp_path, conv_onnx, conv_feeds):
     onnx.save(_mlp(), tmp_path / "mlp.onnx")
-    feeds = tmp_path / "mlp_feeds"
-    feeds.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        np.savez(feeds / f"{i:03d}.npz", x=rng.standard_normal((4, 64)).astype(np.float32))
+    feeds = write_feeds(tmp_path / "mlp_feeds", "x", (4, 64), 24)
     labels = {}
     for name, model, data in (("mlp", tmp_path / "mlp.onnx", feeds), ("cnn", conv_onnx, conv_feeds)):
         result = CliRunner().invoke(main, ["compile", str(model), "-t", HOST_X86, "--calib", str(data), "-o",

@@ -84,17 +84,18 @@ class SparsityStage:
     def _candidate(self, model: ir.Model, prune: Sparsify24Pass, keep_dense: set[str], label: str,
                    feeds: int | None = None) -> Candidate:
         """A copy pruned with ``keep_dense`` left dense, measured on ``feeds`` held-out feeds (None: all)."""
+        facts: dict = {}
+
         def make():
             candidate = model.clone()
             prune.keep_dense = keep_dense
             prune(candidate)
             folder = self.work / f"sparse-trial-{len(self.trials.log) + 1}"
             folder.mkdir()
-            made.facts["pruned"] = prune.pruned
+            facts["pruned"] = prune.pruned
             return Built(save_model(candidate, folder / MODEL))
 
-        made = Candidate("2:4", label, make, feeds=feeds)
-        return made
+        return Candidate("2:4", label, make, feeds=feeds, facts=facts)
 
     def _trial(self, model, prune, keep_dense: set[str], label: str, feeds: int | None = None) -> Trial:
         return self.trials.measure(self._candidate(model, prune, keep_dense, label, feeds))

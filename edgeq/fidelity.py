@@ -11,6 +11,12 @@ while losing most detections), so every output is reported on its own, and outpu
   probability maps, masks: intersection over union of the values above 0.5), ``embedding`` (last axis of
   unit length), ``logits`` (other [batch, C] outputs: argmax agreement), ``values`` (at most
   :data:`FEW_VALUES` per feed: scores, regressions) and ``map`` (anything else: spectrograms, box maps);
+- for ``classes`` outputs with positions ([batch, positions…, classes]: a decoder's tokens, a tagger's labels)
+  the **sequence agreement**: the share of samples whose decisions agree at every position. A few held-out
+  samples rarely show the one flip that changes a sequence, so the figure is the lower of the observed share
+  and the share expected from the margins: each position's chance to flip is the share of the margin changes
+  measured at all positions (log-probability of the float top-1 minus its runner-up, candidate vs float) that
+  would overturn its own float margin, and a sample agrees when all of its positions do;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -37,6 +43,8 @@ TOPK = 5
 FEW_VALUES = 16
 _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to unit length for a kind
 DECIDING = ("indices", "classes", "logits")  # kinds judged by their argmax / exact values
+MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
+_TINY = 1e-30  # probabilities are floored here before their log
 
 
 def _db(signal: float, noise: float) -> float:
@@ -74,6 +82,12 @@ class _OutputStats:
     above_ref: int = 0
     above_test: int = 0
     above_both: int = 0
+    # per sample of a [batch, positions…, classes] output: float top-1 / runner-up values, and the candidate's
+    # values at those two classes (for the expected sequence agreement), and how many samples agreed outright
+    margins: list = field(default_factory=list)
+    margin_rows: int = 0
+    samples: int = 0
+    samples_agree: int = 0
 
     def _evidence(self, ref: np.ndarray, test: np.ndarray) -> None:
         self.rank, self.elements = ref.ndim, max(self.elements, ref.size)
@@ -84,14 +98,39 @@ class _OutputStats:
             self.sums_to_one &= bool(np.abs(ref.sum(-1) - 1).max() <= _EPS)
             self.unit_norm &= bool(np.abs(np.sqrt(np.square(ref).sum(-1)) - 1).max() <= _EPS)
             rows = ref.reshape(-1, self.last), test.reshape(-1, self.last)
-            self.argmax_agree += int((rows[0].argmax(1) == rows[1].argmax(1)).sum())
+            agree = rows[0].argmax(1) == rows[1].argmax(1)
+            self.argmax_agree += int(agree.sum())
             self.argmax_rows += rows[0].shape[0]
+            if ref.ndim >= 3:
+                self._positions(rows, agree, ref.shape[0])
         else:
             self.sums_to_one = self.unit_norm = False
         ref_above, test_above = ref > 0.5, test > 0.5
         self.above_ref += int(ref_above.sum())
         self.above_test += int(test_above.sum())
         self.above_both += int((ref_above & test_above).sum())
+
+    def _positions(self, rows: tuple[np.ndarray, np.ndarray], agree: np.ndarray, batch: int) -> None:
+        self.samples += batch
+        self.samples_agree += int(agree.reshape(batch, -1).all(1).sum())
+        if self.margin_rows + rows[0].shape[0] > MARGIN_ROWS:
+            return
+        top2 = np.argsort(-rows[0], axis=1)[:, :2]
+        pairs = np.stack([np.take_along_axis(r, top2, 1) for r in rows], 1).astype(np.float32)  # [rows, 2, 2]
+        self.margins.extend(np.split(pairs, batch))
+        self.margin_rows += rows[0].shape[0]
+
+    def sequence_agreement(self) -> float:
+        """The lower of the observed and the margin-expected share of samples agreeing at every position."""
+        observed = self.samples_agree / self.samples
+        if not self.margins:
+            return observed
+        values = [np.log(np.maximum(p, _TINY)) for p in self.margins]  # probabilities → log: logit margins
+        margin = [v[:, 0, 0] - v[:, 0, 1] for v in values]
+        change = np.sort(np.concatenate([v[:, 1, 0] - v[:, 1, 1] for v in values]) - np.concatenate(margin))
+        flip = [np.searchsorted(change, -m) / change.size for m in margin]  # share of changes that overturn m
+        expected = float(np.mean([np.prod(1.0 - f) for f in flip]))
+        return min(observed, expected)
 
     def kind(self) -> str:
         if self.sums_to_one and self.unit_interval:
@@ -161,11 +200,13 @@ class _OutputStats:
         agreement = self.decision_agreement(kind)
         if agreement is not None:
             out["decision_agreement"] = agreement
+        if kind == "classes" and self.samples:
+            out["sequence_agreement"] = self.sequence_agreement()
         if self.reference_nonfinite:
             out["reference_nonfinite"] = self.reference_nonfinite
         if self.nonfinite:
             out |= {"nonfinite": self.nonfinite, "sqnr_db": float("-inf"), "cosine": 0.0}
-            for key in ("top1_agreement", "decision_agreement"):
+            for key in ("top1_agreement", "decision_agreement", "sequence_agreement"):
                 if key in out:
                     out[key] = 0.0
         if self.group:

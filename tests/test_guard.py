@@ -67,6 +67,34 @@ def test_thresholds_by_kind():
     assert not guard.check(meter.summary())["met"]
 
 
+def _decoded(margins, changes):
+    """Softmax over 30 classes per position: class 0 leads class 1 by ``margins`` (logits), the rest far
+    behind; ``changes`` are added to class 0's logit."""
+    logits = np.full(margins.shape + (30,), -8.0)
+    logits[..., 0], logits[..., 1] = margins + changes, 0.0
+    return _softmax(logits).astype(np.float32)
+
+
+@pytest.mark.parametrize("confident_change,met", [(1.0, False), (0.1, True)])
+def test_a_sequence_is_judged_by_the_changes_its_thin_margins_could_take(confident_change, met):
+    """Six decoded sequences of 100 positions, one thin margin (0.3) each: no position flips, yet when the
+    confident positions' margins move by ±1 the thin ones would flip about half the time."""
+    margins = np.full((6, 1, 100), 8.0)
+    margins[:, :, 50] = 0.3
+    changes = np.where(np.arange(100) % 2, confident_change, -confident_change) * np.ones((6, 1, 100))
+    changes[:, :, 50] = 0.25
+    meter = FidelityMeter(["tokens"])
+    for m, c in zip(margins, changes):
+        meter.update([_decoded(m, 0 * c)], [_decoded(m, c)])
+    out = meter.summary()["outputs"]["tokens"]
+    assert out["decision_agreement"] == 1.0
+    assert (out["sequence_agreement"] < 0.6) is not met and (out["sequence_agreement"] == 1.0) is met
+    assert guard.check(meter.summary())["met"] is met
+    meter = FidelityMeter(["p"])  # [batch, classes]: no positions, no sequence figure
+    meter.update([_decoded(margins[0, 0, :4], 0)], [_decoded(margins[0, 0, :4], 1.0)])
+    assert "sequence_agreement" not in meter.summary()["outputs"]["p"]
+
+
 def _outlier_model(tmp_path):
     """x[1, 8, 64] → mm1 → Relu → mm2: feature 0 of x is ±500, so a per-tensor int8 scale for x wipes out
     every other feature (mm1 in int8 ruins the output); mm2's input is ordinary."""

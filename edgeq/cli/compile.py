@@ -168,6 +168,7 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
             table.add_row(f"output {name}", f"{o['kind']}: agreement {o['decision_agreement']:.4f}")
             continue
         extra = f" · top-1 agree {o['top1_agreement']:.3f}" if "top1_agreement" in o else ""
+        extra += f" · sequences agree {o['sequence_agreement']:.3f}" if "sequence_agreement" in o else ""
         table.add_row(f"output {name}", f"cosine {o['cosine']:.5f} · SQNR {o['sqnr_db']:.1f} dB · "
                                         f"max abs {o['max_abs_error']:.3g}{extra}")
     if "guard" in fid:

@@ -21,7 +21,7 @@ from edgeq.recipe import Exclusions, Recipe
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-t", "--target", required=True, help="Bundled target name (see 'edgeq targets') or a .toml path.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration feeds: .npz/.npy folder or file, or images.")
-@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Evaluation feeds (default: hold back 20%).")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Evaluation feeds (default: hold back 20%; judge on every feed when under 20 are held back).")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "tvm"]), default="onnxruntime", show_default=True,
               help="onnxruntime: a quantized ONNX model; tvm: a float model compiled into one library (model.so) for "
                    "the target's [tvm] section, tuned with --tune-trials.")

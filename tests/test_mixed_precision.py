@@ -17,7 +17,8 @@ from edgeq.errors import UserError
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs
 from edgeq.mixed.groups import Group, layer_groups
-from edgeq.mixed.sensitivity import Sensitivity, output_nsr
+from edgeq.mixed import sensitivity
+from edgeq.mixed.sensitivity import Sensitivity, measure_sensitivity, output_nsr
 from edgeq.passes.convert_opset import ConvertOpsetPass
 from edgeq.passes.insert_qdq import InsertQDQPass, int4_blockwise
 from edgeq.recipe import Recipe
@@ -181,6 +182,36 @@ def test_output_nsr_takes_the_worst_output():
     ref = [[np.ones(4, np.float32), np.full(4, 2.0, np.float32)]]
     out = [[np.ones(4, np.float32) * 1.1, np.full(4, 2.0, np.float32)]]
     assert output_nsr(ref, out) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_sensitivity_runs_as_many_feeds_as_its_time_allows(tmp_path, monkeypatch):
+    proto = mlp_model()
+    float_path = tmp_path / "float.onnx"
+    onnx.save(proto, float_path)
+    insert = InsertQDQPass(TARGET.quantization, ranges_for(proto))
+    insert(ir.serde.deserialize_model(proto))
+    groups = layer_groups(ir.serde.deserialize_model(proto), insert.decisions, ("float", "int8"), ("Relu",), 32)
+    builds = itertools.count()
+
+    def build(precisions):
+        model = ir.serde.deserialize_model(proto)
+        InsertQDQPass(TARGET.quantization, ranges_for(proto), precisions=precisions)(model)
+        path = tmp_path / f"b{next(builds)}" / "model.onnx"
+        path.parent.mkdir()
+        ir.save(model, path)
+        return path
+
+    rng = np.random.default_rng(3)
+    feeds = [type("Feed", (), {"inputs": {"x": rng.standard_normal((4, 64)).astype(np.float32)}}) for _ in range(8)]
+    runtime = OnnxRuntime(TARGET)
+    tables = {}
+    for budget in (60.0, 0.0):  # a tiny model fits every feed; no time left still measures on one
+        monkeypatch.setattr(sensitivity, "RUN_SECONDS", budget)
+        tables[budget] = measure_sensitivity(groups, build, runtime, float_path, feeds)
+    assert tables[60.0].feeds == 8 and tables[0.0].feeds == 1
+    for table in tables.values():
+        assert all(figures["int8"] > 0 for figures in table.nsr.values())
+    assert tables[60.0].nsr != tables[0.0].nsr
 
 
 def test_recipe_needs_a_budget_and_budgets_need_mixed():

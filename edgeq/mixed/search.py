@@ -142,7 +142,7 @@ class MixedPrecisionSearch:
         if self._use_proxy(trials) and cached_sensitivity(self.sensitivity_cache, groups) is None:
             with self.reporter.stage("sensitivity proxy: layer input statistics"):
                 proxy = proxy_nsr(model, groups, feeds, ranges, self.target)
-        with self.reporter.stage(f"sensitivity: {trials} group × precision figures on {len(feeds)} feeds"):
+        with self.reporter.stage(f"sensitivity: {trials} group × precision figures"):
             sensitivity = measure_sensitivity(groups, lambda p: self.build(p).path, self.runtime, float_path, feeds,
                                               self.sensitivity_cache, self.reporter.progress, proxy)
         seconds["sensitivity"] = time.perf_counter() - started

@@ -2,8 +2,11 @@
 
 Rules:
 - One group at a time takes a lower precision while every other layer stays float; the model runs on the
-  first ``feeds`` calibration feeds and the group's sensitivity at that precision is the output
-  noise-to-signal ratio NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR).
+  first calibration feeds and the group's sensitivity at that precision is the output noise-to-signal ratio
+  NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR).
+- The feeds are as many of those given (at least one) as fit RUN_SECONDS of float inference over all the
+  one-group builds together, timed on the float model: a ranking needs few feeds, and a slow model (a
+  0.4 s table decoder with 77 groups) would otherwise spend minutes of its compile here.
 - Noise from independent sources adds, so a configuration's NSR is predicted as the sum of its groups' NSRs
   (the additivity HAWQ and ZeroQ assume too); the search checks every prediction it acts on by measurement.
 - Proxy (``--sensitivity proxy``; ``auto`` uses it for large models): for a one-layer group whose weight
@@ -37,6 +40,7 @@ from edgeq.passes.sparsify import Layer, layer_view
 from edgeq.target import Target
 
 CALIBRATION_GROUPS = 3
+RUN_SECONDS = 60.0  # float inference the one-group builds may spend on feeds, all together
 
 
 @dataclass
@@ -70,7 +74,7 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
                         on_progress: Callable[[int, int], None] | None = None,
                         proxy: dict[str, dict[str, float]] | None = None) -> Sensitivity:
     """``build(precisions)`` writes a model with those node precisions into a folder of its own, which is
-    removed once measured. ``feeds`` are calibration feeds; ``proxy`` (from :func:`proxy_nsr`) stands in for
+    removed once measured. ``feeds`` are calibration feeds (the first of them are used, see the rules); ``proxy`` (from :func:`proxy_nsr`) stands in for
     the groups it names, scaled by the calibration groups measured too. ``cache``: a cache and the key of
     this table in it."""
     cached = cached_sensitivity(cache, groups)
@@ -79,12 +83,19 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     started = time.perf_counter()
     proxy = proxy or {}
     reference_session = runtime.session(float_path)
-    reference = [reference_session.run(feed.inputs) for feed in feeds]
+    reference, seconds = [], []
+    for feed in feeds:
+        begun = time.perf_counter()
+        reference.append(reference_session.run(feed.inputs))
+        seconds.append(time.perf_counter() - begun)
     all_float = {node: "float" for g in groups for node in g.nodes}
     proxied = [g for g in groups if g.name in proxy]
     checks = [proxied[int(i)] for i in np.unique(np.linspace(0, len(proxied) - 1, CALIBRATION_GROUPS).round())] \
         if proxied else []
     trials = [(g, p) for g in groups for p in g.precisions if p != "float" and (g.name not in proxy or g in checks)]
+    affordable = int(RUN_SECONDS / max(len(trials) * float(np.median(seconds)), 1e-9)) if trials else len(feeds)
+    feeds = feeds[:max(1, min(len(feeds), affordable))]
+    reference = reference[:len(feeds)]
     nsr: dict[str, dict[str, float]] = {g.name: {"float": 0.0} for g in groups}
     for done, (group, precision) in enumerate(trials, start=1):
         path = build(all_float | {node: precision for node in group.nodes})

@@ -8,12 +8,14 @@ Rules:
   in a folder edgeq can write, on a disk with room for the artifact (``room`` bytes, the caller's estimate). An existing folder is replaced only if it is empty or is an earlier edgeq
   artifact — a ``manifest.json`` of edgeq's and no file that its manifest does not list (an earlier edgeq's
   manifest without the list: only the files artifacts hold). Anything else is refused, never wiped.
+- The manifest lists every file of the artifact and the SHA-256 of each but itself (``edgeq verify`` checks them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -69,6 +71,14 @@ def check_output_dir(out_dir: Path, inputs: tuple[Path, ...] = ()) -> None:
                             f"{foreign!r})", "pass a new or empty folder with -o")
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     """Versions of Python and the packages a build depends on (``extra``: more of them), for the manifest."""
     versions = {"python": platform.python_version()}
@@ -97,7 +107,9 @@ class ArtifactWriter:
         return self.tmp / name
 
     def publish(self, manifest: dict) -> Path:
-        manifest = manifest | {"files": sorted({p.name for p in self.tmp.iterdir()} | {MANIFEST})}
+        names = sorted(p.name for p in self.tmp.iterdir() if p.name != MANIFEST)
+        manifest = manifest | {"files": sorted([*names, MANIFEST]),
+                               "sha256": {name: file_digest(self.tmp / name) for name in names}}
         text = json.dumps(_finite(manifest), indent=2, sort_keys=True, default=_jsonable)
         self.path(MANIFEST).write_text(text + "\n")
         _apply_umask(self.tmp)  # mkdtemp makes the folder private; an artifact gets the usual permissions

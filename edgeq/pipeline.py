@@ -63,7 +63,7 @@ from edgeq.search.ranges import GROUPS as RANGE_GROUPS
 from edgeq.search.ranges import choose_ranges
 from edgeq.ptq_stage import PtqStage
 from edgeq.recipe import PTQ_ON_GUARD_MISS, Recipe
-from edgeq.runtimes import tensorrt
+from edgeq.runtimes import ort_format, tensorrt
 from edgeq.runtimes.base import cost_by_node
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.sparse24 import KEY as SPARSITY_KEY
@@ -141,6 +141,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
 
         return compile_tvm(request, reporter)
     require_sparse_kernels(request.target, request.recipe)
+    if request.recipe.package == "ort":
+        ort_format.style_for(request.target)  # refused before any work where it cannot serve
     metric = load_metric(request.metric) if request.metric else None
     scratch.sweep()
     with ArtifactWriter(request.out_dir, request.input_paths, request.artifact_room) as writer, scratch.scratch_dir("compile") as work:
@@ -175,6 +177,10 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         delivered_ms = run.latency["float" if run.delivered == "float" else "int8"].median_ms if run.latency else None
         budget, exit_code = _budget(request.recipe, fidelity, delivered_ms, delivered_bytes)
         manifest = run.manifest(fidelity, budget, delivered_bytes, float_bytes)
+        if request.recipe.package == "ort":
+            with reporter.stage("package: model.ort + reduced-build operator config, checked"):
+                feeds = [feed.inputs for feed in itertools.islice(iter(run.holdout), CHECK_FEEDS)]
+                manifest["package"] = ort_format.package(delivered, writer.tmp, request.target, feeds)
         if run.mixed is not None:
             manifest["mixed"] = run.mixed.to_dict() | {"report": REPORT}
             title = f"edgeq mixed precision: {Path(request.model).name} on {request.target.name}"
@@ -372,13 +378,13 @@ class _Compilation:
         groups = layer_groups(self.model, self.current.insert.decisions, ("float", "int8"),
                               self.rules.activation_fusions, self.target.precisions.int4_block_size)
         feeds = list(itertools.islice(iter(self.calib), self.recipe.sensitivity_feeds))
-        with self.reporter.stage(f"guard: sensitivity of {len(groups)} groups on {len(feeds)} feeds"):
+        with self.reporter.stage(f"guard: sensitivity of {len(groups)} groups"):
             cache = self._sensitivity_cache()
             table = measure_sensitivity(groups, lambda p: build_with(keep, f"guard-sens{next(tags)}", p).path,
                                         self.runtime, self.float_path, feeds,
                                         cache, self.reporter.progress)
         nsr = {name: figures["int8"] for name, figures in table.nsr.items()}
-        self.guard_report |= {"sensitivity": nsr, "sensitivity_seconds": table.seconds}
+        self.guard_report |= {"sensitivity": nsr, "sensitivity_feeds": table.feeds, "sensitivity_seconds": table.seconds}
         uniform = self._choose_ranges(build_with, keep, tags, sorted(groups, key=lambda g: -nsr[g.name]), uniform)
         if uniform["met"]:
             return

@@ -16,6 +16,7 @@ SCHEMES = ("int8", "mixed", "float")
 RUNTIMES = ("onnxruntime", "tvm")
 SENSITIVITY = ("auto", "measured", "proxy")
 SPARSITY = ("none", "2:4")
+PACKAGES = ("none", "ort")  # ort: model.ort + the reduced-build operator config (edgeq.runtimes.ort_format)
 SPARSITY_METHODS = ("reconstruct", "magnitude")
 PTQ_TECHNIQUES = ("cle", "smoothquant", "gptq", "bias-correction")  # edgeq.ptq_stage
 PTQ_ON_GUARD_MISS = ("gptq", "bias-correction")  # what --ptq auto tries when uniform int8 misses the guard
@@ -83,6 +84,7 @@ class Recipe:
     sparsity: str = "none"  # "2:4": prune eligible layers to 2:4 before calibration
     sparsity_method: str = "reconstruct"  # or "magnitude" (no reconstruction)
     sparsity_permute: bool = False  # search an input-channel order that keeps more magnitude
+    package: str = "none"  # PACKAGES: what is delivered beside model.onnx
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -131,6 +133,11 @@ class Recipe:
             raise UserError(f"unknown sparsity '{self.sparsity}'", f"use one of {SPARSITY}")
         if self.sparsity_method not in SPARSITY_METHODS:
             raise UserError(f"unknown sparsity method '{self.sparsity_method}'", f"use one of {SPARSITY_METHODS}")
+        if self.package not in PACKAGES:
+            raise UserError(f"unknown package '{self.package}'", f"use one of {PACKAGES}")
+        if self.package == "ort" and self.runtime != "onnxruntime":
+            raise UserError("--package ort packages ONNX Runtime models; --runtime tvm delivers model.so",
+                            "drop --package, or use --runtime onnxruntime")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise UserError("holdout fraction must be in [0, 1)", "e.g. 0.2")
 

@@ -63,6 +63,9 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("--sparsity-method", type=click.Choice(["reconstruct", "magnitude"]), default="reconstruct",
               show_default=True, help="2:4 weights: OBS reconstruction on calibration inputs, or magnitude only.")
 @click.option("--sparsity-permute", is_flag=True, help="Search an input-channel order that keeps more magnitude.")
+@click.option("--package", type=click.Choice(["none", "ort"]), default="none", show_default=True,
+              help="ort: also deliver model.ort (ONNX Runtime's format for mobile and reduced builds) and "
+                   "required_operators_and_types.config for a reduced ONNX Runtime build, both checked.")
 @click.option("--keep-float", multiple=True, help="Nodes to keep float (replays a manifest's recipe.keep_float).")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True,
               help="Latency repeats per candidate.")
@@ -71,7 +74,7 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
 def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, ptq, optional_ops,
             exclude, metric, max_drop, latency_ms, size_mb, sensitivity, random_calibration, no_guard, allow_slowdown, no_measure,
-            sparsity, sparsity_method, sparsity_permute, keep_float, repeats, no_cache, as_json, output):
+            sparsity, sparsity_method, sparsity_permute, package, keep_float, repeats, no_cache, as_json, output):
     """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, or compile it with TVM; measure it, and write an
     artifact folder."""
     from edgeq.pipeline import CompileRequest, compile_model
@@ -83,7 +86,7 @@ def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, devic
                     allow_random_calibration=random_calibration, max_drop=_parse_fraction(max_drop),
                     latency_ms=latency_ms, size_mb=size_mb, sensitivity=sensitivity, guard=not no_guard,
                     no_slowdown=not allow_slowdown, latency_repeats=repeats, sparsity=sparsity,
-                    sparsity_method=sparsity_method, sparsity_permute=sparsity_permute)
+                    sparsity_method=sparsity_method, sparsity_permute=sparsity_permute, package=package)
     request = CompileRequest(model=model, target=load_target(target).with_device(device), recipe=recipe,
                              out_dir=output, calib=calib, eval=eval_path, metric=metric,
                              cache_dir=None if no_cache else default_cache_dir(),
@@ -203,6 +206,12 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
                                       f"weights · compressed/dense {check['bytes_ratio']:.2f}")
     if "deploy" in manifest:
         table.add_row("TensorRT build", manifest["deploy"]["trtexec"])
+    if "package" in manifest:
+        p = manifest["package"]
+        table.add_row("ORT package", f"{p['file']} ({p['bytes'] / 1e6:.2f} MB, {p['style']} style, ORT format "
+                                     f"v{p['ort_format_version']}: ONNX Runtime ≥ {p['readable_from_onnxruntime']}) · "
+                                     f"{p['config']} ({len(p['kernels'])} kernels) · matches model.onnx to "
+                                     f"{p['check']['max_relative_error']:.1e}")
     out.print(table)
     if "layers" in manifest.get("sparsity", {}):
         _print_sparsity_layers(manifest["sparsity"]["layers"])

@@ -72,11 +72,24 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder.")
-def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, device, method, percentile, ptq, optional_ops,
-            exclude, metric, max_drop, latency_ms, size_mb, sensitivity, random_calibration, no_guard, allow_slowdown, no_measure,
-            sparsity, sparsity_method, sparsity_permute, package, keep_float, repeats, no_cache, as_json, output):
+def compile(model, target, output, as_json, **options):
     """Quantize MODEL (int8 QDQ, or mixed precision) for TARGET, or compile it with TVM; measure it, and write an
     artifact folder."""
+    manifest, code = run_compile(model, target, output, reporter=RichReporter(enabled=not as_json), **options)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, default=str))
+    else:
+        print_summary(manifest, output)
+    sys.exit(code)
+
+
+def run_compile(model, target, output, *, reporter, calib=None, eval_path=None, runtime="onnxruntime", scheme=None,
+                tune_trials=0, device=None, method="percentile", percentile=99.999, ptq="auto", optional_ops="auto",
+                exclude=(), metric=None, max_drop=None, latency_ms=None, size_mb=None, sensitivity="auto",
+                random_calibration=False, no_guard=False, allow_slowdown=False, no_measure=False, sparsity="none",
+                sparsity_method="reconstruct", sparsity_permute=False, package="none", keep_float=(), repeats=50,
+                no_cache=False) -> tuple[dict, int]:
+    """One compile from ``edgeq compile``'s option values (``edgeq build`` runs its file's through here too)."""
     from edgeq.pipeline import CompileRequest, compile_model
     from edgeq.target import load_target
 
@@ -91,14 +104,14 @@ def compile(model, target, calib, eval_path, runtime, scheme, tune_trials, devic
                              out_dir=output, calib=calib, eval=eval_path, metric=metric,
                              cache_dir=None if no_cache else default_cache_dir(),
                              measure=not no_measure, keep_float=tuple(keep_float))
-    manifest, code = compile_model(request, RichReporter(enabled=not as_json))
-    if as_json:
-        click.echo(json.dumps(manifest, indent=2, default=str))
-    elif runtime == "tvm":
+    return compile_model(request, reporter)
+
+
+def print_summary(manifest: dict, output: Path) -> None:
+    if manifest["recipe"]["runtime"] == "tvm":
         _print_tvm_summary(manifest, output)
     else:
         _print_compile_summary(manifest, output)
-    sys.exit(code)
 
 
 def _parse_list(value: str) -> tuple[str, ...]:

@@ -29,9 +29,10 @@ from edgeq.errors import UserError
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
+REPORT = "report.html"  # --scheme mixed's plots
 # What an artifact folder may hold when its manifest predates the "files" list.
 PUBLISH_ATTEMPTS = 3
-ARTIFACT_FILES = frozenset({MANIFEST, MODEL, f"{MODEL}.data", "model.so", "report.html"})
+ARTIFACT_FILES = frozenset({MANIFEST, MODEL, f"{MODEL}.data", "model.so", REPORT})
 
 
 def _foreign_entry(out_dir: Path) -> str | None:
@@ -106,10 +107,16 @@ class ArtifactWriter:
     def path(self, name: str) -> Path:
         return self.tmp / name
 
-    def publish(self, manifest: dict) -> Path:
+    def publish(self, manifest: dict, expected: dict[str, str] | None = None) -> Path:
+        """Write the manifest (adding the file list and digests to it) and move the folder into place;
+        ``expected`` (a locked build): file → SHA-256 the artifact must have, checked before anything is published."""
         names = sorted(p.name for p in self.tmp.iterdir() if p.name != MANIFEST)
-        manifest = manifest | {"files": sorted([*names, MANIFEST]),
-                               "sha256": {name: file_digest(self.tmp / name) for name in names}}
+        digests = {name: file_digest(self.tmp / name) for name in names}
+        differs = sorted(name for name, digest in (expected or {}).items() if digests.get(name) != digest)
+        if differs:
+            raise RuntimeError(f"the locked replay did not reproduce {differs[0]} (SHA-256 differs from the lock): "
+                               "nothing was published")
+        manifest.update(files=sorted([*names, MANIFEST]), sha256=digests)  # the caller's copy says so too
         text = json.dumps(_finite(manifest), indent=2, sort_keys=True, default=_jsonable)
         self.path(MANIFEST).write_text(text + "\n")
         _apply_umask(self.tmp)  # mkdtemp makes the folder private; an artifact gets the usual permissions

@@ -50,6 +50,7 @@ class BuildFile:
     targets: list[str]
     output: str
     options: dict[str, object]  # compile parameter name → value
+    section: dict  # [compile] as written (paths relative to the file): what the lock records
 
     def output_for(self, target: str) -> Path:
         return self.path.parent / self.output.replace("{target}", Path(target).stem)
@@ -99,7 +100,7 @@ def load(path: Path, command: click.Command) -> BuildFile:
     if isinstance(options.get("metric"), str) and ".py:" in options["metric"]:
         file, _, function = options["metric"].rpartition(":")
         options["metric"] = f"{folder / file}:{function}"
-    return BuildFile(path, folder / data["model"], list(targets), output, options)
+    return BuildFile(path, folder / data["model"], list(targets), output, options, section)
 
 
 def _convert(param: click.Parameter, key: str, value, context: click.Context, path: Path):

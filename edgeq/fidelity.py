@@ -16,7 +16,10 @@ while losing most detections), so every output is reported on its own, and outpu
   samples rarely show the one flip that changes a sequence, so the figure is the lower of the observed share
   and the share expected from the margins: each position's chance to flip is the share of the margin changes
   measured at all positions (log-probability of the float top-1 minus its runner-up, candidate vs float) that
-  would overturn its own float margin, and a sample agrees when all of its positions do;
+  would overturn its own float margin, and a sample agrees when all of its positions do. Where a feed's
+  integer [batch, positions] input shows padding (:func:`padding_of`: an attention mask's zeros, or the
+  trailing run of a pad id), the padded positions of a classes output with those leading axes are not
+  judged (argmax or sequence): a tagger's outputs there are noise no task reads;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -89,7 +92,7 @@ class _OutputStats:
     samples: int = 0
     samples_agree: int = 0
 
-    def _evidence(self, ref: np.ndarray, test: np.ndarray) -> None:
+    def _evidence(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None) -> None:
         self.rank, self.elements = ref.ndim, max(self.elements, ref.size)
         self.last = ref.shape[-1] if ref.ndim else 1
         if ref.size:
@@ -99,10 +102,14 @@ class _OutputStats:
             self.unit_norm &= bool(np.abs(np.sqrt(np.square(ref).sum(-1)) - 1).max() <= _EPS)
             rows = ref.reshape(-1, self.last), test.reshape(-1, self.last)
             agree = rows[0].argmax(1) == rows[1].argmax(1)
-            self.argmax_agree += int(agree.sum())
-            self.argmax_rows += rows[0].shape[0]
+            judged = np.ones(agree.shape, bool)
+            if ref.ndim >= 3 and padding is not None and padding.shape == ref.shape[:2]:
+                judged = np.broadcast_to(~padding.reshape(padding.shape + (1,) * (ref.ndim - 3)),
+                                         ref.shape[:-1]).reshape(-1)
+            self.argmax_agree += int(agree[judged].sum())
+            self.argmax_rows += int(judged.sum())
             if ref.ndim >= 3:
-                self._positions(rows, agree, ref.shape[0])
+                self._positions(rows, agree, judged, ref.shape[0])
         else:
             self.sums_to_one = self.unit_norm = False
         ref_above, test_above = ref > 0.5, test > 0.5
@@ -110,22 +117,26 @@ class _OutputStats:
         self.above_test += int(test_above.sum())
         self.above_both += int((ref_above & test_above).sum())
 
-    def _positions(self, rows: tuple[np.ndarray, np.ndarray], agree: np.ndarray, batch: int) -> None:
+    def _positions(self, rows: tuple[np.ndarray, np.ndarray], agree: np.ndarray, judged: np.ndarray,
+                   batch: int) -> None:
         self.samples += batch
-        self.samples_agree += int(agree.reshape(batch, -1).all(1).sum())
-        if self.margin_rows + rows[0].shape[0] > MARGIN_ROWS:
+        self.samples_agree += int((agree | ~judged).reshape(batch, -1).all(1).sum())
+        if self.margin_rows + int(judged.sum()) > MARGIN_ROWS:
             return
         top2 = np.argsort(-rows[0], axis=1)[:, :2]
         pairs = np.stack([np.take_along_axis(r, top2, 1) for r in rows], 1).astype(np.float32)  # [rows, 2, 2]
-        self.margins.extend(np.split(pairs, batch))
-        self.margin_rows += rows[0].shape[0]
+        per_sample = judged.reshape(batch, -1)
+        self.margins.extend(part[keep] for part, keep in zip(np.split(pairs, batch), per_sample))
+        self.margin_rows += int(judged.sum())
 
     def sequence_agreement(self) -> float:
         """The lower of the observed and the margin-expected share of samples agreeing at every position."""
         observed = self.samples_agree / self.samples
         if not self.margins:
             return observed
-        values = [np.log(np.maximum(p, _TINY)) for p in self.margins]  # probabilities → log: logit margins
+        values = [np.log(np.maximum(p, _TINY)) for p in self.margins if len(p)]  # probabilities → log margins
+        if not values:
+            return observed
         margin = [v[:, 0, 0] - v[:, 0, 1] for v in values]
         change = np.sort(np.concatenate([v[:, 1, 0] - v[:, 1, 1] for v in values]) - np.concatenate(margin))
         flip = [np.searchsorted(change, -m) / change.size for m in margin]  # share of changes that overturn m
@@ -151,7 +162,7 @@ class _OutputStats:
             return self.above_both / union if union else 1.0
         return None
 
-    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+    def update(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None = None) -> None:
         if ref.shape != test.shape:
             self.nonfinite += max(ref.size, test.size)  # a candidate of another shape is broken outright
             return
@@ -163,7 +174,7 @@ class _OutputStats:
             both = ref_ok & test_ok
             ref64, test64 = np.where(both, ref64, 0.0), np.where(both, test64, 0.0)
             ref, test = ref64, test64
-        self._evidence(ref64, test64)
+        self._evidence(ref64, test64, padding)
         err = ref64 - test64
         self.dot += float((ref64 * test64).sum())
         self.ref_sq += float((ref64 ** 2).sum())
@@ -244,6 +255,28 @@ def load_metric(spec: str) -> MetricFn:
     return load_callable(spec, "--metric")
 
 
+def padding_of(inputs) -> np.ndarray | None:
+    """The padded positions ([batch, positions], True = padding) of a feed's token sequence, or None.
+
+    From an integer input of rank 2: an attention mask (named ``*mask*``, values 0/1) pads where it is 0;
+    else the input with the most distinct values (the token ids) pads where its trailing run of one value
+    (its last token repeated: the pad id) is at least 2 long and does not fill the whole row."""
+    tokens = {name: np.asarray(value) for name, value in inputs.items()
+              if np.asarray(value).ndim == 2 and (np.issubdtype(np.asarray(value).dtype, np.integer)
+                                                  or np.asarray(value).dtype == bool)}
+    masks = [v for name, v in tokens.items() if "mask" in name.lower() and set(np.unique(v).tolist()) <= {0, 1}]
+    if masks:
+        padding = masks[0] == 0
+        return padding if padding.any() else None
+    if not tokens:
+        return None
+    ids = max(tokens.values(), key=lambda v: np.unique(v).size)
+    trailing = np.flip(np.cumprod(np.flip(ids == ids[:, -1:], 1), 1), 1).astype(bool)
+    run = trailing.sum(1)
+    trailing[(run < 2) | (run == ids.shape[1])] = False
+    return trailing if trailing.any() else None
+
+
 class FidelityMeter:
     """Feed it (reference outputs, candidate outputs) per feed; ask for the summary at the end."""
 
@@ -258,10 +291,14 @@ class FidelityMeter:
 
     def update(self, ref: list[np.ndarray], test: list[np.ndarray], feed=None) -> None:
         self.count += 1
+        padding = padding_of(feed.inputs) if feed is not None else None
         for name, r, t in zip(self.names, ref, test):
             if name not in self.stats:
                 self.stats[name] = _OutputStats() if np.issubdtype(r.dtype, np.floating) else _IndexStats()
-            self.stats[name].update(np.asarray(r), np.asarray(t))
+            if isinstance(self.stats[name], _OutputStats):
+                self.stats[name].update(np.asarray(r), np.asarray(t), padding)
+            else:
+                self.stats[name].update(np.asarray(r), np.asarray(t))
         if self.keep:
             self.ref_outputs.append(dict(zip(self.names, ref)))
             self.test_outputs.append(dict(zip(self.names, test)))

@@ -40,11 +40,12 @@ from typing import ContextManager, Protocol
 
 
 from edgeq import guard, scratch
-from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
+from edgeq.artifact import MODEL, REPORT, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, load_metric
+from edgeq.lock import Decisions
 from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
@@ -72,7 +73,6 @@ from edgeq.sparsity_stage import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
 
 
-REPORT = "report.html"
 # The DynamicMatMul op set is a candidate where its layers hold this share of the weights (transformers, MLPs):
 # a CNN's classifier alone does not pay for one more build.
 DYNAMIC_SHARE = 0.5
@@ -108,6 +108,8 @@ class CompileRequest:
     cache_dir: Path | None = None
     measure: bool = True
     keep_float: tuple[str, ...] = ()  # replay of earlier no-slowdown decisions
+    replay: Decisions | None = None  # a locked build: every measured decision applied as recorded (edgeq.lock)
+    expected_files: dict[str, str] | None = None  # a locked build: artifact file → SHA-256 it must have
 
     @property
     def input_paths(self) -> tuple[Path, ...]:
@@ -175,7 +177,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         delivered = run.runtime.build(run.delivered_path, writer.tmp)
         delivered_bytes = folder_bytes(writer.tmp)
         delivered_ms = run.latency["float" if run.delivered == "float" else "int8"].median_ms if run.latency else None
-        budget, exit_code = _budget(request.recipe, fidelity, delivered_ms, delivered_bytes)
+        budget, exit_code = _budget(request.recipe, fidelity, delivered_ms, delivered_bytes, request.replay is not None)
         manifest = run.manifest(fidelity, budget, delivered_bytes, float_bytes)
         if request.recipe.package == "ort":
             with reporter.stage("package: model.ort + reduced-build operator config, checked"):
@@ -192,7 +194,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             int8 = run.delivered != "float" and run.has_int8
             manifest["deploy"] = tensorrt.deployment(request.target, MODEL, int8=int8,
                                                      sparse=bool(run.sparsity and run.sparsity.report["pruned"]))
-        writer.publish(manifest)
+        writer.publish(manifest, request.expected_files)
     return manifest, exit_code
 
 
@@ -238,7 +240,9 @@ class _Compilation:
         ExcludePass(self.recipe.exclude)(model)
         self.base_path = self.float_path  # what int8 starts from, and the float model delivered
         if self.recipe.sparsity != "none":
-            self.sparsity = SparsityStage(self.target, self.recipe, self.reporter, self.work, self.trials)
+            replay = self.request.replay
+            self.sparsity = SparsityStage(self.target, self.recipe, self.reporter, self.work, self.trials,
+                                          replay.keep_dense if replay else None)
             self.sparsity(model, self.calib)
             if self.sparsity.report["pruned"]:
                 self.base_path = save_model(model, _fresh_dir(self.work / "sparse") / MODEL)
@@ -362,6 +366,8 @@ class _Compilation:
         is delivered, saying why."""
         if not self.guard_applies or not self.current.quantized:
             return
+        if self.request.replay is not None:
+            return self._replay_guard(self.request.replay)
         with self.reporter.stage("fidelity guard"):
             current = self.current
             uniform = guard.checked(self.trials.measure(Candidate("guard", "uniform int8", lambda: current,
@@ -399,6 +405,22 @@ class _Compilation:
                            "--metric/--max-drop state your own, --no-guard turns it off")
         else:
             self.current = held.build
+
+    def _replay_guard(self, decisions: Decisions) -> None:
+        """A locked build: the guard's recorded choices (PTQ kept, per-tensor methods) applied, nothing measured;
+        its float groups are in the recorded keep_float already."""
+        if not (decisions.ptq_on_guard_miss or decisions.ranges):
+            return
+        with self.reporter.stage("replay the guard's choices"):
+            if decisions.ptq_on_guard_miss:
+                self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
+                self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "kept": True}
+            if decisions.ranges:
+                by_method = self.calibrator.ranges_by_method(self.model, list(decisions.ranges))
+                self.ranges = {**self.ranges, **{t: by_method[t][m] for t, m in decisions.ranges.items()}}
+                self.ranges_chosen = dict(decisions.ranges)
+            build_with = self.builder(self.candidates[self.chosen])
+            self.current = build_with(set(self.current.insert.keep_float), "replay")
 
     def _choose_ranges(self, build_with, keep: set[str], tags, order: list, uniform: dict) -> dict:
         """After a guard miss: the calibration method per tensor of the most sensitive groups
@@ -458,6 +480,9 @@ class _Compilation:
         current, recipe = self.current, self.recipe
         if self.guard_failed:
             return
+        if self.request.replay is not None and self.request.replay.delivered == "float":
+            self.delivered, self.reason = "float", "replayed from the lock: its measured build delivered float"
+            return
         if not current.quantized:
             left = current.insert.subgraph_compute_left_float
             self.delivered = "float"
@@ -489,6 +514,8 @@ class _Compilation:
         """``--scheme mixed``: a precision per layer group from the mixed-precision search."""
         if not self.current.quantized:
             return self.guard_speed()  # nothing to allocate: says why float is delivered
+        if self.request.replay is not None:
+            return self._replay_mixed(self.request.replay)
         if self.recipe.latency_ms is not None and not self.measure:
             raise UserError(f"--latency-ms needs latency measured on the target ({self.why_not_measured})",
                             "drop --latency-ms, or compile on the device")
@@ -514,6 +541,17 @@ class _Compilation:
             owners = self.current.insert.owners
             self.profiles = {"float": cost_by_node(self.mixed.float_times, owners),
                              "int8": chosen.node_ms}
+
+    def _replay_mixed(self, decisions: Decisions) -> None:
+        """A locked build: the recorded per-node precisions, built once; nothing measured."""
+        if decisions.delivered == "float":
+            self.delivered, self.reason = "float", "replayed from the lock: its measured build delivered float"
+            return
+        build_with = self.builder(self.candidates[self.chosen])
+        self.current = build_with(set(self.request.keep_float), "replay", dict(decisions.precisions))
+        self.delivered = "mixed"
+        self.reason = "replayed from the lock: nodes by precision: " + ", ".join(
+            f"{p} {n}" for p, n in precision_counts(decisions.precisions).items())
 
     def _float_meets_budgets(self) -> bool:
         """Float has no accuracy drop; it meets a size budget or a latency budget only by its own numbers."""
@@ -589,7 +627,8 @@ def _check_sparsity(model_path: Path) -> dict:
     return check.to_dict()
 
 
-def _budget(recipe: Recipe, fidelity: dict, measured_ms: float | None, size: int) -> tuple[dict | None, int]:
+def _budget(recipe: Recipe, fidelity: dict, measured_ms: float | None, size: int,
+            replayed: bool = False) -> tuple[dict | None, int]:
     """Each budget given, with what was measured; ``met`` when all hold (latency unmeasured counts as missed)."""
     budget, met = {}, []
     if recipe.max_drop is not None:
@@ -597,7 +636,10 @@ def _budget(recipe: Recipe, fidelity: dict, measured_ms: float | None, size: int
         met.append(budget["drop"] <= recipe.max_drop)
     if recipe.latency_ms is not None:
         budget |= {"latency_ms": recipe.latency_ms, "measured_ms": measured_ms}
-        met.append(measured_ms is not None and measured_ms <= recipe.latency_ms)
+        if replayed:  # a locked build measures nothing: its lock's measured build met or missed it
+            budget["replayed"] = True
+        else:
+            met.append(measured_ms is not None and measured_ms <= recipe.latency_ms)
     if recipe.size_mb is not None:
         budget |= {"size_mb": recipe.size_mb, "bytes": size}
         met.append(size <= recipe.size_mb * MB)

@@ -10,6 +10,7 @@ Rules:
   (:func:`edgeq.search.longest_prefix`); the others stay dense. Every measurement is a trial of the compile's
   search (:mod:`edgeq.search`), strategy ``2:4``, and listed in the report's ``search``.
 - The result is deterministic: sensitivity is measured fidelity, not latency.
+- A locked build (``edgeq build --locked``) leaves the recorded layers dense and measures nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def require_sparse_kernels(target: Target, recipe: Recipe) -> None:
 class SparsityStage:
     """Prunes ``model`` in place; :attr:`report` says what was done, per layer, and what it cost."""
 
-    def __init__(self, target: Target, recipe: Recipe, reporter, work: Path, trials: Trials):
+    def __init__(self, target: Target, recipe: Recipe, reporter, work: Path, trials: Trials,
+                 keep_dense: tuple[str, ...] | None = None):
         self.target, self.recipe, self.reporter, self.work, self.trials = target, recipe, reporter, work, trials
+        self.keep_dense = keep_dense  # replayed from a lock instead of measured
         self.report: dict = {}
 
     def __call__(self, model: ir.Model, calib: CalibrationData) -> None:
@@ -68,7 +71,9 @@ class SparsityStage:
                 inputs(model)
                 grams = inputs.grams
         prune = Sparsify24Pass(rules, grams, recipe.sparsity_method)
-        if layers:
+        if layers and self.keep_dense is not None:  # a locked build: the layers its measured build left dense
+            prune.keep_dense = set(self.keep_dense)
+        elif layers:
             with self.reporter.stage(f"prune {len(layers)} layers to 2:4 ({recipe.sparsity_method})"):
                 drop = accuracy_drop(self._trial(model, prune, set(), "all").fidelity)
             if recipe.max_drop is not None and drop > recipe.max_drop * BUDGET_SHARE:

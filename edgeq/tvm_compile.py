@@ -16,6 +16,8 @@ Rules:
   / max |ort|, per output) fails the compile (exit 3, artifact written for inspection).
 - Latency (where it can be measured): tuned, untuned (TVM's default schedules only) and, locally, ONNX Runtime
   fp32 on the target's settings, in one interleaved run; tuning time and trials go in the manifest.
+- A locked build (``edgeq build --locked``) tunes nothing: the tuning database must still hold the records the
+  lock names (the SHA-256 of its files), and the build applies them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from edgeq import scratch
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
+from edgeq.lock import path_digest
 from edgeq import model_check
 from edgeq.model_check import max_relative_error, normalize_checked
 from edgeq.model_io import folder_bytes, load_model, model_digest
@@ -66,9 +69,16 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
         with reporter.stage("import into TVM Relax"):
             fused = runtime.lower(float_path)
             tasks = len(tvm_tuning.tasks_of(fused, runtime.tvm_target))
-        if database is not None:
+        records = None
+        if database is not None and request.replay is not None:  # a locked build tunes nothing
+            records = path_digest(folder)
+            if records != request.replay.tuning_records:
+                raise UserError(f"the tuning database {folder} changed since the lock was written",
+                                "restore it (the lock replays the records it was built with), or --relock")
+        elif database is not None:
             with reporter.stage(f"tune with MetaSchedule (up to {recipe.tune_trials} trials)"):
                 tuning = tvm_tuning.tune(fused, target, recipe.tune_trials, database, folder, reporter.progress)
+            records = path_digest(folder)
         with reporter.stage(f"build {LIBRARY} for {target.tvm.arch}"):
             library = runtime.build(float_path, writer.tmp)
         check, latency = {"run": False, "why": why_not}, {"measured": False, "why": why_not}
@@ -84,7 +94,8 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
                 check = _check(runtime.session(library), float_path, feeds)
         manifest = _manifest(request, source_digest, data.describe() | {"random": random_inputs}, runtime, tasks,
                              library, float_path, tuning, check, latency)
-        writer.publish(manifest)
+        manifest["tvm"]["tuning_records"] = records
+        writer.publish(manifest, request.expected_files)
     failed = check["run"] and not check["ok"]
     return manifest, EXIT_BUDGET_MISSED if failed else EXIT_OK
 

@@ -33,8 +33,8 @@ def test_init_writes_what_differs_from_the_defaults_with_paths_relative_to_the_f
     data = tomllib.loads(path.read_text())
     assert data["edgeq"] == "build/1" and data["targets"] == ["x86-64"] and data["output"] == "build/{target}"
     assert (path.parent / data["model"]).resolve() == (CNN / "model.onnx").resolve()
-    assert data["compile"] == {"calib": data["compile"]["calib"], "max-drop": "1%", "exclude": ["op:Gemm", "name:conv1"],
-                               "no-measure": True}  # --method percentile is the default: not written
+    assert data["compile"] == {"calib": data["compile"]["calib"], "max-drop": "1%",  # --method's default: not written
+                               "exclude": ["op:Gemm", "name:conv1"], "no-measure": True}
     assert (path.parent / data["compile"]["calib"]).resolve() == (CNN / "calib.npz").resolve()
     one_line_error(run("init", CNN / "model.onnx", "-t", "x86-64", "-f", path), "exists")
 

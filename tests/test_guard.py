@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import HOST_X86, make_model
 from edgeq import guard
 from edgeq.cli import main
-from edgeq.fidelity import FidelityMeter
+from edgeq.fidelity import FidelityMeter, padding_of
 
 RNG = np.random.default_rng(0)
 
@@ -93,6 +93,36 @@ def test_a_sequence_is_judged_by_the_changes_its_thin_margins_could_take(confide
     meter = FidelityMeter(["p"])  # [batch, classes]: no positions, no sequence figure
     meter.update([_decoded(margins[0, 0, :4], 0)], [_decoded(margins[0, 0, :4], 1.0)])
     assert "sequence_agreement" not in meter.summary()["outputs"]["p"]
+
+
+def test_padded_positions_of_a_tagger_are_not_judged():
+    """Token ids [1, 16], the last 6 the pad id 0: the tagger's outputs there are near ties that int8 flips
+    (a real grapheme-to-phoneme model's 66 of 79 flips); the real positions are confident and unchanged."""
+    ids = np.array([[7, 3, 9, 4, 4, 12, 5, 8, 2, 11] + [0] * 6])
+    margins = np.where(ids[0] == 0, 0.05, 6.0)[None, :]
+    flipped = np.where(ids[0] == 0, -0.2, 0.0)[None, :]
+    feed = type("Feed", (), {"inputs": {"input_ids": ids, "token_type_ids": np.zeros_like(ids)}})
+    with_feed, without = FidelityMeter(["labels"]), FidelityMeter(["labels"])
+    for _ in range(20):
+        with_feed.update([_decoded(margins, 0)], [_decoded(margins, flipped)], feed)
+        without.update([_decoded(margins, 0)], [_decoded(margins, flipped)])
+    judged, everything = (m.summary()["outputs"]["labels"] for m in (with_feed, without))
+    assert judged["decision_agreement"] == 1.0 and judged["sequence_agreement"] == 1.0
+    assert everything["decision_agreement"] == pytest.approx(10 / 16) and everything["sequence_agreement"] == 0.0
+    assert guard.check(with_feed.summary())["met"] and not guard.check(without.summary())["met"]
+
+
+@pytest.mark.parametrize("inputs, padded", [
+    ({"ids": [[5, 6, 7, 0, 0]]}, [3, 4]),
+    ({"ids": [[5, 6, 7, 1, 1]], "attention_mask": [[1, 1, 1, 1, 0]]}, [4]),  # a mask decides where there is one
+    ({"ids": [[5, 6, 7, 8, 0]]}, []),  # a lone last token is a token
+    ({"ids": [[0, 0, 0, 0, 0]]}, []),  # a constant row is not padding
+    ({"ids": [[5, 6, 7, 8, 9]], "segments": [[0, 0, 1, 1, 1]]}, []),  # segment ids: fewer distinct values
+    ({"image": np.zeros((1, 3, 4, 4), np.float32)}, []),
+])
+def test_padding_is_read_from_the_token_inputs(inputs, padded):
+    found = padding_of({k: np.asarray(v) for k, v in inputs.items()})
+    assert (sorted(np.flatnonzero(found[0])) if found is not None else []) == padded
 
 
 def _outlier_model(tmp_path):

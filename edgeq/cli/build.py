@@ -1,4 +1,4 @@
-"""``edgeq build``: run the compiles a build file (``edgeq.toml``) describes, one per target."""
+"""``edgeq build``: run the compiles a build file (``edgeq.toml``) describes, one per target, and lock them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgeq import build_file
+from edgeq import build_file, lock
 from edgeq.cli.app import RichReporter, debug_option, main, out
 from edgeq.cli.compile import compile as compile_command
 from edgeq.cli.compile import print_summary, run_compile
@@ -19,22 +19,49 @@ from edgeq.errors import UserError
 @debug_option
 @click.argument("file", type=click.Path(path_type=Path), default=Path("edgeq.toml"))
 @click.option("-t", "--target", "only", multiple=True, help="Build only these of the file's targets.")
+@click.option("--locked", is_flag=True, help="Replay edgeq.lock: measure nothing, apply every recorded decision, "
+                                             "publish only the bytes the lock records (exit 2 on any difference).")
+@click.option("--relock", is_flag=True, help="With --locked: a target whose inputs, options or tools differ from "
+                                             "the lock is built measured and its lock entry replaced.")
 @click.option("--json", "as_json", is_flag=True, help="Print {target: manifest} as JSON instead of tables.")
-def build(file, only, as_json):
-    """Compile what FILE (default edgeq.toml) describes, for each of its targets in order. Exit code: the worst
-    of the compiles' (3 when a budget was missed); a bad input stops the matrix (artifacts already built stay)."""
+def build(file, only, locked, relock, as_json):
+    """Compile what FILE (default edgeq.toml) describes, for each of its targets in order, and write edgeq.lock
+    beside it. Exit code: the worst of the compiles' (3 when a budget was missed); a bad input stops the matrix
+    (artifacts already built stay)."""
+    from edgeq.target import load_target
+
     spec = build_file.load(file, compile_command)
     unknown = next((t for t in only if t not in spec.targets), None)
     if unknown is not None:
         raise UserError(f"target '{unknown}' is not in {file}", f"its targets are {', '.join(spec.targets)}")
-    manifests, code = {}, 0
+    if relock and not locked:
+        raise UserError("--relock goes with --locked", "a build without --locked always writes a new lock")
+    lock_path = spec.path.with_suffix(".lock")
+    existing = lock.read(lock_path) if locked or lock_path.exists() else {"targets": {}}
+    entries, manifests, code = dict(existing.get("targets", {})), {}, 0
     for target in [t for t in spec.targets if not only or t in only]:
         output = spec.output_for(target)
+        inputs = lock.inputs_of(spec.model, spec.options,
+                                load_target(target).with_device(spec.options.get("device")).to_dict())
+        replay = None
+        if locked:
+            try:
+                replay = lock.check(existing, target, inputs, spec.section, lock_path)
+            except UserError:
+                if not relock:
+                    raise
         if not as_json:
-            out.rule(f"{target} → {output}")
+            out.rule(f"{target} → {output}" + (" (replayed from the lock)" if replay else ""))
+        options = dict(spec.options)
+        if replay is not None:
+            options |= {"optional_ops": replay.optional_ops, "keep_float": replay.keep_float, "no_measure": True,
+                        "replay": replay, "expected_files": existing["targets"][target]["artifact"]}
         manifest, exit_code = run_compile(spec.model, target, output, reporter=RichReporter(enabled=not as_json),
-                                          **spec.options)
+                                          **options)
         manifests[target], code = manifest, max(code, exit_code)
+        if replay is None:
+            entries[target] = lock.entry(manifest, inputs, spec.section)
+            lock.write(lock_path, entries)  # after each target: a stopped matrix keeps what it built
         if not as_json:
             print_summary(manifest, output)
     if as_json:

@@ -1,0 +1,159 @@
+"""The lock (``edgeq.lock``): what a build read, the tools it ran with, every measured decision, the bytes made.
+
+Rules:
+1. ``edgeq build`` writes it beside the build file (``edgeq.toml`` → ``edgeq.lock``) after each measured
+   target is built: for each target, the SHA-256 of
+   every input (model file and its external data, calibration and evaluation data, a metric file, the target's
+   resolved description), the build file's options, the tool versions, the :class:`Decisions` — op set, nodes
+   kept float, per-tensor calibration methods, PTQ kept on a guard miss, what was delivered, per-node
+   precisions (mixed), layers left dense (2:4), the TVM tuning records applied — and the SHA-256 of each
+   artifact file. JSON with sorted keys, one key per line: stable, reviewable, diff-able.
+2. ``edgeq build --locked`` first compares tools and inputs with the lock; any difference is a one-line error
+   naming it (``--relock`` accepts it: a measured build that writes a new lock). Then it replays: no latency is
+   measured and no search runs; each decision is applied as recorded, and the artifact is published only if
+   every file has the SHA-256 the lock records. ``model.ort`` is the exception: ONNX Runtime's ORT-format
+   writer lays its tables out in a different order from one process to the next, so it is checked by content
+   (the kernels it holds, its outputs against ``model.onnx``; :mod:`edgeq.runtimes.ort_format`). A replay
+   writes no ``report.html``: it measured nothing to plot.
+3. A lock of another format (``lock/N``) or from another edgeq major version is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeq.artifact import MANIFEST, REPORT, file_digest, tool_versions
+from edgeq.errors import UserError
+from edgeq.runtimes.ort_format import ORT_FILE
+
+FORMAT = "lock/1"
+NOT_BYTE_STABLE = (MANIFEST, REPORT, ORT_FILE)  # the manifest and report hold timings; model.ort: rule 2
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Every measured choice of one compile; a locked build applies them instead of measuring."""
+
+    delivered: str  # "int8", "mixed" or "float"
+    optional_ops: str = "none"
+    keep_float: tuple[str, ...] = ()
+    ranges: dict[str, str] = field(default_factory=dict)  # tensor → calibration method the guard chose
+    ptq_on_guard_miss: bool = False  # --ptq auto kept GPTQ + bias correction
+    precisions: dict[str, str] | None = None  # --scheme mixed: node → precision
+    keep_dense: tuple[str, ...] | None = None  # --sparsity 2:4: eligible layers left dense
+    tuning_records: str | None = None  # --runtime tvm: SHA-256 of the tuning database applied
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Decisions":
+        recipe = manifest["recipe"]
+        if recipe["runtime"] == "tvm":
+            return cls("float", tuning_records=manifest["tvm"]["tuning_records"])
+        mixed = manifest.get("mixed")
+        sparsity = manifest.get("sparsity", {})
+        layers = sparsity.get("layers")
+        return cls(manifest["delivered"]["precision"], recipe["optional_ops"], tuple(recipe["keep_float"]),
+                   dict(manifest["calibration"]["per_tensor"]),
+                   bool((manifest["ptq"].get("auto") or {}).get("kept")),
+                   {n: g["precision"] for g in mixed["groups"] for n in g["nodes"]} if mixed else None,
+                   tuple(sorted(n for n, layer in layers.items() if layer["eligible"] and not layer["pruned"]))
+                   if layers is not None else None)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Decisions":
+        return cls(**{**data, "keep_float": tuple(data["keep_float"]),
+                      "keep_dense": None if data["keep_dense"] is None else tuple(data["keep_dense"])})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def path_digest(path: Path | None) -> str | None:
+    """SHA-256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(item.relative_to(path).as_posix().encode() + b"\0" + file_digest(item).encode())
+    return digest.hexdigest()
+
+
+def inputs_of(model: Path, options: dict, target: dict) -> dict:
+    """The digests of everything a compile reads (rule 1); ``target`` is its resolved description."""
+    model = Path(model)
+    metric = options.get("metric")
+    metric_file = metric.rpartition(":")[0] if metric and ".py:" in metric else None
+    return {"model": path_digest(model),
+            "external_data": {p.name: file_digest(p) for p in sorted(model.parent.glob(f"{model.name}.data"))},
+            "calib": path_digest(options.get("calib")), "eval": path_digest(options.get("eval_path")),
+            "metric": path_digest(metric_file),
+            "target": hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()}
+
+
+def entry(manifest: dict, inputs: dict, options: dict) -> dict:
+    """One target's lock entry from its finished, measured build."""
+    return {"inputs": inputs, "options": _plain(options),
+            "decisions": Decisions.from_manifest(manifest).to_dict(),
+            "artifact": {name: digest for name, digest in manifest["sha256"].items() if name not in NOT_BYTE_STABLE}}
+
+
+def write(path: Path, entries: dict[str, dict]) -> Path:
+    text = json.dumps({"edgeq": FORMAT, "tools": tool_versions(), "targets": entries}, indent=2, sort_keys=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read(path: Path) -> dict:
+    try:
+        lock = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no lock {path}", "run 'edgeq build' once (it writes the lock), then --locked") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"lock {path} is not readable JSON ({exc.__class__.__name__})",
+                        "restore it from version control, or --relock") from None
+    if not isinstance(lock, dict) or lock.get("edgeq") != FORMAT:
+        raise UserError(f"lock {path} is format {lock.get('edgeq') if isinstance(lock, dict) else '?'!r}, this "
+                        f"edgeq reads {FORMAT!r}", "--relock to rebuild it with this edgeq")
+    mine, theirs = tool_versions().get("edgeq", "0"), lock.get("tools", {}).get("edgeq", "0")
+    if mine.split(".")[0] != theirs.split(".")[0]:
+        raise UserError(f"lock {path} was written by edgeq {theirs}, this is edgeq {mine} (another major version)",
+                        "--relock to rebuild it with this edgeq")
+    return lock
+
+
+def check(lock: dict, target: str, inputs: dict, options: dict, path: Path) -> Decisions:
+    """Rule 2's comparison: the decisions to replay, or a one-line error naming the first difference."""
+    entries = lock.get("targets", {})
+    if target not in entries:
+        raise UserError(f"lock {path} has no entry for target {target}", "--relock to build and lock it")
+    for name, version in sorted(lock.get("tools", {}).items()):
+        now = tool_versions().get(name)
+        if now != version:
+            raise UserError(f"{name} is {now}, the lock {path} was built with {version}",
+                            f"install {name}=={version}, or --relock to accept it")
+    locked = entries[target]
+    for name, digest in sorted(locked["inputs"].items()):
+        if inputs.get(name) != digest:
+            raise UserError(f"{target}'s input '{name}' changed since {path} was written",
+                            "--relock to rebuild and accept it")
+    if locked["options"] != _plain(options):
+        changed = sorted(set(locked["options"]) ^ set(_plain(options))
+                         | {k for k in locked["options"] if locked["options"][k] != _plain(options).get(k)})
+        raise UserError(f"the build file's option '{changed[0]}' changed since {path} was written",
+                        "--relock to rebuild and accept it")
+    return Decisions.from_dict(locked["decisions"])
+
+
+def _plain(options: dict) -> dict:
+    """Options as JSON values (paths as given, tuples as lists), for comparing and storing."""
+    return json.loads(json.dumps(options, default=str, sort_keys=True))

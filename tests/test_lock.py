@@ -1,0 +1,157 @@
+"""edgeq.lock: a build records every measured decision; ``edgeq build --locked`` replays it byte for byte."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import EXAMPLES, HOST_X86, make_model
+from test_guard import _outlier_model
+from edgeq.cli import main
+
+CNN = EXAMPLES / "digits_cnn"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def write_build(folder, model, target, **options):
+    lines = [f'model = "{model}"', f'targets = "{target}"', 'output = "out/{target}"', "[compile]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    (folder / "edgeq.toml").write_text("\n".join(lines) + "\n")
+    return folder / "edgeq.toml"
+
+
+def build_and_replay(path, target):
+    """A measured build, then a locked one; returns (manifest, replayed manifest, lock entry)."""
+    first = run("build", path, "--json")
+    assert first.exit_code == 0, first.output
+    artifact = path.parent / "out" / target
+    before = {p.name: p.read_bytes() for p in artifact.iterdir() if p.name != "manifest.json"}
+    again = run("build", path, "--locked", "--json")
+    assert again.exit_code == 0, again.output
+    after = {p.name: p.read_bytes() for p in artifact.iterdir() if p.name != "manifest.json"}
+    assert set(before) - set(after) <= {"report.html"}  # a replay measured nothing to plot
+    assert all(after[n] == before[n] for n in after)
+    entry = json.loads(path.with_suffix(".lock").read_text())["targets"][target]
+    assert set(entry["artifact"]) == set(before) - {"report.html"}
+    return json.loads(first.output)[target], json.loads(again.output)[target], entry
+
+
+def test_the_guards_decisions_replay_without_measuring(tmp_path):
+    model, feeds = _outlier_model(tmp_path)
+    path = write_build(tmp_path, model, HOST_X86, calib=str(feeds), **{"no-measure": True})
+    measured, replayed, entry = build_and_replay(path, HOST_X86)
+    assert "mm1" in entry["decisions"]["keep_float"] and entry["decisions"]["delivered"] == "int8"
+    assert any(t["strategy"] == "guard" for t in measured["search"]["trials"])
+    assert not any(t["strategy"] == "guard" for t in replayed["search"]["trials"])  # nothing searched again
+    assert replayed["quantization"]["decisions"]["mm1"]["quantized"] is False
+
+
+def test_per_tensor_calibration_methods_replay(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 48)) * 0.2).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((48, 32)) * 0.2).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits), tmp_path / "m.onnx")
+    x = rng.standard_normal(size=(1600, 64)).astype(np.float32)
+    calib = x[:800].copy()
+    calib.reshape(-1)[rng.choice(calib.size, 40, replace=False)] = 60.0  # corrupt values: entropy ignores them
+    np.savez(tmp_path / "calib.npz", x=calib)
+    np.savez(tmp_path / "eval.npz", x=x[800:])
+    path = write_build(tmp_path, "m.onnx", HOST_X86, calib="calib.npz", eval="eval.npz", **{"no-measure": True})
+    _, replayed, entry = build_and_replay(path, HOST_X86)
+    assert entry["decisions"]["ranges"]["x"] == "entropy" and replayed["calibration"]["per_tensor"]["x"] == "entropy"
+
+
+def test_a_float_delivery_replays(tmp_path):
+    """One MatMul whose int8 input range an outlier feature ruins: no int8 build holds the guard."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 64)).astype(np.float32) * 0.2
+    w[0] *= 0.002
+    onnx.save(make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64])],
+                         [numpy_helper.from_array(w, "w")]), tmp_path / "m.onnx")
+    x = rng.standard_normal((30, 8, 64)).astype(np.float32)
+    x[..., 0] = 500.0 * np.sign(rng.standard_normal((30, 8)))
+    np.savez(tmp_path / "calib.npz", x=x)
+    path = write_build(tmp_path, "m.onnx", HOST_X86, calib="calib.npz", **{"no-measure": True})
+    measured, replayed, entry = build_and_replay(path, HOST_X86)
+    assert measured["delivered"]["precision"] == "float" == entry["decisions"]["delivered"]
+    assert replayed["delivered"]["precision"] == "float" and "replayed" in replayed["delivered"]["reason"]
+
+
+def test_mixed_precision_replays_its_per_node_precisions(tmp_path):
+    folder = EXAMPLES / "digits_transformer"
+    path = write_build(tmp_path, folder / "model.onnx", HOST_X86, calib=str(folder / "calib.npz"),
+                       eval=str(folder / "eval.npz"), scheme="mixed", **{"max-drop": "1%", "no-measure": True})
+    _, replayed, entry = build_and_replay(path, HOST_X86)
+    assert entry["decisions"]["precisions"] and replayed["delivered"]["precision"] in ("mixed", "float")
+    assert "mixed" not in replayed  # no search ran
+
+
+def test_a_2_4_build_replays_the_layers_it_left_dense(tmp_path):
+    path = write_build(tmp_path, CNN / "model.onnx", "gpu-ampere", calib=str(CNN / "calib.npz"),
+                       sparsity="2:4", **{"no-measure": True})
+    _, replayed, entry = build_and_replay(path, "gpu-ampere")
+    assert entry["decisions"]["keep_dense"] is not None and replayed["sparsity"]["pruned"]
+
+
+def test_a_tvm_build_replays(tmp_path):
+    path = write_build(tmp_path, CNN / "model.onnx", HOST_X86, runtime="tvm", eval=str(CNN / "eval.npz"),
+                       **{"no-measure": True})
+    _, _, entry = build_and_replay(path, HOST_X86)
+    assert "model.so" in entry["artifact"] and entry["decisions"]["tuning_records"] is None
+
+
+@pytest.fixture
+def locked(tmp_path):
+    np.savez(tmp_path / "calib.npz", image=np.load(CNN / "calib.npz")["image"][:40])
+    path = write_build(tmp_path, CNN / "model.onnx", HOST_X86, calib="calib.npz", **{"no-measure": True})
+    assert run("build", path).exit_code == 0
+    return path
+
+
+def one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_changed_input_is_named_and_relock_accepts_it(locked):
+    lock_before = locked.with_suffix(".lock").read_text()
+    np.savez(locked.parent / "calib.npz", image=np.load(CNN / "calib.npz")["image"][:41])
+    one_line_error(run("build", locked, "--locked"), "input 'calib' changed")
+    assert locked.with_suffix(".lock").read_text() == lock_before
+    assert run("build", locked, "--locked", "--relock").exit_code == 0
+    assert locked.with_suffix(".lock").read_text() != lock_before
+    assert run("build", locked, "--locked").exit_code == 0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lock: lock | {"edgeq": "lock/2"}, "format 'lock/2'"),
+    (lambda lock: lock | {"tools": lock["tools"] | {"edgeq": "9.0.0"}}, "another major version"),
+    (lambda lock: lock | {"tools": lock["tools"] | {"onnx": "1.0.0"}}, "onnx is"),
+])
+def test_a_lock_from_other_tools_is_refused(locked, edit, message):
+    path = locked.with_suffix(".lock")
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    one_line_error(run("build", locked, "--locked"), message)
+
+
+def test_a_replay_that_differs_publishes_nothing(locked):
+    path = locked.with_suffix(".lock")
+    lock = json.loads(path.read_text())
+    lock["targets"][HOST_X86]["artifact"]["model.onnx"] = "0" * 64
+    path.write_text(json.dumps(lock))
+    model = locked.parent / "out" / HOST_X86 / "model.onnx"
+    before = model.read_bytes()
+    result = run("build", locked, "--locked")
+    assert result.exit_code == 1 and "did not reproduce model.onnx" in result.output
+    assert model.read_bytes() == before

@@ -154,6 +154,13 @@ def check(lock: dict, target: str, inputs: dict, options: dict, path: Path) -> D
     return Decisions.from_dict(locked["decisions"])
 
 
+def matches(lock: dict, target: str, entry) -> bool:
+    """A cached artifact (:class:`edgeq.artifact_cache.Entry`) has the bytes the lock records for ``target``."""
+    recorded = lock.get("targets", {}).get(target, {}).get("artifact")
+    digests = json.loads((entry.folder / MANIFEST).read_text()).get("sha256", {})
+    return bool(recorded) and all(digests.get(name) == digest for name, digest in recorded.items())
+
+
 def _plain(options: dict) -> dict:
     """Options as JSON values (paths as given, tuples as lists), for comparing and storing."""
     return json.loads(json.dumps(options, default=str, sort_keys=True))

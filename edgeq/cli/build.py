@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from edgeq import build_file, lock
-from edgeq.cli.app import RichReporter, debug_option, main, out
+from edgeq.artifact_cache import ArtifactCache, build_key, measuring_place
+from edgeq.cli.app import RichReporter, debug_option, default_cache_dir, main, out
 from edgeq.cli.compile import compile as compile_command
 from edgeq.cli.compile import print_summary, run_compile
-from edgeq.errors import UserError
+from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 
 
 @main.command()
@@ -26,8 +28,8 @@ from edgeq.errors import UserError
 @click.option("--json", "as_json", is_flag=True, help="Print {target: manifest} as JSON instead of tables.")
 def build(file, only, locked, relock, as_json):
     """Compile what FILE (default edgeq.toml) describes, for each of its targets in order, and write edgeq.lock
-    beside it. Exit code: the worst of the compiles' (3 when a budget was missed); a bad input stops the matrix
-    (artifacts already built stay)."""
+    beside it. An unchanged target is restored from the build cache. Exit code: the worst of the compiles' (3
+    when a budget was missed); a bad input stops the matrix (artifacts already built stay)."""
     from edgeq.target import load_target
 
     spec = build_file.load(file, compile_command)
@@ -39,10 +41,25 @@ def build(file, only, locked, relock, as_json):
     lock_path = spec.path.with_suffix(".lock")
     existing = lock.read(lock_path) if locked or lock_path.exists() else {"targets": {}}
     entries, manifests, code = dict(existing.get("targets", {})), {}, 0
+    cache = None if spec.options.get("no_cache") else ArtifactCache(default_cache_dir())
     for target in [t for t in spec.targets if not only or t in only]:
         output = spec.output_for(target)
         inputs = lock.inputs_of(spec.model, spec.options,
                                 load_target(target).with_device(spec.options.get("device")).to_dict())
+        key = build_key(inputs, spec.section, target, measuring_place(spec.options.get("device")))
+        hit = cache.lookup(key) if cache else None
+        if hit is not None and (not locked or lock.matches(existing, target, hit)):
+            started = time.perf_counter()
+            manifest = cache.restore(hit, output)
+            if not as_json:
+                out.rule(f"{target} → {output} (cache hit)")
+                print_summary(manifest, output)
+                out.print(f"restored from the build cache ({hit.key[:12]}) in {time.perf_counter() - started:.1f} s")
+            manifests[target], code = manifest, max(code, _exit_code(manifest))
+            if not locked:
+                entries[target] = lock.entry(manifest, inputs, spec.section)
+                lock.write(lock_path, entries)
+            continue
         replay = None
         if locked:
             try:
@@ -62,8 +79,17 @@ def build(file, only, locked, relock, as_json):
         if replay is None:
             entries[target] = lock.entry(manifest, inputs, spec.section)
             lock.write(lock_path, entries)  # after each target: a stopped matrix keeps what it built
+            if cache is not None:
+                cache.store(key, output, {"model": spec.model.name, "target": target, "build_file": spec.path.name})
         if not as_json:
             print_summary(manifest, output)
     if as_json:
         click.echo(json.dumps(manifests, indent=2, default=str))
     sys.exit(code)
+
+
+def _exit_code(manifest: dict) -> int:
+    """A restored artifact exits as its build did: 3 when a budget was missed or the TVM check failed."""
+    budget_missed = (manifest.get("budget") or {}).get("met") is False
+    check_failed = (manifest.get("tvm") or {}).get("check", {}).get("ok") is False
+    return EXIT_BUDGET_MISSED if budget_missed or check_failed else EXIT_OK

@@ -117,8 +117,7 @@ class ArtifactWriter:
             raise RuntimeError(f"the locked replay did not reproduce {differs[0]} (SHA-256 differs from the lock): "
                                "nothing was published")
         manifest.update(files=sorted([*names, MANIFEST]), sha256=digests)  # the caller's copy says so too
-        text = json.dumps(_finite(manifest), indent=2, sort_keys=True, default=_jsonable)
-        self.path(MANIFEST).write_text(text + "\n")
+        self.path(MANIFEST).write_text(manifest_text(manifest) + "\n")
         _apply_umask(self.tmp)  # mkdtemp makes the folder private; an artifact gets the usual permissions
         backup = scratch.make_dir(self.out_dir.parent, self._prefix, "old")
         try:
@@ -146,6 +145,12 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.tmp.exists():
             self.discard()
+
+
+def manifest_text(manifest: dict) -> str:
+    """A manifest as its file holds it (and ``--json`` prints it): sorted keys, non-finite figures as strings
+    (``edgeq/schemas/manifest-1.schema.json``)."""
+    return json.dumps(_finite(manifest), indent=2, sort_keys=True, default=_jsonable)
 
 
 def _apply_umask(folder: Path) -> None:

@@ -15,7 +15,8 @@ Rules:
    writer lays its tables out in a different order from one process to the next, so it is checked by content
    (the kernels it holds, its outputs against ``model.onnx``; :mod:`edgeq.runtimes.ort_format`). A replay
    writes no ``report.html``: it measured nothing to plot.
-3. A lock of another format (``lock/N``) or from another edgeq major version is refused.
+3. A lock of another format (``lock/N``) or from another edgeq major version is refused. Tool versions must
+   match exactly, Python's to the minor release.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def check(lock: dict, target: str, inputs: dict, options: dict, path: Path) -> D
         raise UserError(f"lock {path} has no entry for target {target}", "--relock to build and lock it")
     for name, version in sorted(lock.get("tools", {}).items()):
         now = tool_versions().get(name)
+        if name == "python":  # a patch release of Python changes no byte edgeq writes
+            now, version = (".".join(str(v).split(".")[:2]) if v else v for v in (now, version))
         if now != version:
             raise UserError(f"{name} is {now}, the lock {path} was built with {version}",
                             f"install {name}=={version}, or --relock to accept it")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import click
 
 from edgeq import build_file, lock
 from edgeq.artifact_cache import ArtifactCache, build_key, measuring_place
+from edgeq.artifact import manifest_text
 from edgeq.cli.app import RichReporter, debug_option, default_cache_dir, main, out
 from edgeq.cli.compile import compile as compile_command
 from edgeq.cli.compile import print_summary, run_compile
@@ -84,7 +84,7 @@ def build(file, only, locked, relock, as_json):
         if not as_json:
             print_summary(manifest, output)
     if as_json:
-        click.echo(json.dumps(manifests, indent=2, default=str))
+        click.echo(manifest_text(manifests))
     sys.exit(code)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from edgeq.artifact import manifest_text
 from edgeq.cli.app import RichReporter, debug_option, default_cache_dir, main, out
 from edgeq import guard
 from edgeq.errors import UserError
@@ -77,7 +77,7 @@ def compile(model, target, output, as_json, **options):
     artifact folder."""
     manifest, code = run_compile(model, target, output, reporter=RichReporter(enabled=not as_json), **options)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2, default=str))
+        click.echo(manifest_text(manifest))
     else:
         print_summary(manifest, output)
     sys.exit(code)

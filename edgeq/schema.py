@@ -1,0 +1,14 @@
+"""The JSON schemas of what edgeq writes: ``manifest.json`` (and ``--json``) and the build lock, versioned."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+MANIFEST = "manifest-1"  # artifact/1
+LOCK = "lock-1"  # lock/1
+
+
+def load(name: str) -> dict:
+    """A schema shipped in the package, by name (``MANIFEST``, ``LOCK``)."""
+    return json.loads(resources.files("edgeq").joinpath("schemas", f"{name}.schema.json").read_text())

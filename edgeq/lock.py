@@ -157,11 +157,10 @@ def check(lock: dict, target: str, inputs: dict, options: dict, path: Path) -> D
     return Decisions.from_dict(locked["decisions"])
 
 
-def matches(lock: dict, target: str, entry) -> bool:
-    """A cached artifact (:class:`edgeq.artifact_cache.Entry`) has the bytes the lock records for ``target``."""
-    recorded = lock.get("targets", {}).get(target, {}).get("artifact")
-    digests = json.loads((entry.folder / MANIFEST).read_text()).get("sha256", {})
-    return bool(recorded) and all(digests.get(name) == digest for name, digest in recorded.items())
+def entry_digest(lock: dict, target: str) -> str:
+    """The SHA-256 of one target's lock entry (a replay's artifact is a function of it)."""
+    entry = lock.get("targets", {}).get(target)
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
 def _plain(options: dict) -> dict:

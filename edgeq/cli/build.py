@@ -46,20 +46,6 @@ def build(file, only, locked, relock, as_json):
         output = spec.output_for(target)
         inputs = lock.inputs_of(spec.model, spec.options,
                                 load_target(target).with_device(spec.options.get("device")).to_dict())
-        key = build_key(inputs, spec.section, target, measuring_place(spec.options.get("device")))
-        hit = cache.lookup(key) if cache else None
-        if hit is not None and (not locked or lock.matches(existing, target, hit)):
-            started = time.perf_counter()
-            manifest = cache.restore(hit, output)
-            if not as_json:
-                out.rule(f"{target} → {output} (cache hit)")
-                print_summary(manifest, output)
-                out.print(f"restored from the build cache ({hit.key[:12]}) in {time.perf_counter() - started:.1f} s")
-            manifests[target], code = manifest, max(code, _exit_code(manifest))
-            if not locked:
-                entries[target] = lock.entry(manifest, inputs, spec.section)
-                lock.write(lock_path, entries)
-            continue
         replay = None
         if locked:
             try:
@@ -67,22 +53,37 @@ def build(file, only, locked, relock, as_json):
             except UserError:
                 if not relock:
                     raise
-        if not as_json:
-            out.rule(f"{target} → {output}" + (" (replayed from the lock)" if replay else ""))
-        options = dict(spec.options)
-        if replay is not None:
-            options |= {"optional_ops": replay.optional_ops, "keep_float": replay.keep_float, "no_measure": True,
-                        "replay": replay, "expected_files": existing["targets"][target]["artifact"]}
-        manifest, exit_code = run_compile(spec.model, target, output, reporter=RichReporter(enabled=not as_json),
-                                          **options)
+        # a replay measures nothing: its artifact depends on the lock entry, not on where it runs
+        where = f"replay of {lock.entry_digest(existing, target)}" if replay else \
+            measuring_place(spec.options.get("device"))
+        key = build_key(inputs, spec.section, target, where)
+        hit = cache.lookup(key) if cache else None
+        if hit is not None:
+            started = time.perf_counter()
+            manifest = cache.restore(hit, output)
+            if not as_json:
+                out.rule(f"{target} → {output} (cache hit)")
+                print_summary(manifest, output)
+                out.print(f"restored from the build cache ({hit.key[:12]}) in {time.perf_counter() - started:.1f} s")
+            exit_code = _exit_code(manifest)
+        else:
+            if not as_json:
+                out.rule(f"{target} → {output}" + (" (replayed from the lock)" if replay else ""))
+            options = dict(spec.options)
+            if replay is not None:
+                options |= {"optional_ops": replay.optional_ops, "keep_float": replay.keep_float,
+                            "no_measure": True, "replay": replay,
+                            "expected_files": existing["targets"][target]["artifact"]}
+            manifest, exit_code = run_compile(spec.model, target, output,
+                                              reporter=RichReporter(enabled=not as_json), **options)
+            if cache is not None:
+                cache.store(key, output, {"model": spec.model.name, "target": target, "build_file": spec.path.name})
+            if not as_json:
+                print_summary(manifest, output)
         manifests[target], code = manifest, max(code, exit_code)
         if replay is None:
             entries[target] = lock.entry(manifest, inputs, spec.section)
             lock.write(lock_path, entries)  # after each target: a stopped matrix keeps what it built
-            if cache is not None:
-                cache.store(key, output, {"model": spec.model.name, "target": target, "build_file": spec.path.name})
-        if not as_json:
-            print_summary(manifest, output)
     if as_json:
         click.echo(manifest_text(manifests))
     sys.exit(code)

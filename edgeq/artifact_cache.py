@@ -3,8 +3,8 @@
 Rules:
 1. The key is the SHA-256 of everything a build depends on: the digests of its inputs (model, external data,
    calibration and evaluation data, metric file, resolved target: :func:`edgeq.lock.inputs_of`), the build
-   file's options, the tool versions and where latency is measured (this machine's CPU, or the RPC device):
-   measured decisions are only as good as the machine that measured them.
+   file's options, the tool versions, edgeq's own source files, and where latency is measured (this
+   machine's CPU, or the RPC device): measured decisions are only as good as the machine that measured them.
 2. An entry is ``<cache>/artifacts/<key>/``: the artifact's files and ``entry.json`` (the key, each file's
    SHA-256). It is written into a hidden temporary sibling and renamed into place; when another build renamed
    its entry there first, ours is dropped. Readers never see a partial entry, and two builds at once are safe.
@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -25,6 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import edgeq
+import edgeq.passes
+import edgeq.runtimes
+import edgeq.targets
 from edgeq.artifact import MANIFEST, ArtifactWriter, file_digest, tool_versions
 
 FORMAT = "edgeq-artifact-cache/1"
@@ -33,8 +38,21 @@ ENTRY = "entry.json"
 
 def build_key(inputs: dict, options: dict, target: str, where: str) -> str:
     """Rule 1's key."""
-    facts = {"inputs": inputs, "options": options, "target": target, "where": where, "tools": tool_versions()}
+    facts = {"inputs": inputs, "options": options, "target": target, "where": where, "tools": tool_versions(),
+             "edgeq_source": _source_digest()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.cache
+def _source_digest() -> str:
+    """edgeq's own code: a development install keeps its version number while its code changes."""
+    digest = hashlib.sha256()
+    for module in (edgeq, edgeq.passes, edgeq.runtimes, edgeq.targets):
+        folder = Path(module.__file__).parent
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in (".py", ".toml", ".json"):
+                digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def measuring_place(device: str | None) -> str:

@@ -5,16 +5,21 @@ Rules:
    target is built: for each target, the SHA-256 of
    every input (model file and its external data, calibration and evaluation data, a metric file, the target's
    resolved description), the build file's options, the tool versions, the :class:`Decisions` — op set, nodes
-   kept float, per-tensor calibration methods, PTQ kept on a guard miss, what was delivered, per-node
-   precisions (mixed), layers left dense (2:4), the TVM tuning records applied — and the SHA-256 of each
-   artifact file. JSON with sorted keys, one key per line: stable, reviewable, diff-able.
+   kept float, per-tensor calibration methods and the activation ranges quantized with, PTQ kept on a guard
+   miss, what was delivered, per-node precisions (mixed), layers left dense (2:4), the TVM tuning records
+   applied — and the SHA-256 of each artifact file. JSON with sorted keys, one key per line: stable,
+   reviewable, diff-able.
 2. ``edgeq build --locked`` first compares tools and inputs with the lock; any difference is a one-line error
    naming it (``--relock`` accepts it: a measured build that writes a new lock). Then it replays: no latency is
    measured and no search runs; each decision is applied as recorded, and the artifact is published only if
    every file has the SHA-256 the lock records. ``model.ort`` is the exception: ONNX Runtime's ORT-format
    writer lays its tables out in a different order from one process to the next, so it is checked by content
    (the kernels it holds, its outputs against ``model.onnx``; :mod:`edgeq.runtimes.ort_format`). A replay
-   writes no ``report.html``: it measured nothing to plot.
+   writes no ``report.html``: it measured nothing to plot. The recorded activation ranges make int8, mixed
+   and float replays the same bytes on any machine; PTQ passes (GPTQ, bias correction, CLE, SmoothQuant) and
+   2:4 reconstruction recompute from the calibration data with this machine's BLAS and ONNX Runtime, so their
+   replays are byte-identical on the CPU family that built them and are refused (nothing published) elsewhere
+   when a bit differs.
 3. A lock of another format (``lock/N``) or from another edgeq major version is refused. Tool versions must
    match exactly, Python's to the minor release.
 """
@@ -48,6 +53,9 @@ class Decisions:
     precisions: dict[str, str] | None = None  # --scheme mixed: node → precision
     keep_dense: tuple[str, ...] | None = None  # --sparsity 2:4: eligible layers left dense
     tuning_records: str | None = None  # --runtime tvm: SHA-256 of the tuning database applied
+    # tensor → [low, high] the delivered build quantized with: a replay on another CPU, whose kernels round
+    # the calibration runs differently in the last bits, still writes the same scales
+    activation_ranges: dict[str, list[float]] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Decisions":
@@ -62,7 +70,8 @@ class Decisions:
                    bool((manifest["ptq"].get("auto") or {}).get("kept")),
                    {n: g["precision"] for g in mixed["groups"] for n in g["nodes"]} if mixed else None,
                    tuple(sorted(n for n, layer in layers.items() if layer["eligible"] and not layer["pruned"]))
-                   if layers is not None else None)
+                   if layers is not None else None,
+                   activation_ranges=manifest["calibration"].get("ranges"))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Decisions":

@@ -262,6 +262,10 @@ class _Compilation:
         self.model = model
         self.ranges = self.calibrator.ranges  # the ranges builds use (a per-tensor choice may replace some)
         self.ranges_chosen: dict[str, str] = {}
+        replay = self.request.replay
+        if replay is not None and replay.activation_ranges is not None:  # the lock's: the same bytes anywhere
+            self.ranges = {name: tuple(r) for name, r in replay.activation_ranges.items()}
+            self.ranges_chosen = dict(replay.ranges)
         self.ptq.after_calibration(model, self.calib)
 
     def _rewrite_before_calibration(self, model):
@@ -407,18 +411,13 @@ class _Compilation:
             self.current = held.build
 
     def _replay_guard(self, decisions: Decisions) -> None:
-        """A locked build: the guard's recorded choices (PTQ kept, per-tensor methods) applied, nothing measured;
-        its float groups are in the recorded keep_float already."""
-        if not (decisions.ptq_on_guard_miss or decisions.ranges):
+        """A locked build: the guard's recorded choices applied, nothing measured — PTQ where it was kept; its
+        per-tensor ranges are in the recorded activation ranges, its float groups in the recorded keep_float."""
+        if not decisions.ptq_on_guard_miss:
             return
         with self.reporter.stage("replay the guard's choices"):
-            if decisions.ptq_on_guard_miss:
-                self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
-                self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "kept": True}
-            if decisions.ranges:
-                by_method = self.calibrator.ranges_by_method(self.model, list(decisions.ranges))
-                self.ranges = {**self.ranges, **{t: by_method[t][m] for t, m in decisions.ranges.items()}}
-                self.ranges_chosen = dict(decisions.ranges)
+            self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
+            self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "kept": True}
             build_with = self.builder(self.candidates[self.chosen])
             self.current = build_with(set(self.current.insert.keep_float), "replay")
 
@@ -594,6 +593,7 @@ class _Compilation:
                           "bytes": delivered_bytes, "float_bytes": float_bytes},
             "calibration": {"method": self.recipe.method, "tensors": len(self.calibrator.ranges),
                             "per_tensor": self.ranges_chosen,
+                            "ranges": {name: list(r) for name, r in sorted(self.ranges.items())},
                             "seconds": self.calib_seconds, "cache_hit": self.calibrator.cache_hit,
                             "nonfinite": self.calibrator.nonfinite, "subgraphs": self.calibrator.subgraphs,
                             "cache_problems": self.calibrator.cache.problems},

@@ -155,3 +155,17 @@ def test_a_replay_that_differs_publishes_nothing(locked):
     result = run("build", locked, "--locked")
     assert result.exit_code == 1 and "did not reproduce model.onnx" in result.output
     assert model.read_bytes() == before
+
+
+def test_the_replay_quantizes_with_the_recorded_activation_ranges(locked):
+    """The ranges come from the lock, not from calibrating again (another CPU's kernels round differently)."""
+    path = locked.with_suffix(".lock")
+    lock = json.loads(path.read_text())
+    ranges = lock["targets"][HOST_X86]["decisions"]["activation_ranges"]
+    assert ranges and all(len(r) == 2 and r[0] <= r[1] for r in ranges.values())
+    assert lock["targets"][HOST_X86]["decisions"]["delivered"] == "int8"  # --no-measure: nothing sends it float
+    for name in ranges:
+        ranges[name] = [2 * ranges[name][0], 2 * ranges[name][1]]
+    path.write_text(json.dumps(lock))
+    result = run("build", locked, "--locked")  # wider ranges: other scales, other bytes, refused
+    assert result.exit_code == 1 and "did not reproduce model.onnx" in result.output

@@ -195,9 +195,8 @@ def test_an_integer_output_alone_through_the_measured_op_sets(tmp_path):
     assert manifest["fidelity"]["outputs"]["ids"]["kind"] == "indices"
 
 
-def test_a_guard_miss_tries_other_calibration_methods_on_the_most_sensitive_tensors(tmp_path):
-    """40 corrupt values (60.0) in Gaussian calibration data: the percentile range keeps them and leaves the real
-    inputs a few int8 levels; the entropy range ignores them, and the per-tensor choice finds it."""
+def _corrupt_calibration_model(tmp_path) -> None:
+    """m.onnx (two MatMuls), calib.npz with 40 corrupt values (60.0) among Gaussian inputs, clean eval.npz."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal((64, 48)) * 0.2).astype(np.float32), "w"),
              numpy_helper.from_array((rng.standard_normal((48, 32)) * 0.2).astype(np.float32), "w2")]
@@ -210,6 +209,12 @@ def test_a_guard_miss_tries_other_calibration_methods_on_the_most_sensitive_tens
     calib.reshape(-1)[rng.choice(calib.size, 40, replace=False)] = 60.0
     np.savez(tmp_path / "calib.npz", x=calib)
     np.savez(tmp_path / "eval.npz", x=x[800:])
+
+
+def test_a_guard_miss_tries_other_calibration_methods_on_the_most_sensitive_tensors(tmp_path):
+    """40 corrupt values (60.0) in Gaussian calibration data: the percentile range keeps them and leaves the real
+    inputs a few int8 levels; the entropy range ignores them, and the per-tensor choice finds it."""
+    _corrupt_calibration_model(tmp_path)
     result = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-t", HOST_X86, "--calib",
                                        str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
                                        "--no-measure", "-o", str(tmp_path / "out")])

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES, HOST_X86, make_model
-from test_guard import _outlier_model
+from test_guard import _corrupt_calibration_model, _outlier_model
 from edgeq.cli import main
 
 CNN = EXAMPLES / "digits_cnn"
@@ -53,18 +53,7 @@ def test_the_guards_decisions_replay_without_measuring(tmp_path):
 
 
 def test_per_tensor_calibration_methods_replay(tmp_path):
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array((rng.standard_normal((64, 48)) * 0.2).astype(np.float32), "w"),
-             numpy_helper.from_array((rng.standard_normal((48, 32)) * 0.2).astype(np.float32), "w2")]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
-             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
-    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
-                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits), tmp_path / "m.onnx")
-    x = rng.standard_normal(size=(1600, 64)).astype(np.float32)
-    calib = x[:800].copy()
-    calib.reshape(-1)[rng.choice(calib.size, 40, replace=False)] = 60.0  # corrupt values: entropy ignores them
-    np.savez(tmp_path / "calib.npz", x=calib)
-    np.savez(tmp_path / "eval.npz", x=x[800:])
+    _corrupt_calibration_model(tmp_path)  # the entropy range ignores its corrupt calibration values
     path = write_build(tmp_path, "m.onnx", HOST_X86, calib="calib.npz", eval="eval.npz", **{"no-measure": True})
     _, replayed, entry = build_and_replay(path, HOST_X86)
     assert entry["decisions"]["ranges"]["x"] == "entropy" and replayed["calibration"]["per_tensor"]["x"] == "entropy"

@@ -126,6 +126,8 @@ def write(path: Path, model: Path, targets: list[str], output: str | None, value
     path = Path(path)
     if path.exists() and not force:
         raise UserError(f"{path} exists", "pass --force to replace it, or choose another --file")
+    if not Path(model).is_file():
+        raise UserError(f"model {model} not found", "pass the path of an .onnx file")
     folder = path.parent.resolve()
     context = click.Context(command)
 

@@ -63,9 +63,12 @@ def style_for(target: Target) -> tuple[str, str | None]:
 def format_version(path: Path) -> str:
     """The ORT format version stored in an ``.ort`` file (one line UserError if it is not one)."""
     data = bytearray(Path(path).read_bytes())
-    if not InferenceSession.InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
-        raise UserError(f"{path} is not an ORT format model", "pass the model.ort of an edgeq artifact")
-    return InferenceSession.InferenceSession.GetRootAsInferenceSession(data, 0).OrtVersion().decode()
+    try:
+        if not InferenceSession.InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
+            raise ValueError("no ORT format identifier")
+        return InferenceSession.InferenceSession.GetRootAsInferenceSession(data, 0).OrtVersion().decode()
+    except Exception:  # noqa: BLE001 — a truncated or foreign file fails anywhere in the FlatBuffer reader
+        raise UserError(f"{path} is not a readable ORT format model", "rebuild the artifact") from None
 
 
 def kernels_in(path: Path) -> set[tuple[str, int, str]]:

@@ -85,16 +85,20 @@ def _environment(release: str, root: Path) -> Path:
         return python
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{release}.", dir=root))
+    numpy = "numpy<2" if parse_release(release) < (1, 19) else "numpy"
+    steps = ([sys.executable, "-m", "venv", str(tmp)],
+             [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+              f"onnxruntime=={release}", numpy])
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True, text=True)
-        numpy = "numpy<2" if parse_release(release) < (1, 19) else "numpy"
-        done = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                               "--disable-pip-version-check", f"onnxruntime=={release}", numpy],
-                              capture_output=True, text=True, timeout=INSTALL_SECONDS)
-        if done.returncode != 0:
-            raise UserError(f"could not install onnxruntime=={release} for Python "
-                            f"{sys.version_info.major}.{sys.version_info.minor}: {_last_line(done.stderr)}",
-                            "check that the release exists for this Python, or pass --no-install")
+        for step in steps:
+            try:
+                done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_SECONDS)
+            except subprocess.TimeoutExpired:
+                done = subprocess.CompletedProcess(step, 1, "", f"no answer in {INSTALL_SECONDS} s")
+            if done.returncode != 0:
+                raise UserError(f"could not install onnxruntime=={release} for Python "
+                                f"{sys.version_info.major}.{sys.version_info.minor}: {_last_line(done.stderr)}",
+                                "check that the release exists for this Python, or pass --no-install")
         try:
             tmp.rename(folder)
         except OSError:  # another verify installed it meanwhile

@@ -97,3 +97,5 @@ def test_a_bad_build_file_is_one_line_naming_the_key(tmp_path, text, message):
 
 def test_a_missing_build_file_says_how_to_write_one(tmp_path):
     one_line_error(run("build", tmp_path / "edgeq.toml"), "edgeq init")
+    one_line_error(run("init", tmp_path / "absent.onnx", "-t", "x86-64", "-f", tmp_path / "edgeq.toml"), "not found")
+    assert not (tmp_path / "edgeq.toml").exists()

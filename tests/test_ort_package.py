@@ -97,19 +97,25 @@ def test_verify_says_which_releases_load_the_package(x86_artifact):
     assert unchecked["loads"] is True and "kernels not checked" in unchecked["why"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--ort-version", "one.two"), "bad ONNX Runtime release 'one.two'"),
-    ((), "changed since it was built"),
+@pytest.mark.parametrize("args, damage, message", [
+    (("--ort-version", "one.two"), None, "bad ONNX Runtime release 'one.two'"),
+    ((), "flip", "changed since it was built"),
+    ((), "truncate", "not a readable ORT format model"),  # a manifest from before the digests
 ])
-def test_verify_refuses_in_one_line(tmp_path, x86_artifact, args, message):
+def test_verify_refuses_in_one_line(tmp_path, x86_artifact, args, damage, message):
     out = tmp_path / "copy"
     out.mkdir()
     for path in x86_artifact[0].iterdir():
         (out / path.name).write_bytes(path.read_bytes())
-    if not args:
-        data = bytearray((out / "model.ort").read_bytes())
+    data = bytearray((out / "model.ort").read_bytes())
+    if damage == "flip":
         data[-1] ^= 1
-        (out / "model.ort").write_bytes(bytes(data))
+    elif damage == "truncate":
+        data = data[:100]
+        manifest = json.loads((out / "manifest.json").read_text())
+        del manifest["sha256"]
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "model.ort").write_bytes(bytes(data))
     result = run("verify", out, *args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1

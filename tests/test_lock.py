@@ -132,6 +132,8 @@ def test_a_lock_from_other_tools_is_refused(locked, edit, message):
     path = locked.with_suffix(".lock")
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     one_line_error(run("build", locked, "--locked"), message)
+    assert run("build", locked, "--locked", "--relock").exit_code == 0  # accepted: rebuilt and locked anew
+    assert run("build", locked, "--locked").exit_code == 0
 
 
 def test_a_replay_that_differs_publishes_nothing(locked):

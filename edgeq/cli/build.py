@@ -39,7 +39,12 @@ def build(file, only, locked, relock, as_json):
     if relock and not locked:
         raise UserError("--relock goes with --locked", "a build without --locked always writes a new lock")
     lock_path = spec.path.with_suffix(".lock")
-    existing = lock.read(lock_path) if locked or lock_path.exists() else {"targets": {}}
+    try:
+        existing = lock.read(lock_path)
+    except UserError:  # no lock, or one this edgeq cannot replay: only a strict replay stops here
+        if locked and not relock:
+            raise
+        existing = {"targets": {}}
     entries, manifests, code = dict(existing.get("targets", {})), {}, 0
     cache = None if spec.options.get("no_cache") else ArtifactCache(default_cache_dir())
     for target in [t for t in spec.targets if not only or t in only]:

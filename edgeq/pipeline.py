@@ -49,7 +49,7 @@ from edgeq.lock import Decisions
 from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
-from edgeq.mixed.sensitivity import measure_sensitivity
+from edgeq.mixed.sensitivity import cached_sensitivity, measure_sensitivity, proxy_nsr
 from edgeq.model_check import CHECK_FEEDS, check_same_function, load_in_onnxruntime, normalize_checked, run_feeds
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
@@ -73,6 +73,10 @@ from edgeq.sparsity_stage import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
 
 
+# The guard's sensitivity builds one model per group (a build and a session: ~3 s for a 6 MB model here); with
+# more groups than this, ``--sensitivity auto`` estimates one-layer groups from their input statistics instead
+# (the proxy of edgeq.mixed.sensitivity, scaled by three measured groups): the bisection checks every order.
+GUARD_BUILDS = 16
 # The DynamicMatMul op set is a candidate where its layers hold this share of the weights (transformers, MLPs):
 # a CNN's classifier alone does not pay for one more build.
 DYNAMIC_SHARE = 0.5
@@ -390,11 +394,15 @@ class _Compilation:
         feeds = list(itertools.islice(iter(self.calib), self.recipe.sensitivity_feeds))
         with self.reporter.stage(f"guard: sensitivity of {len(groups)} groups"):
             cache = self._sensitivity_cache()
+            mode = self.recipe.sensitivity
+            proxy = proxy_nsr(self.model, groups, feeds, self.ranges, self.target) if mode == "proxy" or (
+                mode == "auto" and len(groups) > GUARD_BUILDS and cached_sensitivity(cache, groups) is None) else {}
             table = measure_sensitivity(groups, lambda p: build_with(keep, f"guard-sens{next(tags)}", p).path,
                                         self.runtime, self.float_path, feeds,
-                                        cache, self.reporter.progress)
+                                        cache, self.reporter.progress, proxy)
         nsr = {name: figures["int8"] for name, figures in table.nsr.items()}
-        self.guard_report |= {"sensitivity": nsr, "sensitivity_feeds": table.feeds, "sensitivity_seconds": table.seconds}
+        self.guard_report |= {"sensitivity": nsr, "sensitivity_feeds": table.feeds, "sensitivity_seconds": table.seconds,
+                              "sensitivity_proxy_groups": table.proxy_groups}
         uniform = self._choose_ranges(build_with, keep, tags, sorted(groups, key=lambda g: -nsr[g.name]), uniform)
         if uniform["met"]:
             return

@@ -13,6 +13,7 @@ from conftest import HOST_X86, make_model
 from edgeq import guard
 from edgeq.cli import main
 from edgeq.fidelity import FidelityMeter, padding_of
+from edgeq.pipeline import GUARD_BUILDS
 
 RNG = np.random.default_rng(0)
 
@@ -225,3 +226,34 @@ def test_a_guard_miss_tries_other_calibration_methods_on_the_most_sensitive_tens
     assert tried["fc1: entropy"]["chosen"] and tried["fc1: entropy"]["sqnr_db"] > tried["ranges in use"]["sqnr_db"] + 3
     kept = manifest["guard"]["with_ranges"]
     assert guard.no_worse(kept, manifest["guard"]["uniform_int8"])
+
+
+def test_many_groups_rank_by_the_proxy_and_the_bisection_still_holds_the_guard(tmp_path):
+    """20 MatMul layers, the first fed an outlier feature: more groups than GUARD_BUILDS, so one-layer groups
+    are ranked from their input statistics (three measured to scale them) and the checked bisection finds
+    the guilty layer."""
+    rng = np.random.default_rng(3)
+    nodes, inits, value = [], [], "x"
+    for i in range(20):
+        w = rng.standard_normal((64, 64)).astype(np.float32) * 0.2
+        if i == 0:
+            w[0] *= 0.002  # the outlier feature barely reaches the output
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [value, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Tanh", [f"h{i}"], [f"t{i}"], name=f"tanh{i}"))
+        value = f"t{i}"
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+                       [helper.make_tensor_value_info(value, TensorProto.FLOAT, [1, 8, 64])], inits)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = rng.standard_normal((40, 8, 64)).astype(np.float32)
+    x[..., 0] = 500.0 * np.sign(rng.standard_normal((40, 8)))
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-t", HOST_X86, "--calib",
+                                       str(tmp_path / "calib.npz"), "--no-measure", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    report = manifest["guard"]
+    assert not report["uniform_int8"]["met"] and len(report["sensitivity"]) == 20 > GUARD_BUILDS
+    assert len(report["sensitivity_proxy_groups"]) == 20 - 3  # three measured scale the rest
+    assert "mm0" in report["float_groups"] and manifest["fidelity"]["guard"]["met"]
+    assert manifest["delivered"]["precision"] == "int8"

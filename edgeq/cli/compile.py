@@ -51,8 +51,9 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("--latency-ms", type=float, help="Latency budget, median ms on the target (--scheme mixed).")
 @click.option("--size-mb", type=float, help="Model size budget in MB of 10^6 bytes (--scheme mixed).")
 @click.option("--sensitivity", type=click.Choice(["auto", "measured", "proxy"]), default="auto", show_default=True,
-              help="--scheme mixed: measure each group's effect on the output, or estimate it from layer "
-                   "statistics (auto: the proxy for large models).")
+              help="--scheme mixed and the fidelity guard: measure each group's effect on the output, or "
+                   "estimate it from layer statistics (auto: the proxy for large models, and for the guard's "
+                   "one-layer groups beyond 16 groups).")
 @click.option("--random-calibration", is_flag=True, help="Calibrate on synthetic data when no --calib is given.")
 @click.option("--no-guard", is_flag=True, help="Without --metric/--max-drop, do not hold outputs to the default "
                                              "fidelity guard (see the README).")

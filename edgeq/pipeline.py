@@ -77,6 +77,7 @@ from edgeq.target import Target
 # more groups than this, ``--sensitivity auto`` estimates one-layer groups from their input statistics instead
 # (the proxy of edgeq.mixed.sensitivity, scaled by three measured groups): the bisection checks every order.
 GUARD_BUILDS = 16
+REPLAYED_FLOAT = "replayed from the lock: its measured build delivered float"
 # The DynamicMatMul op set is a candidate where its layers hold this share of the weights (transformers, MLPs):
 # a CNN's classifier alone does not pay for one more build.
 DYNAMIC_SHARE = 0.5
@@ -488,7 +489,7 @@ class _Compilation:
         if self.guard_failed:
             return
         if self.request.replay is not None and self.request.replay.delivered == "float":
-            self.delivered, self.reason = "float", "replayed from the lock: its measured build delivered float"
+            self.delivered, self.reason = "float", REPLAYED_FLOAT
             return
         if not current.quantized:
             left = current.insert.subgraph_compute_left_float
@@ -552,7 +553,7 @@ class _Compilation:
     def _replay_mixed(self, decisions: Decisions) -> None:
         """A locked build: the recorded per-node precisions, built once; nothing measured."""
         if decisions.delivered == "float":
-            self.delivered, self.reason = "float", "replayed from the lock: its measured build delivered float"
+            self.delivered, self.reason = "float", REPLAYED_FLOAT
             return
         build_with = self.builder(self.candidates[self.chosen])
         self.current = build_with(set(self.request.keep_float), "replay", dict(decisions.precisions))

@@ -421,8 +421,9 @@ class _Compilation:
 
     def _replay_guard(self, decisions: Decisions) -> None:
         """A locked build: the guard's recorded choices applied, nothing measured — PTQ where it was kept; its
-        per-tensor ranges are in the recorded activation ranges, its float groups in the recorded keep_float."""
-        if not decisions.ptq_on_guard_miss:
+        per-tensor ranges are in the recorded activation ranges, its float groups in the recorded keep_float.
+        A float delivery needs none of it."""
+        if not decisions.ptq_on_guard_miss or decisions.delivered == "float":
             return
         with self.reporter.stage("replay the guard's choices"):
             self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)

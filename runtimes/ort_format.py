@@ -32,9 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.tools import convert_onnx_models_to_ort as converter
-from onnxruntime.tools import reduced_build_config_parser
-from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import AttributeType, InferenceSession
 
 from edgeq.errors import UserError
 from edgeq.target import Target
@@ -60,8 +57,16 @@ def style_for(target: Target) -> tuple[str, str | None]:
     return style, "arm" if target.arch == "aarch64" else None
 
 
+def _fbs():
+    """ONNX Runtime's FlatBuffer readers, imported when needed: ``onnxruntime.tools`` imports torch (2 s)."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import AttributeType, InferenceSession
+
+    return AttributeType, InferenceSession
+
+
 def format_version(path: Path) -> str:
     """The ORT format version stored in an ``.ort`` file (one line UserError if it is not one)."""
+    _, InferenceSession = _fbs()
     data = bytearray(Path(path).read_bytes())
     try:
         if not InferenceSession.InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
@@ -73,6 +78,7 @@ def format_version(path: Path) -> str:
 
 def kernels_in(path: Path) -> set[tuple[str, int, str]]:
     """(domain, opset, op type) of every node in an ``.ort`` file, subgraphs included (the kernels it needs)."""
+    AttributeType, InferenceSession = _fbs()
     data = bytearray(Path(path).read_bytes())
     found: set[tuple[str, int, str]] = set()
 
@@ -94,6 +100,8 @@ def kernels_in(path: Path) -> set[tuple[str, int, str]]:
 
 def kernels_listed(config: Path) -> set[tuple[str, int, str]]:
     """(domain, opset, op type) a reduced-build config asks for, parsed by ONNX Runtime's own parser."""
+    from onnxruntime.tools import reduced_build_config_parser
+
     required, _ = reduced_build_config_parser.parse_config(str(config), enable_type_reduction=True)
     return {(domain, opset, op) for domain, opsets in required.items() for opset, ops in opsets.items() for op in ops}
 
@@ -143,6 +151,8 @@ def _max_relative_error(model: Path, packaged: Path, feeds: list, style: str, pl
 
 def package(model: Path, out_dir: Path, target: Target, feeds: list) -> dict:
     """Write ``model.ort`` and the operator config into ``out_dir``, checked (rules 1–3); the manifest record."""
+    from onnxruntime.tools import convert_onnx_models_to_ort as converter
+
     style, platform = style_for(target)
     with tempfile.TemporaryDirectory(prefix="edgeq-ort-") as tmp:
         work = Path(tmp)

@@ -41,9 +41,7 @@ def _foreign_entry(out_dir: Path) -> str | None:
     if not entries:
         return None
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        if not str(manifest.get("edgeq", "")).startswith("artifact/"):
-            raise ValueError("not an edgeq manifest")
+        manifest = read_manifest(out_dir)
         allowed = set(manifest.get("files") or ARTIFACT_FILES) | {MANIFEST}
     except (OSError, ValueError, AttributeError, TypeError):
         return MANIFEST if MANIFEST in entries else entries[0]
@@ -147,6 +145,15 @@ class ArtifactWriter:
             self.discard()
 
 
+def read_manifest(folder: Path) -> dict:
+    """An artifact folder's manifest, non-finite figures as floats again (OSError or ValueError when the folder
+    holds no edgeq manifest)."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    if not isinstance(manifest, dict) or not str(manifest.get("edgeq", "")).startswith("artifact/"):
+        raise ValueError("not an edgeq manifest")
+    return _nonfinite(manifest)
+
+
 def manifest_text(manifest: dict) -> str:
     """A manifest as its file holds it (and ``--json`` prints it): sorted keys, non-finite figures as strings
     (``edgeq/schemas/manifest-1.schema.json``)."""
@@ -169,6 +176,17 @@ def _finite(value):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
+    return value
+
+
+def _nonfinite(value):
+    """The inverse of :func:`_finite`."""
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nonfinite(v) for v in value]
     return value
 
 

@@ -2,7 +2,7 @@
 
 Rules:
 1. The key is the SHA-256 of everything a build depends on: the digests of its inputs (model, external data,
-   calibration and evaluation data, metric file, resolved target: :func:`edgeq.lock.inputs_of`), the build
+   calibration and evaluation data, metric file, resolved target: :func:`edgeq.lock.data_digests`), the build
    file's options, the tool versions, edgeq's own source files, and where latency is measured (this
    machine's CPU, or the RPC device): measured decisions are only as good as the machine that measured them.
 2. An entry is ``<cache>/artifacts/<key>/``: the artifact's files and ``entry.json`` (the key, each file's
@@ -30,7 +30,7 @@ import edgeq
 import edgeq.passes
 import edgeq.runtimes
 import edgeq.targets
-from edgeq.artifact import MANIFEST, ArtifactWriter, file_digest, tool_versions
+from edgeq.artifact import MANIFEST, ArtifactWriter, file_digest, read_manifest, tool_versions
 
 FORMAT = "edgeq-artifact-cache/1"
 ENTRY = "entry.json"
@@ -124,15 +124,14 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, entry: Entry, out_dir: Path) -> dict:
-        """Publish the entry's artifact into ``out_dir``; returns its manifest (non-finite figures as floats,
-        as the build returned them: the file spells them "inf")."""
-        manifest = json.loads((entry.folder / MANIFEST).read_text())
+        """Publish the entry's artifact into ``out_dir``; returns its manifest."""
+        manifest = read_manifest(entry.folder)
         with ArtifactWriter(out_dir) as writer:
             for path in entry.folder.iterdir():
                 if path.name not in (ENTRY, MANIFEST):
                     shutil.copy2(path, writer.tmp / path.name)
             writer.publish(manifest)
-        return _nonfinite(manifest)
+        return manifest
 
     def entries(self) -> list[Entry]:
         if not self.root.is_dir():
@@ -149,16 +148,6 @@ class ArtifactCache:
                 freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
                 shutil.rmtree(folder, ignore_errors=True)
         return freed
-
-
-def _nonfinite(value):
-    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _nonfinite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nonfinite(v) for v in value]
-    return value
 
 
 def _key_of(folder: Path) -> str:

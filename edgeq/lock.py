@@ -95,16 +95,20 @@ def path_digest(path: Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def inputs_of(model: Path, options: dict, target: dict) -> dict:
-    """The digests of everything a compile reads (rule 1); ``target`` is its resolved description."""
+def data_digests(model: Path, options: dict) -> dict:
+    """The digests of the files a compile reads (rule 1): the same for every target of a build file."""
     model = Path(model)
     metric = options.get("metric")
     metric_file = metric.rpartition(":")[0] if metric and ".py:" in metric else None
     return {"model": path_digest(model),
             "external_data": {p.name: file_digest(p) for p in sorted(model.parent.glob(f"{model.name}.data"))},
             "calib": path_digest(options.get("calib")), "eval": path_digest(options.get("eval_path")),
-            "metric": path_digest(metric_file),
-            "target": hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()}
+            "metric": path_digest(metric_file)}
+
+
+def inputs_of(data: dict, target: dict) -> dict:
+    """Everything a compile reads: the file digests, and its target's resolved description."""
+    return data | {"target": hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()}
 
 
 def entry(manifest: dict, inputs: dict, options: dict) -> dict:
@@ -158,9 +162,9 @@ def check(lock: dict, target: str, inputs: dict, options: dict, path: Path) -> D
         if inputs.get(name) != digest:
             raise UserError(f"{target}'s input '{name}' changed since {path} was written",
                             "--relock to rebuild and accept it")
-    if locked["options"] != _plain(options):
-        changed = sorted(set(locked["options"]) ^ set(_plain(options))
-                         | {k for k in locked["options"] if locked["options"][k] != _plain(options).get(k)})
+    now = _plain(options)
+    changed = sorted(k for k in {*locked["options"], *now} if locked["options"].get(k) != now.get(k))
+    if changed:
         raise UserError(f"the build file's option '{changed[0]}' changed since {path} was written",
                         "--relock to rebuild and accept it")
     return Decisions.from_dict(locked["decisions"])

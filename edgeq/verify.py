@@ -14,26 +14,21 @@ Rules:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from edgeq.artifact import MANIFEST, MODEL, file_digest
+from edgeq.artifact import MANIFEST, MODEL, file_digest, read_manifest
 from edgeq.errors import UserError
 from edgeq.runtimes import ort_format, ort_release
 
 
 def _manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder", "pass the artifact folder a compile wrote with -o")
     try:
-        manifest = json.loads(path.read_text())
-        if not str(manifest.get("edgeq", "")).startswith("artifact/"):
-            raise ValueError("not an edgeq manifest")
-    except (OSError, ValueError, AttributeError) as exc:
+        return read_manifest(folder)
+    except (OSError, ValueError) as exc:
         raise UserError(f"{folder} holds no readable edgeq manifest ({MANIFEST}: {exc.__class__.__name__})",
                         "pass the artifact folder a compile wrote with -o") from None
-    return manifest
 
 
 def check_files(folder: Path, manifest: dict) -> dict:

@@ -30,10 +30,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from edgeq.errors import UserError
+from edgeq.model_check import max_relative_error
 from edgeq.target import Target
 
 ORT_FILE = "model.ort"
@@ -130,23 +130,12 @@ def _session_options(style: str, platform: str | None) -> tuple[ort.SessionOptio
 
 
 def _max_relative_error(model: Path, packaged: Path, feeds: list, style: str, platform: str | None) -> float:
-    worst = 0.0
     sessions = []
     for path in (model, packaged):
         options, disabled = _session_options(style, platform)
         sessions.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                              disabled_optimizers=disabled))
-    for feed in feeds:
-        reference, candidate = (s.run(None, feed) for s in sessions)
-        for r, c in zip(reference, candidate):
-            if not np.issubdtype(r.dtype, np.number):
-                worst = max(worst, 0.0 if np.array_equal(r, c) else np.inf)
-                continue
-            r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
-            scale = float(np.max(np.abs(r64), initial=0.0))
-            error = float(np.max(np.abs(r64 - c64), initial=0.0))
-            worst = max(worst, error / scale if scale > 0 else (0.0 if error == 0 else np.inf))
-    return worst
+    return max((max_relative_error(*(s.run(None, feed) for s in sessions)) for feed in feeds), default=0.0)
 
 
 def package(model: Path, out_dir: Path, target: Target, feeds: list) -> dict:

@@ -47,10 +47,10 @@ def build(file, only, locked, relock, as_json):
         existing = {"targets": {}}
     entries, manifests, code = dict(existing.get("targets", {})), {}, 0
     cache = None if spec.options.get("no_cache") else ArtifactCache(default_cache_dir())
+    data = lock.data_digests(spec.model, spec.options)  # hashed once for the whole matrix
     for target in [t for t in spec.targets if not only or t in only]:
         output = spec.output_for(target)
-        inputs = lock.inputs_of(spec.model, spec.options,
-                                load_target(target).with_device(spec.options.get("device")).to_dict())
+        inputs = lock.inputs_of(data, load_target(target).with_device(spec.options.get("device")).to_dict())
         replay = None
         if locked:
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import click
 from rich.table import Table
 
 from edgeq.artifact_cache import ArtifactCache

@@ -5,7 +5,8 @@ Rules:
    target is built: for each target, the SHA-256 of
    every input (model file and its external data, calibration and evaluation data, a metric file, the target's
    resolved description), the build file's options, the tool versions, the :class:`Decisions` — op set, nodes
-   kept float, per-tensor calibration methods and the activation ranges quantized with, PTQ kept on a guard
+   kept float, per-tensor calibration methods and the activation ranges quantized with (and the tensors
+   calibration saw non-finite values in: a replay runs no calibration), PTQ kept on a guard
    miss, what was delivered, per-node precisions (mixed), layers left dense (2:4), the TVM tuning records
    applied — and the SHA-256 of each artifact file. JSON with sorted keys, one key per line: stable,
    reviewable, diff-able.
@@ -56,6 +57,8 @@ class Decisions:
     # tensor → [low, high] the delivered build quantized with: a replay on another CPU, whose kernels round
     # the calibration runs differently in the last bits, still writes the same scales
     activation_ranges: dict[str, list[float]] | None = None
+    # tensor → counts of the non-finite values calibration skipped: with the ranges, a replay needs no calibration
+    nonfinite: dict[str, dict[str, int]] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Decisions":
@@ -71,7 +74,8 @@ class Decisions:
                    {n: g["precision"] for g in mixed["groups"] for n in g["nodes"]} if mixed else None,
                    tuple(sorted(n for n, layer in layers.items() if layer["eligible"] and not layer["pruned"]))
                    if layers is not None else None,
-                   activation_ranges=manifest["calibration"].get("ranges"))
+                   activation_ranges=manifest["calibration"].get("ranges"),
+                   nonfinite=manifest["calibration"].get("nonfinite"))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Decisions":

@@ -161,19 +161,19 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         else:
             run.hold_guard()
             run.guard_speed()
-        with reporter.stage(f"fidelity on {len(run.holdout)} feeds"):
-            fidelity = run.trials.fidelity(run.delivered_path)
+        with reporter.stage(f"fidelity on {run.delivered_feeds or len(run.holdout)} feeds"):
+            fidelity = run.delivered_fidelity()
             if run.delivered != "float" and fidelity["nonfinite_outputs"]:
                 run.delivered = "float"
                 run.reason = (f"the quantized build output NaN or Inf where float does not (output "
                               f"{', '.join(fidelity['nonfinite_outputs'])}): a broken model is never delivered")
-                fidelity = run.trials.fidelity(run.delivered_path)
+                fidelity = run.delivered_fidelity()
             if run.guard_applies:
                 fidelity["guard"] = guard.check(fidelity)
                 if run.delivered != "float" and not fidelity["guard"]["met"]:  # the speed rounds broke it
                     run.delivered = "float"
                     run.reason = "the delivered build missed the fidelity guard: " + guard.describe(fidelity["guard"])
-                    fidelity = run.trials.fidelity(run.delivered_path)
+                    fidelity = run.delivered_fidelity()
                     fidelity["guard"] = guard.check(fidelity)
         caveat = request.target.int8_caveat_here() if run.delivered != "float" else ""
         if caveat:
@@ -260,14 +260,18 @@ class _Compilation:
         op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
         self.calibrator = CalibratePass(self.calib, op_types, self.recipe.method, self.recipe.percentile,
                                         normalized_digest, self.request.cache_dir, on_progress=self.reporter.progress)
-        with self.reporter.stage(f"calibrate ({self.recipe.method}, {len(self.calib)} feeds)"):
-            started = time.perf_counter()
-            self.calibrator(model)
-            self.calib_seconds = time.perf_counter() - started
+        replay = self.request.replay
+        started = time.perf_counter()
+        if replay is not None and replay.activation_ranges is not None and replay.nonfinite is not None:
+            with self.reporter.stage("calibration: the lock's ranges"):  # the same bytes anywhere, no run
+                self.calibrator.restore(replay.activation_ranges, replay.nonfinite)
+        else:
+            with self.reporter.stage(f"calibrate ({self.recipe.method}, {len(self.calib)} feeds)"):
+                self.calibrator(model)
+        self.calib_seconds = time.perf_counter() - started
         self.model = model
         self.ranges = self.calibrator.ranges  # the ranges builds use (a per-tensor choice may replace some)
         self.ranges_chosen: dict[str, str] = {}
-        replay = self.request.replay
         if replay is not None and replay.activation_ranges is not None:  # the lock's: the same bytes anywhere
             self.ranges = {name: tuple(r) for name, r in replay.activation_ranges.items()}
             self.ranges_chosen = dict(replay.ranges)
@@ -586,6 +590,15 @@ class _Compilation:
     def delivered_path(self) -> Path:
         return self.base_path if self.delivered == "float" else self.current.path
 
+    @property
+    def delivered_feeds(self) -> int | None:
+        """Held-out feeds the delivered model is judged on: all (None), but when it is the float model itself
+        (float delivered, not pruned), the first CHECK_FEEDS, which fill the manifest's table."""
+        return CHECK_FEEDS if self.delivered_path == self.float_path else None
+
+    def delivered_fidelity(self) -> dict:
+        return self.trials.fidelity(self.delivered_path, self.delivered_feeds)
+
     def manifest(self, fidelity: dict, budget: dict | None, delivered_bytes: int, float_bytes: int) -> dict:
         insert, latency = self.current.insert, self.latency
         return {
@@ -605,6 +618,7 @@ class _Compilation:
                             "per_tensor": self.ranges_chosen,
                             "ranges": {name: list(r) for name, r in sorted(self.ranges.items())},
                             "seconds": self.calib_seconds, "cache_hit": self.calibrator.cache_hit,
+                            "from_lock": self.calibrator.restored,
                             "nonfinite": self.calibrator.nonfinite, "subgraphs": self.calibrator.subgraphs,
                             "cache_problems": self.calibrator.cache.problems},
             "quantization": {

@@ -18,11 +18,13 @@ Rules:
 - Non-finite values are skipped and counted per tensor (:attr:`CalibratePass.nonfinite`); a tensor with no
   finite value gets no range, and so stays float.
 - Ranges are cached (:mod:`edgeq.cache`) keyed by (model hash, data hash, method, percentile, tensors,
-  fallback level, the observation procedure's version, ONNX Runtime's version); a cache hit skips the run.
+  fallback level, the observation procedure's version, ONNX Runtime's version); a cache hit skips the run, and so
+  does :meth:`CalibratePass.restore` (a locked replay gives the recorded ranges).
 
 This is a side-effect-only pass: the model is not changed; the results are attributes of the pass.
-:meth:`CalibratePass.ranges_by_method` observes chosen tensors once more and returns every histogram method's
-range for each (the per-tensor choice of :mod:`edgeq.search.ranges`).
+:meth:`CalibratePass.ranges_by_method` returns every histogram method's range for chosen main-graph tensors (the
+per-tensor choice of :mod:`edgeq.search.ranges`), from the histograms this pass kept when it ran with a histogram
+method, else from one more run over the data.
 """
 
 from __future__ import annotations
@@ -190,7 +192,8 @@ class CalibratePass(ir.passes.PassBase):
         self.ranges: dict[str, tuple[float, float]] = {}
         self.nonfinite: dict[str, dict[str, int]] = {}
         self.subgraphs: dict = {}
-        self.cache_hit = False
+        self.cache_hit = self.restored = False
+        self._histograms: dict[str, HistogramObserver] = {}  # main-graph tensors' when it ran with a histogram method
 
     def _key(self, names: list[str], level: str) -> list:
         import onnxruntime
@@ -221,15 +224,23 @@ class CalibratePass(ir.passes.PassBase):
             break
         return ir.passes.PassResult(model, modified=False)
 
+    def restore(self, ranges: dict[str, list[float]], nonfinite: dict[str, dict[str, int]]) -> None:
+        """Take the results of an earlier run (a locked replay's) instead of running."""
+        self.ranges = {name: tuple(r) for name, r in ranges.items()}
+        self.nonfinite, self.restored = dict(nonfinite), True
+
     def ranges_by_method(self, model: ir.Model, names: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
-        """For main-graph tensors ``names``: the range each histogram method decides, from one more run over the
-        data (the default's observers are not kept)."""
+        """For main-graph tensors ``names``: the range each histogram method decides (from the kept histograms;
+        the tensors without one are observed in one more run over the data)."""
         from edgeq.runtimes.onnxruntime import run_exposing
 
         main = {v.name for v in _graph_values(model.graph, self.op_types)} | {v.name for v in model.graph.inputs}
-        fetch = [name for name in dict.fromkeys(names) if name in main]
-        observers = {name: HistogramObserver(percentile=self.percentile) for name in fetch}
-        for feed_outputs in run_exposing(to_proto(model), fetch, (f.inputs for f in self.data), self.threads):
+        wanted = [name for name in dict.fromkeys(names) if name in main]
+        observers = {name: self._histograms[name] for name in wanted if name in self._histograms}
+        fetch = [name for name in wanted if name not in observers]
+        observers |= {name: HistogramObserver(percentile=self.percentile) for name in fetch}
+        for feed_outputs in run_exposing(to_proto(model), fetch, (f.inputs for f in self.data), self.threads) \
+                if fetch else ():
             for name, value in zip(fetch, feed_outputs):
                 observers[name].update(value)
         return {name: {m: tuple(float(v) for v in obs.range_by(m)) for m in HISTOGRAM_METHODS}

@@ -286,3 +286,21 @@ def test_target_ops_run_as_integer_kernels_in_ort(tmp_path, op_nodes, inits, out
     assert insert.decisions["mid"].quantized
     ops = optimized_ops(quant, tmp_path)
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
+
+
+def test_ranges_by_method_reuse_the_calibration_histograms(tmp_path):
+    """A percentile calibration keeps its histograms: every method's range of a tensor comes from them and equals
+    what a fresh run over the same data (a calibration served from the cache keeps none) decides."""
+    model = ir.from_proto(conv_model())
+    NormalizePass()(model)
+    specs = [InputSpec("x", np.dtype(np.float32), (1, 3, 16, 16))]
+    data = CalibrationData.random(specs, 8, seed=3)
+    ran = CalibratePass(data, OPS, "percentile", model_digest="conv", cache_dir=tmp_path)
+    ran(model)
+    cached = CalibratePass(data, OPS, "percentile", model_digest="conv", cache_dir=tmp_path)
+    cached(model)
+    assert cached.cache_hit and not ran.cache_hit
+    names = sorted(ran.ranges)
+    kept, fresh = ran.ranges_by_method(model, names), cached.ranges_by_method(model, names)
+    assert set(kept) == set(names) and kept == fresh
+    assert any(len(set(by.values())) > 1 for by in kept.values())  # the methods differ somewhere

@@ -18,7 +18,6 @@ import os
 import sys
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from edgeq.mixed.costs import Costs
 from edgeq.mixed.groups import Group
@@ -52,6 +51,8 @@ def solve(groups: list[Group], sensitivity: Sensitivity, costs: Costs, minimize:
             rows.append(list(coefficients))
             lower.append(-np.inf)
             upper.append((cap - fixed) * (1 + CAP_TOLERANCE))  # a cap equal to a configuration's total admits it
+    from scipy.optimize import Bounds, LinearConstraint, milp  # 0.7 s: only a mixed-precision compile pays it
+
     with _stdout_to_stderr():
         result = milp(objective, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
                       constraints=LinearConstraint(np.array(rows), lower, upper))

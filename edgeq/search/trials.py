@@ -98,6 +98,8 @@ class Trials:
 
     def fidelity(self, path: Path, feeds: int | None = None) -> dict:
         """How far a model file's outputs are from float's on the first ``feeds`` held-out feeds (None: all)."""
+        if self._reference is False and feeds is not None:  # float runs on those feeds only
+            return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds)
         if self._reference is False:
             self._reference = reference_outputs(self.runtime, self.float_path, self.holdout, REFERENCE_BYTES)
         return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds,

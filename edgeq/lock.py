@@ -17,24 +17,32 @@ Rules:
    writer lays its tables out in a different order from one process to the next, so it is checked by content
    (the kernels it holds, its outputs against ``model.onnx``; :mod:`edgeq.runtimes.ort_format`). A replay
    writes no ``report.html``: it measured nothing to plot. The recorded activation ranges make int8, mixed
-   and float replays the same bytes on any machine; PTQ passes (GPTQ, bias correction, CLE, SmoothQuant) and
-   2:4 reconstruction recompute from the calibration data with this machine's BLAS and ONNX Runtime, so their
-   replays are byte-identical on the CPU family that built them and are refused (nothing published) elsewhere
-   when a bit differs.
+   and float replays the same bytes on any machine (no calibration runs); the weights of PTQ passes and 2:4
+   reconstruction, which compute with this machine's BLAS and ONNX Runtime, are recorded too (rule 4).
 3. A lock of another format (``lock/N``) or from another edgeq major version is refused. Tool versions must
    match exactly, Python's to the minor release.
+4. Weights another CPU would compute differently — an int8/mixed build with PTQ passes (GPTQ, bias correction,
+   CLE, SmoothQuant), any build with 2:4-pruned layers — are recorded too: the delivered model's initializers,
+   one ``.npy`` per tensor named by its SHA-256, in the weight folder beside the lock (``edgeq.lock`` →
+   ``edgeq.weights/``; commit it with the lock), and ``decisions.weights`` maps each initializer to its file.
+   A replay still runs every pass, then takes those tensors instead of its own results: the same bytes on any
+   CPU. A missing or altered file is a one-line error, nothing published. Files no entry names are removed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgeq.artifact import MANIFEST, REPORT, file_digest, tool_versions
+import numpy as np
+import onnx_ir as ir
+
+from edgeq.artifact import MANIFEST, MODEL, REPORT, file_digest, tool_versions
 from edgeq.errors import UserError
 from edgeq.runtimes.ort_format import ORT_FILE
 
@@ -59,6 +67,7 @@ class Decisions:
     activation_ranges: dict[str, list[float]] | None = None
     # tensor → counts of the non-finite values calibration skipped: with the ranges, a replay needs no calibration
     nonfinite: dict[str, dict[str, int]] | None = None
+    weights: dict[str, str] | None = None  # rule 4: initializer → SHA-256 of its file in the weight folder
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Decisions":
@@ -115,11 +124,87 @@ def inputs_of(data: dict, target: dict) -> dict:
     return data | {"target": hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()}
 
 
-def entry(manifest: dict, inputs: dict, options: dict) -> dict:
-    """One target's lock entry from its finished, measured build."""
+def entry(manifest: dict, inputs: dict, options: dict, artifact: Path, lock_path: Path) -> dict:
+    """One target's lock entry from its finished, measured build in the folder ``artifact``."""
+    weights = store_weights(artifact / MODEL, weights_dir(lock_path)) if computed_weights(manifest) else None
     return {"inputs": inputs, "options": _plain(options),
-            "decisions": Decisions.from_manifest(manifest).to_dict(),
+            "decisions": Decisions.from_manifest(manifest).to_dict() | {"weights": weights},
             "artifact": {name: digest for name, digest in manifest["sha256"].items() if name not in NOT_BYTE_STABLE}}
+
+
+def weights_dir(lock_path: Path) -> Path:
+    return Path(lock_path).with_suffix(".weights")
+
+
+def computed_weights(manifest: dict) -> bool:
+    """Rule 4: whether the delivered weights come from a computation another CPU rounds differently."""
+    if manifest["recipe"]["runtime"] == "tvm":
+        return False
+    ptq = manifest["delivered"]["precision"] != "float" and bool(manifest["ptq"]["techniques"])
+    return ptq or bool((manifest.get("sparsity") or {}).get("pruned"))
+
+
+def store_weights(model_path: Path, folder: Path) -> dict[str, str]:
+    """Write each initializer of the model's main graph to ``folder`` (content-addressed, once); name → SHA-256."""
+    folder.mkdir(exist_ok=True)
+    digests = {}
+    for name, value in sorted(ir.load(model_path).graph.initializers.items()):
+        buffer = io.BytesIO()
+        np.save(buffer, value.const_value.numpy(), allow_pickle=False)
+        digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+        path = folder / f"{digest}.npy"
+        if not path.exists():
+            handle, tmp = tempfile.mkstemp(prefix=f".{digest}.", dir=folder)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(buffer.getvalue())
+            os.replace(tmp, path)
+        digests[name] = digest
+    return digests
+
+
+def load_weights(lock_path: Path, digests: dict[str, str]) -> dict[str, np.ndarray]:
+    """Rule 4's tensors for a replay, each checked against its SHA-256."""
+    folder, arrays = weights_dir(lock_path), {}
+    for name, digest in digests.items():
+        try:
+            raw = (folder / f"{digest}.npy").read_bytes()
+        except OSError:
+            raise UserError(f"{folder.name}/{digest[:12]}….npy (weight '{name}' of {Path(lock_path).name}) is missing",
+                            f"commit {folder.name}/ with the lock, or --relock") from None
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise UserError(f"{folder.name}/{digest[:12]}….npy (weight '{name}') does not match its digest",
+                            f"restore {folder.name}/ from version control, or --relock")
+        arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
+    return arrays
+
+
+def apply_weights(model: ir.Model, arrays: dict[str, np.ndarray]) -> None:
+    """Rule 4: the recorded tensors replace the initializers of the same name and shape (the ones this build
+    computed); a build the lock's model is not, keeps its own, and the artifact check then refuses it."""
+    for name, value in model.graph.initializers.items():
+        array, mine = arrays.get(name), value.const_value
+        if array is None or mine is None or tuple(array.shape) != tuple(mine.shape):
+            continue
+        own = mine.numpy()
+        if array.dtype != own.dtype:  # a 4-bit tensor's file holds raw bytes of its width; another type is not it
+            if array.dtype.kind != "V" or array.dtype.itemsize != own.dtype.itemsize:
+                continue
+            array = array.view(own.dtype)
+        if array.tobytes() != own.tobytes():  # an equal tensor keeps its own encoding in the file
+            value.const_value = ir.tensor(array, dtype=mine.dtype, name=name)
+
+
+def prune_weights(lock_path: Path, entries: dict[str, dict]) -> None:
+    """Remove the weight files no entry names (rule 4), and the folder when none is left."""
+    folder = weights_dir(lock_path)
+    if not folder.is_dir():
+        return
+    named = {d for e in entries.values() for d in (e["decisions"].get("weights") or {}).values()}
+    for path in folder.glob("*.npy"):
+        if path.stem not in named:
+            path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def write(path: Path, entries: dict[str, dict]) -> Path:

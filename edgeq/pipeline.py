@@ -45,7 +45,7 @@ from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, load_metric
-from edgeq.lock import Decisions
+from edgeq.lock import Decisions, apply_weights
 from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
@@ -114,6 +114,7 @@ class CompileRequest:
     measure: bool = True
     keep_float: tuple[str, ...] = ()  # replay of earlier no-slowdown decisions
     replay: Decisions | None = None  # a locked build: every measured decision applied as recorded (edgeq.lock)
+    replay_weights: dict | None = None  # a locked build: the weights it recorded (edgeq.lock, rule 4)
     expected_files: dict[str, str] | None = None  # a locked build: artifact file → SHA-256 it must have
 
     @property
@@ -249,6 +250,8 @@ class _Compilation:
             self.sparsity = SparsityStage(self.target, self.recipe, self.reporter, self.work, self.trials,
                                           replay.keep_dense if replay else None)
             self.sparsity(model, self.calib)
+            if self.request.replay_weights:
+                apply_weights(model, self.request.replay_weights)
             if self.sparsity.report["pruned"]:
                 self.base_path = save_model(model, _fresh_dir(self.work / "sparse") / MODEL)
                 normalized_digest = model_digest(model)
@@ -311,6 +314,8 @@ class _Compilation:
                                    self.target.precisions.int4_block_size)
             insert(candidate)
             self.ptq(candidate)
+            if self.request.replay_weights:
+                apply_weights(candidate, self.request.replay_weights)
             folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build

@@ -1,5 +1,6 @@
 """edgeq.lock: a build records every measured decision; ``edgeq build --locked`` replays it byte for byte."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -95,6 +96,48 @@ def test_a_2_4_build_replays_the_layers_it_left_dense(tmp_path):
                        sparsity="2:4", **{"no-measure": True})
     _, replayed, entry = build_and_replay(path, "gpu-ampere")
     assert entry["decisions"]["keep_dense"] is not None and replayed["sparsity"]["pruned"]
+    assert entry["decisions"]["weights"]  # the reconstructed weights are recorded (rule 4)
+
+
+def _ptq_build(tmp_path):
+    path = write_build(tmp_path, CNN / "model.onnx", HOST_X86, calib=str(CNN / "calib.npz"),
+                       ptq="gptq,bias-correction", **{"no-measure": True})
+    measured, replayed, entry = build_and_replay(path, HOST_X86)
+    return path, measured, entry
+
+
+def test_ptq_weights_are_recorded_beside_the_lock_and_replayed(tmp_path):
+    """GPTQ and bias correction compute with this CPU's BLAS: the lock records the weights they made, content-
+    addressed, and a replay takes those (changed ones give other bytes: proof the replay used them)."""
+    path, measured, entry = _ptq_build(tmp_path)
+    assert measured["delivered"]["precision"] == "int8" and measured["ptq"]["techniques"]
+    weights, folder = entry["decisions"]["weights"], tmp_path / "edgeq.weights"
+    assert weights and {f"{d}.npy" for d in weights.values()} == {p.name for p in folder.iterdir()}
+    lock = json.loads(path.with_suffix(".lock").read_text())
+    name = next(n for n in weights if np.load(folder / f"{weights[n]}.npy").dtype == np.float32)
+    array = np.load(folder / f"{weights[name]}.npy") * 1.5  # another CPU's rounding, exaggerated
+    np.save(folder / "changed.npy", array)
+    digest = hashlib.sha256((folder / "changed.npy").read_bytes()).hexdigest()
+    (folder / "changed.npy").rename(folder / f"{digest}.npy")
+    lock["targets"][HOST_X86]["decisions"]["weights"][name] = digest
+    path.with_suffix(".lock").write_text(json.dumps(lock))
+    result = run("build", path, "--locked")
+    assert result.exit_code == 1 and "did not reproduce model.onnx" in result.output
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_a_missing_or_altered_weight_file_is_one_line_and_publishes_nothing(tmp_path, damage):
+    path, _, entry = _ptq_build(tmp_path)
+    victim = tmp_path / "edgeq.weights" / f"{next(iter(entry['decisions']['weights'].values()))}.npy"
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:-4] + b"\0\0\0\0")
+    model = tmp_path / "out" / HOST_X86 / "model.onnx"
+    before = model.read_bytes()
+    model.unlink()
+    one_line_error(run("build", path, "--locked"), "is missing" if damage == "missing" else "does not match")
+    assert not model.exists() and before
 
 
 def test_a_tvm_build_replays(tmp_path):

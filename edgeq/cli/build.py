@@ -58,6 +58,8 @@ def build(file, only, locked, relock, as_json):
             except UserError:
                 if not relock:
                     raise
+        # checked before the cache: a lock whose weight files are not committed fails on every runner
+        weights = lock.load_weights(lock_path, replay.weights) if replay and replay.weights else None
         # a replay measures nothing: its artifact depends on the lock entry, not on where it runs
         where = f"replay of {lock.entry_digest(existing, target)}" if replay else \
             measuring_place(spec.options.get("device"))
@@ -78,6 +80,7 @@ def build(file, only, locked, relock, as_json):
             if replay is not None:
                 options |= {"optional_ops": replay.optional_ops, "keep_float": replay.keep_float,
                             "no_measure": True, "replay": replay,
+                            "replay_weights": weights,
                             "expected_files": existing["targets"][target]["artifact"]}
             manifest, exit_code = run_compile(spec.model, target, output,
                                               reporter=RichReporter(enabled=not as_json), **options)
@@ -87,8 +90,9 @@ def build(file, only, locked, relock, as_json):
                 print_summary(manifest, output)
         manifests[target], code = manifest, max(code, exit_code)
         if replay is None:
-            entries[target] = lock.entry(manifest, inputs, spec.section)
+            entries[target] = lock.entry(manifest, inputs, spec.section, output, lock_path)
             lock.write(lock_path, entries)  # after each target: a stopped matrix keeps what it built
+            lock.prune_weights(lock_path, entries)
     if as_json:
         click.echo(manifest_text(manifests))
     sys.exit(code)

@@ -89,9 +89,10 @@ def run_compile(model, target, output, *, reporter, calib=None, eval_path=None, 
                 exclude=(), metric=None, max_drop=None, latency_ms=None, size_mb=None, sensitivity="auto",
                 random_calibration=False, no_guard=False, allow_slowdown=False, no_measure=False, sparsity="none",
                 sparsity_method="reconstruct", sparsity_permute=False, package="none", keep_float=(), repeats=50,
-                no_cache=False, replay=None, expected_files=None) -> tuple[dict, int]:
+                no_cache=False, replay=None, replay_weights=None, expected_files=None) -> tuple[dict, int]:
     """One compile from ``edgeq compile``'s option values (``edgeq build`` runs its file's through here too;
-    ``replay``/``expected_files``: a locked build's decisions and the artifact digests it must reproduce)."""
+    ``replay``/``replay_weights``/``expected_files``: a locked build's decisions, recorded weights and the artifact
+    digests it must reproduce)."""
     from edgeq.pipeline import CompileRequest, compile_model
     from edgeq.target import load_target
 
@@ -106,7 +107,7 @@ def run_compile(model, target, output, *, reporter, calib=None, eval_path=None, 
                              out_dir=output, calib=calib, eval=eval_path, metric=metric,
                              cache_dir=None if no_cache else default_cache_dir(),
                              measure=not no_measure, keep_float=tuple(keep_float), replay=replay,
-                             expected_files=expected_files)
+                             replay_weights=replay_weights, expected_files=expected_files)
     return compile_model(request, reporter)
 
 

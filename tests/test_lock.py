@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -11,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES, HOST_X86, make_model
 from test_guard import _corrupt_calibration_model, _outlier_model
+from edgeq import schema
 from edgeq.cli import main
 
 CNN = EXAMPLES / "digits_cnn"
@@ -114,6 +116,7 @@ def test_ptq_weights_are_recorded_beside_the_lock_and_replayed(tmp_path):
     weights, folder = entry["decisions"]["weights"], tmp_path / "edgeq.weights"
     assert weights and {f"{d}.npy" for d in weights.values()} == {p.name for p in folder.iterdir()}
     lock = json.loads(path.with_suffix(".lock").read_text())
+    jsonschema.Draft202012Validator(schema.load(schema.LOCK)).validate(lock)
     name = next(n for n in weights if np.load(folder / f"{weights[n]}.npy").dtype == np.float32)
     array = np.load(folder / f"{weights[name]}.npy") * 1.5  # another CPU's rounding, exaggerated
     np.save(folder / "changed.npy", array)

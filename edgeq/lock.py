@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
 from edgeq.artifact import MANIFEST, MODEL, REPORT, file_digest, tool_versions
 from edgeq.errors import UserError
@@ -146,6 +145,8 @@ def computed_weights(manifest: dict) -> bool:
 
 def store_weights(model_path: Path, folder: Path) -> dict[str, str]:
     """Write each initializer of the model's main graph to ``folder`` (content-addressed, once); name → SHA-256."""
+    import onnx_ir as ir  # 0.7 s: only a build that records weights pays it
+
     folder.mkdir(exist_ok=True)
     digests = {}
     for name, value in sorted(ir.load(model_path).graph.initializers.items()):
@@ -178,9 +179,12 @@ def load_weights(lock_path: Path, digests: dict[str, str]) -> dict[str, np.ndarr
     return arrays
 
 
-def apply_weights(model: ir.Model, arrays: dict[str, np.ndarray]) -> None:
+def apply_weights(model, arrays: dict[str, np.ndarray]) -> None:
     """Rule 4: the recorded tensors replace the initializers of the same name and shape (the ones this build
-    computed); a build the lock's model is not, keeps its own, and the artifact check then refuses it."""
+    computed); a build the lock's model is not, keeps its own, and the artifact check then refuses it.
+    ``model``: an onnx_ir model."""
+    import onnx_ir as ir
+
     for name, value in model.graph.initializers.items():
         array, mine = arrays.get(name), value.const_value
         if array is None or mine is None or tuple(array.shape) != tuple(mine.shape):

@@ -33,7 +33,6 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgeq.errors import UserError
-from edgeq.model_check import max_relative_error
 from edgeq.target import Target
 
 ORT_FILE = "model.ort"
@@ -130,6 +129,8 @@ def _session_options(style: str, platform: str | None) -> tuple[ort.SessionOptio
 
 
 def _max_relative_error(model: Path, packaged: Path, feeds: list, style: str, platform: str | None) -> float:
+    from edgeq.model_check import max_relative_error  # onnx_ir + onnxscript (1 s): not for a cache hit
+
     sessions = []
     for path in (model, packaged):
         options, disabled = _session_options(style, platform)

@@ -460,13 +460,12 @@ class _Compilation:
             return uniform
         with self.reporter.stage(f"guard: calibration method per tensor of {min(len(order), RANGE_GROUPS)} groups"):
             by_method = self.calibrator.ranges_by_method(self.model, wanted)
-            ranges, chosen = run(choose_ranges(order, tensors, by_method, self.ranges,
-                                               lambda r: build_with(keep, f"ranges{next(tags)}", ranges=r)),
-                                 self.trials)
+            ranges, chosen, build = run(choose_ranges(order, tensors, by_method, self.ranges,
+                                                      lambda r: build_with(keep, f"ranges{next(tags)}", ranges=r),
+                                                      self.current), self.trials)
             if not chosen:
                 return uniform
-            trial = self.trials.measure(Candidate("guard", "per-tensor ranges", feeds=None,
-                                                  make=lambda: build_with(keep, "guard-ranges", ranges=ranges)))
+            trial = self.trials.measure(Candidate("guard", "per-tensor ranges", lambda: build, feeds=None))
             checked = guard.checked(trial)
         self.guard_report["with_ranges"] = checked
         if not (checked["met"] or guard.no_worse(checked, uniform)):

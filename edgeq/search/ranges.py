@@ -9,8 +9,10 @@ Rules:
 - For each group and each other method (percentile, MSE, entropy: :data:`edgeq.observers.HISTOGRAM_METHODS`)
   whose ranges differ from those in use, one build with the group's tensors at that method's ranges is measured
   on ``FEEDS`` held-out feeds; it is kept when its worst-output SQNR beats the best so far by ``GAIN_DB`` — so
-  later groups are tried on top of earlier gains. The first trial measures the ranges in use.
-- Returns the ranges to use and, per tensor changed, the method chosen; every trial is recorded.
+  later groups are tried on top of earlier gains. The first trial measures the ranges in use (the build
+  already made with them).
+- Returns the ranges to use, per tensor changed the method chosen, and the build with those ranges; every trial
+  is recorded.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ GAIN_DB = 0.5
 
 
 def choose_ranges(groups: list, tensors: Callable[[object], list[str]], by_method: dict[str, dict[str, tuple]],
-                  ranges: dict[str, tuple], make: Callable[[dict[str, tuple]], object]
-                  ) -> Generator[Candidate, Trial, tuple[dict[str, tuple], dict[str, str]]]:
+                  ranges: dict[str, tuple], make: Callable[[dict[str, tuple]], object], in_use: object
+                  ) -> Generator[Candidate, Trial, tuple[dict[str, tuple], dict[str, str], object]]:
     """``groups``: most sensitive first; ``tensors(group)``: its activation names; ``by_method``: each tensor's
-    range per method; ``make(ranges)``: a build with those ranges."""
-    trial = yield Candidate("ranges", "ranges in use", lambda: make(ranges), feeds=FEEDS)
-    best, chosen = worst_sqnr(trial.fidelity), {}
+    range per method; ``make(ranges)``: a build with those ranges; ``in_use``: the build with ``ranges``."""
+    trial = yield Candidate("ranges", "ranges in use", lambda: in_use, feeds=FEEDS)
+    best, chosen, build = worst_sqnr(trial.fidelity), {}, in_use
     for group in groups[:GROUPS]:
         names = [name for name in tensors(group) if name in by_method]
         for method in HISTOGRAM_METHODS:
@@ -44,6 +46,6 @@ def choose_ranges(groups: list, tensors: Callable[[object], list[str]], by_metho
             sqnr = worst_sqnr(trial.fidelity)
             if sqnr > best + GAIN_DB:
                 trial.chosen = True
-                best, ranges = sqnr, trying
+                best, ranges, build = sqnr, trying, trial.build
                 chosen |= dict.fromkeys(names, method)
-    return ranges, chosen
+    return ranges, chosen, build

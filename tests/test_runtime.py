@@ -50,3 +50,18 @@ def test_profile_maps_fused_integer_kernels_back_to_original_nodes(tmp_path):
     assert by_name["fc"].op_type == "QGemm"
     assert all(t.ms >= 0 for t in times)
     assert not list(tmp_path.glob("*profile*.json"))  # trace files are cleaned up
+
+
+def test_sessions_are_kept_for_a_file_until_it_changes(tmp_path):
+    """The float model and a candidate load once across latency and fidelity runs; a rewritten file loads anew."""
+    runtime = OnnxRuntime(load_target(HOST_X86))
+    path, other = tmp_path / "m.onnx", tmp_path / "other.onnx"
+    onnx.save(conv_model(seed=0), path)
+    onnx.save(conv_model(seed=1), other)
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    first = runtime.session(path)
+    assert runtime.session(other) is not first and runtime.session(path) is first
+    before = first.run(feed)[0]
+    onnx.save(conv_model(seed=2), path)  # same path and size, other weights
+    again = runtime.session(path)
+    assert again is not first and not np.allclose(again.run(feed)[0], before)

@@ -18,7 +18,10 @@ Rules:
 - Subgraphs at any depth (If branches, Loop and Scan bodies) are quantized by the same rules, each on its own
   (new weights are stored in the subgraph, named after it), wherever calibration gave their tensors ranges;
   compute nodes left float there are counted.
-- Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float.
+- Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float — weights included: a
+  float Conv/ConvTranspose/Gemm reading a dequantized activation reads it through its own DequantizeLinear
+  with the scale repeated per channel, as ONNX Runtime gives a float weight after a per-tensor
+  DequantizeLinear per-tensor int8 (its WeightBiasQuantization transformer).
 - Per-node precisions (``precisions``, from the mixed-precision allocation or the op set; a node not named is
   int8; ``keep_float`` and exclusions win over them): ``float``
   stays float; ``int16`` is W8A16 — int8 weights, and every activation tensor the node reads or writes gets a
@@ -60,6 +63,7 @@ WIDE_OPSET = 21
 WIDE_OPSET_PRECISIONS = ("int4", "int16")
 DYNAMIC = "int8-dynamic"
 OUTSIDE_QDQ = ("int4", "fp16", DYNAMIC)  # precisions outside QDQ growth, rewritten node by node after it
+_WEIGHT_QUANTIZED_BY_ORT = ("Conv", "ConvTranspose", "Gemm")  # float weights ORT quantizes after a DQ
 
 
 @dataclass(frozen=True)
@@ -339,9 +343,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=quantized)
 
-    def _quantize_graph(self, graph: ir.Graph, prefix: str) -> bool:
-        """Quantize the nodes of one graph (not of its subgraphs); names of new weights get ``prefix``."""
-        self._graph, self._prefix = graph, prefix
+    def planned(self, model: ir.Model) -> tuple[set[str], set[str]]:
+        """The main-graph nodes this pass would quantize and the tensors it would give a Q→DQ pair (names),
+        without changing the model: what a candidate build differs from float in."""
+        _, kept, tensors = self._plan(model.graph)
+        return {n.name for n in kept}, {v.name for v in tensors}
+
+    def _plan(self, graph: ir.Graph) -> tuple[dict, set, dict[ir.Value, str]]:
+        """Roles, the nodes kept after growth, and the tensors to quantize (each with its owner) of one graph;
+        the nodes left float get their decisions."""
         roles, eligible = {}, set()
         for node in graph:
             role = self._role(node)
@@ -356,13 +366,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
         kept = self._grow(graph, roles, eligible)
         for node in eligible - kept:
             self.decisions[node.name] = Decision(node.op_type, False, "no integer neighbour: would be a Q/DQ island")
-        tensors = self._quantized_tensors(graph, roles, kept)
+        return roles, kept, self._quantized_tensors(graph, roles, kept)
+
+    def _quantize_graph(self, graph: ir.Graph, prefix: str) -> bool:
+        """Quantize the nodes of one graph (not of its subgraphs); names of new weights get ``prefix``."""
+        self._graph, self._prefix = graph, prefix
+        roles, kept, tensors = self._plan(graph)
         qparams = self._resolve_qparams(graph, roles, kept, tensors)
         for node in list(graph):
             if node in kept and roles[node] == "compute":
                 self._quantize_weights(graph, node, qparams)
         for value, owner in tensors.items():
             self._insert_pair(graph, value, qparams[value], owner)
+        for node in list(graph):
+            if node not in kept:
+                self._keep_weight_float(graph, node)
         for node in kept:
             wide = self.precisions.get(node.name) == "int16" and roles[node] == "compute"
             self.decisions[node.name] = Decision(node.op_type, True, roles[node], "int16" if wide else "int8")
@@ -499,6 +517,33 @@ class InsertQDQPass(ir.passes.InPlacePass):
             bsv = self._initializer(graph, f"{name}_scale", s_b.astype(np.float32))
             bzv = self._initializer(graph, f"{name}_zero_point", np.zeros_like(bq))
             node.replace_input_with(bias_index, self._dequantize(graph, node.name, bqv, bsv, bzv, 0, name))
+
+    def _keep_weight_float(self, graph: ir.Graph, node: ir.Node) -> None:
+        """A float Conv/ConvTranspose/Gemm with a constant weight that reads a per-tensor dequantized
+        activation reads it through a DequantizeLinear of its own, the scale repeated per channel (axis 1):
+        ONNX Runtime gives such a node's float weight per-tensor int8 (its WeightBiasQuantization
+        transformer), which would quantize a node the build keeps float."""
+        dq = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if (node.op_type not in _WEIGHT_QUANTIZED_BY_ORT or node.domain not in ("", "ai.onnx") or dq is None
+                or dq.name not in self.owners or dq.op_type != "DequantizeLinear" or len(node.inputs) < 2
+                or not _is_const(node.inputs[1]) or constant_dequantize(dq.outputs[0]) is not None):
+            return
+        shape = node.inputs[1].const_value.shape
+        if node.op_type == "Conv":
+            channels = shape[1] * node.attributes.get_int("group", 1)
+        elif node.op_type == "ConvTranspose":
+            channels = shape[0]
+        elif not node.attributes.get_int("transA", 0):
+            channels = shape[1] if node.attributes.get_int("transB", 0) else shape[0]
+        else:
+            channels = node.inputs[0].shape[1] if node.inputs[0].shape is not None else None
+        if not isinstance(channels, int):
+            return
+        quantized, scale, zero = dq.inputs
+        name = f"{node.name}_input"
+        scales = self._initializer(graph, f"{name}_scale", np.full(channels, scale.const_value.numpy(), np.float32))
+        zeros = self._initializer(graph, f"{name}_zero_point", np.full(channels, zero.const_value.numpy()))
+        node.replace_input_with(0, self._dequantize(graph, node.name, quantized, scales, zeros, 1, name))
 
     def _quantize_int4(self, graph: ir.Graph, node: ir.Node) -> None:
         reason = int4_ineligible(node, self.int4_block_size)

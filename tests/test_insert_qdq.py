@@ -126,6 +126,23 @@ def test_exclusions_and_keep_float_stay_float():
     assert conv_inputs["conv1"][1] == "w1_axis0_dequantized"
 
 
+def test_a_float_conv_between_quantized_neighbours_keeps_its_float_weight(tmp_path):
+    """conv2 kept float reads p1, which conv1's int8 region dequantizes per tensor: ONNX Runtime would give
+    its float weight per-tensor int8 (WeightBiasQuantization) and fuse it into a QLinearConv. Through its own
+    per-channel DequantizeLinear it stays a float Conv in the optimized session."""
+    quant, insert = quantize(conv_model(), keep_float={"conv2"})
+    assert insert.decisions["conv1"].quantized and not insert.decisions["conv2"].quantized
+    reader = next(n for n in quant.graph.node if n.name == "conv2").input[0]
+    dq = next(n for n in quant.graph.node if n.output[0] == reader)
+    assert dq.op_type == "DequantizeLinear" and next(a.i for a in dq.attribute if a.name == "axis") == 1
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(quant.SerializeToString(), options)
+    optimized = {n.name: n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert "QLinearConv" in optimized.values()  # conv1
+    assert not any(op == "QLinearConv" and name.startswith("conv2") for name, op in optimized.items())
+
+
 def _if_model():
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")

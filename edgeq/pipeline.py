@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ContextManager, Protocol
 
+import numpy as np
+import onnx_ir as ir
 
 from edgeq import guard, scratch
 from edgeq.artifact import MODEL, REPORT, ArtifactWriter, tool_versions
@@ -49,13 +51,14 @@ from edgeq.lock import Decisions, apply_weights
 from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
-from edgeq.mixed.sensitivity import cached_sensitivity, measure_sensitivity, proxy_nsr
+from edgeq.mixed.sensitivity import GatedModel, cached_sensitivity, measure_sensitivity, proxy_nsr
 from edgeq.model_check import CHECK_FEEDS, check_same_function, load_in_onnxruntime, normalize_checked, run_feeds
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
+from edgeq.passes.gate_qdq import GateQDQPass
 from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass, dynamic_ineligible
 from edgeq.search import Candidate, Trials, run
 from edgeq.search.no_slowdown import no_slowdown
@@ -73,9 +76,10 @@ from edgeq.sparsity_stage import SparsityStage, require_sparse_kernels
 from edgeq.target import Target
 
 
-# The guard's sensitivity builds one model per group (a build and a session: ~3 s for a 6 MB model here); with
-# more groups than this, ``--sensitivity auto`` estimates one-layer groups from their input statistics instead
-# (the proxy of edgeq.mixed.sensitivity, scaled by three measured groups): the bisection checks every order.
+# The guard's sensitivity runs the groups the gated model cannot serve one build each (a build and a session:
+# ~3 s for a 6 MB model); with more such groups than this, ``--sensitivity auto`` estimates one-layer groups
+# from their input statistics instead (the proxy of edgeq.mixed.sensitivity, scaled by three measured groups):
+# the bisection checks every order.
 GUARD_BUILDS = 16
 REPLAYED_FLOAT = "replayed from the lock: its measured build delivered float"
 # The DynamicMatMul op set is a candidate where its layers hold this share of the weights (transformers, MLPs):
@@ -299,8 +303,7 @@ class _Compilation:
     def builder(self, optional_ops: tuple[str, ...]):
         """A function (keep_float, tag[, precisions, ranges]) -> _Build that inserts QDQ with this optional op set
         (ranges: replacing the ones in use)."""
-        rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o not in PSEUDO_OPS),
-                        activation_matmuls=ACT_MATMUL in optional_ops)
+        rules = self._rules_for(optional_ops)
         dynamic = self._dynamic_layers() if DYNAMIC_MATMUL in optional_ops else ()
 
         def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None,
@@ -319,6 +322,36 @@ class _Compilation:
             folder = _fresh_dir(self.work / f"int8-{'-'.join(optional_ops) or 'none'}-{tag}")
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build
+
+    def _rules_for(self, optional_ops: tuple[str, ...]):
+        return replace(self.rules, requant_ops=tuple(o for o in optional_ops if o not in PSEUDO_OPS),
+                       activation_matmuls=ACT_MATMUL in optional_ops)
+
+    def _gated_model(self, groups: list, keep: set[str]) -> GatedModel | None:
+        """The chosen op set's uniform int8 build (static int8 for dynamic layers too), gated site by site
+        (:mod:`edgeq.passes.gate_qdq`), with the gates of each group's one-group int8 build; None where the
+        model cannot be gated (the groups are then built one by one)."""
+        ops = tuple(o for o in self.candidates[self.chosen] if o != DYNAMIC_MATMUL)
+        build = self.builder(ops)(keep, "gated")
+        model = ir.load(build.path)
+        gate = GateQDQPass(self.model)
+        try:
+            gate(model)
+        except ValueError:
+            return None
+        path = save_model(model, build.path.with_name(f"gated-{MODEL}"))
+        rules = self._rules_for(ops)
+        dynamic = set(self._dynamic_layers()) if DYNAMIC_MATMUL in self.candidates[self.chosen] else set()
+        all_float = {node: "float" for g in groups for node in g.nodes}
+        gates = {}
+        for group in groups:
+            nodes, tensors = InsertQDQPass(rules, self.ranges, keep, all_float | dict.fromkeys(group.nodes, "int8")
+                                           ).planned(self.model)
+            if dynamic & set(group.nodes) or not set(group.nodes) <= nodes or not tensors <= gate.sites.keys():
+                continue  # dynamic int8, or a site the gated model lacks: built
+            gates[group.name] = np.zeros(len(gate.sites), dtype=bool)
+            gates[group.name][[gate.sites[site] for site in tensors | (nodes & gate.sites.keys())]] = True
+        return GatedModel(path, gates)
 
     def _dynamic_layers(self) -> tuple[str, ...]:
         """The main-graph MatMul/Gemm layers that dynamic int8 can serve: an input calibration saw always finite
@@ -404,15 +437,18 @@ class _Compilation:
         feeds = list(itertools.islice(iter(self.calib), self.recipe.sensitivity_feeds))
         with self.reporter.stage(f"guard: sensitivity of {len(groups)} groups"):
             cache = self._sensitivity_cache()
-            mode = self.recipe.sensitivity
-            proxy = proxy_nsr(self.model, groups, feeds, self.ranges, self.target) if mode == "proxy" or (
-                mode == "auto" and len(groups) > GUARD_BUILDS and cached_sensitivity(cache, groups) is None) else {}
+            mode, fresh = self.recipe.sensitivity, cached_sensitivity(cache, groups) is None
+            gated = self._gated_model(groups, keep) if fresh else None
+            built = [g for g in groups if gated is None or g.name not in gated.gates]
+            proxy = proxy_nsr(self.model, groups if mode == "proxy" else built, feeds, self.ranges, self.target) \
+                if mode == "proxy" or (mode == "auto" and len(built) > GUARD_BUILDS and fresh) else {}
             table = measure_sensitivity(groups, lambda p: build_with(keep, f"guard-sens{next(tags)}", p).path,
                                         self.runtime, self.float_path, feeds,
-                                        cache, self.reporter.progress, proxy)
+                                        cache, self.reporter.progress, proxy, gated)
         nsr = {name: figures["int8"] for name, figures in table.nsr.items()}
         self.guard_report |= {"sensitivity": nsr, "sensitivity_feeds": table.feeds, "sensitivity_seconds": table.seconds,
-                              "sensitivity_proxy_groups": table.proxy_groups}
+                              "sensitivity_proxy_groups": table.proxy_groups,
+                              "sensitivity_gated_trials": table.gated_trials}
         uniform = self._choose_ranges(build_with, keep, tags, sorted(groups, key=lambda g: -nsr[g.name]), uniform)
         if uniform["met"]:
             return
@@ -542,7 +578,8 @@ class _Compilation:
             return build_with(set(self.request.keep_float), f"mixed{next(tags)}", precisions)
 
         search = MixedPrecisionSearch(self.recipe, self.target, self.runtime, self.reporter, build, self.trials,
-                                      self._sensitivity_cache())
+                                      self._sensitivity_cache(),
+                                      lambda groups: self._gated_model(groups, set(self.request.keep_float)))
         self.mixed = search(self.model, self.float_path, self.current, self.calib, self.ranges)
         chosen = self.mixed.chosen
         self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"

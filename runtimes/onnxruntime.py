@@ -39,8 +39,10 @@ _ORT_SUFFIX = re.compile(r"(_token_\d+|/+\w*Fusion/*)+$")
 
 def create_session(model_path: str | os.PathLike, *, intra_op_threads: int = 0, inter_op_threads: int = 0,
                    providers: tuple[str, ...] = ("CPUExecutionProvider",), provider_options: dict | None = None,
-                   profile_prefix: str | None = None) -> ort.InferenceSession:
+                   profile_prefix: str | None = None, optimized: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = 3
@@ -113,15 +115,19 @@ class OnnxRuntime:
         return measure_interleaved({name: (lambda s=s: s.run(feeds)) for name, s in sessions.items()},
                                    warmup=warmup, repeats=repeats)
 
-    def _session(self, model_path: Path, profile_prefix: str | None = None) -> ort.InferenceSession:
+    def _session(self, model_path: Path, profile_prefix: str | None = None, optimized: bool = True
+                 ) -> ort.InferenceSession:
         return create_session(model_path, intra_op_threads=self.settings.intra_op_threads,
                               inter_op_threads=self.settings.inter_op_threads, providers=self.settings.providers,
-                              provider_options=self.settings.provider_options, profile_prefix=profile_prefix)
+                              provider_options=self.settings.provider_options, profile_prefix=profile_prefix,
+                              optimized=optimized)
 
-    def session(self, model_path: Path) -> _OrtSession:
+    def session(self, model_path: Path, optimized: bool = True) -> _OrtSession:
+        """A session of the model file (``optimized=False``: without ORT's graph optimizations, so that a
+        fake-quantized model runs each Q/DQ as written)."""
         stat = Path(model_path).stat()
-        key = (str(Path(model_path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        session = self._sessions.pop(key, None) or _OrtSession(self._session(model_path))
+        key = (str(Path(model_path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, optimized)
+        session = self._sessions.pop(key, None) or _OrtSession(self._session(model_path, optimized=optimized))
         self._sessions[key] = session
         while len(self._sessions) > SESSIONS_KEPT:
             del self._sessions[next(iter(self._sessions))]

@@ -13,6 +13,7 @@ from conftest import HOST_X86, make_model
 from edgeq import guard
 from edgeq.cli import main
 from edgeq.fidelity import FidelityMeter, padding_of
+from edgeq.passes.gate_qdq import GateQDQPass
 from edgeq.pipeline import GUARD_BUILDS
 
 RNG = np.random.default_rng(0)
@@ -228,10 +229,17 @@ def test_a_guard_miss_tries_other_calibration_methods_on_the_most_sensitive_tens
     assert guard.no_worse(kept, manifest["guard"]["uniform_int8"])
 
 
-def test_many_groups_rank_by_the_proxy_and_the_bisection_still_holds_the_guard(tmp_path):
-    """20 MatMul layers, the first fed an outlier feature: more groups than GUARD_BUILDS, so one-layer groups
-    are ranked from their input statistics (three measured to scale them) and the checked bisection finds
-    the guilty layer."""
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "proxy"])
+def test_many_groups_are_ranked_and_the_bisection_still_holds_the_guard(tmp_path, monkeypatch, gated):
+    """20 MatMul layers, the first fed an outlier feature: more groups than GUARD_BUILDS. The gated model
+    measures every group in one session; where gating is refused, one-layer groups are ranked from their
+    input statistics (three measured to scale them). Either way the checked bisection finds the guilty
+    layer."""
+    def refuse(self, model):
+        raise ValueError("refused")
+
+    if not gated:
+        monkeypatch.setattr(GateQDQPass, "call", refuse)
     rng = np.random.default_rng(3)
     nodes, inits, value = [], [], "x"
     for i in range(20):
@@ -254,6 +262,10 @@ def test_many_groups_rank_by_the_proxy_and_the_bisection_still_holds_the_guard(t
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     report = manifest["guard"]
     assert not report["uniform_int8"]["met"] and len(report["sensitivity"]) == 20 > GUARD_BUILDS
-    assert len(report["sensitivity_proxy_groups"]) == 20 - 3  # three measured scale the rest
+    if gated:
+        assert report["sensitivity_gated_trials"] == 20 and not report["sensitivity_proxy_groups"]
+        assert max(report["sensitivity"], key=report["sensitivity"].get) == "mm0"
+    else:
+        assert len(report["sensitivity_proxy_groups"]) == 20 - 3  # three measured scale the rest
     assert "mm0" in report["float_groups"] and manifest["fidelity"]["guard"]["met"]
     assert manifest["delivered"]["precision"] == "int8"

@@ -34,7 +34,7 @@ from edgeq.fidelity import accuracy_drop, worst_sqnr
 from edgeq.mixed.allocate import pareto_front, predicted_nsr, solve
 from edgeq.mixed.costs import Costs, group_times, uniform
 from edgeq.mixed.groups import Group, layer_groups
-from edgeq.mixed.sensitivity import Sensitivity, cached_sensitivity, measure_sensitivity, proxy_nsr
+from edgeq.mixed.sensitivity import GatedModel, Sensitivity, cached_sensitivity, measure_sensitivity, proxy_nsr
 from edgeq.model_io import folder_bytes
 from edgeq.runtimes.base import Latency, cost_by_node
 from edgeq.search import Candidate, Trial, Trials, run
@@ -100,7 +100,8 @@ class SearchResult:
             "groups": groups,
             "sensitivity": {"feeds": self.sensitivity.feeds, "seconds": self.sensitivity.seconds,
                             "cache_hit": self.sensitivity.cache_hit, "proxy_groups": self.sensitivity.proxy_groups,
-                            "proxy_scale": self.sensitivity.proxy_scale},
+                            "proxy_scale": self.sensitivity.proxy_scale,
+                            "gated_trials": self.sensitivity.gated_trials},
             "drop_per_nsr": self.k,
             "frontier": self.frontier,
             "iterations": self.iterations,
@@ -119,10 +120,12 @@ def precision_counts(assign: dict[str, str]) -> dict[str, int]:
 
 class MixedPrecisionSearch:
     def __init__(self, recipe, target, runtime, reporter, build: Callable[[dict[str, str]], object], trials: Trials,
-                 sensitivity_cache: tuple | None = None):
+                 sensitivity_cache: tuple | None = None,
+                 gated: Callable[[list[Group]], GatedModel | None] | None = None):
+        """``gated(groups)``: the gated model that runs the groups' int8 trials (:mod:`edgeq.mixed.sensitivity`)."""
         self.recipe, self.target, self.runtime, self.reporter = recipe, target, runtime, reporter
         self.build, self.trials, self.measure = build, trials, trials.timed
-        self.sensitivity_cache = sensitivity_cache
+        self.sensitivity_cache, self.gated = sensitivity_cache, gated
 
     def _use_proxy(self, trials: int) -> bool:
         mode = self.recipe.sensitivity
@@ -138,13 +141,14 @@ class MixedPrecisionSearch:
         started = time.perf_counter()
         feeds = list(itertools.islice(iter(calib), self.recipe.sensitivity_feeds))
         trials = sum(len(g.precisions) - 1 for g in groups)
-        proxy = {}
-        if self._use_proxy(trials) and cached_sensitivity(self.sensitivity_cache, groups) is None:
+        proxy, fresh = {}, cached_sensitivity(self.sensitivity_cache, groups) is None
+        if self._use_proxy(trials) and fresh:
             with self.reporter.stage("sensitivity proxy: layer input statistics"):
                 proxy = proxy_nsr(model, groups, feeds, ranges, self.target)
         with self.reporter.stage(f"sensitivity: {trials} group × precision figures"):
+            gated = self.gated(groups) if self.gated is not None and fresh else None
             sensitivity = measure_sensitivity(groups, lambda p: self.build(p).path, self.runtime, float_path, feeds,
-                                              self.sensitivity_cache, self.reporter.progress, proxy)
+                                              self.sensitivity_cache, self.reporter.progress, proxy, gated)
         seconds["sensitivity"] = time.perf_counter() - started
         started = time.perf_counter()
         with self.reporter.stage("costs: profile whole builds per precision"):

@@ -18,6 +18,12 @@ Rules:
   groups (depthwise convolutions, shared weights, attention MatMuls) are measured. One scale cannot say how
   much of each layer's noise reaches the output (a residual stream dilutes late layers' noise), so proxies
   are rougher than measurements; the search's measured builds correct the overall scale.
+- Gated (the default for int8 where the model allows it): one model holds every int8 site of the uniform build,
+  each switchable at run time (:mod:`edgeq.passes.gate_qdq`), and a group's int8 trial switches on the sites
+  its one-group build would quantize (:meth:`InsertQDQPass.planned`) — one build and one session instead of
+  one per group. Its arithmetic is float on the quantized values (fake quantization), which ranks groups as
+  the integer kernels would; the guard and the search check every configuration they act on by a real
+  build. Other precisions, groups in subgraphs and dynamic-int8 layers are built one at a time.
 - The table is cached beside the calibration ranges, keyed by the caller (model, data, ranges, op set, rules).
 """
 
@@ -35,12 +41,27 @@ import onnx_ir as ir
 from edgeq.mixed.groups import Group
 from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
 from edgeq.cache import JsonCache
+from edgeq.passes.gate_qdq import GATES
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
 from edgeq.target import Target
 
 CALIBRATION_GROUPS = 3
 RUN_SECONDS = 60.0  # float inference the one-group builds may spend on feeds, all together
+
+
+@dataclass
+class GatedModel:
+    """A model whose quantization sites switch on by a gates input (:mod:`edgeq.passes.gate_qdq`), and for each
+    group it serves, the gates of that group's one-group int8 build."""
+
+    path: Path
+    gates: dict[str, np.ndarray]  # group → bool vector for GATES
+
+    def feeds(self, group: Group, feeds: list) -> list[dict] | None:
+        """``feeds`` with the group's gates added; None when the group must be built."""
+        gates = self.gates.get(group.name)
+        return None if gates is None else [dict(feed.inputs) | {GATES: gates} for feed in feeds]
 
 
 @dataclass
@@ -51,6 +72,7 @@ class Sensitivity:
     cache_hit: bool = False
     proxy_groups: list[str] | None = None  # groups whose figures are scaled proxies
     proxy_scale: float | None = None
+    gated_trials: int = 0  # trials run on the gated model instead of a build each
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,10 +94,12 @@ def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarra
 def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], Path], runtime, float_path: Path,
                         feeds: list, cache: tuple[JsonCache, list] | None = None,
                         on_progress: Callable[[int, int], None] | None = None,
-                        proxy: dict[str, dict[str, float]] | None = None) -> Sensitivity:
+                        proxy: dict[str, dict[str, float]] | None = None,
+                        gated: GatedModel | None = None) -> Sensitivity:
     """``build(precisions)`` writes a model with those node precisions into a folder of its own, which is
-    removed once measured. ``feeds`` are calibration feeds (the first of them are used, see the rules); ``proxy`` (from :func:`proxy_nsr`) stands in for
-    the groups it names, scaled by the calibration groups measured too. ``cache``: a cache and the key of
+    removed once measured. ``feeds`` are calibration feeds (the first of them are used, see the rules);
+    ``proxy`` (from :func:`proxy_nsr`) stands in for the groups it names, scaled by the calibration groups
+    measured too; ``gated`` runs the int8 trials of the groups it serves. ``cache``: a cache and the key of
     this table in it."""
     cached = cached_sensitivity(cache, groups)
     if cached is not None:
@@ -93,16 +117,27 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     checks = [proxied[int(i)] for i in np.unique(np.linspace(0, len(proxied) - 1, CALIBRATION_GROUPS).round())] \
         if proxied else []
     trials = [(g, p) for g in groups for p in g.precisions if p != "float" and (g.name not in proxy or g in checks)]
-    affordable = int(RUN_SECONDS / max(len(trials) * float(np.median(seconds)), 1e-9)) if trials else len(feeds)
+    gated_trials = [(g, p) for g, p in trials if gated is not None and p == "int8" and g.name in gated.gates]
+    per_feed = float(np.median(seconds)) * (len(trials) - len(gated_trials))
+    if gated_trials:
+        gated_session = runtime.session(gated.path, optimized=False)
+        begun = time.perf_counter()
+        gated_session.run(gated.feeds(gated_trials[0][0], feeds[:1])[0])
+        per_feed += (time.perf_counter() - begun) * len(gated_trials)
+    affordable = int(RUN_SECONDS / max(per_feed, 1e-9)) if trials else len(feeds)
     feeds = feeds[:max(1, min(len(feeds), affordable))]
     reference = reference[:len(feeds)]
     nsr: dict[str, dict[str, float]] = {g.name: {"float": 0.0} for g in groups}
     for done, (group, precision) in enumerate(trials, start=1):
-        path = build(all_float | {node: precision for node in group.nodes})
-        session = runtime.session(path)
-        nsr[group.name][precision] = output_nsr(reference, [session.run(feed.inputs) for feed in feeds])
-        del session
-        shutil.rmtree(path.parent)
+        if (group, precision) in gated_trials:
+            outputs = [gated_session.run(feed) for feed in gated.feeds(group, feeds)]
+        else:
+            path = build(all_float | {node: precision for node in group.nodes})
+            session = runtime.session(path)
+            outputs = [session.run(feed.inputs) for feed in feeds]
+            del session
+            shutil.rmtree(path.parent)
+        nsr[group.name][precision] = output_nsr(reference, outputs)
         if on_progress:
             on_progress(done, len(trials))
     scale = None
@@ -114,7 +149,7 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
             if g not in checks:
                 nsr[g.name] |= {p: v * scale for p, v in proxy[g.name].items()}
     result = Sensitivity(nsr, len(feeds), time.perf_counter() - started, False,
-                         [g.name for g in proxied if g not in checks] or None, scale)
+                         [g.name for g in proxied if g not in checks] or None, scale, len(gated_trials))
     if cache is not None:
         cache[0].put("sensitivity", _key(cache, groups), {k: v for k, v in result.to_dict().items() if k != "cache_hit"})
     return result

@@ -1,0 +1,104 @@
+"""Make a QDQ model's quantization switchable at run time, site by site: one model stands for every build that
+quantizes a subset of it (what a sensitivity table measures one group at a time).
+
+Rules:
+1. Sites: each main-graph activation Q→DQ pair, named by the tensor it quantizes (the name that tensor has in
+   the float model), and each node's dequantized constant input (a weight, a bias), named by the node.
+2. A site's users read ``Where(gate, dequantized, float)`` instead of the dequantized value: ``float`` is the
+   quantized tensor itself for an activation pair, and the float model's constant (same node name, same
+   input) for a weight or bias; ``gate`` is element ``index`` of the bool vector input :data:`GATES`.
+3. All gates off computes the float model; a gate on adds exactly that site's rounding, with the build's own
+   scales, zero points and integers. The arithmetic is float (fake quantization): no integer kernel runs, so
+   the figures are those of the quantized function, not of a kernel's accumulation.
+4. Preconditions (else ``ValueError``, and the caller builds each subset instead): no Q/DQ inside a subgraph,
+   and every dequantized constant has its float original in the float model.
+
+Results: :attr:`sites` (site name → gate index).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from edgeq.passes.insert_qdq import constant_dequantize
+
+GATES = "edgeq_gates"
+
+
+def _is_qdq(node: ir.Node) -> bool:
+    return node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx")
+
+
+class GateQDQPass(ir.passes.InPlacePass):
+    def __init__(self, float_model: ir.Model):
+        super().__init__()
+        self.float_nodes = {n.name: n for n in float_model.graph}
+        self.sites: dict[str, int] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.graph is not graph and _is_qdq(node):
+                raise ValueError(f"{node.name}: Q/DQ inside a subgraph cannot be gated")
+        self._gates = ir.Value(name=GATES, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([None]))
+        self._gate_values: dict[str, ir.Value] = {}
+        for node in list(graph):
+            if node.op_type == "DequantizeLinear" and _is_qdq(node) and constant_dequantize(node.outputs[0]) is None:
+                self._gate_pair(graph, node)
+        for node in list(graph):
+            for index, value in enumerate(node.inputs):
+                if not _is_qdq(node) and constant_dequantize(value) is not None:
+                    self._gate_constant(graph, node, index)
+        self._gates.shape = ir.Shape([len(self.sites)])
+        graph.inputs.append(self._gates)
+        common.TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=bool(self.sites))
+
+    def _gate(self, graph: ir.Graph, site: str) -> ir.Value:
+        """The scalar gate of ``site`` (one Gather per site)."""
+        if site not in self._gate_values:
+            self.sites[site] = len(self.sites)
+            index = ir.Value(name=f"{site}_gate_index",
+                             const_value=ir.tensor(np.array(self.sites[site], dtype=np.int64)))
+            graph.register_initializer(index)
+            gather = ir.Node("", "Gather", [self._gates, index], name=f"{site}_gate", num_outputs=1)
+            gather.outputs[0].name, gather.outputs[0].dtype = f"{site}_gate", ir.DataType.BOOL
+            graph.append(gather)
+            self._gate_values[site] = gather.outputs[0]
+        return self._gate_values[site]
+
+    def _where(self, graph: ir.Graph, site: str, quantized: ir.Value, original: ir.Value, name: str) -> ir.Value:
+        where = ir.Node("", "Where", [self._gate(graph, site), quantized, original], name=f"{name}_Where",
+                        num_outputs=1)
+        where.outputs[0].name, where.outputs[0].dtype = name, quantized.dtype
+        where.outputs[0].shape = quantized.shape
+        graph.append(where)
+        return where.outputs[0]
+
+    def _gate_pair(self, graph: ir.Graph, dq: ir.Node) -> None:
+        quantize = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            raise ValueError(f"{dq.name}: a DequantizeLinear of activations not fed by a QuantizeLinear")
+        original, dequantized = quantize.inputs[0], dq.outputs[0]
+        output = dequantized.is_graph_output()  # InsertQDQ gave the graph output's name to the DQ
+        site = dequantized.name if output else original.name
+        users = list(dequantized.uses())
+        gated = self._where(graph, site, dequantized, original, f"{dequantized.name}_gated")
+        for user, index in users:
+            user.replace_input_with(index, gated)
+        if output:
+            position = list(graph.outputs).index(dequantized)
+            dequantized.name, gated.name = f"{site}_dequantized_ungated", site
+            graph.outputs[position] = gated
+
+    def _gate_constant(self, graph: ir.Graph, node: ir.Node, index: int) -> None:
+        reference = self.float_nodes.get(node.name)
+        value = reference.inputs[index] if reference is not None and index < len(reference.inputs) else None
+        if value is None or value.const_value is None:
+            raise ValueError(f"{node.name}: input {index} has no float constant in the float model")
+        original = ir.Value(name=f"{node.name}_float_input{index}", const_value=value.const_value)
+        graph.register_initializer(original)
+        node.replace_input_with(index, self._where(graph, node.name, node.inputs[index], original,
+                                                   f"{node.name}_gated_input{index}"))

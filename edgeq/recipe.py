@@ -74,7 +74,7 @@ class Recipe:
     size_mb: float | None = None  # --scheme mixed: model size budget (10^6 bytes)
     mixed_iterations: int = 4  # builds measured by the mixed-precision feedback loop, at most
     sensitivity_feeds: int = 8  # calibration feeds each one-group sensitivity build runs
-    sensitivity: str = "auto"  # "measured" (one build per group), "proxy" (layer statistics), "auto": by size
+    sensitivity: str = "auto"  # "measured" (gated model / a build per group), "proxy" (layer statistics), "auto"
     no_slowdown: bool = True
     max_ratio: float = 0.97  # deliver int8 only when int8/float median latency is at most this
     max_revert_rounds: int = 2

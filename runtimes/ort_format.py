@@ -27,7 +27,9 @@ import hashlib
 import io
 import logging
 import shutil
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import onnxruntime as ort
@@ -56,8 +58,25 @@ def style_for(target: Target) -> tuple[str, str | None]:
     return style, "arm" if target.arch == "aarch64" else None
 
 
+def _import_ort_tools() -> None:
+    """Import ``onnxruntime.tools`` without torch: the package's ``__init__`` imports its PyTorch export helper
+    whenever torch is installed (1.6–3 s), and no tool edgeq calls uses it — unless torch is loaded already,
+    a stub module stands in for that helper."""
+    helper = "onnxruntime.tools.pytorch_export_helpers"
+    if "torch" not in sys.modules and helper not in sys.modules:
+        stub = types.ModuleType(helper, "a stand-in: edgeq does not load ONNX Runtime's PyTorch helper")
+
+        def infer_input_info(*args, **kwargs):
+            raise RuntimeError(f"{helper} was not loaded (edgeq stands in for it to avoid importing torch)")
+
+        stub.infer_input_info = infer_input_info
+        sys.modules[helper] = stub
+    import onnxruntime.tools  # noqa: F401
+
+
 def _fbs():
-    """ONNX Runtime's FlatBuffer readers, imported when needed: ``onnxruntime.tools`` imports torch (2 s)."""
+    """ONNX Runtime's FlatBuffer readers."""
+    _import_ort_tools()
     from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import AttributeType, InferenceSession
 
     return AttributeType, InferenceSession
@@ -99,6 +118,7 @@ def kernels_in(path: Path) -> set[tuple[str, int, str]]:
 
 def kernels_listed(config: Path) -> set[tuple[str, int, str]]:
     """(domain, opset, op type) a reduced-build config asks for, parsed by ONNX Runtime's own parser."""
+    _import_ort_tools()
     from onnxruntime.tools import reduced_build_config_parser
 
     required, _ = reduced_build_config_parser.parse_config(str(config), enable_type_reduction=True)
@@ -141,6 +161,7 @@ def _max_relative_error(model: Path, packaged: Path, feeds: list, style: str, pl
 
 def package(model: Path, out_dir: Path, target: Target, feeds: list) -> dict:
     """Write ``model.ort`` and the operator config into ``out_dir``, checked (rules 1–3); the manifest record."""
+    _import_ort_tools()
     from onnxruntime.tools import convert_onnx_models_to_ort as converter
 
     style, platform = style_for(target)

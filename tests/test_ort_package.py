@@ -1,6 +1,8 @@
 """ORT-format packaging (``--package ort``) and ``edgeq verify``: real conversions by ONNX Runtime's own tool."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -126,3 +128,13 @@ def test_a_tensorrt_target_is_refused_before_any_work(tmp_path):
                  "--package", "ort", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "TensorrtExecutionProvider" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_runtime_tools_load_without_torch():
+    """ONNX Runtime's tools package imports torch when it is installed (seconds per build); edgeq's use of it
+    does not."""
+    code = ("import sys; from edgeq.runtimes import ort_format; ort_format._import_ort_tools(); "
+            "from onnxruntime.tools import convert_onnx_models_to_ort, reduced_build_config_parser; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

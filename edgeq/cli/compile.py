@@ -53,7 +53,7 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("--sensitivity", type=click.Choice(["auto", "measured", "proxy"]), default="auto", show_default=True,
               help="--scheme mixed and the fidelity guard: measure each group's effect on the output, or "
                    "estimate it from layer statistics (auto: the proxy for large models, and for the guard's "
-                   "one-layer groups beyond 16 groups).")
+                   "one-layer groups when more than 16 groups cannot run on the gated model).")
 @click.option("--random-calibration", is_flag=True, help="Calibrate on synthetic data when no --calib is given.")
 @click.option("--no-guard", is_flag=True, help="Without --metric/--max-drop, do not hold outputs to the default "
                                              "fidelity guard (see the README).")

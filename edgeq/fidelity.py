@@ -9,8 +9,10 @@ while losing most detections), so every output is reported on its own, and outpu
   ``indices`` (integer outputs: the share of equal elements), ``classes`` (values in [0, 1] whose last axis
   sums to 1: the share of positions whose argmax agrees), ``scores`` (values in [0, 1] otherwise —
   probability maps, masks: intersection over union of the values above 0.5), ``embedding`` (last axis of
-  unit length), ``logits`` (other [batch, C] outputs: argmax agreement), ``values`` (at most
-  :data:`FEW_VALUES` per feed: scores, regressions) and ``map`` (anything else: spectrograms, box maps);
+  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per feed: argmax
+  agreement), ``values`` (at most :data:`FEW_VALUES` per feed: scores, regressions — a [batch, 3] quality
+  score looks like logits, and a few numbers are judged as numbers) and ``map`` (anything else:
+  spectrograms, box maps);
 - for ``classes`` outputs with positions ([batch, positions…, classes]: a decoder's tokens, a tagger's labels)
   the **sequence agreement**: the share of samples whose decisions agree at every position. A few held-out
   samples rarely show the one flip that changes a sequence, so the figure is the lower of the observed share
@@ -150,9 +152,9 @@ class _OutputStats:
             return "scores"
         if self.unit_norm:
             return "embedding"
-        if self.rank == 2 and self.last >= 2:
-            return "logits"
-        return "values" if self.elements <= FEW_VALUES else "map"
+        if self.elements <= FEW_VALUES:
+            return "values"
+        return "logits" if self.rank == 2 and self.last >= 2 else "map"
 
     def decision_agreement(self, kind: str) -> float | None:
         if kind in ("classes", "logits"):

@@ -9,21 +9,22 @@ Rules:
   ======================  ===================================================  ==========================
   indices                 share of equal elements (token ids, class indices)   ≥ 0.99
   classes                 argmax agreement per position (softmax outputs)      ≥ 0.99
-                          and, with positions, sequence agreement              ≥ 0.95
-  logits                  argmax agreement, and SQNR                           ≥ 0.99, ≥ 20 dB
+                          and, with positions, sequence agreement              ≥ 0.99
+  logits                  argmax agreement, and SQNR (> 16 values per feed)    ≥ 0.99, ≥ 20 dB
   scores                  IoU of the values above 0.5 (probability maps)       ≥ 0.90
   embedding               cosine                                               ≥ 0.99
-  values                  SQNR (≤ 16 values per feed: scores, regressions)     ≥ 30 dB
+  values                  SQNR (≤ 16 values per feed: scores, regressions)     ≥ 35 dB
   map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB
   ======================  ===================================================  ==========================
 
   The thresholds sit between what real models kept and lost at their task (edgeq's real-model corpus): a
   speech-embedding CNN kept its word accuracy at cosine 0.9956 (20.5 dB); a layout detector lost most boxes at
-  7.8 dB on its box distributions; a quality-score regressor missed a 0.05 tolerance on a 2.1 mean at 26 dB
-  (30 dB is 3% of the signal); a text detector lost its probability map at IoU 0.83; an embedding model lost
+  7.8 dB on its box distributions; quality-score regressors with a 0.05 tolerance on means of 2–3 missed it
+  at 26 dB and at 31.9 dB (three scores, mean error 0.056) and kept it at 32.9 dB (0.047): 35 dB is 1.8% of
+  the signal; a text detector lost its probability map at IoU 0.83; an embedding model lost
   nearest-neighbour agreement at cosine 0.93; a classifier at top-1 agreement 0.95; a table-structure
   decoder lost 10 of 100 tables at token agreement 0.998 on 6 held-out tables, whose sequence agreement
-  (:mod:`edgeq.fidelity`: expected from the margins) was 0.76.
+  (:mod:`edgeq.fidelity`: expected from the margins) was 0.76, and 4 of 100 (a 1-table tolerance) at 0.957.
 - An output with NaN/Inf where float has none fails whatever its kind.
 - ``--metric`` or ``--max-drop`` replace the guard; ``--no-guard`` turns it off.
 """
@@ -38,11 +39,11 @@ from edgeq.search import Candidate, Trial, longest_prefix
 WHERE_PRESENT = {"sequence_agreement"}  # figures only some outputs of a kind carry: checked where they do
 THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "indices": (("decision_agreement", 0.99),),
-    "classes": (("decision_agreement", 0.99), ("sequence_agreement", 0.95)),
+    "classes": (("decision_agreement", 0.99), ("sequence_agreement", 0.99)),
     "logits": (("decision_agreement", 0.99), ("sqnr_db", 20.0)),
     "scores": (("decision_agreement", 0.90),),
     "embedding": (("cosine", 0.99),),
-    "values": (("sqnr_db", 30.0),),
+    "values": (("sqnr_db", 35.0),),
     "map": (("sqnr_db", 18.0),),
 }
 

@@ -34,6 +34,7 @@ def _unit(x):
     (lambda: _unit(RNG.standard_normal((1, 2048))), "embedding"),
     (lambda: RNG.standard_normal((1, 1000)) * 4, "logits"),
     (lambda: RNG.standard_normal(()) + 3, "values"),
+    (lambda: RNG.standard_normal((1, 3)) + 3, "values"),  # three quality scores: numbers, not logits
     (lambda: RNG.standard_normal((1, 3, 16, 16)), "map"),
     (lambda: RNG.integers(0, 30, (1, 19)), "indices"),
 ])
@@ -61,6 +62,11 @@ def test_thresholds_by_kind():
     for noise, met in ((0.1, True), (0.2, False)):  # 20 dB and 14 dB against the map kind's 18 dB
         meter = FidelityMeter(["m"])
         meter.update([noisy], [noisy + noise * RNG.standard_normal(noisy.shape).astype(np.float32)])
+        assert guard.check(meter.summary())["met"] is met
+    scores = np.array([[2.9, 2.7, 2.3]], np.float32)  # a [1, 3] quality-score head: 32 dB missed its task
+    for error, met in ((0.014, True), (0.025, False)):  # relative error: 37.1 dB and 32.0 dB against 35 dB
+        meter = FidelityMeter(["s"])
+        meter.update([scores], [scores * (1 + error * np.array([[1, -1, 1]], np.float32))])
         assert guard.check(meter.summary())["met"] is met
     nan = noisy.copy()
     nan[0, 0, 0, 0] = np.nan

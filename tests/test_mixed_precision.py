@@ -249,6 +249,7 @@ def test_mixed_within_accuracy_budget_end_to_end(tmp_path):
     assert manifest["fidelity"]["metric"]["drop"] <= 0.003
     assert mixed["iterations"] and all(g["precision"] in ("float", "int8") for g in mixed["groups"])
     assert all(g["ms"] is not None and set(g["nsr"]) == {"float", "int8"} for g in mixed["groups"])
+    assert mixed["sensitivity"]["gated_trials"] == len(mixed["groups"])  # int8 trials on the gated model
     assert mixed["frontier"] and mixed["x_axis"] == "ms"
     page = (out / "report.html").read_text()
     assert "<svg" in page and mixed["groups"][0]["name"] in page

@@ -4,9 +4,9 @@ Rules:
 - One group at a time takes a lower precision while every other layer stays float; the model runs on the
   first calibration feeds and the group's sensitivity at that precision is the output noise-to-signal ratio
   NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR).
-- The feeds are as many of those given (at least one) as fit RUN_SECONDS of float inference over all the
-  one-group builds together, timed on the float model: a ranking needs few feeds, and a slow model (a
-  0.4 s table decoder with 77 groups) would otherwise spend minutes of its compile here.
+- The feeds are as many of those given (at least one) as fit RUN_SECONDS of inference over all the trials
+  together, timed on the float model (and on the gated model for its trials): a ranking needs few feeds,
+  and a slow model (a 0.4 s table decoder with 77 groups) would otherwise spend minutes of its compile here.
 - Noise from independent sources adds, so a configuration's NSR is predicted as the sum of its groups' NSRs
   (the additivity HAWQ and ZeroQ assume too); the search checks every prediction it acts on by measurement.
 - Proxy (``--sensitivity proxy``; ``auto`` uses it for large models): for a one-layer group whose weight
@@ -47,7 +47,7 @@ from edgeq.passes.sparsify import Layer, layer_view
 from edgeq.target import Target
 
 CALIBRATION_GROUPS = 3
-RUN_SECONDS = 60.0  # float inference the one-group builds may spend on feeds, all together
+RUN_SECONDS = 60.0  # inference the trials may spend on feeds, all together
 
 
 @dataclass
@@ -58,10 +58,9 @@ class GatedModel:
     path: Path
     gates: dict[str, np.ndarray]  # group → bool vector for GATES
 
-    def feeds(self, group: Group, feeds: list) -> list[dict] | None:
-        """``feeds`` with the group's gates added; None when the group must be built."""
-        gates = self.gates.get(group.name)
-        return None if gates is None else [dict(feed.inputs) | {GATES: gates} for feed in feeds]
+    def feeds(self, group: Group, feeds: list) -> list[dict]:
+        """``feeds`` with the gates of a group it serves added."""
+        return [dict(feed.inputs) | {GATES: self.gates[group.name]} for feed in feeds]
 
 
 @dataclass

@@ -29,7 +29,7 @@ from edgeq.errors import UserError
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
-REPORT = "report.html"  # --scheme mixed's plots
+REPORT = "report.html"  # the manifest as a page with plots (edgeq.report)
 # What an artifact folder may hold when its manifest predates the "files" list.
 PUBLISH_ATTEMPTS = 3
 ARTIFACT_FILES = frozenset({MANIFEST, MODEL, f"{MODEL}.data", "model.so", REPORT})
@@ -106,8 +106,13 @@ class ArtifactWriter:
         return self.tmp / name
 
     def publish(self, manifest: dict, expected: dict[str, str] | None = None) -> Path:
-        """Write the manifest (adding the file list and digests to it) and move the folder into place;
-        ``expected`` (a locked build): file → SHA-256 the artifact must have, checked before anything is published."""
+        """Write ``report.html`` and the manifest (adding the file list and digests to it) and move the folder
+        into place; ``expected`` (a locked build): file → SHA-256 the artifact must have, checked before anything
+        is published."""
+        from edgeq.report import render  # the page is drawn from the manifest published beside it
+
+        title = f"edgeq: {manifest['inputs']['model']['name']} on {manifest['target']['name']}"
+        self.path(REPORT).write_text(render(manifest, title))
         names = sorted(p.name for p in self.tmp.iterdir() if p.name != MANIFEST)
         digests = {name: file_digest(self.tmp / name) for name in names}
         differs = sorted(name for name, digest in (expected or {}).items() if digests.get(name) != digest)

@@ -15,8 +15,9 @@ Rules:
    measured and no search runs; each decision is applied as recorded, and the artifact is published only if
    every file has the SHA-256 the lock records. ``model.ort`` is the exception: ONNX Runtime's ORT-format
    writer lays its tables out in a different order from one process to the next, so it is checked by content
-   (the kernels it holds, its outputs against ``model.onnx``; :mod:`edgeq.runtimes.ort_format`). A replay
-   writes no ``report.html``: it measured nothing to plot. The recorded activation ranges make int8, mixed
+   (the kernels it holds, its outputs against ``model.onnx``; :mod:`edgeq.runtimes.ort_format`).
+   ``report.html`` and the manifest hold timings and are not compared; a replay's report shows the recorded
+   decisions and no measurement. The recorded activation ranges make int8, mixed
    and float replays the same bytes on any machine (no calibration runs); the weights of PTQ passes and 2:4
    reconstruction, which compute with this machine's BLAS and ONNX Runtime, are recorded too (rule 4).
 3. A lock of another format (``lock/N``) or from another edgeq major version is refused. Tool versions must

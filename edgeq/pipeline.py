@@ -23,7 +23,7 @@ Rules:
 - ``--scheme mixed`` replaces the guard and the no-slowdown rounds with the mixed-precision search
   (:mod:`edgeq.mixed`): after the optional op set is chosen, each layer group gets float, int8 or int4 from
   measured sensitivity and measured per-group latency, within the budgets, checked by building and measuring
-  (bounded). The artifact then carries ``report.html`` beside the manifest. (``int8`` in the manifest's
+  (bounded); ``report.html`` then shows its plot too. (``int8`` in the manifest's
   latency and per-node tables means the quantized build, mixed included.)
 - The budgets (``recipe.max_drop``; with mixed also ``latency_ms`` and ``size_mb``) decide the exit code:
   3 when one is missed, with the artifact still written.
@@ -42,13 +42,12 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeq import guard, scratch
-from edgeq.artifact import MODEL, REPORT, ArtifactWriter, tool_versions
+from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, load_metric
 from edgeq.lock import Decisions, apply_weights
-from edgeq.mixed import report
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
 from edgeq.mixed.sensitivity import GatedModel, cached_sensitivity, measure_sensitivity, proxy_nsr
@@ -194,9 +193,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
                 feeds = [feed.inputs for feed in itertools.islice(iter(run.holdout), CHECK_FEEDS)]
                 manifest["package"] = ort_format.package(delivered, writer.tmp, request.target, feeds)
         if run.mixed is not None:
-            manifest["mixed"] = run.mixed.to_dict() | {"report": REPORT}
-            title = f"edgeq mixed precision: {Path(request.model).name} on {request.target.name}"
-            (writer.tmp / REPORT).write_text(report.render(manifest["mixed"], title))
+            manifest["mixed"] = run.mixed.to_dict()
         if run.sparsity is not None or SPARSITY_KEY in run.model.metadata_props:  # or 2:4 weights came in
             manifest["sparsity"] = (run.sparsity.report if run.sparsity else {}) | {
                 "check": _check_sparsity(delivered)}

@@ -264,7 +264,7 @@ def test_a_measured_build_replays_byte_for_byte_from_its_manifest(tmp_path):
 def test_an_earlier_artifact_is_replaced_whole_and_a_foreign_file_is_never_wiped(tmp_path, conv_onnx, conv_feeds):
     out = tmp_path / "art"
     assert run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure")).exit_code == 0
-    assert json.loads((out / "manifest.json").read_text())["files"] == ["manifest.json", "model.onnx"]
+    assert json.loads((out / "manifest.json").read_text())["files"] == ["manifest.json", "model.onnx", "report.html"]
     assert run(*compile_args(conv_onnx, conv_feeds, out, "--no-measure", "--method", "minmax")).exit_code == 0
     assert json.loads((out / "manifest.json").read_text())["recipe"]["method"] == "minmax"
     (out / "notes.txt").write_text("the user's own file")

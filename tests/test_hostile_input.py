@@ -269,6 +269,7 @@ def test_two_compiles_into_one_folder_at_once(tmp_path):
                  for _ in range(2)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
     assert all(code == 0 for code, _ in results), results
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["files"] == ["manifest.json", "model.onnx"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.onnx"]
+    files = ["manifest.json", "model.onnx", "report.html"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["files"] == files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

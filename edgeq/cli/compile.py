@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from edgeq.artifact import manifest_text
+from edgeq.artifact import REPORT, manifest_text
 from edgeq.cli.app import RichReporter, debug_option, default_cache_dir, main, out
 from edgeq import guard
 from edgeq.errors import UserError
@@ -136,9 +136,16 @@ def _parse_fraction(value: str | None) -> float | None:
     return fraction
 
 
+def _summary_table(title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # paths are one word: folded, never cut
+    return table
+
+
 def _print_tvm_summary(manifest: dict, output: Path) -> None:
     delivered, tvm = manifest["delivered"], manifest["tvm"]
-    table = Table(title=f"edgeq compile --runtime tvm → {output}", show_header=False)
+    table = _summary_table(f"edgeq compile --runtime tvm → {output}")
     table.add_row("delivered", f"{delivered['file']} for {delivered['arch']} ({delivered['bytes'] / 1e6:.2f} MB, "
                                f"inputs {delivered['input_shapes']})")
     table.add_row("note", delivered["reason"])
@@ -160,13 +167,14 @@ def _print_tvm_summary(manifest: dict, output: Path) -> None:
     table.add_row("check vs ONNX Runtime", f"max relative error {check['max_relative_error']:.2e} on {check['feeds']} "
                   f"feeds ({'ok' if check['ok'] else 'FAILED'}, tolerance {check['tolerance']:g})" if check["run"]
                   else f"not run: {check['why']}")
+    table.add_row("report", str(output / REPORT))
     out.print(table)
 
 
 def _print_compile_summary(manifest: dict, output: Path) -> None:
     q = manifest["quantization"]
     delivered = manifest["delivered"]
-    table = Table(title=f"edgeq compile → {output}", show_header=False)
+    table = _summary_table(f"edgeq compile → {output}")
     table.add_row("delivered", f"{delivered['precision']}  ({delivered['bytes'] / 1e6:.2f} MB, "
                                f"float {delivered['float_bytes'] / 1e6:.2f} MB)")
     if delivered["reason"]:
@@ -214,7 +222,7 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
     if "mixed" in manifest:
         m = manifest["mixed"]
         table.add_row("mixed search", f"{len(m['groups'])} groups · {len(m['iterations'])} measured builds · "
-                                      f"{sum(m['seconds'].values()):.1f} s · report {output / m['report']}")
+                                      f"{sum(m['seconds'].values()):.1f} s")
     if "sparsity" in manifest:
         sp = manifest["sparsity"]
         check = sp["check"]
@@ -229,6 +237,7 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
                                      f"v{p['ort_format_version']}: ONNX Runtime ≥ {p['readable_from_onnxruntime']}) · "
                                      f"{p['config']} ({len(p['kernels'])} kernels) · matches model.onnx to "
                                      f"{p['check']['max_relative_error']:.1e}")
+    table.add_row("report", str(output / REPORT))
     out.print(table)
     if "layers" in manifest.get("sparsity", {}):
         _print_sparsity_layers(manifest["sparsity"]["layers"])

@@ -4,9 +4,11 @@ quantizes a subset of it (what a sensitivity table measures one group at a time)
 Rules:
 1. Sites: each main-graph activation Q→DQ pair, named by the tensor it quantizes (the name that tensor has in
    the float model), and each node's dequantized constant input (a weight, a bias), named by the node.
-2. A site's users read ``Where(gate, dequantized, float)`` instead of the dequantized value: ``float`` is the
-   quantized tensor itself for an activation pair, and the float model's constant (same node name, same
-   input) for a weight or bias; ``gate`` is element ``index`` of the bool vector input :data:`GATES`.
+2. A site's users read ``If(gate)``: its ``then`` branch rounds (the activation's Q→DQ pair, moved there;
+   a weight's or bias's DequantizeLinear), its ``else`` branch passes the float value on — the tensor itself,
+   or the float model's constant (same node name, same input). ``gate`` is element ``index`` of the bool
+   vector input :data:`GATES`. A gate that is off computes nothing (an elementwise ``Where`` would touch every
+   element of every activation and weight in every trial: 7× a MobileNet's float time).
 3. All gates off computes the float model; a gate on adds exactly that site's rounding, with the build's own
    scales, zero points and integers. The arithmetic is float (fake quantization): no integer kernel runs, so
    the figures are those of the quantized function, not of a kernel's accumulation.
@@ -53,6 +55,7 @@ class GateQDQPass(ir.passes.InPlacePass):
                     self._gate_constant(graph, node, index)
         self._gates.shape = ir.Shape([len(self.sites)])
         graph.inputs.append(self._gates)
+        common.RemoveUnusedNodesPass()(model)  # the weights' DequantizeLinear nodes, each copied into its Ifs
         common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.sites))
 
@@ -69,29 +72,43 @@ class GateQDQPass(ir.passes.InPlacePass):
             self._gate_values[site] = gather.outputs[0]
         return self._gate_values[site]
 
-    def _where(self, graph: ir.Graph, site: str, quantized: ir.Value, original: ir.Value, name: str) -> ir.Value:
-        where = ir.Node("", "Where", [self._gate(graph, site), quantized, original], name=f"{name}_Where",
-                        num_outputs=1)
-        where.outputs[0].name, where.outputs[0].dtype = name, quantized.dtype
-        where.outputs[0].shape = quantized.shape
-        graph.append(where)
-        return where.outputs[0]
+    def _switch(self, graph: ir.Graph, site: str, rounding: list[ir.Node], original: ir.Value, name: str
+                ) -> ir.Value:
+        """``If(gate)``: the ``rounding`` nodes (their last output: the dequantized value) in the ``then``
+        branch, ``original`` passed on in the ``else`` branch; returns the If's output."""
+        kept = ir.Node("", "Identity", [original], num_outputs=1, name=f"{name}_ungated")
+        rounded = rounding[-1].outputs[0]
+        kept.outputs[0].name, rounded.name = f"{name}_float", f"{name}_dequantized"
+        kept.outputs[0].dtype = rounded.dtype = ir.DataType.FLOAT
+        branches = [ir.AttrGraph(branch, ir.Graph([], [nodes[-1].outputs[0]], nodes=nodes, name=f"{name}_{branch}"))
+                    for branch, nodes in (("then_branch", rounding), ("else_branch", [kept]))]
+        switch = ir.Node("", "If", [self._gate(graph, site)], branches, num_outputs=1, name=f"{name}_If")
+        value = switch.outputs[0]
+        value.name, value.dtype, value.shape = name, ir.DataType.FLOAT, original.shape
+        graph.append(switch)
+        return value
 
     def _gate_pair(self, graph: ir.Graph, dq: ir.Node) -> None:
         quantize = dq.inputs[0].producer() if dq.inputs[0] is not None else None
-        if quantize is None or quantize.op_type != "QuantizeLinear":
-            raise ValueError(f"{dq.name}: a DequantizeLinear of activations not fed by a QuantizeLinear")
+        if quantize is None or quantize.op_type != "QuantizeLinear" or len(list(quantize.outputs[0].uses())) != 1:
+            raise ValueError(f"{dq.name}: a DequantizeLinear of activations not fed by a QuantizeLinear of its own")
         original, dequantized = quantize.inputs[0], dq.outputs[0]
         output = dequantized.is_graph_output()  # InsertQDQ gave the graph output's name to the DQ
         site = dequantized.name if output else original.name
         users = list(dequantized.uses())
-        gated = self._where(graph, site, dequantized, original, f"{dequantized.name}_gated")
+        for node in (dq, quantize):
+            graph.remove(node)
+        rounding = [ir.Node("", "QuantizeLinear", quantize.inputs, quantize.attributes.values(), num_outputs=1,
+                            name=quantize.name)]
+        rounding[0].outputs[0].name = f"{site}_gate_quantized"
+        rounding.append(ir.Node("", "DequantizeLinear", [rounding[0].outputs[0], *dq.inputs[1:]],
+                                dq.attributes.values(), num_outputs=1, name=dq.name))
+        gated = self._switch(graph, site, rounding, original, f"{site}_gated")
         for user, index in users:
             user.replace_input_with(index, gated)
         if output:
-            position = list(graph.outputs).index(dequantized)
-            dequantized.name, gated.name = f"{site}_dequantized_ungated", site
-            graph.outputs[position] = gated
+            graph.outputs[list(graph.outputs).index(dequantized)] = gated
+            gated.name = site
 
     def _gate_constant(self, graph: ir.Graph, node: ir.Node, index: int) -> None:
         reference = self.float_nodes.get(node.name)
@@ -100,5 +117,8 @@ class GateQDQPass(ir.passes.InPlacePass):
             raise ValueError(f"{node.name}: input {index} has no float constant in the float model")
         original = ir.Value(name=f"{node.name}_float_input{index}", const_value=value.const_value)
         graph.register_initializer(original)
-        node.replace_input_with(index, self._where(graph, node.name, node.inputs[index], original,
-                                                   f"{node.name}_gated_input{index}"))
+        dq = node.inputs[index].producer()
+        rounding = [ir.Node("", "DequantizeLinear", dq.inputs, dq.attributes.values(), num_outputs=1,
+                            name=f"{node.name}_input{index}_DequantizeLinear")]
+        node.replace_input_with(index, self._switch(graph, node.name, rounding, original,
+                                                    f"{node.name}_gated_input{index}"))

@@ -8,7 +8,7 @@ Rules:
    a weight's or bias's DequantizeLinear), its ``else`` branch passes the float value on — the tensor itself,
    or the float model's constant (same node name, same input). ``gate`` is element ``index`` of the bool
    vector input :data:`GATES`. A gate that is off computes nothing (an elementwise ``Where`` would touch every
-   element of every activation and weight in every trial: 7× a MobileNet's float time).
+   element of every activation and weight in every trial, several times the float model's run).
 3. All gates off computes the float model; a gate on adds exactly that site's rounding, with the build's own
    scales, zero points and integers. The arithmetic is float (fake quantization): no integer kernel runs, so
    the figures are those of the quantized function, not of a kernel's accumulation.

@@ -26,8 +26,9 @@ Rules:
    CLE, SmoothQuant), any build with 2:4-pruned layers — are recorded too: the delivered model's initializers,
    one ``.npy`` per tensor named by its SHA-256, in the weight folder beside the lock (``edgeq.lock`` →
    ``edgeq.weights/``; commit it with the lock), and ``decisions.weights`` maps each initializer to its file.
-   A replay still runs every pass, then takes those tensors instead of its own results: the same bytes on any
-   CPU. A missing or altered file is a one-line error, nothing published. Files no entry names are removed.
+   A replay takes those tensors instead of computing its own: it solves no GPTQ and collects no
+   bias-correction statistics (the recorded initializers replace every one the build made; the SHA-256
+   check still guards the result), so the same bytes come out on any CPU, without the solver's time. A missing or altered file is a one-line error, nothing published. Files no entry names are removed.
 """
 
 from __future__ import annotations

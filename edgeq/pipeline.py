@@ -279,7 +279,7 @@ class _Compilation:
         if replay is not None and replay.activation_ranges is not None:  # the lock's: the same bytes anywhere
             self.ranges = {name: tuple(r) for name, r in replay.activation_ranges.items()}
             self.ranges_chosen = dict(replay.ranges)
-        self.ptq.after_calibration(model, self.calib)
+        self.ptq.after_calibration(model, self.calib, recorded=bool(self.request.replay_weights))
 
     def _rewrite_before_calibration(self, model):
         """The PTQ float rewrites (CLE, SmoothQuant), checked in ONNX Runtime to compute what the model computed;
@@ -468,7 +468,7 @@ class _Compilation:
         if not decisions.ptq_on_guard_miss or decisions.delivered == "float":
             return
         with self.reporter.stage("replay the guard's choices"):
-            self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
+            self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS, bool(self.request.replay_weights))
             self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "kept": True}
             build_with = self.builder(self.candidates[self.chosen])
             self.current = build_with(set(self.current.insert.keep_float), "replay")

@@ -64,6 +64,7 @@ class PtqStage:
         self.equalized: dict[str, dict] | None = None
         self.function_check: dict | None = None  # the float rewrites checked against the model in ONNX Runtime
         self.seconds = 0.0
+        self.from_lock = False  # GPTQ and bias correction not run: a replay took the lock's weights
 
     def _statistics(self, model: ir.Model, calib: CalibrationData, layers: list[Layer], grams: bool) -> dict:
         """LayerInputsPass's results (grams, means, ranges, rows: each layer name → figure), chunk by chunk."""
@@ -95,11 +96,16 @@ class PtqStage:
         self.seconds += time.perf_counter() - started
         return changed
 
-    def after_calibration(self, model: ir.Model, calib: CalibrationData, techniques: tuple[str, ...] = ()) -> None:
+    def after_calibration(self, model: ir.Model, calib: CalibrationData, techniques: tuple[str, ...] = (),
+                          recorded: bool = False) -> None:
         """Input statistics for GPTQ and bias correction, when asked (or named in ``techniques``: the guard's
-        second try under ``auto``)."""
+        second try under ``auto``). ``recorded``: a locked replay whose lock holds the weights these passes
+        made (:mod:`edgeq.lock`, rule 4) — they replace every initializer, so nothing is computed here."""
         if techniques:
             self.techniques = techniques
+        if recorded:
+            self.from_lock = True
+            return
         want_grams, want_bias = "gptq" in self.techniques, "bias-correction" in self.techniques
         if not (want_grams or want_bias):
             return
@@ -126,7 +132,8 @@ class PtqStage:
 
     def report(self) -> dict:
         sections = {"gptq": RoundWeightsPass, "bias_correction": CorrectBiasPass}
-        report = {"techniques": list(self.techniques), "seconds": round(self.seconds, 3)}
+        report = {"techniques": list(self.techniques), "seconds": round(self.seconds, 3)} | (
+            {"weights_from_lock": True} if self.from_lock else {})
         if self.auto:
             report["auto"] = self.on_guard_miss or {"tried": False, "why": "uniform int8 held the guard, or no guard"}
         if self.function_check is not None:

@@ -105,14 +105,16 @@ def _ptq_build(tmp_path):
     path = write_build(tmp_path, CNN / "model.onnx", HOST_X86, calib=str(CNN / "calib.npz"),
                        ptq="gptq,bias-correction", **{"no-measure": True})
     measured, replayed, entry = build_and_replay(path, HOST_X86)
-    return path, measured, entry
+    return path, measured, replayed, entry
 
 
 def test_ptq_weights_are_recorded_beside_the_lock_and_replayed(tmp_path):
     """GPTQ and bias correction compute with this CPU's BLAS: the lock records the weights they made, content-
     addressed, and a replay takes those (changed ones give other bytes: proof the replay used them)."""
-    path, measured, entry = _ptq_build(tmp_path)
+    path, measured, replayed, entry = _ptq_build(tmp_path)
     assert measured["delivered"]["precision"] == "int8" and measured["ptq"]["techniques"]
+    assert "gptq" in measured["ptq"] and "gptq" not in replayed["ptq"]  # the replay solved nothing: it took them
+    assert replayed["ptq"]["weights_from_lock"] and not measured["ptq"].get("weights_from_lock")
     weights, folder = entry["decisions"]["weights"], tmp_path / "edgeq.weights"
     assert weights and {f"{d}.npy" for d in weights.values()} == {p.name for p in folder.iterdir()}
     lock = json.loads(path.with_suffix(".lock").read_text())
@@ -130,7 +132,7 @@ def test_ptq_weights_are_recorded_beside_the_lock_and_replayed(tmp_path):
 
 @pytest.mark.parametrize("damage", ["missing", "altered"])
 def test_a_missing_or_altered_weight_file_is_one_line_and_publishes_nothing(tmp_path, damage):
-    path, _, entry = _ptq_build(tmp_path)
+    path, _, _, entry = _ptq_build(tmp_path)
     victim = tmp_path / "edgeq.weights" / f"{next(iter(entry['decisions']['weights'].values()))}.npy"
     if damage == "missing":
         victim.unlink()

@@ -28,7 +28,8 @@ Rules:
    ``edgeq.weights/``; commit it with the lock), and ``decisions.weights`` maps each initializer to its file.
    A replay takes those tensors instead of computing its own: it solves no GPTQ and collects no
    bias-correction statistics (the recorded initializers replace every one the build made; the SHA-256
-   check still guards the result), so the same bytes come out on any CPU, without the solver's time. A missing or altered file is a one-line error, nothing published. Files no entry names are removed.
+   check still guards the result), so the same bytes come out on any CPU, without the solver's time. A
+   missing or altered file is a one-line error, nothing published. Files no entry names are removed.
 """
 
 from __future__ import annotations

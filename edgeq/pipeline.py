@@ -256,7 +256,7 @@ class _Compilation:
             if self.sparsity.report["pruned"]:
                 self.base_path = save_model(model, _fresh_dir(self.work / "sparse") / MODEL)
                 normalized_digest = model_digest(model)
-        self.ptq = PtqStage(self.recipe.ptq, self.reporter, self.recipe.seed)
+        self.ptq = PtqStage(self.recipe.ptq, self.reporter, self.recipe.seed, bool(self.request.replay_weights))
         model, rewritten = self._rewrite_before_calibration(model)
         if rewritten:  # an equalized or smoothed model calibrates anew
             normalized_digest = model_digest(model)
@@ -279,7 +279,7 @@ class _Compilation:
         if replay is not None and replay.activation_ranges is not None:  # the lock's: the same bytes anywhere
             self.ranges = {name: tuple(r) for name, r in replay.activation_ranges.items()}
             self.ranges_chosen = dict(replay.ranges)
-        self.ptq.after_calibration(model, self.calib, recorded=bool(self.request.replay_weights))
+        self.ptq.after_calibration(model, self.calib)
 
     def _rewrite_before_calibration(self, model):
         """The PTQ float rewrites (CLE, SmoothQuant), checked in ONNX Runtime to compute what the model computed;
@@ -300,7 +300,8 @@ class _Compilation:
     def builder(self, optional_ops: tuple[str, ...]):
         """A function (keep_float, tag[, precisions, ranges]) -> _Build that inserts QDQ with this optional op set
         (ranges: replacing the ones in use)."""
-        rules = self._rules_for(optional_ops)
+        rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o not in PSEUDO_OPS),
+                        activation_matmuls=ACT_MATMUL in optional_ops)
         dynamic = self._dynamic_layers() if DYNAMIC_MATMUL in optional_ops else ()
 
         def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None,
@@ -320,30 +321,26 @@ class _Compilation:
             return _Build(save_model(candidate, folder / MODEL), insert)
         return build
 
-    def _rules_for(self, optional_ops: tuple[str, ...]):
-        return replace(self.rules, requant_ops=tuple(o for o in optional_ops if o not in PSEUDO_OPS),
-                       activation_matmuls=ACT_MATMUL in optional_ops)
-
-    def _gated_model(self, groups: list, keep: set[str]) -> GatedModel | None:
-        """The chosen op set's uniform int8 build (static int8 for dynamic layers too), gated site by site
-        (:mod:`edgeq.passes.gate_qdq`), with the gates of each group's one-group int8 build; None where the
-        model cannot be gated (the groups are then built one by one)."""
-        ops = tuple(o for o in self.candidates[self.chosen] if o != DYNAMIC_MATMUL)
-        build = self.builder(ops)(keep, "gated")
+    def _gated_model(self, groups: list) -> GatedModel | None:
+        """The uniform int8 build in use (rebuilt with static int8 where the op set made layers dynamic), gated
+        site by site (:mod:`edgeq.passes.gate_qdq`), with the gates of each group's one-group int8 build; None
+        where the model cannot be gated (the groups are then built one by one)."""
+        build, keep = self.current, set(self.current.insert.keep_float)
+        dynamic = set(self._dynamic_layers()) if DYNAMIC_MATMUL in self.candidates[self.chosen] else set()
+        if dynamic:
+            build = self.builder(tuple(o for o in self.candidates[self.chosen] if o != DYNAMIC_MATMUL))(keep, "gated")
         model = ir.load(build.path)
         gate = GateQDQPass(self.model)
         try:
             gate(model)
         except ValueError:
             return None
-        path = save_model(model, build.path.with_name(f"gated-{MODEL}"))
-        rules = self._rules_for(ops)
-        dynamic = set(self._dynamic_layers()) if DYNAMIC_MATMUL in self.candidates[self.chosen] else set()
+        path = save_model(model, _fresh_dir(self.work / "gated") / MODEL)
         all_float = {node: "float" for g in groups for node in g.nodes}
         gates = {}
         for group in groups:
-            nodes, tensors = InsertQDQPass(rules, self.ranges, keep, all_float | dict.fromkeys(group.nodes, "int8")
-                                           ).planned(self.model)
+            nodes, tensors = InsertQDQPass(build.insert.rules, self.ranges, keep,
+                                           all_float | dict.fromkeys(group.nodes, "int8")).planned(self.model)
             if dynamic & set(group.nodes) or not set(group.nodes) <= nodes or not tensors <= gate.sites.keys():
                 continue  # dynamic int8, or a site the gated model lacks: built
             gates[group.name] = np.zeros(len(gate.sites), dtype=bool)
@@ -435,7 +432,7 @@ class _Compilation:
         with self.reporter.stage(f"guard: sensitivity of {len(groups)} groups"):
             cache = self._sensitivity_cache()
             mode, fresh = self.recipe.sensitivity, cached_sensitivity(cache, groups) is None
-            gated = self._gated_model(groups, keep) if fresh else None
+            gated = self._gated_model(groups) if fresh else None
             built = [g for g in groups if gated is None or g.name not in gated.gates]
             proxy = proxy_nsr(self.model, groups if mode == "proxy" else built, feeds, self.ranges, self.target) \
                 if mode == "proxy" or (mode == "auto" and len(built) > GUARD_BUILDS and fresh) else {}
@@ -468,7 +465,7 @@ class _Compilation:
         if not decisions.ptq_on_guard_miss or decisions.delivered == "float":
             return
         with self.reporter.stage("replay the guard's choices"):
-            self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS, bool(self.request.replay_weights))
+            self.ptq.after_calibration(self.model, self.calib, PTQ_ON_GUARD_MISS)
             self.ptq.on_guard_miss = {"tried": list(PTQ_ON_GUARD_MISS), "kept": True}
             build_with = self.builder(self.candidates[self.chosen])
             self.current = build_with(set(self.current.insert.keep_float), "replay")
@@ -576,7 +573,7 @@ class _Compilation:
 
         search = MixedPrecisionSearch(self.recipe, self.target, self.runtime, self.reporter, build, self.trials,
                                       self._sensitivity_cache(),
-                                      lambda groups: self._gated_model(groups, set(self.request.keep_float)))
+                                      self._gated_model)
         self.mixed = search(self.model, self.float_path, self.current, self.calib, self.ranges)
         chosen = self.mixed.chosen
         self.current, self.latency, self.delivered = chosen.build, chosen.latency, "mixed"

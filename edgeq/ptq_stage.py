@@ -54,17 +54,18 @@ def _chunks(layers: list[Layer], grams: bool) -> list[list[Layer]]:
 
 
 class PtqStage:
-    def __init__(self, techniques: tuple[str, ...], reporter, seed: int = 0):
+    def __init__(self, techniques: tuple[str, ...], reporter, seed: int = 0, from_lock: bool = False):
+        """``from_lock``: a locked replay whose lock holds the weights GPTQ and bias correction made
+        (:mod:`edgeq.lock`, rule 4); they replace every initializer, so those two compute nothing."""
         self.auto = techniques == ("auto",)
         self.techniques = () if self.auto else techniques
-        self.reporter, self.seed = reporter, seed
+        self.reporter, self.seed, self.from_lock = reporter, seed, from_lock
         self.on_guard_miss: dict | None = None  # with auto: what trying PTQ_ON_GUARD_MISS measured
         self.passes: list[ir.passes.PassBase] = []
         self.smoothed: dict[str, dict] | None = None
         self.equalized: dict[str, dict] | None = None
         self.function_check: dict | None = None  # the float rewrites checked against the model in ONNX Runtime
         self.seconds = 0.0
-        self.from_lock = False  # GPTQ and bias correction not run: a replay took the lock's weights
 
     def _statistics(self, model: ir.Model, calib: CalibrationData, layers: list[Layer], grams: bool) -> dict:
         """LayerInputsPass's results (grams, means, ranges, rows: each layer name → figure), chunk by chunk."""
@@ -96,15 +97,12 @@ class PtqStage:
         self.seconds += time.perf_counter() - started
         return changed
 
-    def after_calibration(self, model: ir.Model, calib: CalibrationData, techniques: tuple[str, ...] = (),
-                          recorded: bool = False) -> None:
+    def after_calibration(self, model: ir.Model, calib: CalibrationData, techniques: tuple[str, ...] = ()) -> None:
         """Input statistics for GPTQ and bias correction, when asked (or named in ``techniques``: the guard's
-        second try under ``auto``). ``recorded``: a locked replay whose lock holds the weights these passes
-        made (:mod:`edgeq.lock`, rule 4) — they replace every initializer, so nothing is computed here."""
+        second try under ``auto``); none for a replay that took the lock's weights."""
         if techniques:
             self.techniques = techniques
-        if recorded:
-            self.from_lock = True
+        if self.from_lock:
             return
         want_grams, want_bias = "gptq" in self.techniques, "bias-correction" in self.techniques
         if not (want_grams or want_bias):

@@ -116,19 +116,19 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     checks = [proxied[int(i)] for i in np.unique(np.linspace(0, len(proxied) - 1, CALIBRATION_GROUPS).round())] \
         if proxied else []
     trials = [(g, p) for g in groups for p in g.precisions if p != "float" and (g.name not in proxy or g in checks)]
-    gated_trials = [(g, p) for g, p in trials if gated is not None and p == "int8" and g.name in gated.gates]
-    per_feed = float(np.median(seconds)) * (len(trials) - len(gated_trials))
-    if gated_trials:
+    on_gates = [g for g, p in trials if gated is not None and p == "int8" and g.name in gated.gates]
+    per_feed = float(np.median(seconds)) * (len(trials) - len(on_gates))
+    if on_gates:
         gated_session = runtime.session(gated.path, optimized=False)
         begun = time.perf_counter()
-        gated_session.run(gated.feeds(gated_trials[0][0], feeds[:1])[0])
-        per_feed += (time.perf_counter() - begun) * len(gated_trials)
+        gated_session.run(gated.feeds(on_gates[0], feeds[:1])[0])
+        per_feed += (time.perf_counter() - begun) * len(on_gates)
     affordable = int(RUN_SECONDS / max(per_feed, 1e-9)) if trials else len(feeds)
     feeds = feeds[:max(1, min(len(feeds), affordable))]
     reference = reference[:len(feeds)]
     nsr: dict[str, dict[str, float]] = {g.name: {"float": 0.0} for g in groups}
     for done, (group, precision) in enumerate(trials, start=1):
-        if (group, precision) in gated_trials:
+        if precision == "int8" and group in on_gates:
             outputs = [gated_session.run(feed) for feed in gated.feeds(group, feeds)]
         else:
             path = build(all_float | {node: precision for node in group.nodes})
@@ -148,7 +148,7 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
             if g not in checks:
                 nsr[g.name] |= {p: v * scale for p, v in proxy[g.name].items()}
     result = Sensitivity(nsr, len(feeds), time.perf_counter() - started, False,
-                         [g.name for g in proxied if g not in checks] or None, scale, len(gated_trials))
+                         [g.name for g in proxied if g not in checks] or None, scale, len(on_gates))
     if cache is not None:
         cache[0].put("sensitivity", _key(cache, groups), {k: v for k, v in result.to_dict().items() if k != "cache_hit"})
     return result

@@ -7,10 +7,13 @@ the same interleaved run when the target is local.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
 
+from edgeq.devices import open_device
+from edgeq.devices.rpc import rpc_address
 from edgeq import scratch
 from edgeq.calibration_data import CalibrationData, input_specs
 from edgeq.errors import UserError
@@ -22,9 +25,16 @@ from edgeq.target import Target
 
 def bench_models(model: Path, target: Target, feeds: Path | None, compare: Path | None, repeats: int,
                  runtime: str = "onnxruntime", cache_dir: Path | None = None) -> dict:
-    ok, why = target.can_measure_here(runtime)
-    if not ok:
-        raise UserError(f"cannot measure {target.name} here: {why}", "run edgeq bench on the device itself")
+    with contextlib.closing(open_device(target.measure_where)) as device:
+        why = device.check(target, runtime)
+        if why:
+            raise UserError(f"device {device.address} cannot measure {target.name}: {why}",
+                            "measure on the device itself (--device ssh://… or rpc://…)")
+        return _bench(model, target, feeds, compare, repeats, runtime, cache_dir, device)
+
+
+def _bench(model: Path, target: Target, feeds: Path | None, compare: Path | None, repeats: int, runtime: str,
+           cache_dir: Path | None, device) -> dict:
     paths = [Path(model)] + ([Path(compare)] if compare else [])
     specs = input_specs(load_model(model))
     for other in paths[1:]:
@@ -36,7 +46,7 @@ def bench_models(model: Path, target: Target, feeds: Path | None, compare: Path 
     report = {"target": target.name, "runtime": runtime, "random_inputs": feeds is None}
     if runtime == "tvm":
         return report | _bench_tvm(paths, target, feed, repeats, cache_dir)
-    ort = OnnxRuntime(target)
+    ort = OnnxRuntime(target, device)
     latency = ort.measure({str(p): p for p in paths}, feed, repeats=repeats)
     return report | {"latency": {k: v.to_dict() for k, v in latency.items()},
                      "profile": [asdict(t) for t in ort.profile(paths[0], feed)]}
@@ -56,6 +66,6 @@ def _bench_tvm(paths: list[Path], target: Target, feed: dict, repeats: int, cach
             libraries[str(path)] = runtime.build(path, Path(work) / str(index))
         latency = runtime.measure_with_onnxruntime(libraries, paths[0], feed, repeats=repeats,
                                                    ort_name=f"onnxruntime: {paths[0]}")
-        profile = runtime.profile(libraries[str(paths[0])], feed) if target.rpc is None else []
+        profile = runtime.profile(libraries[str(paths[0])], feed) if rpc_address(target) is None else []
     return {"database": str(folder) if database is not None else None,
             "latency": {k: v.to_dict() for k, v in latency.items()}, "profile": [asdict(t) for t in profile]}

@@ -44,6 +44,8 @@ import onnx_ir as ir
 from edgeq import guard, scratch
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.cache import JsonCache
+from edgeq.devices import device_summary, open_device
+from edgeq.devices.local import LocalDevice
 from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, load_metric
@@ -156,8 +158,9 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
         ort_format.style_for(request.target)  # refused before any work where it cannot serve
     metric = load_metric(request.metric) if request.metric else None
     scratch.sweep()
-    with ArtifactWriter(request.out_dir, request.input_paths, request.artifact_room) as writer, scratch.scratch_dir("compile") as work:
-        run = _Compilation(request, reporter, Path(work), metric)
+    with ArtifactWriter(request.out_dir, request.input_paths, request.artifact_room) as writer, \
+            scratch.scratch_dir("compile") as work, _measuring_device(request) as device:
+        run = _Compilation(request, reporter, Path(work), metric, device)
         run.prepare()
         run.choose_op_set()
         if request.recipe.scheme == "mixed":
@@ -208,16 +211,17 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
 class _Compilation:
     """The state of one compile, step by step; :func:`compile_model` drives it."""
 
-    def __init__(self, request: CompileRequest, reporter: Reporter, work: Path, metric=None):
+    def __init__(self, request: CompileRequest, reporter: Reporter, work: Path, metric=None, device=None):
         self.request, self.recipe, self.target = request, request.recipe, request.target
         self.metric = metric
         self.sparsity: SparsityStage | None = None
         self.rules = request.target.quantization
         self.reporter, self.work = reporter, work
-        self.runtime = OnnxRuntime(request.target)
-        can_measure, why_not = request.target.can_measure_here()
-        self.measure = request.measure and can_measure
-        self.why_not_measured = why_not or "disabled"
+        why_not = device.check(request.target) if device is not None else "disabled"
+        self.measure = not why_not
+        self.why_not_measured = why_not
+        self.device = device if self.measure else None
+        self.runtime = OnnxRuntime(request.target, self.device)
         self.latency = None
         self.profiles: dict[str, dict[str, float]] = {}
         self.delivered, self.reason = "int8", ""
@@ -665,7 +669,8 @@ class _Compilation:
                               for n, d in sorted(insert.decisions.items())},
             },
             "latency": ({k: v.to_dict() for k, v in latency.items()}
-                        | {"ratio": latency["int8"].median_ms / latency["float"].median_ms}
+                        | {"ratio": latency["int8"].median_ms / latency["float"].median_ms,
+                           "device": device_summary(self.device)}
                         if latency else {"measured": False, "why": self.why_not_measured}),
             "guard": (self.guard_report or {"thresholds": guard.THRESHOLDS}) if self.guard_applies
             else {"applied": False, "why": "--no-guard" if not self.recipe.guard else
@@ -675,6 +680,26 @@ class _Compilation:
             "fidelity": fidelity,
             "budget": budget,
         }
+
+
+@contextlib.contextmanager
+def _measuring_device(request: CompileRequest):
+    """The device a compile measures on (None with --no-measure), closed when the compile ends. A remote device
+    the user named must match the target (one line, exit 2); this machine, when it does not, measures nothing
+    and the manifest says why."""
+    if not request.measure:
+        yield None
+        return
+    device = open_device(request.target.measure_where)
+    try:
+        if not isinstance(device, LocalDevice):
+            why = device.check(request.target)
+            if why:
+                raise UserError(f"device {device.address} cannot measure target {request.target.name}: {why}",
+                                "run 'edgeq device check DEVICE -t TARGET', or choose the target that device is")
+        yield device
+    finally:
+        device.close()
 
 
 def _check_sparsity(model_path: Path) -> dict:

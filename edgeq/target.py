@@ -20,12 +20,11 @@ A target says what the device can run fast, and edgeq only quantizes what it can
 - ``[tvm]``: for ``--runtime tvm``: the TVM target (``kind`` llvm or cuda, ``mcpu``, ``mtriple``, ``mattr``,
   ``num-cores`` = threads, ``arch`` for CUDA, ``host`` for the CPU side of a GPU target) and the
   ``cross_compiler`` that links a library for another architecture. No section: no TVM builds.
-- ``[measure]``: where latency is measured. ``local`` measures on this machine only when its architecture
-  matches the target's, its CPU has the target's ``cpu_flags`` (as Linux names them in ``/proc/cpuinfo``: int8
-  numerics and speed on x86 depend on VNNI, and AVX2 code dies on a CPU without it), and, for ONNX Runtime, it
-  has the target's first execution provider (for a TVM CUDA target, a GPU; for a TVM CPU target, every
-  instruction-set extension its ``mcpu``/``mattr`` imply); ``rpc://HOST:PORT/KEY`` measures TVM builds on a
-  board registered with a TVM RPC tracker under KEY. Otherwise nothing is measured and the report says so.
+- ``[measure]``: where latency is measured (``where``: ``local``, ``ssh://…`` or ``rpc://…``, see
+  :mod:`edgeq.devices`; ``--device`` overrides it), the CPU flags the device must have (``cpu_flags``, as Linux
+  names them in ``/proc/cpuinfo``: int8 numerics and speed on x86 depend on VNNI, and AVX2 code dies on a CPU
+  without it), and the noise settings of :mod:`edgeq.devices.agent` (``pin_cpus``, ``cooldown_s``,
+  ``retries``). A device that does not match the target measures nothing (:mod:`edgeq.devices.base`).
 
 Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of their own file.
 """
@@ -33,7 +32,6 @@ Bundled targets live in ``edgeq/targets/*.toml``; a user may pass the path of th
 from __future__ import annotations
 
 import platform
-import re
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -107,22 +105,15 @@ class TvmSettings:
 
 
 @dataclass(frozen=True)
-class RpcDevice:
-    """A board behind a TVM RPC tracker: ``rpc://HOST:PORT/KEY``."""
+class NoiseSettings:
+    """How latency is measured on the device (:mod:`edgeq.devices.agent`'s noise rule)."""
 
-    host: str
-    port: int
-    key: str
+    pin: tuple[int, ...] = ()  # CPU ids the measuring thread runs on; () lets the OS choose
+    cooldown_s: float = 0.0  # pause before each measurement (a passively cooled board)
+    retries: int = 1  # repeats of a measurement flagged throttled or busy, once its cause has passed
 
-    @classmethod
-    def parse(cls, url: str) -> "RpcDevice":
-        match = re.fullmatch(r"rpc://([^:/]+):(\d+)/(\S+)", url)
-        if not match:
-            raise UserError(f"bad device address '{url}'", "use rpc://TRACKER_HOST:PORT/KEY, e.g. rpc://127.0.0.1:9190/pi5")
-        return cls(match[1], int(match[2]), match[3])
-
-    def __str__(self) -> str:
-        return f"rpc://{self.host}:{self.port}/{self.key}"
+    def to_dict(self) -> dict:
+        return {"pin": list(self.pin) or None, "cooldown_s": self.cooldown_s, "retries": self.retries}
 
 
 @dataclass(frozen=True)
@@ -137,42 +128,16 @@ class Target:
     tvm: TvmSettings | None = None
     measure_where: str = "local"
     cpu_flags: tuple[str, ...] = ()
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
     source: str = ""
 
-    @property
-    def rpc(self) -> RpcDevice | None:
-        return RpcDevice.parse(self.measure_where) if self.measure_where.startswith("rpc://") else None
-
     def with_device(self, device: str | None) -> "Target":
-        """This target measured elsewhere: ``local`` or ``rpc://HOST:PORT/KEY`` (checked here)."""
+        """This target measured on another device (an address of :mod:`edgeq.devices`, checked here)."""
         if device is None:
             return self
-        if device != "local":
-            RpcDevice.parse(device)
-        return replace(self, measure_where=device)
+        from edgeq.devices import validate
 
-    def can_measure_here(self, runtime: str = "onnxruntime") -> tuple[bool, str]:
-        """Whether latency for this target can be measured from this machine by ``runtime``, and why not."""
-        if self.rpc is not None:
-            if runtime == "tvm":
-                return True, ""
-            return False, f"ONNX Runtime cannot measure through {self.measure_where}: use --runtime tvm"
-        host = host_arch()
-        if host != self.arch:
-            return False, f"target architecture {self.arch} differs from this machine's ({host})"
-        missing = [flag for flag in self.cpu_flags if flag not in host_cpu_flags(self.cpu_flags)]
-        if missing:
-            return False, f"this machine's CPU lacks {', '.join(missing)}, which target {self.name} assumes"
-        if runtime == "tvm":
-            from edgeq.runtimes.tvm import device_present  # imports TVM: only TVM's check needs it
-
-            return device_present(self)
-        import onnxruntime as ort  # only this check needs it
-
-        provider = self.onnxruntime.providers[0]
-        if provider not in ort.get_available_providers():
-            return False, f"{provider} is not available in this machine's ONNX Runtime"
-        return True, ""
+        return replace(self, measure_where=validate(device))
 
     def int8_caveat_here(self) -> str:
         """Why this machine's ONNX Runtime would compute the target's int8 models less accurately than the
@@ -197,18 +162,17 @@ def host_arch() -> str:
 def host_cpu_flags(wanted: tuple[str, ...]) -> set[str]:
     """The CPU flags this machine has, as ``/proc/cpuinfo`` names them; where that file does not exist (not
     Linux), the ``wanted`` ones are assumed present."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set(wanted)
-    match = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
-    return set(match[1].split()) if match else set(wanted)
+    from edgeq.devices.agent import cpu_flags
+
+    return set(cpu_flags()) or set(wanted)
 
 
 def host_x86_target(runtime: str = "onnxruntime") -> str:
     """The bundled x86 target this machine can measure ``runtime`` on: AVX512-VNNI where its CPU has it, else
     AVX2 (``x86-64``, whose 7-bit weights AVX2's int8 kernels do not saturate)."""
-    return "x86-avx512-vnni" if load_target("x86-avx512-vnni").can_measure_here(runtime)[0] else "x86-64"
+    from edgeq.devices.local import LocalDevice
+
+    return "x86-avx512-vnni" if not LocalDevice().check(load_target("x86-avx512-vnni"), runtime) else "x86-64"
 
 
 def bundled_target_names() -> list[str]:
@@ -273,6 +237,7 @@ def _parse(data: dict, source: str) -> Target:
                                     int4_block_size=int(pr.get("int4_block_size", 32)))
         ort = data.get("onnxruntime", {})
         tvm = data.get("tvm")
+        measure = data.get("measure", {})
         target = Target(
             name=data["name"],
             description=data.get("description", ""),
@@ -287,8 +252,10 @@ def _parse(data: dict, source: str) -> Target:
             sparsity=sparsity,
             precisions=precisions,
             tvm=TvmSettings(dict(tvm["target"]), tvm.get("cross_compiler", "")) if tvm else None,
-            measure_where=data.get("measure", {}).get("where", "local"),
-            cpu_flags=tuple(data.get("measure", {}).get("cpu_flags", ())),
+            measure_where=measure.get("where", "local"),
+            cpu_flags=tuple(measure.get("cpu_flags", ())),
+            noise=NoiseSettings(tuple(int(c) for c in measure.get("pin_cpus", ())),
+                                float(measure.get("cooldown_s", 0.0)), int(measure.get("retries", 1))),
             source=source,
         )
     except KeyError as exc:
@@ -314,8 +281,9 @@ def _parse(data: dict, source: str) -> Target:
                         "use 32 (ONNX Runtime's MatMulNBits default)")
     if target.tvm and target.tvm.kind not in TVM_KINDS:
         raise UserError(f"target {source}: unsupported TVM target kind '{target.tvm.kind}'", f"use one of {TVM_KINDS}")
-    if target.measure_where != "local":
-        RpcDevice.parse(target.measure_where)
+    from edgeq.devices import validate
+
+    validate(target.measure_where)
     if sparsity.in_channel_multiple % 4:
         raise UserError(f"target {source}: in_channel_multiple must be a multiple of 4 (groups of four)",
                         "fix the target file")

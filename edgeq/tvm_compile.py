@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.devices import open_device
 from edgeq import scratch
 from edgeq.artifact import MODEL, ArtifactWriter, tool_versions
 from edgeq.calibration_data import CalibrationData, input_specs
@@ -46,7 +47,8 @@ TOLERANCE = 1e-4
 def compile_tvm(request, reporter) -> tuple[dict, int]:
     """Run the TVM compile and publish the artifact; returns (manifest, exit code)."""
     target, recipe = request.target, request.recipe
-    can_run, why_not = target.can_measure_here("tvm")
+    why_not = open_device(target.measure_where).check(target, "tvm")
+    can_run = not why_not
     if recipe.tune_trials and not can_run:  # candidates are timed where the library runs
         raise UserError(f"cannot tune {target.name} here: {why_not}",
                         "tune on the device (--device rpc://TRACKER_HOST:PORT/KEY), or drop --tune-trials")

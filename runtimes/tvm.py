@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgeq.devices.rpc import rpc_address
 from edgeq.errors import UserError
 from edgeq.passes.normalize import QUANTIZED_OPS
 from edgeq.runtimes.base import Latency, NodeTime, measure_interleaved
@@ -299,7 +300,7 @@ class TvmRuntime:
         if self._remote is None:
             from tvm import rpc
 
-            device = self.target.rpc
+            device = rpc_address(self.target)
             try:
                 tracker = rpc.connect_tracker(device.host, device.port)
                 self._remote = tracker.request(device.key, priority=1, session_timeout=600)
@@ -312,24 +313,24 @@ class TvmRuntime:
         """``model_path``: a library built by :meth:`build` (``.so``); loaded once per runtime."""
         key = Path(model_path).resolve()
         if key not in self._sessions:
-            remote = self._rpc_session() if self.target.rpc is not None else None
+            remote = self._rpc_session() if rpc_address(self.target) is not None else None
             self._sessions[key] = _TvmSession(key, self.target, remote)
         return self._sessions[key]
 
     def measure(self, models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], warmup: int = 5,
                 repeats: int = 50) -> dict[str, Latency]:
         runners = {name: self.session(path).runner(feeds) for name, path in models.items()}
-        return measure_interleaved(runners, warmup=warmup, repeats=repeats)
+        return measure_interleaved(runners, warmup=warmup, repeats=repeats, here=rpc_address(self.target) is None)
 
     def measure_with_onnxruntime(self, libraries: Mapping[str, Path], model_path: Path,
                                  feeds: Mapping[str, np.ndarray], warmup: int = 5, repeats: int = 50,
                                  ort_name: str = "onnxruntime") -> dict[str, Latency]:
         """TVM libraries and — where the target is this machine — ONNX Runtime on the ONNX model, interleaved."""
         runners = {name: self.session(path).runner(feeds) for name, path in libraries.items()}
-        if self.target.rpc is None:
+        if rpc_address(self.target) is None:
             session = OnnxRuntime(self.target).session(model_path)
             runners[ort_name] = lambda: session.run(feeds)
-        return measure_interleaved(runners, warmup=warmup, repeats=repeats)
+        return measure_interleaved(runners, warmup=warmup, repeats=repeats, here=rpc_address(self.target) is None)
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
         """Time per kernel call (TVM's fused names, e.g. ``fused_conv2d_add_relu``) averaged over ``runs``, timed

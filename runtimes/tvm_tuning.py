@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.devices.rpc import rpc_address
 from edgeq.runtimes.tvm import _tvm, tvm_target
 from edgeq.target import Target
 
@@ -97,7 +98,7 @@ def _builder_and_runner(target: Target):
 
     evaluator = ms.runner.EvaluatorConfig(number=RUNS_PER_CANDIDATE, repeat=1, min_repeat_ms=0,
                                           enable_cpu_cache_flush=False)
-    device = target.rpc
+    device = rpc_address(target)
     built: dict[str, object] = {}
 
     @derived_object
@@ -151,7 +152,7 @@ def _zero_integer_arguments(repeated_args) -> None:
 
 def database_dir(cache_dir: Path, target: Target) -> Path:
     """One database per TVM target: its records are only valid for the target they were measured on."""
-    key = json.dumps([str(tvm_target(target)), str(target.rpc or "local")])
+    key = json.dumps([str(tvm_target(target)), str(rpc_address(target) or "local")])
     return Path(cache_dir) / "tvm" / f"{target.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -266,7 +267,7 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
         per_round = max(8, min(64, budget // (2 * len(tasks))))
         builder, runner = _builder_and_runner(target)
         callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()]
-        if target.rpc is not None:  # candidates were exported to temporary folders
+        if rpc_address(target) is not None:  # candidates were exported to temporary folders
             callbacks.append(ms.measure_callback.RemoveBuildArtifact())
         if on_progress is not None:
             callbacks = [*callbacks, _progress_callback(budget, on_progress)]
@@ -275,7 +276,7 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
                       measure_callbacks=callbacks)
         _compact(database, folder, tasks, kept_before)
     return TuningReport(trials, before, recorded_trials(database, tasks, folder) - before,
-                        time.perf_counter() - started, len(tasks), str(folder), str(target.rpc or "local"))
+                        time.perf_counter() - started, len(tasks), str(folder), str(rpc_address(target) or "local"))
 
 
 def _progress_callback(budget: int, on_progress):

@@ -5,8 +5,9 @@ import onnx
 import pytest
 
 from conftest import HOST_X86, conv_model
-from edgeq.runtimes import base
-from edgeq.runtimes.base import MAX_ROUNDS, MIN_ROUNDS, Latency, measure_interleaved
+from edgeq.devices import agent
+from edgeq.devices.agent import MAX_ROUNDS, MIN_ROUNDS
+from edgeq.runtimes.base import Latency, measure_interleaved
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import load_target
 from test_insert_qdq import quantize
@@ -14,7 +15,7 @@ from test_insert_qdq import quantize
 
 def test_interleaved_measurement_orders_candidates_correctly():
     lat = measure_interleaved({"fast": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.003)},
-                              warmup=1, repeats=10)
+                              warmup=1, repeats=10, here=False)
     assert lat["fast"].median_ms < lat["slow"].median_ms
     assert lat["fast"].min_ms <= lat["fast"].median_ms <= lat["fast"].p90_ms
     # at least `repeats` rounds, and as many as fill MIN_SECONDS per candidate: here 0.5 s / 2 ms a run
@@ -22,14 +23,14 @@ def test_interleaved_measurement_orders_candidates_correctly():
 
 
 def test_slow_models_are_timed_within_a_time_budget(monkeypatch):
-    monkeypatch.setattr(base, "MAX_SECONDS", 0.05)  # a round (0.04 s) near the budget: a one-second model's case
+    monkeypatch.setattr(agent, "MAX_SECONDS", 0.05)  # a round (0.04 s) near the budget: a one-second model's case
     calls = {"a": 0, "b": 0}
 
     def run(name):
         calls[name] += 1
         time.sleep(0.02)
 
-    lat = measure_interleaved({"a": lambda: run("a"), "b": lambda: run("b")}, warmup=5, repeats=50)
+    lat = measure_interleaved({"a": lambda: run("a"), "b": lambda: run("b")}, warmup=5, repeats=50, here=False)
     assert lat["a"].runs == lat["b"].runs == MIN_ROUNDS  # 0.05 s fill 2 runs each; never fewer than MIN_ROUNDS
     assert calls["a"] <= 3 + MIN_ROUNDS  # and the warm-up stopped early (2 rounds of 5)
 

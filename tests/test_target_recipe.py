@@ -2,6 +2,8 @@ from importlib import resources
 
 import pytest
 
+from edgeq.devices.base import why_not
+from edgeq.devices.local import LocalDevice
 from edgeq.errors import UserError
 from edgeq.recipe import Exclusions, Recipe
 from edgeq.target import bundled_target_names, load_target
@@ -15,8 +17,8 @@ def test_bundled_targets_load_with_their_signedness():
 
 
 def test_cross_architecture_target_is_not_measured_here():
-    ok, why = load_target("aarch64").can_measure_here()
-    assert not ok and "aarch64" in why
+    why = LocalDevice().check(load_target("aarch64"))
+    assert "aarch64" in why
 
 
 def test_user_target_file(tmp_path):
@@ -58,11 +60,15 @@ def test_cpu_flags_decide_what_is_measured_here_and_whether_int8_accuracy_is_fai
 
     monkeypatch.setattr(target_module, "host_arch", lambda: "x86_64")
     monkeypatch.setattr(target_module, "host_cpu_flags", lambda wanted: {"avx2", "fma"})  # an AVX2 CPU
+    avx2_cpu = LocalDevice().facts() | {"arch": "x86_64", "cpu_flags": ["avx2", "fma"]}
     vnni, avx2 = load_target("x86-avx512-vnni"), load_target("x86-64")
-    ok, why = vnni.can_measure_here()
-    assert not ok and "lacks avx512_vnni" in why
-    assert avx2.can_measure_here()[0]
+    assert "lacks avx512_vnni" in why_not(avx2_cpu, vnni, "onnxruntime")
+    assert why_not(avx2_cpu, avx2, "onnxruntime") == ""
     assert "no VNNI" in vnni.int8_caveat_here() and "no VNNI" in load_target("jetson-orin").int8_caveat_here()
     assert avx2.int8_caveat_here() == ""  # 7-bit weights do not overflow AVX2's 16-bit pair sums
     monkeypatch.setattr(target_module, "host_cpu_flags", lambda wanted: {"avx2", "fma", "avx512_vnni"})
-    assert vnni.can_measure_here()[0] and vnni.int8_caveat_here() == ""
+    vnni_cpu = avx2_cpu | {"cpu_flags": ["avx2", "fma", "avx512_vnni"]}
+    assert why_not(vnni_cpu, vnni, "onnxruntime") == "" and vnni.int8_caveat_here() == ""
+    gpu = load_target("gpu-ampere")
+    assert f"{gpu.onnxruntime.providers[0]} is not available" in why_not(vnni_cpu, gpu, "onnxruntime")
+    assert "no ONNX Runtime" in why_not(vnni_cpu | {"onnxruntime": None}, vnni, "onnxruntime")

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES, conv_model, make_model
+from edgeq.devices.local import LocalDevice
 from edgeq.cli import main
 from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import host_x86_target, load_target
@@ -210,8 +211,8 @@ def test_targets_list_their_tvm_builds():
     rows = {r["name"]: r for r in json.loads(run("targets", "--json").output)}
     assert rows["jetson-orin"]["tvm"].startswith("cuda sm_87") and "aarch64" in rows["jetson-orin"]["tvm"]
     assert load_target(HOST).tvm.target["mcpu"] in rows[HOST]["tvm"]
-    ok, why = load_target("aarch64").can_measure_here("tvm")
-    assert not ok and "aarch64" in why
+    why = LocalDevice().check(load_target("aarch64"), "tvm")
+    assert "aarch64" in why
 
 
 def test_a_cpu_without_the_targets_instruction_set_neither_runs_nor_tunes_its_library(conv, tmp_path, monkeypatch):
@@ -220,8 +221,8 @@ def test_a_cpu_without_the_targets_instruction_set_neither_runs_nor_tunes_its_li
     import edgeq.runtimes.tvm as tvm_runtime
 
     monkeypatch.setattr(tvm_runtime, "host_cpu", lambda: "x86-64")  # the baseline x86-64: SSE2, no AVX
-    ok, why = load_target(HOST).can_measure_here("tvm")
-    assert not ok and "avx2" in why and "(x86-64) lacks" in why
+    why = LocalDevice().check(load_target(HOST), "tvm")
+    assert "avx2" in why and "(x86-64) lacks" in why
     tuned = run("compile", conv, "-t", HOST, "--runtime", "tvm", "--tune-trials", 4, "-o", tmp_path / "tuned")
     assert tuned.exit_code == 2 and f"cannot tune {HOST} here" in tuned.output and "--device rpc://" in tuned.output
     assert not (tmp_path / "tuned").exists()

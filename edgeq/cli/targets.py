@@ -28,12 +28,14 @@ def _tvm_summary(t) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json):
     """List the bundled targets and whether this machine can measure them."""
+    from edgeq.devices.local import LocalDevice
     from edgeq.target import bundled_target_names, load_target
 
-    rows = []
+    rows, here = [], LocalDevice()
     for name in bundled_target_names():
         t = load_target(name)
-        ok, why = t.can_measure_here()
+        why = here.check(t)
+        ok = not why
         rows.append({"name": name, "arch": t.arch, "activations": t.quantization.activations,
                      "runtime": "onnxruntime " + "+".join(t.onnxruntime.providers),
                      "tvm": _tvm_summary(t),

@@ -413,11 +413,14 @@ def _check_reference(bundle: str, name: str) -> None:
         raise ValueError(f"bad file reference {bundle}/{name}")
 
 
-class _Server:
-    def __init__(self, folder: str, stdin, stdout):
-        self.folder, self.stdin, self.stdout = folder, stdin, stdout
+class Handler:
+    """The agent's requests, whatever carries them (an ssh stream, a TVM RPC call): ``handle(request, read)``
+    answers one; ``read(n)`` gives the bytes that follow a ``put``."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder = os.path.expanduser(folder or os.environ.get("EDGEQ_DEVICE_DIR", "~/.cache/edgeq-device"))
         self.agent = Agent()
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(self.folder, exist_ok=True)
 
     def path(self, bundle: str, name: str) -> str:
         _check_reference(bundle, name)
@@ -430,12 +433,7 @@ class _Server:
         with open(self.path(*ref), "rb") as handle:
             return npz_arrays(handle.read())
 
-    def answer(self, record: dict, payload: bytes = b"") -> None:
-        self.stdout.write(json.dumps(record).encode() + b"\n")
-        self.stdout.write(payload)
-        self.stdout.flush()
-
-    def put(self, request: dict) -> dict:
+    def put(self, request: dict, read) -> dict:
         for name, _ in request["files"]:
             _check_reference(request["bundle"], name)
         bundle = os.path.join(self.folder, request["bundle"])
@@ -445,27 +443,27 @@ class _Server:
             with open(os.path.join(partial, name), "wb") as handle:
                 remaining = size
                 while remaining:
-                    chunk = self.stdin.read(min(remaining, 1 << 20))
+                    chunk = read(min(remaining, 1 << 20))
                     if not chunk:
                         raise EOFError("the host closed the stream inside a file")
                     handle.write(chunk)
                     remaining -= len(chunk)
         if os.path.isdir(bundle):  # pushed by another host meanwhile: same digest, same bytes
-            for name, _ in request["files"]:
-                os.remove(os.path.join(partial, name))
-            os.rmdir(partial)
+            shutil.rmtree(partial)
         else:
             os.rename(partial, bundle)
         return {}
 
-    def handle(self, request: dict) -> tuple[dict, bytes]:
+    def handle(self, request: dict, read) -> tuple[dict, bytes]:
         op = request["op"]
         if op == "facts":
             return facts(), b""
         if op == "has":
             return {"missing": [b for b in request["bundles"] if not os.path.isdir(os.path.join(self.folder, b))]}, b""
         if op == "put":
-            return self.put(request), b""
+            return self.put(request, read), b""
+        if op == "bye":
+            return {"pruned": prune(self.folder, CACHE_BYTES)}, b""
         settings = request.get("settings", {})
         self.agent.pin = request.get("pin")
         if op == "measure":
@@ -482,29 +480,30 @@ class _Server:
             return {"size": len(payload)}, payload
         raise ValueError(f"unknown request {op!r}")
 
-    def loop(self) -> None:
-        while True:
-            line = self.stdin.readline()
-            if not line:
-                return
-            request = json.loads(line)
-            if request.get("op") == "bye":
-                self.answer({"ok": True, "pruned": prune(self.folder, CACHE_BYTES)})
-                return
-            try:
-                record, payload = self.handle(request)
-                self.answer({"ok": True} | record, payload)
-            except EOFError:
-                return
-            except Exception as exc:  # noqa: BLE001 — every failure goes back to the host as one line
-                self.answer({"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"
-                             if str(exc) else type(exc).__name__})
+    def answer(self, request: dict, read) -> bytes:
+        """The answer line (and payload) to one request; a failure is an answer too, one line."""
+        try:
+            record, payload = self.handle(request, read)
+            return json.dumps({"ok": True} | record).encode() + b"\n" + payload
+        except EOFError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — every failure goes back to the host as one line
+            said = str(exc).splitlines()[0][:400] if str(exc) else ""
+            return json.dumps({"ok": False, "error": f"{type(exc).__name__}: {said}".rstrip(": ")}).encode() + b"\n"
 
 
 def serve(folder: str | None = None) -> None:
     """Answer one host's requests on stdin/stdout until it says ``bye`` or closes the stream."""
-    folder = os.path.expanduser(folder or os.environ.get("EDGEQ_DEVICE_DIR", "~/.cache/edgeq-device"))
-    _Server(folder, sys.stdin.buffer, sys.stdout.buffer).loop()
+    handler, stdin, stdout = Handler(folder), sys.stdin.buffer, sys.stdout.buffer
+    while line := stdin.readline():
+        request = json.loads(line)
+        try:
+            stdout.write(handler.answer(request, stdin.read))
+        except EOFError:
+            return
+        stdout.flush()
+        if request.get("op") == "bye":
+            return
 
 
 def bootstrap() -> str:

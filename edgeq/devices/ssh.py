@@ -8,16 +8,13 @@ Rules:
   source through the connection itself (``python -c`` reads it), so the board needs only Python 3, numpy and
   onnxruntime — ``/python`` in the address names that interpreter (default ``python3``), quoted for the board's
   shell, like every path.
-- Files go to the board once, by content: a model travels with its external data files as a bundle named by
-  the SHA-256 of their names and bytes, under ``~/.cache/edgeq-device`` there; a bundle the board already has
-  is not sent again (this compile or an earlier one). A feed is a bundle too.
+- Files go to the board once, by content (:mod:`edgeq.devices.client`), under ``~/.cache/edgeq-device`` there.
 - Every request waits at most :data:`ANSWER_TIMEOUT_S` for its answer; a silent or closed connection is one
   line naming the device, with ssh's own last words.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,18 +24,13 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
-import numpy as np
-
-from edgeq.devices.agent import bootstrap, npz_arrays, npz_bytes, source
-from edgeq.devices.base import latencies, why_not
+from edgeq.devices.agent import bootstrap, source
+from edgeq.devices.client import CHUNK, AgentClient
 from edgeq.errors import UserError
-from edgeq.runtimes.base import Latency
 from edgeq.target import Target
 
 ANSWER_TIMEOUT_S = 900.0
-CHUNK = 1 << 20
 _ADDRESS = re.compile(r"ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>[A-Za-z0-9._\-\[\]:]+?)(?::(?P<port>\d+))?"
                       r"(?P<python>/.*)?")
 FIX = ("check that 'ssh [user@]host' logs in without a prompt and that the board has python3 with numpy and "
@@ -69,26 +61,13 @@ class SshAddress:
                 *port, "--", login, remote]
 
 
-def _model_files(model: Path) -> list[Path]:
-    """A model file and the external data files it names."""
-    import onnx
-
-    proto = onnx.load(str(model), load_external_data=False)
-    tensors = list(proto.graph.initializer)
-    locations = {entry.value for t in tensors for entry in t.external_data if entry.key == "location"}
-    return [model] + [model.parent / location for location in sorted(locations)]
-
-
-class SshDevice:
+class SshDevice(AgentClient):
     def __init__(self, address: str):
-        self.address = address
+        super().__init__(address)
         self.where = SshAddress.parse(address)
         self._process: subprocess.Popen | None = None
         self._stderr = None
         self._buffer = b""
-        self._facts: dict | None = None
-        self._bundles: dict[tuple, tuple[str, list[Path]]] = {}  # file identity → (bundle, files)
-        self._present: set[str] = set()
 
     # ------------------------------------------------------------ the connection
 
@@ -161,74 +140,11 @@ class SshDevice:
         payload = self._receive(answer["size"]) if request["op"] == "run" else b""
         return answer, payload
 
-    # ------------------------------------------------------------ files, by content
-
-    def _push(self, files: list[tuple[str, bytes | Path]]) -> str:
-        digest = hashlib.sha256()
-        for name, content in files:
-            digest.update(name.encode() + b"\0")
-            if isinstance(content, bytes):
-                digest.update(content)
-            else:
-                with open(content, "rb") as handle:
-                    while chunk := handle.read(CHUNK):
-                        digest.update(chunk)
-            digest.update(b"\0")
-        bundle = digest.hexdigest()
-        if bundle not in self._present:
-            missing, _ = self._call({"op": "has", "bundles": [bundle]})
-            if missing["missing"]:
-                sizes = [[n, len(c) if isinstance(c, bytes) else os.path.getsize(c)] for n, c in files]
-                self._call({"op": "put", "bundle": bundle, "files": sizes}, files)
-            self._present.add(bundle)
-        return bundle
-
-    def _model_ref(self, model: Path) -> list[str]:
-        model = Path(model)
-        stat = model.stat()
-        key = (str(model.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if key not in self._bundles:
-            files = _model_files(model)
-            self._bundles[key] = (self._push([(f.name, f) for f in files]), files)
-        return [self._bundles[key][0], model.name]
-
-    def _feed_ref(self, feed: Mapping[str, np.ndarray]) -> list[str]:
-        return [self._push([("feed.npz", npz_bytes(dict(feed)))]), "feed.npz"]
-
-    # ------------------------------------------------------------ the Device protocol
-
-    def facts(self) -> dict:
-        if self._facts is None:
-            self._facts, _ = self._call({"op": "facts"})
-        return self._facts
-
     def check(self, target: Target, runtime: str = "onnxruntime") -> str:
         if runtime == "tvm":
             return ("an ssh device measures ONNX Runtime builds; TVM libraries are measured on boards behind a TVM "
                     "RPC tracker (--device rpc://TRACKER_HOST:PORT/KEY)")
-        return why_not(self.facts(), target, runtime)
-
-    def measure(self, models: Mapping[str, Path], feed: Mapping[str, np.ndarray], settings: dict, warmup: int,
-                repeats: int, noise: dict) -> dict[str, Latency]:
-        request = {"op": "measure", "models": {name: self._model_ref(path) for name, path in models.items()},
-                   "feed": self._feed_ref(feed), "settings": settings, "warmup": warmup, "repeats": repeats,
-                   "noise": noise, "pin": noise.get("pin")}
-        return latencies(self._call(request)[0], self.address)
-
-    def profile(self, model: Path, feed: Mapping[str, np.ndarray], settings: dict, runs: int,
-                seconds: float) -> tuple[list[tuple[str, str, float]], int]:
-        answer, _ = self._call({"op": "profile", "model": self._model_ref(model), "feed": self._feed_ref(feed),
-                                "settings": settings, "runs": runs, "seconds": seconds})
-        return [tuple(k) for k in answer["kernels"]], answer["runs"]
-
-    def session(self, model: Path, settings: dict, optimized: bool = True) -> "_RemoteSession":
-        return _RemoteSession(self, Path(model), settings, optimized)
-
-    def run(self, model: Path, feed: Mapping[str, np.ndarray], settings: dict, optimized: bool) -> list[np.ndarray]:
-        _, payload = self._call({"op": "run", "model": self._model_ref(model), "feed": self._feed_ref(feed),
-                                 "settings": settings, "optimized": optimized})
-        arrays = npz_arrays(payload)
-        return [arrays[str(i)] for i in range(len(arrays))]
+        return super().check(target, runtime)
 
     def close(self) -> None:
         if self._process is None:
@@ -240,16 +156,3 @@ class SshDevice:
             if self._process is not None:
                 self._process.kill()
         self._process = None
-
-
-class _RemoteSession:
-    """A model run on the board, feed by feed (the fidelity runs where the board's int8 differs from ours)."""
-
-    def __init__(self, device: SshDevice, model: Path, settings: dict, optimized: bool):
-        import onnx
-
-        self.device, self.model, self.settings, self.optimized = device, model, settings, optimized
-        self.output_names = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.device.run(self.model, feeds, self.settings, self.optimized)

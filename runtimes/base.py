@@ -67,7 +67,12 @@ class Runtime(Protocol):
 
     def measure(self, models: Mapping[str, Path], feeds: Mapping[str, np.ndarray], warmup: int,
                 repeats: int) -> dict[str, Latency]:
-        """Latency of each model by :func:`measure_interleaved`."""
+        """Latency of each model, interleaved (the agent's latency rule, on the target's device)."""
+        ...
+
+    def measure_many(self, jobs: list[Mapping[str, Path]], feeds: Mapping[str, np.ndarray], warmup: int,
+                     repeats: int) -> list[dict[str, Latency]]:
+        """Each job as :meth:`measure` does, in parallel where the device can."""
         ...
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int) -> list[NodeTime]: ...

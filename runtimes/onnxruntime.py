@@ -8,9 +8,10 @@ otherwise. Per-node profiles come from ORT's own profiler; a fused kernel (``QLi
 suffix, which is stripped to map its time back to the original node; a node ORT fused with its neighbours
 keeps the first one's name plus ``/<Name>Fusion`` tags (``MatMul_3/MatMulAddFusion``), which are stripped too;
 a kernel of ORT's NCHWc layout is named after the value it makes (``relu_3_nchwc``), and counts for the node
-that makes that value in the model. Kernels ORT adds itself (layout Transposes) are reported under their own
-names. Sessions are kept by the device (:class:`edgeq.devices.agent.Agent`), keyed by the model file's
-identity and modification time.
+that makes that value in the model — or, when ORT fused that node into the kernel (a Conv's Relu), for the
+nearest node upstream of it with the kernel's op type (the Conv). Kernels ORT adds itself (layout Transposes)
+are reported under their own names. Sessions are kept by the device (:class:`edgeq.devices.agent.Agent`), keyed
+by the model file's identity and modification time.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ class OnnxRuntime:
                 repeats: int = 50) -> dict[str, Latency]:
         return self.device.measure(models, feeds, self.settings, warmup, repeats, self.target.noise.to_dict())
 
+    def measure_many(self, jobs: list[Mapping[str, Path]], feeds: Mapping[str, np.ndarray], warmup: int = 5,
+                     repeats: int = 50) -> list[dict[str, Latency]]:
+        """Each job measured as :meth:`measure` does; in parallel where the device has several boards."""
+        noise = self.target.noise.to_dict()
+        if hasattr(self.device, "measure_many"):
+            return self.device.measure_many(jobs, feeds, self.settings, warmup, repeats, noise)
+        return [self.device.measure(job, feeds, self.settings, warmup, repeats, noise) for job in jobs]
+
     def session(self, model_path: Path, optimized: bool = True) -> Session:
         """A session of the model file (``optimized=False``: without ORT's graph optimizations, so that a
         fake-quantized model runs each Q/DQ as written), where fidelity is measured."""
@@ -88,11 +97,27 @@ class OnnxRuntime:
         :data:`PROFILE_SECONDS` of runs, at least 3)."""
         kernels, count = self.device.profile(Path(model_path), feeds, self.settings, runs, PROFILE_SECONDS)
         graph = onnx.load(str(model_path), load_external_data=False).graph
-        makers = {value: node.name for node in graph.node for value in node.output}
+        makers = {value: node for node in graph.node for value in node.output}
         total: dict[tuple[str, str], float] = defaultdict(float)
         for kernel, op_type, microseconds in kernels:
             name = _ORT_SUFFIX.sub("", kernel)
             if name.endswith(_NCHWC):
-                name = makers.get(name[: -len(_NCHWC)], name)
+                name = _nchwc_owner(makers, name[: -len(_NCHWC)], op_type) or name
             total[(name, op_type)] += microseconds / 1e3
         return sorted((NodeTime(n, op, ms / count) for (n, op), ms in total.items()), key=lambda t: -t.ms)
+
+
+def _nchwc_owner(makers: Mapping[str, onnx.NodeProto], value: str, op_type: str, depth: int = 3) -> str | None:
+    """The node an NCHWc kernel of ``op_type`` that makes ``value`` counts for: the node of that op type nearest
+    upstream of the value's maker within ``depth`` nodes (the fused activations and Adds ORT folded into it),
+    else the maker itself (None: no node makes the value)."""
+    maker = makers.get(value)
+    if maker is None:
+        return None
+    frontier = [maker]
+    for _ in range(depth + 1):
+        found = next((node for node in frontier if node.op_type == op_type), None)
+        if found is not None:
+            return found.name
+        frontier = [makers[v] for node in frontier for v in node.input if v in makers]
+    return maker.name

@@ -46,6 +46,9 @@ class ScriptedRuntime:
         sessions = {name: self.session(path) for name, path in models.items()}
         return measure_interleaved({n: (lambda s=s: s.run(feed)) for n, s in sessions.items()}, warmup, repeats)
 
+    def measure_many(self, jobs, feed, warmup, repeats):
+        return [self.measure(job, feed, warmup, repeats) for job in jobs]
+
     def profile(self, path, feed):
         if path.name == "float":
             return [NodeTime(n, "Conv", 0.5) for n in self.nodes]

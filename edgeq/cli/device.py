@@ -32,9 +32,6 @@ def check(address, target, runtime, as_json):
 
     wanted = load_target(target) if target else None
     with contextlib.closing(open_device(address)) as dev:
-        if not hasattr(dev, "facts"):
-            raise UserError(f"{address} is a TVM RPC tracker: its boards answer TVM's own RPC only",
-                            "check a board with ssh://…, or run 'python -m tvm.exec.query_rpc_tracker'")
         facts = dev.facts()
         why = dev.check(wanted, runtime) if wanted else ""
     if as_json:
@@ -46,6 +43,23 @@ def check(address, target, runtime, as_json):
     if why:
         raise UserError(f"device {address} cannot measure target {wanted.name}: {why}",
                         "choose the target that device is, or fix the device")
+
+
+@device.command()
+@debug_option
+@click.option("--tracker", required=True, help="The TVM RPC tracker, HOST:PORT.")
+@click.option("--key", required=True, help="The key boards of this kind register under (e.g. pi5).")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address this board's RPC server listens on.")
+@click.option("--port", type=click.IntRange(1, 65435), default=9090, show_default=True,
+              help="First port to try (up to 100 above it).")
+def serve(tracker, key, host, port):
+    """Serve this board to a TVM RPC tracker: TVM's RPC server with edgeq's ONNX Runtime agent registered, so the
+    tracker's clients tune TVM and measure ONNX Runtime builds here (--device rpc://TRACKER:PORT/KEY). TVM RPC has
+    no authentication: keep the tracker and boards on a trusted network."""
+    from edgeq.devices.rpc import serve as serve_board
+
+    click.echo(f"edgeq device serve: registering with {tracker} under key {key} (Ctrl-C stops)", err=True)
+    serve_board(tracker, key, host, port)
 
 
 def _print(address: str, facts: dict, target, runtime: str) -> None:

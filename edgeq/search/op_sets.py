@@ -11,7 +11,8 @@ Rules:
   implies: the first candidate, delivered when nothing is measured, is static int8). ``DynamicMatMul`` counts
   as present where its layers hold at least half of the model's layer weights (the pipeline's
   ``DYNAMIC_SHARE``: transformers and MLPs, not a CNN with a classifier).
-- Each candidate is measured in its own interleaved pair with float (interleaving many models at once thrashes
+- The candidates are one batch (they do not depend on each other). Each is measured in its own interleaved pair
+  with float (interleaving many models at once thrashes
   the caches, which flatters the smallest weights) and on ``FIDELITY_FEEDS`` held-out feeds; the most accurate
   (worst-output SQNR) among those within ``SPEED_TOLERANCE`` of the fastest is chosen. (The no-slowdown check
   measures the chosen one again: a fresh figure, free of the bias of picking the best of several.)
@@ -62,11 +63,10 @@ def most_accurate_of_the_fastest(figures: dict[str, dict]) -> str:
     return max(close, key=lambda k: figures[k]["sqnr_db"])
 
 
-def choose_op_set(builds: dict[str, Callable[[], object]]) -> Generator[Candidate, Trial, str]:
-    """Measure every op set's build; returns the chosen label."""
-    trials = {}
-    for label, make in builds.items():
-        trials[label] = yield Candidate("op set", label, make, time=True, feeds=FIDELITY_FEEDS)
+def choose_op_set(builds: dict[str, Callable[[], object]]) -> Generator[list[Candidate], list[Trial], str]:
+    """Measure every op set's build (one batch: on several boards, in parallel); returns the chosen label."""
+    batch = yield [Candidate("op set", label, make, time=True, feeds=FIDELITY_FEEDS) for label, make in builds.items()]
+    trials = dict(zip(builds, batch))
     chosen = most_accurate_of_the_fastest({k: {"ratio": t.ratio, "sqnr_db": worst_sqnr(t.fidelity)}
                                            for k, t in trials.items()})
     trials[chosen].chosen = True

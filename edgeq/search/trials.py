@@ -16,6 +16,9 @@ Rules:
   trial is compared against them.
 - A strategy bounds itself (rounds, ⌈log₂(n + 1)⌉ bisection steps, one build per op set); :func:`run` measures
   each candidate exactly once.
+- A strategy may propose a batch (a list of candidates that do not depend on each other's figures): all are
+  built, then their latency pairs are measured together — in parallel where the device has several boards
+  (:meth:`edgeq.devices.rpc.RpcDevice.measure_many`) — and the list of trials is sent back.
 """
 
 from __future__ import annotations
@@ -84,17 +87,23 @@ class Trials:
         self._reference: list | None | bool = False  # False: not computed yet; None: too big to keep
 
     def measure(self, candidate: Candidate) -> Trial:
-        build = candidate.make()
-        trial = Trial(candidate, build)
-        if candidate.time and self.timed:
-            trial.latency = self.runtime.measure({"float": self.float_path, "int8": build.path}, self.feed,
-                                                 self.recipe.latency_warmup, self.recipe.latency_repeats)
-        if candidate.feeds != 0:
-            trial.fidelity = self.fidelity(build.path, candidate.feeds)
-        if candidate.profile and self.timed:
-            trial.kernel_times = self.kernel_times(build.path)
-        self.log.append(trial)
-        return trial
+        return self.measure_batch([candidate])[0]
+
+    def measure_batch(self, candidates: list[Candidate]) -> list[Trial]:
+        batch = [Trial(candidate, candidate.make()) for candidate in candidates]
+        timed = [trial for trial in batch if trial.candidate.time and self.timed]
+        if timed:
+            pairs = [{"float": self.float_path, "int8": trial.build.path} for trial in timed]
+            for trial, latency in zip(timed, self.runtime.measure_many(pairs, self.feed, self.recipe.latency_warmup,
+                                                                       self.recipe.latency_repeats)):
+                trial.latency = latency
+        for trial in batch:
+            if trial.candidate.feeds != 0:
+                trial.fidelity = self.fidelity(trial.build.path, trial.candidate.feeds)
+            if trial.candidate.profile and self.timed:
+                trial.kernel_times = self.kernel_times(trial.build.path)
+        self.log.extend(batch)
+        return batch
 
     def fidelity(self, path: Path, feeds: int | None = None) -> dict:
         """How far a model file's outputs are from float's on the first ``feeds`` held-out feeds (None: all)."""
@@ -118,12 +127,13 @@ class Trials:
         return [t.to_dict() for t in self.log]
 
 
-def run(strategy: Generator[Candidate, Trial, R], trials: Trials) -> R:
-    """Drive ``strategy``: each candidate it proposes is built and measured once, recorded, and sent back;
-    returns what the strategy returns."""
+def run(strategy: Generator[Candidate | list[Candidate], Trial | list[Trial], R], trials: Trials) -> R:
+    """Drive ``strategy``: each candidate (or batch) it proposes is built and measured once, recorded, and sent
+    back; returns what the strategy returns."""
     try:
-        candidate = next(strategy)
+        proposed = next(strategy)
         while True:
-            candidate = strategy.send(trials.measure(candidate))
+            proposed = strategy.send(trials.measure_batch(proposed) if isinstance(proposed, list)
+                                     else trials.measure(proposed))
     except StopIteration as finished:
         return finished.value

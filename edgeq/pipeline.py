@@ -182,7 +182,8 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
                     run.reason = "the delivered build missed the fidelity guard: " + guard.describe(fidelity["guard"])
                     fidelity = run.delivered_fidelity()
                     fidelity["guard"] = guard.check(fidelity)
-        caveat = request.target.int8_caveat_here() if run.delivered != "float" else ""
+        fidelity["device"] = run.runtime.fidelity_device.address  # where the outputs were computed
+        caveat = request.target.int8_caveat_here() if run.delivered != "float" and fidelity["device"] == "local" else ""
         if caveat:
             fidelity["caveat"] = caveat
         float_bytes = folder_bytes(run.float_path.parent)

@@ -65,7 +65,7 @@ class OnnxRuntime:
         self.settings = ort_settings(target)
         # fidelity is measured where the target's int8 numerics are: on a board only when it computes unlike us
         here = isinstance(self.device, LocalDevice)
-        self._fidelity_device = self.device if here or int8_differs_from_here(self.device.facts()) else LocalDevice()
+        self.fidelity_device = self.device if here or int8_differs_from_here(self.device.facts()) else LocalDevice()
 
     def build(self, model_path: Path, out_dir: Path) -> Path:
         """ORT loads the ONNX file itself: the build moves it, with its external data file, into ``out_dir``."""
@@ -90,7 +90,7 @@ class OnnxRuntime:
     def session(self, model_path: Path, optimized: bool = True) -> Session:
         """A session of the model file (``optimized=False``: without ORT's graph optimizations, so that a
         fake-quantized model runs each Q/DQ as written), where fidelity is measured."""
-        return self._fidelity_device.session(Path(model_path), self.settings, optimized)
+        return self.fidelity_device.session(Path(model_path), self.settings, optimized)
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
         """Average kernel time per node over up to ``runs`` runs on the device (fewer for slow models: about

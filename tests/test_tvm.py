@@ -4,10 +4,7 @@ with a database on disk, local and RPC runners, checked against ONNX Runtime."""
 import json
 import shutil
 from importlib import resources
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import onnx
@@ -15,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+import rpc_farm
 from conftest import EXAMPLES, conv_model, make_model
 from edgeq.devices.local import LocalDevice
 from edgeq.cli import main
@@ -265,40 +263,11 @@ def test_jetson_orin_library_carries_kernels_that_compile_for_sm87(conv, tmp_pat
     assert b"__global__" in (tmp_path / "out" / "model.so").read_bytes()  # the kernels travel in the library
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def rpc_board():
-    """A TVM RPC tracker and one server registered under the key 'board', both on this machine."""
-    port = _free_port()
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                "--port", str(port), "--port-end", str(port + 1)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
-                               "--key", "board", "--host", "127.0.0.1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        from tvm import rpc
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if "board" in str(rpc.connect_tracker("127.0.0.1", port).summary()):
-                    break
-            except Exception:  # tracker not up yet
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the local RPC tracker/server did not come up")
-            time.sleep(0.5)
-        yield f"rpc://127.0.0.1:{port}/board"
-    finally:
-        for process in (server, tracker):
-            process.terminate()
-            process.wait(timeout=10)
+    """A TVM RPC tracker and one plain TVM rpc_server registered under the key 'board', both on this machine."""
+    with rpc_farm.farm([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1"]) as address:
+        yield address
 
 
 def test_tuning_and_measurement_through_an_rpc_tracker(conv, tmp_path, rpc_board, monkeypatch):

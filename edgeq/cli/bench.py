@@ -20,7 +20,8 @@ from edgeq.cli.app import debug_option, default_cache_dir, main, out
 @click.option("--runtime", type=click.Choice(["onnxruntime", "tvm"]), default="onnxruntime", show_default=True,
               help="tvm: build each model with TVM first (tuned schedules from the tuning database where it has them) "
                    "and measure ONNX Runtime beside it.")
-@click.option("--device", help="local, or rpc://TRACKER_HOST:PORT/KEY (--runtime tvm). Default: the target's.")
+@click.option("--device", help="local, ssh://[user@]host[:port][/python] or rpc://TRACKER_HOST:PORT/KEY. "
+                               "Default: the target's.")
 @click.option("--repeats", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the per-node profile.")
 @click.option("--json", "as_json", is_flag=True)

@@ -32,8 +32,11 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("--tune-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="--runtime tvm: MetaSchedule trials for this model, cumulative in the tuning database "
                    "(a re-compile finding them there tunes nothing). 0: TVM's default schedules only.")
-@click.option("--device", help="Where to measure: local, or rpc://TRACKER_HOST:PORT/KEY for a board registered with a "
-                               "TVM RPC tracker (--runtime tvm). Default: the target's [measure] where.")
+@click.option("--device", help="Where every measured decision is measured: local, ssh://[user@]host[:port][/python] "
+                               "(a board with python3, numpy and onnxruntime), or rpc://TRACKER_HOST:PORT/KEY (boards "
+                               "registered with a TVM RPC tracker: 'edgeq device serve' for ONNX Runtime, TVM's "
+                               "rpc_server or 'edgeq device serve' for --runtime tvm). Default: the target's [measure] "
+                               "where.")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile",
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")

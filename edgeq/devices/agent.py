@@ -73,12 +73,27 @@ def cpu_flags() -> list[str]:
     return []
 
 
+# Arm cores by (implementer, part) of /proc/cpuinfo, where the kernel names no model (Raspberry Pi 5, Jetson Orin).
+_ARM_CORES = {("0x41", "0xd03"): "Cortex-A53", ("0x41", "0xd08"): "Cortex-A72", ("0x41", "0xd0b"): "Cortex-A76",
+              ("0x41", "0xd42"): "Cortex-A78AE", ("0x41", "0xd4b"): "Cortex-A78C", ("0x41", "0xd0c"): "Neoverse-N1",
+              ("0x41", "0xd40"): "Neoverse-V1", ("0x41", "0xd4f"): "Neoverse-V2", ("0x41", "0xd05"): "Cortex-A55"}
+
+
 def cpu_model() -> str:
-    text = _read("/proc/cpuinfo") or ""
-    for line in text.splitlines():
+    """The CPU's name: x86 ``model name``; on Arm the board's model or the core named by its part number."""
+    fields: dict[str, str] = {}
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model", "Hardware"):
-            return value.strip()
+        fields.setdefault(key.strip(), value.strip())
+    for key in ("model name", "Model", "Hardware"):
+        if fields.get(key):
+            return fields[key]
+    board = (_read("/proc/device-tree/model") or "").rstrip("\x00")
+    core = _ARM_CORES.get((fields.get("CPU implementer", ""), fields.get("CPU part", "")))
+    if board or core:
+        return " · ".join(p for p in (board, core) if p)
+    if fields.get("CPU part"):
+        return f"Arm part {fields.get('CPU implementer', '?')}/{fields['CPU part']}"
     return platform.processor() or "unknown"
 
 
@@ -336,7 +351,8 @@ class Agent:
         runners = {name: (lambda s=s: s.run(feed)) for name, s in sessions.items()}
         with pinned(self.pin):
             latency, record = measured(runners, warmup, repeats, (noise or {}) | {"pin": self.pin})
-        return {"latency": latency, "conditions": record}
+        # which board measured: a farm spreads one compile's candidates over several
+        return {"latency": latency, "conditions": record | {"board": f"{platform.node()}:{os.getpid()}"}}
 
     def profile(self, path: str, feed: dict, settings: dict, runs: int, seconds: float, folder: str) -> dict:
         """Kernel time totals of a profiled session: about ``seconds`` of runs (at most ``runs``, at least 3)
@@ -473,21 +489,32 @@ class Handler:
         if op == "profile":
             return self.agent.profile(self.path(*request["model"]), self.feed(request["feed"]), settings,
                                       request["runs"], request["seconds"], self.folder), b""
-        if op == "run":
-            outputs = self.agent.run(self.path(*request["model"]), self.feed(request["feed"]), settings,
-                                     request.get("optimized", True))
+        if op == "run":  # the feed comes inline: a fidelity run's feed is used once, never stored
+            outputs = self.agent.run(self.path(*request["model"]), npz_arrays(read(request["feed_bytes"])),
+                                     settings, request.get("optimized", True))
             payload = npz_bytes({str(i): np.asarray(o) for i, o in enumerate(outputs)})
             return {"size": len(payload)}, payload
         raise ValueError(f"unknown request {op!r}")
 
     def answer(self, request: dict, read) -> bytes:
-        """The answer line (and payload) to one request; a failure is an answer too, one line."""
+        """The answer line (and payload) to one request; a failure is an answer too, one line. The bytes that
+        follow the request are consumed either way: the next request starts after them."""
+        following = request.get("feed_bytes", 0) + sum(size for _, size in request.get("files", ()))
+        consumed = [0]
+
+        def counted(n: int) -> bytes:
+            data = read(n)
+            consumed[0] += len(data)
+            return data
+
         try:
-            record, payload = self.handle(request, read)
+            record, payload = self.handle(request, counted)
             return json.dumps({"ok": True} | record).encode() + b"\n" + payload
         except EOFError:
             raise
         except Exception as exc:  # noqa: BLE001 — every failure goes back to the host as one line
+            while consumed[0] < following and counted(min(following - consumed[0], 1 << 20)):
+                pass
             said = str(exc).splitlines()[0][:400] if str(exc) else ""
             return json.dumps({"ok": False, "error": f"{type(exc).__name__}: {said}".rstrip(": ")}).encode() + b"\n"
 

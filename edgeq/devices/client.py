@@ -103,8 +103,9 @@ class AgentClient:
         return RemoteSession(self, Path(model), settings, optimized)
 
     def run(self, model: Path, feed: Mapping[str, np.ndarray], settings: dict, optimized: bool) -> list[np.ndarray]:
-        _, payload = self._call({"op": "run", "model": self._model_ref(model), "feed": self._feed_ref(feed),
-                                 "settings": settings, "optimized": optimized})
+        data = npz_bytes(dict(feed))
+        _, payload = self._call({"op": "run", "model": self._model_ref(model), "feed_bytes": len(data),
+                                 "settings": settings, "optimized": optimized}, [("feed.npz", data)])
         arrays = npz_arrays(payload)
         return [arrays[str(i)] for i in range(len(arrays))]
 

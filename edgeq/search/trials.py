@@ -71,6 +71,9 @@ class Trial:
         if self.latency:
             record |= {"float_ms": self.latency["float"].median_ms, "ms": self.latency["int8"].median_ms,
                        "ratio": self.ratio}
+            conditions = self.latency["int8"].conditions
+            if conditions:  # which board measured it, and whether the noise rule flagged the run
+                record |= {"board": conditions.get("board"), "flags": conditions["flags"]}
         if self.fidelity:
             record |= {"sqnr_db": worst_sqnr(self.fidelity), "drop": accuracy_drop(self.fidelity)}
         return record | {"chosen": self.chosen}

@@ -177,3 +177,24 @@ def test_an_unreachable_board_is_one_line_and_writes_nothing(board, tmp_path, mo
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="Connection refused|closed the connection"):
         SshDevice(f"ssh://root@127.0.0.1:{sshd._free_port()}").facts()
+
+
+# ---------------------------------------------------------------- two boards behind a TVM RPC tracker
+
+
+def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(tmp_path):
+    pytest.importorskip("tvm")
+    import rpc_farm
+
+    edgeq = [sys.executable, "-c", "from edgeq.cli import main; main()", "device", "serve", "--host", "127.0.0.1"]
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_model(), model)
+    feeds = write_feeds(tmp_path / "feeds", "x", (1, 3, 16, 16), 16)
+    with rpc_farm.farm(edgeq, boards=2, key="farm", env={"EDGEQ_DEVICE_DIR": str(tmp_path / "boards")}) as address:
+        result = run("compile", model, "-t", HOST_X86, "--calib", feeds, "--device", address, "--allow-slowdown",
+                     "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    op_sets = [t for t in manifest["search"]["trials"] if t["strategy"] == "op set"]
+    assert len(op_sets) >= 2 and len({t["board"] for t in op_sets}) == 2  # measured on both boards
+    assert manifest["latency"]["device"]["address"] == address

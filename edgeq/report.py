@@ -29,19 +29,25 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _PALETTE = ("#36c", "#c60", "#393", "#939", "#c33", "#088", "#886")
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse;margin:0.5em 0}}
-td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left}}.met{{color:#080}}.missed{{color:#c00}}
+td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left}}.met,.ok{{color:#080}}
+.missed,.flagged{{color:#c00}}
 </style></head><body>
 <h1>{title}</h1>
 {body}
-<p>The same data is in <code>manifest.json</code>.</p></body></html>
+<p>The same data is in <code>{data}</code>.</p></body></html>
 """
 
 
-def _e(value) -> str:
+def page(title: str, body: str, data: str) -> str:
+    """A self-contained page (no script, no link) whose figures all come from the JSON file ``data``."""
+    return _PAGE.format(title=escape(title), body=body, data=escape(data))
+
+
+def escape(value) -> str:
     return html.escape(str(value))
 
 
-def _num(value, digits: int = 4) -> str:
+def figure(value, digits: int = 4) -> str:
     """A figure as the manifest holds it (JSON writes infinities as the strings "inf", "-inf")."""
     if value is None:
         return "–"
@@ -55,9 +61,9 @@ def _verdict(met: bool) -> str:
 
 def _summary(manifest: dict) -> str:
     delivered, latency = manifest["delivered"], manifest.get("latency") or {}
-    items = [f"<b>{_e(delivered['precision'])}</b> for {_e(manifest['target']['name'])}"]
+    items = [f"<b>{escape(delivered['precision'])}</b> for {escape(manifest['target']['name'])}"]
     if delivered.get("reason"):
-        items.append(_e(delivered["reason"]))
+        items.append(escape(delivered["reason"]))
     timed = {name: figures["median_ms"] for name, figures in latency.items()
              if isinstance(figures, dict) and "median_ms" in figures}
     items.append("latency (median): " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timed.items())
@@ -80,11 +86,11 @@ def _outputs(manifest: dict) -> str:
     checks = (fidelity.get("guard") or {}).get("outputs", {})
     rows = []
     for name, out in fidelity["outputs"].items():
-        guard = "; ".join(f"{c['figure']} {_num(c['value'])} ≥ {c['min']:g} {_verdict(c['met'])}"
+        guard = "; ".join(f"{c['figure']} {figure(c['value'])} ≥ {c['min']:g} {_verdict(c['met'])}"
                           for c in checks.get(name, {}).get("checks", []))
-        rows.append(f"<tr><td>{_e(name)}</td><td>{_e(out.get('kind', ''))}</td><td>{_num(out.get('cosine'), 6)}</td>"
-                    f"<td>{_num(out.get('sqnr_db'))}</td><td>{_num(out.get('decision_agreement'))}</td>"
-                    f"<td>{_num(out.get('sequence_agreement'))}</td><td>{guard or '–'}</td></tr>")
+        rows.append(f"<tr><td>{escape(name)}</td><td>{escape(out.get('kind', ''))}</td><td>{figure(out.get('cosine'), 6)}</td>"
+                    f"<td>{figure(out.get('sqnr_db'))}</td><td>{figure(out.get('decision_agreement'))}</td>"
+                    f"<td>{figure(out.get('sequence_agreement'))}</td><td>{guard or '–'}</td></tr>")
     return (f"<h2>Outputs (on {fidelity.get('feeds', '?')} feeds)</h2><table><tr><th>output</th><th>kind</th>"
             "<th>cosine</th><th>SQNR dB</th><th>decision agreement</th><th>sequence agreement</th>"
             "<th>guard</th></tr>" + "".join(rows) + "</table>")
@@ -100,8 +106,8 @@ def _candidates(manifest: dict) -> str:
     points = [(t["ratio"], float(t.get("sqnr_db", math.nan)), "chosen" if t["chosen"] else t["strategy"],
                f"{t['strategy']}: {t['label']}") for t in trials if t.get("ratio") is not None]
     rows = "".join(
-        f"<tr><td>{i}</td><td>{_e(t['strategy'])}</td><td>{_e(t['label'])}</td><td>{_num(t.get('ratio'), 3)}</td>"
-        f"<td>{_num(t.get('sqnr_db'))}</td><td>{_e(t.get('guard_met', '–'))}</td>"
+        f"<tr><td>{i}</td><td>{escape(t['strategy'])}</td><td>{escape(t['label'])}</td><td>{figure(t.get('ratio'), 3)}</td>"
+        f"<td>{figure(t.get('sqnr_db'))}</td><td>{escape(t.get('guard_met', '–'))}</td>"
         f"<td>{'✓' if t['chosen'] else ''}</td></tr>" for i, t in enumerate(trials, start=1))
     plot = scatter(points, styles, "latency vs float (median ratio)", "SQNR of the worst output (dB)") \
         if points else "<p>no candidate was timed</p>"
@@ -148,8 +154,8 @@ def _layers(manifest: dict) -> str:
         alone = nsr.get(name)
         error = "–" if alone is None else f"{-10 * math.log10(alone):.1f}" if alone > 0 else "∞"
         why = d.get("reason", "") + (" (returned to float by the fidelity guard)" if name in float_groups else "")
-        rows.append(f"<tr><td>{_e(name)}</td><td>{_e(d['op_type'])}</td><td><b>{_e(d['precision'])}</b></td>"
-                    f"<td>{_e(why)}</td><td>{_num(t.get('float_ms'), 3)}</td><td>{_num(t.get('int8_ms'), 3)}</td>"
+        rows.append(f"<tr><td>{escape(name)}</td><td>{escape(d['op_type'])}</td><td><b>{escape(d['precision'])}</b></td>"
+                    f"<td>{escape(why)}</td><td>{figure(t.get('float_ms'), 3)}</td><td>{figure(t.get('int8_ms'), 3)}</td>"
                     f"<td>{error}</td></tr>")
     counts = defaultdict(int)
     for d in layers.values():
@@ -164,4 +170,4 @@ def render(manifest: dict, title: str) -> str:
     parts = [_summary(manifest), _outputs(manifest), _candidates(manifest), _time(manifest), _layers(manifest)]
     if manifest.get("mixed"):
         parts.append(mixed_report.section(manifest["mixed"]))
-    return _PAGE.format(title=_e(title), body="\n".join(p for p in parts if p))
+    return page(title, "\n".join(p for p in parts if p), "manifest.json")

@@ -676,7 +676,7 @@ class _Compilation:
             "guard": (self.guard_report or {"thresholds": guard.THRESHOLDS}) if self.guard_applies
             else {"applied": False, "why": "--no-guard" if not self.recipe.guard else
                   "--metric/--max-drop given" if self.recipe.scheme == "int8" else "--scheme mixed has its budgets"},
-            "search": {"trials": self.trials.to_list()},
+            "search": self.trials.to_dict(),
             "per_node": _per_node_table(self.profiles, insert.decisions),
             "fidelity": fidelity,
             "budget": budget,

@@ -134,6 +134,9 @@ def _measure(runtime: TvmRuntime, float_path: Path, library: Path, untuned: Path
     measured = runtime.measure_with_onnxruntime(libraries, float_path, feed, recipe.latency_warmup,
                                                 recipe.latency_repeats)
     result = {name: lat.to_dict() for name, lat in measured.items()}
+    remote = runtime.target.measure_where != "local"
+    result["device"] = {"address": runtime.target.measure_where,  # a board times each run itself (time_evaluator)
+                        "timed_by": "the board's own timer, per run" if remote else "this process"}
     for other in ("onnxruntime", "tvm_untuned"):
         if other in measured:
             result[f"tvm_over_{other}"] = measured["tvm"].median_ms / measured[other].median_ms

@@ -17,9 +17,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def farm(board_command: list[str], boards: int = 1, key: str = "board", env: dict | None = None):
-    """Start the tracker and ``boards`` servers (``board_command`` + ``--tracker HOST:PORT --key KEY``); yield the
-    device address once the tracker lists every board free."""
+def farm(board_command: list[str], boards: int = 1, key: str = "board", env: dict | None = None,
+         cpus: list[int] | None = None):
+    """Start the tracker and ``boards`` servers (``board_command`` + ``--tracker HOST:PORT --key KEY``; board i
+    pinned to CPU ``cpus[i]`` with taskset where given); yield the device address once the tracker lists every
+    board free."""
     from tvm import rpc
 
     port = free_port()
@@ -27,13 +29,19 @@ def farm(board_command: list[str], boards: int = 1, key: str = "board", env: dic
                                    "--port", str(port), "--port-end", str(port + 1)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        time.sleep(0.5)
-        processes += [subprocess.Popen([*board_command, "--tracker", f"127.0.0.1:{port}", "--key", key],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                       env=os.environ | (env or {})) for _ in range(boards)]
         deadline = time.monotonic() + 60
+        while True:  # a board that finds no tracker retries only after 5 s
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the local RPC tracker did not come up")
+            time.sleep(0.1)
+        processes += [subprocess.Popen([*(["taskset", "-c", str(cpus[i])] if cpus else []), *board_command,
+                                        "--tracker", f"127.0.0.1:{port}", "--key", key],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       env=os.environ | (env or {})) for i in range(boards)]
         while True:
-            with contextlib.suppress(Exception):  # the tracker may not be up yet
+            with contextlib.suppress(Exception):
                 queue = rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get(key, {})
                 if queue.get("free", 0) >= boards:
                     break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import sys
@@ -54,6 +55,16 @@ def test_a_foreign_load_that_persists_is_recorded_not_measured_into_again(monkey
     _, record = agent.measured({"a": lambda: None}, warmup=1, repeats=3, noise={"retries": 3})
     assert record["tries"] == 1 and record["flagged"] and record["flags"] == ["busy"]
     assert record["foreign_load_cores"] == 1.6
+
+
+def test_foreign_load_counts_only_the_cpus_the_measurement_may_run_on(monkeypatch):
+    # cpu0 busy 40 of 100 ticks (user 30, system 10), cpu1 busy 100 of 100: a board pinned to cpu0 sees cpu0 only
+    stat = ("cpu  130 0 10 60 0 0 0 0 0 0\ncpu0 30 0 10 60 0 0 0 0 0 0\ncpu1 100 0 0 0 0 0 0 0 0 0\n"
+            "intr 1 2 3\nctxt 4\n")
+    monkeypatch.setattr(agent, "_read", lambda path: stat)
+    assert agent._busy_jiffies({0}) == (40, 100)
+    assert agent._busy_jiffies({0, 1}) == (140, 200)
+    assert agent._busy_jiffies({7}) is None
 
 
 def test_local_measurements_carry_their_conditions(tmp_path):
@@ -183,6 +194,8 @@ def test_an_unreachable_board_is_one_line_and_writes_nothing(board, tmp_path, mo
 
 
 def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(tmp_path):
+    """A tracker and two 'edgeq device serve' boards on 127.0.0.1: the compile's op sets are measured on both,
+    and the delivered model is profiled on one of them."""
     pytest.importorskip("tvm")
     import rpc_farm
 
@@ -193,8 +206,32 @@ def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(t
     with rpc_farm.farm(edgeq, boards=2, key="farm", env={"EDGEQ_DEVICE_DIR": str(tmp_path / "boards")}) as address:
         result = run("compile", model, "-t", HOST_X86, "--calib", feeds, "--device", address, "--allow-slowdown",
                      "-o", tmp_path / "out")
+        profiled = run("profile", model, "-t", HOST_X86, "--device", address, "--compare",
+                       tmp_path / "out" / "model.onnx", "--runs", 3, "-o", tmp_path / "profile")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     op_sets = [t for t in manifest["search"]["trials"] if t["strategy"] == "op set"]
     assert len(op_sets) >= 2 and len({t["board"] for t in op_sets}) == 2  # measured on both boards
-    assert manifest["latency"]["device"]["address"] == address
+    assert manifest["latency"]["device"]["address"] == address and manifest["search"]["measure_seconds"] > 0
+    assert profiled.exit_code == 0, profiled.output
+    profile = json.loads((tmp_path / "profile" / "profile.json").read_text())
+    assert profile["device"]["address"] == address
+    assert all(m["latency"]["conditions"]["device"] == address for m in profile["models"].values())
+    assert {"conv1", "conv2", "fc"} <= {n["name"] for n in profile["models"]["model.onnx"]["nodes"]}
+
+
+def test_two_boards_sharing_a_folder_may_push_the_same_bundle_at_once(tmp_path, monkeypatch):
+    # the other board's rename lands between this one's write and its rename: this one's copy is discarded
+    digest, content = "ab" * 32, b"model bytes"
+    handler, real_rename = agent.Handler(str(tmp_path)), agent.os.rename
+
+    def rename_after_the_other_board(source, destination):
+        (tmp_path / digest).mkdir()
+        (tmp_path / digest / "m.onnx").write_bytes(content)
+        real_rename(source, destination)
+
+    monkeypatch.setattr(agent.os, "rename", rename_after_the_other_board)
+    answer, _ = handler.handle({"op": "put", "bundle": digest, "files": [["m.onnx", len(content)]]},
+                               io.BytesIO(content).read)
+    assert answer == {} and (tmp_path / digest / "m.onnx").read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == [digest]  # no partial copy left behind

@@ -279,3 +279,4 @@ def test_tuning_and_measurement_through_an_rpc_tracker(conv, tmp_path, rpc_board
     assert manifest["tvm"]["tuning"]["runner"] == rpc_board and manifest["tvm"]["tuning"]["trials_run"] >= 4
     assert manifest["tvm"]["check"]["ok"]  # outputs computed on the board
     assert "tvm" in manifest["latency"] and "onnxruntime" not in manifest["latency"]
+    assert manifest["latency"]["device"]["address"] == rpc_board  # where the latency was measured

@@ -163,7 +163,7 @@ def _print_tvm_summary(manifest: dict, output: Path) -> None:
     if "tvm" in lat:
         parts = [f"{name} {lat[name]['median_ms']:.3f} ms" for name in ("tvm", "tvm_untuned", "onnxruntime")
                  if name in lat]
-        table.add_row("latency (median)", " · ".join(parts))
+        table.add_row("latency (median)", " · ".join(parts) + _measured_on(lat.get("device")))
     else:
         table.add_row("latency", f"not measured: {lat['why']}")
     check = tvm["check"]
@@ -172,6 +172,11 @@ def _print_tvm_summary(manifest: dict, output: Path) -> None:
                   else f"not run: {check['why']}")
     table.add_row("report", str(output / REPORT))
     out.print(table)
+
+
+def _measured_on(device: dict | None) -> str:
+    address = (device or {}).get("address", "local")
+    return "" if address == "local" else f" · on {address}"
 
 
 def _print_compile_summary(manifest: dict, output: Path) -> None:
@@ -190,7 +195,8 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
     lat = manifest["latency"]
     if "float" in lat:
         table.add_row("latency (median)", f"float {lat['float']['median_ms']:.3f} ms · int8 "
-                                          f"{lat['int8']['median_ms']:.3f} ms · ratio {lat['ratio']:.2f}")
+                                          f"{lat['int8']['median_ms']:.3f} ms · ratio {lat['ratio']:.2f}"
+                                          + _measured_on(lat.get("device")))
     else:
         table.add_row("latency", f"not measured: {lat['why']}")
     fid = manifest["fidelity"]

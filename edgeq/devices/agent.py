@@ -14,8 +14,9 @@ are meaningful on a shared machine.
 
 Noise rule (every measurement records its conditions):
 1. Before and after the run: CPU frequency governor, hottest thermal zone, the kernel's thermal-throttle
-   count, the 1-minute load average; during it, the *foreign* load: busy CPU time of the whole machine
-   (``/proc/stat``) less this process's own, in cores.
+   count, the 1-minute load average; during it, the *foreign* load: busy CPU time of the CPUs this process
+   may run on (``/proc/stat``; all of them unless pinned) less this process's own, in cores — a board pinned
+   to its own cores is not busy because of work on the others.
 2. The run is flagged ``throttled`` when the throttle count rose during it or a zone reached :data:`HOT_C`,
    and ``busy`` when the foreign load took more than :data:`BUSY_CORES` cores.
 3. A flagged run is repeated, at most ``retries`` times, after ``cooldown_s`` (and, while a zone is hot, until
@@ -33,6 +34,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import zipfile
 from collections import OrderedDict
@@ -145,28 +147,33 @@ def conditions() -> dict:
             "load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
-def _busy_jiffies() -> tuple[int, int] | None:
-    """(busy, total) CPU jiffies of the whole machine since boot."""
-    line = (_read("/proc/stat") or "").split("\n", 1)[0].split()
-    if not line or line[0] != "cpu":
-        return None
-    values = [int(v) for v in line[1:9]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
+def _busy_jiffies(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies since boot of the CPUs ``cpus``."""
+    busy = total = 0
+    for line in (_read("/proc/stat") or "").splitlines():
+        name, *values = line.split()[:9] or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            ticks = [int(v) for v in values]
+            busy, total = busy + sum(ticks) - ticks[3] - ticks[4], total + sum(ticks)
+    return (busy, total) if total else None
+
+
+def _my_cpus() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 class LoadMeter:
-    """Foreign load over a window: the machine's busy cores less this process's own."""
+    """Foreign load over a window: the busy cores of the CPUs this process may run on, less its own."""
 
     def __init__(self):
-        self._jiffies, self._own, self._wall = _busy_jiffies(), _own_seconds(), time.perf_counter()
+        self._cpus = _my_cpus()
+        self._jiffies, self._own, self._wall = _busy_jiffies(self._cpus), _own_seconds(), time.perf_counter()
 
     def foreign_cores(self) -> float | None:
-        now = _busy_jiffies()
+        now = _busy_jiffies(self._cpus)
         if now is None or self._jiffies is None or now[1] == self._jiffies[1]:
             return None
-        cores = os.cpu_count() or 1
-        busy = (now[0] - self._jiffies[0]) / (now[1] - self._jiffies[1]) * cores
+        busy = (now[0] - self._jiffies[0]) / (now[1] - self._jiffies[1]) * len(self._cpus)
         own = (_own_seconds() - self._own) / max(time.perf_counter() - self._wall, 1e-9)
         return round(max(busy - own, 0.0), 2)
 
@@ -453,8 +460,7 @@ class Handler:
         for name, _ in request["files"]:
             _check_reference(request["bundle"], name)
         bundle = os.path.join(self.folder, request["bundle"])
-        partial = f"{bundle}.partial-{os.getpid()}"
-        os.makedirs(partial, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f"{request['bundle']}.partial-", dir=self.folder)
         for name, size in request["files"]:
             with open(os.path.join(partial, name), "wb") as handle:
                 remaining = size
@@ -464,10 +470,12 @@ class Handler:
                         raise EOFError("the host closed the stream inside a file")
                     handle.write(chunk)
                     remaining -= len(chunk)
-        if os.path.isdir(bundle):  # pushed by another host meanwhile: same digest, same bytes
-            shutil.rmtree(partial)
-        else:
+        try:
             os.rename(partial, bundle)
+        except OSError:
+            if not os.path.isdir(bundle):
+                raise
+            shutil.rmtree(partial)  # pushed by another host (or board) meanwhile: same digest, same bytes
         return {}
 
     def handle(self, request: dict, read) -> tuple[dict, bytes]:

@@ -67,6 +67,7 @@ def register_agent() -> None:
     answers :data:`FUNCTION` (request JSON, bytes that follow a put) with its answer line and payload."""
     import io
 
+    import onnxruntime  # noqa: F401 — imported once here: each session is a fork of this process, and starts with it
     import tvm
 
     from edgeq.devices.agent import Handler

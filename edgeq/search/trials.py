@@ -11,7 +11,7 @@ Rules:
   float model on the held-out feeds (``feeds``: all, the first n, or 0 for none), per-node kernel times
   (``profile``).
 - Every trial is recorded in order, with its strategy, label, facts and figures; the strategy marks the one it
-  chooses. :meth:`Trials.to_list` is the manifest's ``search.trials``.
+  chooses. :meth:`Trials.to_dict` is the manifest's ``search``.
 - The float model runs on the held-out feeds once: its outputs are kept (up to ``REFERENCE_BYTES``) and every
   trial is compared against them.
 - A strategy bounds itself (rounds, ⌈log₂(n + 1)⌉ bisection steps, one build per op set); :func:`run` measures
@@ -19,11 +19,14 @@ Rules:
 - A strategy may propose a batch (a list of candidates that do not depend on each other's figures): all are
   built, then their latency pairs are measured together — in parallel where the device has several boards
   (:meth:`edgeq.devices.rpc.RpcDevice.measure_many`) — and the list of trials is sent back.
+- The wall time spent measuring latency is summed (``measure_seconds``, the manifest's ``search``): what more
+  boards under one key shorten.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +89,7 @@ class Trials:
         self.runtime, self.float_path, self.feed, self.holdout = runtime, float_path, feed, holdout
         self.recipe, self.metric, self.timed = recipe, metric, timed
         self.log: list[Trial] = []
+        self.measure_seconds = 0.0
         self._kernels: dict[Path, list[NodeTime]] = {}
         self._reference: list | None | bool = False  # False: not computed yet; None: too big to keep
 
@@ -97,8 +101,11 @@ class Trials:
         timed = [trial for trial in batch if trial.candidate.time and self.timed]
         if timed:
             pairs = [{"float": self.float_path, "int8": trial.build.path} for trial in timed]
-            for trial, latency in zip(timed, self.runtime.measure_many(pairs, self.feed, self.recipe.latency_warmup,
-                                                                       self.recipe.latency_repeats)):
+            started = time.perf_counter()
+            latencies = self.runtime.measure_many(pairs, self.feed, self.recipe.latency_warmup,
+                                                  self.recipe.latency_repeats)
+            self.measure_seconds += time.perf_counter() - started
+            for trial, latency in zip(timed, latencies):
                 trial.latency = latency
         for trial in batch:
             if trial.candidate.feeds != 0:
@@ -126,8 +133,9 @@ class Trials:
     def of(self, strategy: str) -> list[Trial]:
         return [t for t in self.log if t.candidate.strategy == strategy]
 
-    def to_list(self) -> list[dict]:
-        return [t.to_dict() for t in self.log]
+    def to_dict(self) -> dict:
+        """The manifest's ``search``: every trial, and the wall time their latency measurement took."""
+        return {"trials": [t.to_dict() for t in self.log], "measure_seconds": round(self.measure_seconds, 3)}
 
 
 def run(strategy: Generator[Candidate | list[Candidate], Trial | list[Trial], R], trials: Trials) -> R:

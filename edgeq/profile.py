@@ -3,8 +3,9 @@ as ``profile.json`` (``edgeq/schemas/profile-1.schema.json``) and a self-contain
 
 Rules:
 1. Where: the target's device (``--device`` overrides it). ONNX Runtime is profiled on any device that can
-   measure the target (:func:`edgeq.devices.base.why_not`); TVM only on this machine and for CPU targets, where
-   the VM's instrument hook times each kernel call (CUDA kernel calls return before the GPU has run them).
+   measure the target (:func:`edgeq.devices.base.why_not`); TVM for CPU targets, here or on a board that runs
+   ``edgeq device serve``, where the VM's instrument hook times each kernel call on the board itself (CUDA kernel
+   calls return before the GPU has run them).
 2. What: latency of MODEL and M2 interleaved in one run (:meth:`Runtime.measure`, the agent's latency and noise
    rules, so their ratio is meaningful), then each model profiled on its own over ``runs`` runs (ONNX Runtime:
    at most ``runs``, about a second of them, at least 3).
@@ -53,9 +54,6 @@ def profile_models(model: Path, target: Target, feeds: Path | None = None, compa
     stage = reporter.stage if reporter is not None else errors.stage
     paths = [Path(model)] + ([Path(compare)] if compare else [])
     labels = _labels(paths)
-    if runtime == "tvm" and target.measure_where != "local":
-        raise UserError(f"TVM kernels are profiled on this machine only, not on {target.measure_where}",
-                        "profile ONNX Runtime there (--runtime onnxruntime), or run edgeq profile on the board itself")
     if runtime == "tvm" and target.tvm is not None and target.tvm.kind == "cuda":
         raise UserError(f"TVM kernels are timed on CPU targets only ({target.name} is CUDA: its kernel calls return "
                         "before the GPU has run them)", "profile the CUDA target with --runtime onnxruntime")
@@ -75,6 +73,7 @@ def profile_models(model: Path, target: Target, feeds: Path | None = None, compa
                                        for name, value in feed.items()}},
                   "runs": runs, "model": labels[0]}
         if runtime == "tvm":
+            device.close()  # TVM requests its own board session: this one's board goes back to the tracker first
             latency, times, database = _measure_tvm(paths, labels, target, feed, runs, cache_dir, stage)
             record["tvm_database"] = database
         else:

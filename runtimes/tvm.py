@@ -16,11 +16,15 @@ Rules:
   process reads once: the first library it runs sets it), or on a board behind a TVM RPC tracker (the library is
   uploaded; latency is the device's own timer, without the network).
 - Latency: the same interleaved protocol as ONNX Runtime (:func:`edgeq.runtimes.base.measure_interleaved`).
+- Kernel times: each kernel call timed by the VM's instrument hook where the library runs — here, or on a board
+  that runs ``edgeq device serve`` (:data:`KERNEL_TIMES`, registered at its start-up): a host-side hook would
+  time the network.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -38,6 +42,7 @@ from edgeq.runtimes.onnxruntime import OnnxRuntime
 from edgeq.target import Target, host_arch
 
 LIBRARY = "model.so"
+KERNEL_TIMES = "edgeq.tvm_kernel_times"  # a board's global function: (uploaded library, feed .npz, runs) → JSON
 # ELF e_machine codes of the architectures edgeq builds for.
 ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 
@@ -220,9 +225,9 @@ class _TvmSession:
             self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
         else:
             # A name per content: re-uploading over a library the board's process has loaded crashes it.
-            name = f"{hashlib.sha256(Path(library).read_bytes()).hexdigest()[:16]}-{Path(library).name}"
-            remote.upload(str(library), target=name)
-            module = remote.load_module(name)
+            self.name = f"{hashlib.sha256(Path(library).read_bytes()).hexdigest()[:16]}-{Path(library).name}"
+            remote.upload(str(library), target=self.name)
+            module = remote.load_module(self.name)
             self.device = remote.cuda(0) if kind == "cuda" else remote.cpu(0)
         self.remote = remote
         threads = _threads(target)
@@ -333,25 +338,56 @@ class TvmRuntime:
         return measure_interleaved(runners, warmup=warmup, repeats=repeats, here=rpc_address(self.target) is None)
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
-        """Time per kernel call (TVM's fused names, e.g. ``fused_conv2d_add_relu``) averaged over ``runs``, timed
-        around each call by the VM's instrument hook (local CPU libraries: calls there are synchronous)."""
+        """Time per kernel call (TVM's fused names, e.g. ``fused_conv2d_add_relu``) averaged over ``runs``
+        (:func:`kernel_times`), where the library runs (CPU libraries: calls there are synchronous)."""
         session = self.session(model_path)
-        args = session.to_device(feeds)
-        totals: dict[str, float] = {}
-        started: list[float] = []
+        if session.remote is None:
+            totals = kernel_times(session.vm, session.to_device(feeds), runs)
+        else:
+            from edgeq.devices.agent import npz_bytes
 
-        def instrument(func, symbol, before_run, ret_value, *call_args):
-            if before_run:
-                started.append(time.perf_counter())
-            elif started:
-                totals[symbol] = totals.get(symbol, 0.0) + (time.perf_counter() - started.pop()) * 1e3
-            return 0  # VMInstrumentReturnKind.NO_OP
+            try:
+                function = session.remote.get_function(KERNEL_TIMES)
+            except Exception:  # noqa: BLE001 — TVM's error for a function the server lacks
+                raise UserError(f"the board under {self.target.measure_where} runs TVM's plain rpc_server, which "
+                                "cannot time kernels", "start the board with 'edgeq device serve --tracker "
+                                "HOST:PORT --key KEY'") from None
+            totals = json.loads(function(session.name, bytearray(npz_bytes(dict(feeds))), runs))
+        return sorted((NodeTime(n, "tvm", ms) for n, ms in totals.items()), key=lambda t: -t.ms)
 
-        session.vm.set_instrument(instrument)
-        for _ in range(runs):
-            session.vm["main"](*args)
-        return sorted((NodeTime(n, "tvm", ms / runs) for n, ms in totals.items() if not n.startswith("vm.builtin")),
-                      key=lambda t: -t.ms)
+
+def kernel_times(vm, args: list, runs: int) -> dict[str, float]:
+    """Milliseconds per run of each kernel ``vm`` calls for ``main(*args)``, timed around each call by the VM's
+    instrument hook over ``runs`` runs (the VM's own builtins left out)."""
+    totals: dict[str, float] = {}
+    started: list[float] = []
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        if before_run:
+            started.append(time.perf_counter())
+        elif started:
+            totals[symbol] = totals.get(symbol, 0.0) + (time.perf_counter() - started.pop()) * 1e3
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        vm["main"](*args)
+    return {n: ms / runs for n, ms in totals.items() if not n.startswith("vm.builtin")}
+
+
+def register_kernel_times() -> None:
+    """On a board (``edgeq device serve``): answer :data:`KERNEL_TIMES` for a library the host uploaded, on the
+    board's CPU with the threads the host's session configured."""
+    tvm = _tvm()
+    from edgeq.devices.agent import npz_arrays
+
+    def board_kernel_times(name: str, feed, runs: int) -> str:
+        module = tvm.runtime.load_module(tvm.get_global_func("tvm.rpc.server.workpath")(name))
+        vm = tvm.relax.VirtualMachine(module, tvm.cpu(0))
+        args = [tvm.runtime.tensor(np.ascontiguousarray(v), tvm.cpu(0)) for v in npz_arrays(bytes(feed)).values()]
+        return json.dumps(kernel_times(vm, args, int(runs)))
+
+    tvm.register_global_func(KERNEL_TIMES, board_kernel_times, override=True)
 
 
 def _threads(target: Target) -> int | None:

@@ -29,7 +29,7 @@ def farm(board_command: list[str], boards: int = 1, key: str = "board", env: dic
                                    "--port", str(port), "--port-end", str(port + 1)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # importing TVM takes ~4 s a process, more on a loaded machine
         while True:  # a board that finds no tracker retries only after 5 s
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break

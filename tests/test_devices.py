@@ -19,7 +19,7 @@ from edgeq.devices.agent import npz_arrays, npz_bytes
 from edgeq.devices.ssh import SshAddress, SshDevice
 from edgeq.errors import UserError
 from edgeq.runtimes.onnxruntime import OnnxRuntime
-from edgeq.target import load_target
+from edgeq.target import host_x86_target, load_target
 from test_cli import run
 
 
@@ -208,6 +208,8 @@ def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(t
                      "-o", tmp_path / "out")
         profiled = run("profile", model, "-t", HOST_X86, "--device", address, "--compare",
                        tmp_path / "out" / "model.onnx", "--runs", 3, "-o", tmp_path / "profile")
+        tvm_profiled = run("profile", model, "-t", host_x86_target("tvm"), "--runtime", "tvm", "--device", address,
+                           "--runs", 3, "-o", tmp_path / "tvm-profile")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     op_sets = [t for t in manifest["search"]["trials"] if t["strategy"] == "op set"]
@@ -218,6 +220,10 @@ def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(t
     assert profile["device"]["address"] == address
     assert all(m["latency"]["conditions"]["device"] == address for m in profile["models"].values())
     assert {"conv1", "conv2", "fc"} <= {n["name"] for n in profile["models"]["model.onnx"]["nodes"]}
+    assert tvm_profiled.exit_code == 0, tvm_profiled.output  # TVM's kernels timed on the board itself
+    tvm_profile = json.loads((tmp_path / "tvm-profile" / "profile.json").read_text())
+    assert tvm_profile["device"]["address"] == address and tvm_profile["names"] == "tvm-kernels"
+    assert any(n["name"].startswith("fused_conv2d") and n["ms"] > 0 for n in tvm_profile["models"]["m.onnx"]["nodes"])
 
 
 def test_two_boards_sharing_a_folder_may_push_the_same_bundle_at_once(tmp_path, monkeypatch):

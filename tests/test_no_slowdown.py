@@ -61,7 +61,7 @@ def _drive(runtime, tmp_path, first, build, recipe):
     """The no-slowdown strategy through the search mechanism: (chosen trial, the trials' records)."""
     trials = Trials(runtime, tmp_path / "float", {}, None, recipe)
     chosen = run(no_slowdown(first, build, trials.kernel_times, tmp_path / "float", recipe), trials)
-    return chosen, trials.to_list()
+    return chosen, trials.to_dict()["trials"]
 
 
 def test_costly_nodes_return_to_float_until_int8_is_faster(tmp_path):

@@ -4,7 +4,8 @@ Rules:
 - TVM tuning and TVM latency reach the boards through TVM's own RPC client (:mod:`edgeq.runtimes.tvm`,
   :mod:`edgeq.runtimes.tvm_tuning`).
 - ``edgeq device serve --tracker HOST:PORT --key KEY`` on a board starts TVM's RPC server with edgeq's agent
-  registered at start-up (the global function :data:`FUNCTION`), so one tracker serves TVM tuning and ONNX
+  registered at start-up (the global function :data:`FUNCTION`, and TVM's kernel timer,
+  :data:`edgeq.runtimes.tvm.KERNEL_TIMES`), so one tracker serves TVM tuning, TVM kernel profiles and ONNX
   Runtime measurement. ONNX Runtime requests travel as TVM RPC calls to it: files pushed by content
   (:mod:`edgeq.devices.client`), latency, profiles and remote runs as on an ssh board.
 - A compile holds one board for its session (facts, the float model's runs); :meth:`RpcDevice.measure_many`
@@ -80,6 +81,9 @@ def register_agent() -> None:
         return handler[0].answer(json.loads(request), io.BytesIO(bytes(payload)).read)
 
     tvm.register_global_func(FUNCTION, call, override=True)
+    from edgeq.runtimes.tvm import register_kernel_times
+
+    register_kernel_times()
 
 
 def serve(tracker: str, key: str, host: str, port: int) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shlex
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -241,3 +243,14 @@ def test_two_boards_sharing_a_folder_may_push_the_same_bundle_at_once(tmp_path, 
                                io.BytesIO(content).read)
     assert answer == {} and (tmp_path / digest / "m.onnx").read_bytes() == content
     assert sorted(p.name for p in tmp_path.iterdir()) == [digest]  # no partial copy left behind
+
+
+def test_a_partial_upload_left_by_a_killed_transfer_is_pruned_once_stale(tmp_path):
+    stale, fresh, bundle = (tmp_path / f"{'ab' * 32}.partial-1"), (tmp_path / f"{'cd' * 32}.partial-2"), tmp_path / "ef"
+    for folder in (stale, fresh, bundle):
+        folder.mkdir()
+        (folder / "m.onnx").write_bytes(b"x" * 10)
+    old = time.time() - agent.STALE_PARTIAL_S - 60
+    os.utime(stale, (old, old))
+    assert agent.prune(str(tmp_path), 1 << 20) == 0  # under the size limit: no bundle goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, bundle.name])

@@ -391,8 +391,9 @@ class Agent:
 # outputs (``0``, ``1``, … in output order). Files live in ``folder/<bundle digest>/<file name>``: a model keeps
 # its own name beside its external data file, and a bundle pushed once is found by its digest ever after. When
 # the host says ``bye``, the least recently used bundles go until the folder holds at most ``CACHE_BYTES``
-# (``$EDGEQ_DEVICE_CACHE_MB``).
+# (``$EDGEQ_DEVICE_CACHE_MB``), and so do partial uploads older than ``STALE_PARTIAL_S`` (a transfer killed midway).
 CACHE_BYTES = int(float(os.environ.get("EDGEQ_DEVICE_CACHE_MB", 2048)) * (1 << 20))
+STALE_PARTIAL_S = 3600.0
 
 
 def _bytes_in(folder: str) -> int:
@@ -400,9 +401,13 @@ def _bytes_in(folder: str) -> int:
 
 
 def prune(folder: str, keep_bytes: int) -> int:
-    """Remove the least recently used bundles of ``folder`` until it holds at most ``keep_bytes``; how many went."""
-    bundles = sorted((os.path.getmtime(path), path) for path in (os.path.join(folder, n) for n in os.listdir(folder))
-                     if os.path.isdir(path) and ".partial-" not in path)
+    """Remove stale partial uploads, then the least recently used bundles of ``folder`` until it holds at most
+    ``keep_bytes``; how many bundles went."""
+    paths = [os.path.join(folder, name) for name in os.listdir(folder)]
+    for path in paths:
+        if ".partial-" in path and time.time() - os.path.getmtime(path) > STALE_PARTIAL_S:
+            shutil.rmtree(path, ignore_errors=True)
+    bundles = sorted((os.path.getmtime(path), path) for path in paths if os.path.isdir(path) and ".partial-" not in path)
     total, removed = sum(_bytes_in(path) for _, path in bundles), 0
     for _, path in bundles:
         if total <= keep_bytes:

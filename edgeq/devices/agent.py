@@ -407,7 +407,8 @@ def prune(folder: str, keep_bytes: int) -> int:
     for path in paths:
         if ".partial-" in path and time.time() - os.path.getmtime(path) > STALE_PARTIAL_S:
             shutil.rmtree(path, ignore_errors=True)
-    bundles = sorted((os.path.getmtime(path), path) for path in paths if os.path.isdir(path) and ".partial-" not in path)
+    bundles = sorted((os.path.getmtime(path), path) for path in paths
+                     if os.path.isdir(path) and ".partial-" not in path)
     total, removed = sum(_bytes_in(path) for _, path in bundles), 0
     for _, path in bundles:
         if total <= keep_bytes:

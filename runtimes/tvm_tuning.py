@@ -7,7 +7,8 @@ Rules:
   some measured trials for these tasks; only the difference is tuned. A compile asking for no more trials than
   are recorded is a database hit and tunes nothing.
 - Candidates are built in this process (:data:`BUILD_THREADS` at a time) and, locally, timed in it too; for
-  ``rpc://HOST:PORT/KEY`` TVM's RPC runner times them on the board (:func:`_builder_and_runner`).
+  ``rpc://HOST:PORT/KEY`` TVM's RPC runner times them on the boards, as many at once as the tracker lists
+  free under the key when tuning starts (:func:`_builder_and_runner`).
 - After tuning, the database is compacted to the best :data:`KEEP_RECORDS` records of each workload, and the
   trials each workload was given are counted in :data:`TRIALS_FILE` beside it.
 - Every task gets a first round (tasks with the fewest records first) before the gradient task scheduler spends
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.devices.rpc import rpc_address
+from edgeq.devices.rpc import RpcDevice, rpc_address
 from edgeq.runtimes.tvm import _tvm, tvm_target
 from edgeq.target import Target
 
@@ -63,6 +64,7 @@ class TuningReport:
     tasks: int
     database: str
     runner: str
+    boards: int  # boards timing candidates at once (1: this machine, or one board)
 
     @property
     def hit(self) -> bool:
@@ -72,14 +74,15 @@ class TuningReport:
         return asdict(self) | {"database_hit": self.hit}
 
 
-def _builder_and_runner(target: Target):
-    """A builder that builds candidates in this process, and the runner that times them.
+def _builder_and_runner(target: Target, boards: int):
+    """A builder that builds candidates in this process, and the runner that times them (on a farm, on
+    ``boards`` boards at once).
 
     TVM's LocalBuilder starts worker processes that import TVM afresh for every batch (on 2 cores that timed
     out on every candidate), and its LocalRunner exports, links and loads each candidate in another process.
     Locally, a built candidate stays in memory and is timed right here (candidates are verified before they run;
     a crash would end the compile, which an isolated runner avoids at about a second per candidate). For a
-    board, candidates are exported and TVM's RPC runner uploads and times them there.
+    board, candidates are exported and TVM's RPC runner uploads and times them there, one per board at once.
     """
     tvm = _tvm()
     from tvm.ir.utils import derived_object
@@ -138,7 +141,7 @@ def _builder_and_runner(target: Target):
         return InProcessBuilder(), InProcessRunner()
     rpc = ms.runner.RPCConfig(tracker_host=device.host, tracker_port=device.port, tracker_key=device.key,
                               session_timeout_sec=120)
-    return InProcessBuilder(), ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator)
+    return InProcessBuilder(), ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=boards)
 
 
 def _zero_integer_arguments(repeated_args) -> None:
@@ -258,6 +261,8 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
     _register_intrinsics(compiled_for)
     before = sum(c[0] for c in counted)
     budget = max(0, trials - before)
+    device = rpc_address(target)
+    boards = max(1, RpcDevice(str(device)).free_boards()) if device is not None and budget else 1
     started = time.perf_counter()
     if budget and tasks:
         _quiet_tvm_logs()
@@ -265,9 +270,9 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
             tasks, str(folder), num_threads=2, seed=0, strategy=ms.search_strategy.EvolutionarySearch(
                 population_size=POPULATION, init_min_unmeasured=RANDOM_SAMPLES, genetic_num_iters=GENETIC_ITERATIONS))
         per_round = max(8, min(64, budget // (2 * len(tasks))))
-        builder, runner = _builder_and_runner(target)
+        builder, runner = _builder_and_runner(target, boards)
         callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()]
-        if rpc_address(target) is not None:  # candidates were exported to temporary folders
+        if device is not None:  # candidates were exported to temporary folders
             callbacks.append(ms.measure_callback.RemoveBuildArtifact())
         if on_progress is not None:
             callbacks = [*callbacks, _progress_callback(budget, on_progress)]
@@ -276,7 +281,7 @@ def tune(fused, target: Target, trials: int, database, folder: Path, on_progress
                       measure_callbacks=callbacks)
         _compact(database, folder, tasks, kept_before)
     return TuningReport(trials, before, recorded_trials(database, tasks, folder) - before,
-                        time.perf_counter() - started, len(tasks), str(folder), str(rpc_address(target) or "local"))
+                        time.perf_counter() - started, len(tasks), str(folder), str(device or "local"), boards)
 
 
 def _progress_callback(budget: int, on_progress):

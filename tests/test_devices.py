@@ -197,7 +197,7 @@ def test_an_unreachable_board_is_one_line_and_writes_nothing(board, tmp_path, mo
 
 def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(tmp_path):
     """A tracker and two 'edgeq device serve' boards on 127.0.0.1: the compile's op sets are measured on both,
-    and the delivered model is profiled on one of them."""
+    the delivered model is profiled on one of them (ONNX Runtime and TVM), and TVM tunes on both at once."""
     pytest.importorskip("tvm")
     import rpc_farm
 
@@ -212,6 +212,8 @@ def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(t
                        tmp_path / "out" / "model.onnx", "--runs", 3, "-o", tmp_path / "profile")
         tvm_profiled = run("profile", model, "-t", host_x86_target("tvm"), "--runtime", "tvm", "--device", address,
                            "--runs", 3, "-o", tmp_path / "tvm-profile")
+        tuned = run("compile", model, "-t", host_x86_target("tvm"), "--runtime", "tvm", "--tune-trials", 8,
+                    "--device", address, "--repeats", 5, "-o", tmp_path / "tvm-out")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     op_sets = [t for t in manifest["search"]["trials"] if t["strategy"] == "op set"]
@@ -226,6 +228,9 @@ def test_a_compile_spreads_its_op_set_candidates_over_two_boards_under_one_key(t
     tvm_profile = json.loads((tmp_path / "tvm-profile" / "profile.json").read_text())
     assert tvm_profile["device"]["address"] == address and tvm_profile["names"] == "tvm-kernels"
     assert any(n["name"].startswith("fused_conv2d") and n["ms"] > 0 for n in tvm_profile["models"]["m.onnx"]["nodes"])
+    assert tuned.exit_code == 0, tuned.output  # TVM's candidates timed on both boards at once
+    tuning = json.loads((tmp_path / "tvm-out" / "manifest.json").read_text())["tvm"]["tuning"]
+    assert tuning["boards"] == 2 and tuning["trials_run"] >= 8
 
 
 def test_two_boards_sharing_a_folder_may_push_the_same_bundle_at_once(tmp_path, monkeypatch):

@@ -277,6 +277,7 @@ def test_tuning_and_measurement_through_an_rpc_tracker(conv, tmp_path, rpc_board
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["tvm"]["tuning"]["runner"] == rpc_board and manifest["tvm"]["tuning"]["trials_run"] >= 4
+    assert manifest["tvm"]["tuning"]["boards"] == 1
     assert manifest["tvm"]["check"]["ok"]  # outputs computed on the board
     assert "tvm" in manifest["latency"] and "onnxruntime" not in manifest["latency"]
     assert manifest["latency"]["device"]["address"] == rpc_board  # where the latency was measured

@@ -4,7 +4,8 @@ Rules, in order:
 1. A model that already holds quantization ops (QuantizeLinear, QLinear*, *Integer, …) is refused: quantizing
    twice only loses accuracy. The user must pass the float original.
 2. The default-domain opset is raised to at least 13 (per-channel DequantizeLinear needs ``axis``), by
-   :mod:`edgeq.passes.convert_opset` (never by relabelling).
+   :mod:`edgeq.passes.convert_opset` (never by relabelling); a model that computes in float16 computes in
+   float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`).
 3. ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too.
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size) folds
@@ -31,6 +32,7 @@ from onnxscript import rewriter
 
 from edgeq.errors import UserError
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
+from edgeq.passes.float16_to_float32 import Float16ToFloat32Pass
 
 MIN_OPSET = 13
 QUANTIZED_OPS = frozenset({
@@ -48,7 +50,12 @@ def quantized_ops_in(model: ir.Model) -> list[str]:
 
 
 class NormalizePass(ir.passes.InPlacePass):
-    """Upgrade opset, lift Constant weights, fold, fuse BatchNorm, drop Identity, infer shapes."""
+    """Upgrade opset, compute in float32, lift Constant weights, fold, fuse BatchNorm, drop Identity, infer
+    shapes. ``float16_converted``: how many float16 tensors and ops became float32 (0: none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.float16_converted = 0
 
     @staticmethod
     def refuse_quantized(model: ir.Model) -> None:
@@ -61,6 +68,9 @@ class NormalizePass(ir.passes.InPlacePass):
         self.refuse_quantized(model)
         if default_opset(model) < MIN_OPSET:
             ConvertOpsetPass(MIN_OPSET)(model)
+        full = Float16ToFloat32Pass()
+        full(model)
+        self.float16_converted = full.converted
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
         input_names = [v.name for v in model.graph.inputs]
         _optimize(model)

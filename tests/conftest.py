@@ -73,6 +73,31 @@ def conv_feeds(tmp_path) -> Path:
     return write_feeds(tmp_path / "feeds", "x", (1, 3, 16, 16), 24)
 
 
+def half_model():
+    """A float16 CNN as half-precision exports write it: float16 weights, input and output, a float16 Constant,
+    a ConstantOfShape of float16, and a Cast to float16 inside."""
+    H, rng = TensorProto.FLOAT16, np.random.default_rng(0)
+    half = {name: numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float16), name)
+            for name, shape in (("w1", [8, 3, 3, 3]), ("b1", [8]), ("w2", [8, 8, 3, 3]), ("fc", [8, 4]))}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(np.array(0.5, np.float16))),
+             helper.make_node("Mul", ["c2", "half"], ["m"]),
+             helper.make_node("Shape", ["m"], ["shape"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["ones"],
+                              value=numpy_helper.from_array(np.array([1.0], np.float16))),
+             helper.make_node("Add", ["m", "ones"], ["a"]),
+             helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["a32"], ["r2"]),
+             helper.make_node("Cast", ["r2"], ["r2h"], to=H),
+             helper.make_node("GlobalAveragePool", ["r2h"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", H, [1, 3, 16, 16])],
+                      [helper.make_tensor_value_info("y", H, [1, 4])], list(half.values()))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))

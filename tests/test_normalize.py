@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import conv_model, make_model
+from conftest import conv_model, half_model, make_model
 from edgeq.errors import UserError
 from edgeq.passes.convert_opset import default_opset
 from edgeq.passes.normalize import NormalizePass
@@ -66,3 +66,29 @@ def test_spatial_reduce_mean_becomes_global_average_pool(keepdims):
     assert model.graph.outputs[0].name == "y"
     x = {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)}
     np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_float16_model_computes_in_float32_behind_its_float16_inputs_and_outputs():
+    proto = half_model()
+    model = ir.from_proto(proto)
+    normalize = NormalizePass()
+    normalize(model)
+    assert normalize.float16_converted >= 7  # 4 weights, the Constant, ConstantOfShape, the inner Cast, 2 casts
+    normalized = ir.to_proto(model)
+    half = [v for v in (*normalized.graph.input, *normalized.graph.output)]
+    assert [v.type.tensor_type.elem_type for v in half] == [TensorProto.FLOAT16, TensorProto.FLOAT16]
+    assert [v.name for v in half] == ["x", "y"]
+    inner = onnx.shape_inference.infer_shapes(normalized).graph.value_info
+    assert all(v.type.tensor_type.elem_type != TensorProto.FLOAT16 for v in inner if v.name not in {"x", "y"})
+    assert not any(i.data_type == TensorProto.FLOAT16 for i in normalized.graph.initializer)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float16)}
+    got, expected = _run(normalized, x), _run(proto, x)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_a_float32_model_is_left_as_it_is_by_the_float16_rule():
+    model = ir.from_proto(conv_model())
+    normalize = NormalizePass()
+    normalize(model)
+    assert normalize.float16_converted == 0

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import make_model
+from conftest import half_model, make_model
 from edgeq.cli import main
 
 F = TensorProto.FLOAT
@@ -252,3 +252,19 @@ def test_a_build_that_outputs_non_finite_values_is_never_delivered(tmp_path):
     assert "NaN or Inf" in manifest["delivered"]["reason"]
     x = np.full((1, 16), 0.5, np.float32)
     assert np.isfinite(ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x})[0]).all()
+
+
+# --- half precision (model.half(), float16 converters) ----------------------------------------------------------
+
+def test_a_float16_model_is_quantized_behind_its_float16_interface(tmp_path):
+    proto = half_model()
+    feeds = _feeds(tmp_path / "feeds", 24, lambda rng, i: {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float16)})
+    result, out = _compile(tmp_path, proto, feeds, "--allow-slowdown")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["delivered"]["precision"] == "int8" and manifest["quantization"]["quantized_nodes"] >= 3
+    assert manifest["normalize"]["float16_to_float32"] > 0  # said, with the tolerance float16 allows
+    artifact = onnx.load(out / "model.onnx")
+    assert [v.type.tensor_type.elem_type for v in (*artifact.graph.input, *artifact.graph.output)] == [
+        TensorProto.FLOAT16, TensorProto.FLOAT16]  # callers feed and read float16 as before
+    _close_to_original(proto, out, feeds)

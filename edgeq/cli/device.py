@@ -53,9 +53,9 @@ def check(address, target, runtime, as_json):
 @click.option("--port", type=click.IntRange(1, 65435), default=9090, show_default=True,
               help="First port to try (up to 100 above it).")
 def serve(tracker, key, host, port):
-    """Serve this board to a TVM RPC tracker: TVM's RPC server with edgeq's ONNX Runtime agent registered, so the
-    tracker's clients tune TVM and measure ONNX Runtime builds here (--device rpc://TRACKER:PORT/KEY). TVM RPC has
-    no authentication: keep the tracker and boards on a trusted network."""
+    """Serve this board to a TVM RPC tracker: TVM's RPC server with edgeq's ONNX Runtime agent and TVM kernel
+    timer registered, so the tracker's clients tune TVM, profile, and measure ONNX Runtime builds here (--device
+    rpc://TRACKER:PORT/KEY). TVM RPC has no authentication: keep the tracker and boards on a trusted network."""
     from edgeq.devices.rpc import serve as serve_board
 
     click.echo(f"edgeq device serve: registering with {tracker} under key {key} (Ctrl-C stops)", err=True)

@@ -125,6 +125,15 @@ def ssh_options(board, monkeypatch):
     return board
 
 
+def test_tvm_builds_are_refused_on_an_ssh_board_not_run_here_under_its_name(ssh_options, tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_model(), model)
+    result = run("profile", model, "-t", host_x86_target("tvm"), "--runtime", "tvm", "--device", ssh_options.address,
+                 "-o", tmp_path / "profile")
+    assert result.exit_code == 2 and "rpc://" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "profile").exists()
+
+
 def test_device_check_over_ssh_reports_the_board_and_refuses_a_mismatch(ssh_options):
     result = run("device", "check", ssh_options.address, "-t", HOST_X86, "--json")
     assert result.exit_code == 0, result.output

@@ -182,11 +182,14 @@ class MixedPrecisionSearch:
         latency = {g: {"float": ms} for g, ms in group_times(groups, cost_by_node(self.float_times, {})).items()}
         costs = Costs(latency, byte_table, 0.0, rest_bytes)
         base = None
-        for precision in dict.fromkeys(p for g in groups for p in g.precisions if p != "float"):
-            assign = uniform(groups, precision)
-            build = uniform_int8 if precision == "int8" else self.build(_node_precisions(groups, assign))
-            result = self._measured(self.trials.measure(self._candidate(assign, build, f"uniform {precision}")),
-                                    assign, groups)
+        assigns = {precision: uniform(groups, precision)
+                   for precision in dict.fromkeys(p for g in groups for p in g.precisions if p != "float")}
+        candidates = [self._candidate(assign, uniform_int8 if precision == "int8"
+                                      else self.build(_node_precisions(groups, assign)), f"uniform {precision}")
+                      for precision, assign in assigns.items()]
+        # one batch: the uniform builds do not depend on each other (on a farm, measured in parallel)
+        for (precision, assign), trial in zip(assigns.items(), self.trials.measure_batch(candidates)):
+            result = self._measured(trial, assign, groups)
             for g, ms in result.group_ms.items():
                 if precision in byte_table[g]:
                     latency[g][precision] = ms

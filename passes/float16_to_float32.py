@@ -26,13 +26,6 @@ _TYPED_OPS = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "Random
 _TENSOR_ATTRIBUTES = {"Constant": "value", "ConstantOfShape": "value"}
 
 
-def computes_in_float16(model: ir.Model) -> bool:
-    """Whether any initializer or typed value of the model (subgraphs included) is float16."""
-    graphs = [model.graph, *model.graph.subgraphs()]
-    return any(v.dtype == HALF for g in graphs for v in (*g.inputs, *g.outputs, *g.initializers.values())) or any(
-        v.dtype == HALF for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs)
-
-
 def _full(tensor: ir.TensorProtocol) -> ir.Tensor:
     return ir.Tensor(tensor.numpy().astype(np.float32), name=tensor.name)
 
@@ -43,8 +36,6 @@ class Float16ToFloat32Pass(ir.passes.InPlacePass):
         self.converted = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not computes_in_float16(model):
-            return ir.passes.PassResult(model, modified=False)
         graph = model.graph
         half_outputs = [i for i, v in enumerate(graph.outputs) if v.dtype == HALF and v not in graph.inputs]
         for g in (graph, *graph.subgraphs()):
@@ -53,21 +44,21 @@ class Float16ToFloat32Pass(ir.passes.InPlacePass):
                     value.const_value = _full(value.const_value)
                     value.dtype = FULL
                     self.converted += 1
-            for value in (*g.inputs, *g.outputs) if g is not graph else ():
-                if value.dtype == HALF:
-                    value.dtype = FULL
+        inner = [v for g in graph.subgraphs() for v in (*g.inputs, *g.outputs)]
         for node in ir.traversal.RecursiveGraphIterator(graph):
             self._retype(node)
-            for value in node.outputs:
-                if value.dtype == HALF:
-                    value.dtype = FULL
+            inner += node.outputs
+        for value in inner:
+            if value.dtype == HALF:  # every float16 value comes from something counted above or below
+                value.dtype = FULL
         for value in graph.inputs:
             if value.dtype == HALF:
                 self._cast_input(graph, value)
         for index in half_outputs:
             self._cast_output(graph, index, graph.outputs[index])
-        graph.sort()
-        return ir.passes.PassResult(model, modified=True)
+        if self.converted:
+            graph.sort()  # the input casts were appended
+        return ir.passes.PassResult(model, modified=bool(self.converted))
 
     def _retype(self, node: ir.Node) -> None:
         attribute = node.attributes.get(_TYPED_OPS.get(node.op_type, ""))
@@ -86,7 +77,7 @@ class Float16ToFloat32Pass(ir.passes.InPlacePass):
         cast.outputs[0].shape = value.shape
         for user, index in uses:
             user.replace_input_with(index, cast.outputs[0])
-        graph.insert_before(graph[0], cast) if len(graph) else graph.append(cast)
+        graph.append(cast)
         self.converted += 1
 
     def _cast_output(self, graph: ir.Graph, index: int, value: ir.Value) -> None:

@@ -5,12 +5,14 @@ statistics once → per build [reconstruct the weights' rounding (GPTQ)] → [co
 Rules:
 - ``recipe.ptq`` names the techniques (:data:`edgeq.recipe.PTQ_TECHNIQUES`), or is ``auto``: none up front,
   and :data:`edgeq.recipe.PTQ_ON_GUARD_MISS` built and measured by the fidelity guard when uniform int8 misses
-  it (the pipeline keeps them when they do no worse). The techniques: ``cle``
+  it, on the layers of the groups its sensitivity table ranks worst (the pipeline keeps them when they do no
+  worse). The techniques: ``cle``
   (:mod:`edgeq.passes.equalize_layers`) and ``smoothquant`` (:mod:`edgeq.passes.smooth_activations`), float
   rewrites that leave the function unchanged, so they run before calibration; ``gptq`` (:mod:`edgeq.passes.round_weights`) and ``bias-correction``
   (:mod:`edgeq.passes.correct_bias`).
 - Statistics come from the calibration feeds run on the float model (:mod:`edgeq.passes.layer_inputs`):
-  every main-graph Conv/Gemm/MatMul with a constant, unshared weight gets its input mean; with ``gptq``, each
+  every main-graph Conv/Gemm/MatMul with a constant, unshared weight (of those the guard names, under
+  ``auto``) gets its input mean; with ``gptq``, each
   ungrouped one also its Gram matrix, collected in chunks of at most ``GRAM_BYTES`` so that a large model does
   not hold every H at once (each chunk is one more run over the feeds).
 - GPTQ and bias correction run on every candidate build after Q/DQ insertion, so they apply exactly to the
@@ -97,9 +99,10 @@ class PtqStage:
         self.seconds += time.perf_counter() - started
         return changed
 
-    def after_calibration(self, model: ir.Model, calib: CalibrationData, techniques: tuple[str, ...] = ()) -> None:
+    def after_calibration(self, model: ir.Model, calib: CalibrationData, techniques: tuple[str, ...] = (),
+                          only: set[str] | None = None) -> None:
         """Input statistics for GPTQ and bias correction, when asked (or named in ``techniques``: the guard's
-        second try under ``auto``); none for a replay that took the lock's weights."""
+        try under ``auto``, for the layers named in ``only``); none for a replay that took the lock's weights."""
         if techniques:
             self.techniques = techniques
         if self.from_lock:
@@ -108,8 +111,8 @@ class PtqStage:
         if not (want_grams or want_bias):
             return
         started = time.perf_counter()
-        layers = [v for v in (layer_view(n, grouped=True) for n in model.graph if n.op_type in LAYER_OPS)
-                  if isinstance(v, Layer)]
+        layers = [v for v in (layer_view(n, grouped=True) for n in model.graph
+                              if n.op_type in LAYER_OPS and (only is None or n.name in only)) if isinstance(v, Layer)]
         by_name = {layer.node.name: layer for layer in layers}
         stats = self._statistics(model, calib, layers, want_grams)
         if want_grams:

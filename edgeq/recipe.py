@@ -63,7 +63,8 @@ class Recipe:
     optional_ops: str = "auto"
     percentile: float = 99.999
     # post-training techniques on top of calibration (PTQ_TECHNIQUES), or ("auto",): none, unless the fidelity
-    # guard misses — then PTQ_ON_GUARD_MISS is built and measured, and kept where it does better
+    # guard misses — then PTQ_ON_GUARD_MISS is built on its most sensitive groups, measured, and kept where it
+    # does no worse
     ptq: tuple[str, ...] = ("auto",)
     exclude: Exclusions = field(default_factory=Exclusions)
     holdout_fraction: float = 0.2

@@ -1,6 +1,7 @@
 """ONNX Runtime implementation of the Runtime protocol, measured on the target's device.
 
-Rules: execution providers and thread counts come from the target. Latency and per-node profiles are taken on
+Rules: execution providers and thread counts come from the target, except that fidelity runs on every core of
+its device (the thread count changes how fast a kernel runs, not what it computes). Latency and per-node profiles are taken on
 the device (:mod:`edgeq.devices`: this machine, or a board); fidelity runs there too where the device may
 compute int8 differently from this machine (:func:`edgeq.devices.base.int8_differs_from_here`), and here
 otherwise. Per-node profiles come from ORT's own profiler; a fused kernel (``QLinearConv`` made from
@@ -63,6 +64,8 @@ class OnnxRuntime:
         self.target = target
         self.device = device or LocalDevice()
         self.settings = ort_settings(target)
+        # fidelity sessions run on every core: a thread count changes how fast, not what a kernel computes
+        self.fidelity_settings = self.settings | {"intra_op_threads": 0}
         # fidelity is measured where the target's int8 numerics are: on a board only when it computes unlike us
         here = isinstance(self.device, LocalDevice)
         self.fidelity_device = self.device if here or int8_differs_from_here(self.device.facts()) else LocalDevice()
@@ -81,16 +84,22 @@ class OnnxRuntime:
 
     def measure_many(self, jobs: list[Mapping[str, Path]], feeds: Mapping[str, np.ndarray], warmup: int = 5,
                      repeats: int = 50) -> list[dict[str, Latency]]:
-        """Each job measured as :meth:`measure` does; in parallel where the device has several boards."""
+        """Each job measured as :meth:`measure` does: in parallel where the device has several boards; on one
+        device, every job's models in one interleaved run, where a model that several jobs name (the float
+        model each candidate is paired with) runs once a round instead of once per job."""
         noise = self.target.noise.to_dict()
         if hasattr(self.device, "measure_many"):
             return self.device.measure_many(jobs, feeds, self.settings, warmup, repeats, noise)
-        return [self.device.measure(job, feeds, self.settings, warmup, repeats, noise) for job in jobs]
+        paths = dict.fromkeys(Path(path) for job in jobs for path in job.values())
+        names = {path: f"model{i}" for i, path in enumerate(paths)}
+        measured = self.device.measure({name: path for path, name in names.items()}, feeds, self.settings, warmup,
+                                       repeats, noise)
+        return [{role: measured[names[Path(path)]] for role, path in job.items()} for job in jobs]
 
     def session(self, model_path: Path, optimized: bool = True) -> Session:
         """A session of the model file (``optimized=False``: without ORT's graph optimizations, so that a
         fake-quantized model runs each Q/DQ as written), where fidelity is measured."""
-        return self.fidelity_device.session(Path(model_path), self.settings, optimized)
+        return self.fidelity_device.session(Path(model_path), self.fidelity_settings, optimized)
 
     def profile(self, model_path: Path, feeds: Mapping[str, np.ndarray], runs: int = 20) -> list[NodeTime]:
         """Average kernel time per node over up to ``runs`` runs on the device (fewer for slow models: about

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -77,6 +78,16 @@ def test_local_measurements_carry_their_conditions(tmp_path):
     record = latency["a"].to_dict()["conditions"]
     assert record["device"] == "local" and record["tries"] >= 1 and {"before", "after", "flags"} <= set(record)
     assert set(record["before"]) == {"governor", "temperature_c", "throttle_count", "load_1m"}
+
+
+def test_device_facts_name_tvm_without_importing_it():
+    """Every compile reads the device's facts: importing TVM for its version would cost seconds each time."""
+    code = ("import sys; from edgeq.devices.agent import facts; version = facts()['tvm']; "
+            "print(version, 'tvm' in sys.modules)")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    from importlib.metadata import version
+
+    assert shown == [version("apache-tvm"), "False"]
 
 
 def test_feeds_serialize_to_the_same_bytes_every_time():

@@ -14,7 +14,8 @@ from edgeq import guard
 from edgeq.cli import main
 from edgeq.fidelity import FidelityMeter, padding_of
 from edgeq.passes.gate_qdq import GateQDQPass
-from edgeq.pipeline import GUARD_BUILDS
+from edgeq.pipeline import GUARD_BUILDS, REPAIR_GROUPS
+from edgeq.ptq_stage import PtqStage
 
 RNG = np.random.default_rng(0)
 
@@ -176,6 +177,49 @@ def test_the_guard_returns_the_sensitive_group_to_float(tmp_path):
     raw = json.loads((tmp_path / "raw" / "manifest.json").read_text())
     assert raw["quantization"]["decisions"]["mm1"]["quantized"] and raw["guard"]["applied"] is False
     assert raw["fidelity"]["outputs"]["y"]["sqnr_db"] < 18 <= manifest["fidelity"]["outputs"]["y"]["sqnr_db"]
+
+
+def test_ptq_on_a_guard_miss_repairs_only_the_most_sensitive_groups(tmp_path, monkeypatch):
+    """--ptq auto: GPTQ + bias correction are solved for the layers of the REPAIR_GROUPS groups the sensitivity
+    table ranks worst, not for every layer (their statistics and solves are most of a large model's guard)."""
+    rng = np.random.default_rng(3)
+    names = [f"mm{i}" for i in range(1, 6)]
+    nodes, inits, source = [], [], "x"
+    for i, name in enumerate(names):
+        w = rng.standard_normal((64, 64)).astype(np.float32) * 0.2
+        if i == 0:
+            w[0] *= 0.002  # the ±500 feature of x barely reaches the output: int8 of x loses the rest
+        nodes += [helper.make_node("MatMul", [source, f"w{i}"], [f"h{i}"], name=name),
+                  helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        source = f"r{i}"
+    nodes[-1] = helper.make_node("Identity", ["h4"], ["y"], name="out")
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64])], inits)
+    onnx.save(model, tmp_path / "m.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(30):
+        x = rng.standard_normal((1, 8, 64)).astype(np.float32)
+        x[..., 0] = 500.0 * np.sign(rng.standard_normal((1, 8)))
+        np.savez(feeds / f"{i:02d}.npz", x=x)
+    asked = []
+    after_calibration = PtqStage.after_calibration
+
+    def spy(self, model, calib, techniques=(), only=None):
+        asked.append(only)
+        return after_calibration(self, model, calib, techniques, only)
+
+    monkeypatch.setattr(PtqStage, "after_calibration", spy)
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-t", HOST_X86, "--calib", str(feeds),
+                                       "--no-measure", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    sensitivity = manifest["guard"]["sensitivity"]
+    worst = sorted(sensitivity, key=lambda g: -sensitivity[g])[:REPAIR_GROUPS]
+    assert len(sensitivity) == 5 and manifest["ptq"]["auto"]["groups"] == worst
+    assert asked[-1] == set(worst) and "mm1" in worst  # one-layer groups: a group's name is its layer's
+    assert manifest["fidelity"]["guard"]["met"]
 
 
 def test_an_integer_output_alone_through_the_measured_op_sets(tmp_path):

@@ -66,3 +66,25 @@ def test_sessions_are_kept_for_a_file_until_it_changes(tmp_path):
     onnx.save(conv_model(seed=2), path)  # same path and size, other weights
     again = runtime.session(path)
     assert again is not first and not np.allclose(again.run(feed)[0], before)
+
+
+def test_a_batch_on_one_device_is_one_interleaved_run(tmp_path, monkeypatch):
+    """Candidates paired with the same float model are measured in one run: float once a round, not once a pair."""
+    runtime = OnnxRuntime(load_target(HOST_X86))
+    paths = [tmp_path / f"m{seed}.onnx" for seed in range(3)]
+    for seed, path in enumerate(paths):
+        onnx.save(conv_model(seed=seed), path)
+    calls = []
+    measure = runtime.device.measure
+
+    def spy(models, *args):
+        calls.append(dict(models))
+        return measure(models, *args)
+
+    monkeypatch.setattr(runtime.device, "measure", spy)
+    feed = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    first, second = runtime.measure_many([{"float": paths[0], "int8": paths[1]}, {"float": paths[0], "int8": paths[2]}],
+                                         feed, warmup=1, repeats=3)
+    assert len(calls) == 1 and sorted(calls[0].values()) == sorted(paths)
+    assert first["float"] is second["float"] and first["int8"] is not second["int8"]
+    assert first["int8"].runs == second["int8"].runs == first["float"].runs >= 3

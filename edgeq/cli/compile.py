@@ -41,7 +41,8 @@ from edgeq.recipe import Exclusions, Recipe
               show_default=True, help="Activation range observer.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
 @click.option("--ptq", default=",".join(Recipe().ptq) or "none", show_default=True,
-              help="Post-training techniques: auto (gptq + bias-correction tried when the fidelity guard misses), "
+              help="Post-training techniques: auto (gptq + bias-correction tried on the most sensitive layers when "
+                   "the fidelity guard misses), "
                    "none, or a list of cle (cross-layer equalization of Conv chains), smoothquant (activation "
                    "outliers into the weights), gptq (reconstructed weight rounding), bias-correction.")
 @click.option("--optional-ops", default="auto", show_default=True,

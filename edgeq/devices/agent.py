@@ -113,13 +113,23 @@ def facts() -> dict:
         record["providers"] = list(onnxruntime.get_available_providers())
     except ImportError:
         pass
-    try:  # the runtime alone is enough to run a TVM library (a board need not have the compiler)
-        import tvm
-
-        record["tvm"] = getattr(tvm, "__version__", "unknown")
-    except Exception:  # noqa: BLE001 — a broken TVM install is "no TVM" on the device
-        pass
+    record["tvm"] = tvm_version()
     return record | {"conditions": conditions()}
+
+
+def tvm_version() -> str | None:
+    """The installed TVM package's version ("unknown" for a build without package metadata, as a board's runtime
+    built from source), or None; read without importing TVM, which takes seconds that every compile would pay.
+    The runtime alone is enough to run a TVM library: a board need not have the compiler."""
+    from importlib import metadata, util
+
+    try:
+        if util.find_spec("tvm") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    names = metadata.packages_distributions().get("tvm") or []
+    return metadata.version(names[0]) if names else "unknown"
 
 
 def _throttle_count() -> int | None:

@@ -3,8 +3,8 @@ the most sensitive layer groups, keep what the model's output measures better (a
 :mod:`edgeq.search.trials`).
 
 Rules:
-- Runs only where the default lost: the fidelity guard missed. Groups are taken most sensitive first, at most
-  ``GROUPS`` of them; a group's tensors are the activations its layers read and write (a fused Relu/Clip's
+- Runs only where the default lost: the fidelity guard missed. The groups given are taken most sensitive
+  first; a group's tensors are the activations its layers read and write (a fused Relu/Clip's
   output for its layer's).
 - For each group and each other method (percentile, MSE, entropy: :data:`edgeq.observers.HISTOGRAM_METHODS`)
   whose ranges differ from those in use, one build with the group's tensors at that method's ranges is measured
@@ -23,7 +23,6 @@ from edgeq.fidelity import worst_sqnr
 from edgeq.observers import HISTOGRAM_METHODS
 from edgeq.search.trials import Candidate, Trial
 
-GROUPS = 3
 FEEDS = 16
 GAIN_DB = 0.5
 
@@ -35,7 +34,7 @@ def choose_ranges(groups: list, tensors: Callable[[object], list[str]], by_metho
     range per method; ``make(ranges)``: a build with those ranges; ``in_use``: the build with ``ranges``."""
     trial = yield Candidate("ranges", "ranges in use", lambda: in_use, feeds=FEEDS)
     best, chosen, build = worst_sqnr(trial.fidelity), {}, in_use
-    for group in groups[:GROUPS]:
+    for group in groups:
         names = [name for name in tensors(group) if name in by_method]
         for method in HISTOGRAM_METHODS:
             trying = ranges | {name: by_method[name][method] for name in names}

@@ -50,9 +50,10 @@ def compile_once(source: Path | None, model: Path, calib: Path, out: Path) -> tu
     """Wall seconds of one ``edgeq compile`` in a fresh process, and its manifest."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ) | ({"PYTHONPATH": str(source)} if source else {})
-    started = time.perf_counter()
+    started = time.perf_counter()  # run from outside this checkout: ``-c`` puts the working folder first on the path
     subprocess.run([sys.executable, "-c", COMPILE, "compile", str(model), "-t", host_x86_target(), "--calib",
-                    str(calib), "--no-cache", "-o", str(out)], check=True, env=env, capture_output=True)
+                    str(calib), "--no-cache", "-o", str(out)], check=True, env=env, capture_output=True,
+                   cwd=source or out.parent)
     return time.perf_counter() - started, json.loads((out / "manifest.json").read_text())
 
 

@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from edgeq.passes.insert_qdq import ConstantDequantize, quantized_layers
 from edgeq.passes.sparsify import Layer
-from edgeq.quant.obs import compensate, output_error
+from edgeq.quant.obs import compensate, output_errors
 
 _INTEGERS = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.UINT4)
 
@@ -77,8 +77,7 @@ class RoundWeightsPass(ir.passes.InPlacePass):
 
             solved = compensate(rows, gram, settle)
             integers = np.round(solved / scale) + zero
-            before = output_error(rows, (nearest - zero) * scale, gram)
-            after = output_error(rows, solved, gram)
+            before, after = output_errors(rows, gram, (nearest - zero) * scale, solved)
             better = after < before
             self.layers[name] = {"nearest_error": before, "error": after, "changed": bool(better)}
             self._solutions[name] = layer.from_rows(integers) if better else None

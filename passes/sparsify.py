@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from edgeq.passes.exclude import EXCLUDE_KEY
 from edgeq.sparse24 import KEY, PATTERN, annotate
-from edgeq.quant.obs import output_error
+from edgeq.quant.obs import output_errors
 from edgeq.sparse_solver import prune_magnitude, prune_reconstruct
 from edgeq.target import SparsityRules
 
@@ -179,8 +179,8 @@ class Sparsify24Pass(ir.passes.InPlacePass):
                 raise ValueError(f"no input Gram matrix for layer {name}: run LayerInputsPass first")
             magnitude = prune_magnitude(rows)
             chosen = prune_reconstruct(rows, gram) if self.method == "reconstruct" else magnitude
-            figures = {} if gram is None else {"magnitude_error": output_error(rows, magnitude, gram),
-                                               "error": output_error(rows, chosen, gram)}
+            figures = {} if gram is None else dict(zip(("magnitude_error", "error"),
+                                                       output_errors(rows, gram, magnitude, chosen)))
             weights = layer.from_rows(chosen).astype(layer.array.dtype)
             self._solutions[name] = (weights, figures)
         return self._solutions[name]

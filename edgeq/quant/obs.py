@@ -10,7 +10,8 @@ Rules:
   diagonal, so it neither breaks the factorisation nor receives error.
 - ``settle(column, block, inverse, i)`` sees the working copy of the current block, the block of the factor,
   the column's index ``i`` in the block and its global index ``column``; it returns the column's values.
-- ``output_error`` is the relative output error ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on the calibration data, from H alone.
+- ``output_error`` is the relative output error ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on the calibration data, from H alone;
+  ``output_errors`` gives it for several settled versions of one layer, making H and ‖XWᵀ‖² once.
 """
 
 from __future__ import annotations
@@ -70,9 +71,17 @@ def compensate(rows: np.ndarray, gram: np.ndarray, settle: Settle) -> np.ndarray
     return w
 
 
-def output_error(rows: np.ndarray, settled: np.ndarray, gram: np.ndarray) -> float:
+def output_errors(rows: np.ndarray, gram: np.ndarray, *settled: np.ndarray) -> list[float]:
+    """``output_error`` of each settled version of the same rows: H and the reference product are made once."""
     h = gram.astype(np.float32)  # products in float32, sums in float64
     w = rows.astype(np.float32)
-    delta = w - settled.astype(np.float32)
     reference = float(((w @ h) * w).sum(dtype=np.float64))
-    return float(((delta @ h) * delta).sum(dtype=np.float64)) / reference if reference > 0 else 0.0
+    errors = []
+    for each in settled:
+        delta = w - each.astype(np.float32)
+        errors.append(float(((delta @ h) * delta).sum(dtype=np.float64)) / reference if reference > 0 else 0.0)
+    return errors
+
+
+def output_error(rows: np.ndarray, settled: np.ndarray, gram: np.ndarray) -> float:
+    return output_errors(rows, gram, settled)[0]

@@ -205,10 +205,10 @@ def test_sensitivity_runs_as_many_feeds_as_its_time_allows(tmp_path, monkeypatch
     feeds = [type("Feed", (), {"inputs": {"x": rng.standard_normal((4, 64)).astype(np.float32)}}) for _ in range(8)]
     runtime = OnnxRuntime(TARGET)
     tables = {}
-    for budget in (60.0, 0.0):  # a tiny model fits every feed; no time left still measures on one
+    for budget in (60.0, 0.0):  # a tiny model fits every feed; no time left still measures on MIN_FEEDS
         monkeypatch.setattr(sensitivity, "RUN_SECONDS", budget)
         tables[budget] = measure_sensitivity(groups, build, runtime, float_path, feeds)
-    assert tables[60.0].feeds == 8 and tables[0.0].feeds == 1
+    assert tables[60.0].feeds == 8 and tables[0.0].feeds == sensitivity.MIN_FEEDS
     for table in tables.values():
         assert all(figures["int8"] > 0 for figures in table.nsr.values())
     assert tables[60.0].nsr != tables[0.0].nsr

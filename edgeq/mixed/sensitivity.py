@@ -4,9 +4,12 @@ Rules:
 - One group at a time takes a lower precision while every other layer stays float; the model runs on the
   first calibration feeds and the group's sensitivity at that precision is the output noise-to-signal ratio
   NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR).
-- The feeds are as many of those given (at least one) as fit RUN_SECONDS of inference over all the trials
-  together, timed on the float model (and on the gated model for its trials): a ranking needs few feeds,
-  and a slow model (a 0.4 s table decoder with 77 groups) would otherwise spend minutes of its compile here.
+- The feeds are as many of those given as fit RUN_SECONDS of inference over all the trials together, timed
+  warm on the float model (and on the gated model for its trials), but at least MIN_FEEDS: a ranking needs
+  few feeds, and a slow model (a 0.4 s table decoder with 77 groups) would otherwise spend minutes of its
+  compile here. Fewer than MIN_FEEDS misranks: a speech-quality CNN ranked on 2 feeds returned a middle
+  convolution to float instead of its first and the guard's build was slower than float; an 82-group
+  EfficientNet-style CNN returns the same 65 groups to float ranked on 4 feeds as on 8, in half the time.
 - Noise from independent sources adds, so a configuration's NSR is predicted as the sum of its groups' NSRs
   (the additivity HAWQ and ZeroQ assume too); the search checks every prediction it acts on by measurement.
 - Proxy (``--sensitivity proxy``; ``auto`` uses it for large models): for a one-layer group whose weight
@@ -47,7 +50,8 @@ from edgeq.passes.sparsify import Layer, layer_view
 from edgeq.target import Target
 
 CALIBRATION_GROUPS = 3
-RUN_SECONDS = 60.0  # inference the trials may spend on feeds, all together
+RUN_SECONDS = 6.0  # inference the trials may spend on feeds, all together (but MIN_FEEDS feeds at least)
+MIN_FEEDS = 4
 
 
 @dataclass
@@ -110,7 +114,7 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     for feed in feeds:
         begun = time.perf_counter()
         reference.append(reference_session.run(feed.inputs))
-        seconds.append(time.perf_counter() - begun)
+        seconds.append(time.perf_counter() - begun)  # the first run is cold: the median is warm
     all_float = {node: "float" for g in groups for node in g.nodes}
     proxied = [g for g in groups if g.name in proxy]
     checks = [proxied[int(i)] for i in np.unique(np.linspace(0, len(proxied) - 1, CALIBRATION_GROUPS).round())] \
@@ -120,11 +124,13 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     per_feed = float(np.median(seconds)) * (len(trials) - len(on_gates))
     if on_gates:
         gated_session = runtime.session(gated.path, optimized=False)
+        first = gated.feeds(on_gates[0], feeds[:1])[0]
+        gated_session.run(first)  # cold: allocations
         begun = time.perf_counter()
-        gated_session.run(gated.feeds(on_gates[0], feeds[:1])[0])
+        gated_session.run(first)
         per_feed += (time.perf_counter() - begun) * len(on_gates)
     affordable = int(RUN_SECONDS / max(per_feed, 1e-9)) if trials else len(feeds)
-    feeds = feeds[:max(1, min(len(feeds), affordable))]
+    feeds = feeds[:min(len(feeds), max(MIN_FEEDS, affordable))]
     reference = reference[:len(feeds)]
     nsr: dict[str, dict[str, float]] = {g.name: {"float": 0.0} for g in groups}
     for done, (group, precision) in enumerate(trials, start=1):

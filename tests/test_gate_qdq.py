@@ -67,6 +67,25 @@ def test_each_groups_gates_reproduce_its_one_group_build(tmp_path, make):
         assert measured > 0 and estimated == pytest.approx(measured, rel=0.1), group.name
 
 
+def test_an_activation_is_computed_in_each_branch_not_copied():
+    """ONNX Runtime copies a value a branch passes on: a site's producer moves into both branches instead,
+    and only an activation without a producer to move (here the graph input) is passed on."""
+    model, ranges, _ = _calibrated(conv_model())
+    uniform = model.clone()
+    InsertQDQPass(RULES, ranges)(uniform)
+    gate = GateQDQPass(model)
+    gate(uniform)
+    passing = {}
+    for node in uniform.graph:
+        if node.op_type == "If" and node.inputs[0].name.removesuffix("_gate") in gate.sites:
+            passing[node.name] = [n.op_type for n in node.attributes["else_branch"].value]
+    activations = {name: ops for name, ops in passing.items() if "_gated_input" not in name}
+    assert activations.pop("x_gated_If") == ["Identity"]
+    assert activations and all(ops != ["Identity"] for ops in activations.values()), activations
+    weights = [ops for name, ops in passing.items() if "_gated_input" in name]
+    assert weights and all(ops == ["Identity"] for ops in weights)
+
+
 def test_a_model_with_qdq_in_a_subgraph_is_refused():
     from test_insert_qdq import _if_model
 

@@ -35,3 +35,42 @@ def test_a_trial_records_its_strategy_label_facts_and_choice():
     trial = Trial(Candidate("op set", "all but Add", lambda: None, facts={"quantized_nodes": 4}), None, chosen=True)
     assert trial.to_dict() == {"strategy": "op set", "label": "all but Add", "quantized_nodes": 4, "chosen": True}
     assert trial.ratio is None
+
+
+def test_float_runs_on_each_held_out_feed_once_however_far_trials_ask(tmp_path):
+    import numpy as np
+    import onnx
+
+    from conftest import conv_model
+    from edgeq.calibration_data import CalibrationData, InputSpec
+    from edgeq.recipe import Recipe
+    from edgeq.runtimes.onnxruntime import OnnxRuntime
+    from edgeq.search import Trials
+    from edgeq.target import load_target
+
+    paths = {}
+    for name, seed in (("float", 0), ("candidate", 1)):
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(conv_model(seed=seed), paths[name])
+    runtime, runs = OnnxRuntime(load_target("x86-64")), {"float": 0, "candidate": 0}
+    opened = runtime.session
+
+    def counting(path, *args, **kwargs):
+        session, name = opened(path, *args, **kwargs), "float" if path == paths["float"] else "candidate"
+
+        class Counted:
+            output_names = session.output_names
+
+            def run(self, feed):
+                runs[name] += 1
+                return session.run(feed)
+        return Counted()
+
+    runtime.session = counting
+    holdout = CalibrationData.random([InputSpec("x", np.dtype(np.float32), (1, 3, 16, 16))], 6, seed=1)
+    trials = Trials(runtime, paths["float"], next(iter(holdout)).inputs, holdout, Recipe(), timed=False)
+    first = trials.fidelity(paths["candidate"], 2)
+    for feeds in (4, None, 3):
+        trials.fidelity(paths["candidate"], feeds)
+    assert runs == {"float": 6, "candidate": 2 + 4 + 6 + 3}
+    assert first == trials.fidelity(paths["candidate"], 2)

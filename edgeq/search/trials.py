@@ -12,8 +12,8 @@ Rules:
   (``profile``).
 - Every trial is recorded in order, with its strategy, label, facts and figures; the strategy marks the one it
   chooses. :meth:`Trials.to_dict` is the manifest's ``search``.
-- The float model runs on the held-out feeds once: its outputs are kept (up to ``REFERENCE_BYTES``) and every
-  trial is compared against them.
+- The float model runs on each held-out feed once, as far into them as a trial asks: its outputs are kept (up
+  to ``REFERENCE_BYTES``; beyond that float runs beside each trial) and every trial is compared against them.
 - A strategy bounds itself (rounds, ⌈log₂(n + 1)⌉ bisection steps, one build per op set); :func:`run` measures
   each candidate exactly once.
 - A strategy may propose a batch (a list of candidates that do not depend on each other's figures): all are
@@ -26,10 +26,13 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 from edgeq.fidelity import accuracy_drop, compare_models, reference_outputs, worst_sqnr
 from edgeq.runtimes.base import NodeTime
@@ -91,7 +94,7 @@ class Trials:
         self.log: list[Trial] = []
         self.measure_seconds = 0.0
         self._kernels: dict[Path, list[NodeTime]] = {}
-        self._reference: list | None | bool = False  # False: not computed yet; None: too big to keep
+        self._reference: list | None = []  # float's outputs on the first held-out feeds; None: too big to keep
 
     def measure(self, candidate: Candidate) -> Trial:
         return self.measure_batch([candidate])[0]
@@ -117,10 +120,13 @@ class Trials:
 
     def fidelity(self, path: Path, feeds: int | None = None) -> dict:
         """How far a model file's outputs are from float's on the first ``feeds`` held-out feeds (None: all)."""
-        if self._reference is False and feeds is not None:  # float runs on those feeds only
-            return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds)
-        if self._reference is False:
-            self._reference = reference_outputs(self.runtime, self.float_path, self.holdout, REFERENCE_BYTES)
+        wanted = len(self.holdout) if feeds is None else min(feeds, len(self.holdout))
+        if self._reference is not None and len(self._reference) < wanted:
+            kept = sum(np.asarray(o).nbytes for outputs in self._reference for o in outputs)
+            more = reference_outputs(self.runtime, self.float_path,
+                                     itertools.islice(iter(self.holdout), len(self._reference), wanted),
+                                     REFERENCE_BYTES - kept)
+            self._reference = None if more is None else self._reference + more
         return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds,
                               reference=self._reference)
 

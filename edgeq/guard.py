@@ -97,17 +97,32 @@ def checked(trial: Trial) -> dict:
     return result
 
 
+def keep_order(groups: list, nsr: dict[str, float], savings: dict[str, float] | None) -> list:
+    """Groups ordered cheapest to keep int8 first: by output NSR per millisecond its int8 kernels save where
+    ``savings`` are measured, else by NSR. A group that saves less than a tenth of the median saving counts as
+    saving that tenth (a profile cannot rank kernels too small to time, and a layer that int8 makes slower
+    still costs its noise), so a sensitive group that saves nothing returns to float before one that pays for
+    its noise with speed (the greedy order of a knapsack: most time kept per unit of noise)."""
+    positive = sorted(ms for ms in (savings or {}).values() if ms > 0)
+    if not positive:
+        return sorted(groups, key=lambda g: nsr[g.name])
+    floor = positive[len(positive) // 2] / 10
+    return sorted(groups, key=lambda g: nsr[g.name] / max(savings.get(g.name, 0.0), floor))
+
+
 def hold(groups: list, nsr: dict[str, float], make: Callable[[set[str]], object],
-         uniform_check: dict) -> Generator[Candidate, Trial, GuardResult]:
-    """Return the fewest, most sensitive groups to float so that the guard holds (a strategy of
-    :mod:`edgeq.search`).
+         uniform_check: dict, savings: dict[str, float] | None = None) -> Generator[Candidate, Trial, GuardResult]:
+    """Return the fewest groups to float, those that cost most noise per millisecond saved, so that the guard
+    holds (a strategy of :mod:`edgeq.search`).
 
     ``nsr``: each group's output NSR with that group alone in int8 (the sensitivity table of
-    :mod:`edgeq.mixed.sensitivity`); ``make(float_nodes)`` builds a candidate with those nodes float, which is
-    measured on every held-out feed. Groups are ordered least sensitive first and the longest prefix that may
-    stay int8 while the guard holds is found by bisection (:func:`edgeq.search.longest_prefix`): at most
-    ⌈log₂(groups + 1)⌉ builds, each checked and recorded. ``uniform_check`` is the known miss of uniform int8."""
-    order = sorted(groups, key=lambda g: nsr[g.name])
+    :mod:`edgeq.mixed.sensitivity`); ``savings``: the milliseconds each group's int8 kernels save over float
+    (None where latency is not measured); ``make(float_nodes)`` builds a candidate with those nodes float,
+    which is measured on every held-out feed. Groups are ordered by :func:`keep_order` and the longest prefix
+    that may stay int8 while the guard holds is found by bisection (:func:`edgeq.search.longest_prefix`): at
+    most ⌈log₂(groups + 1)⌉ builds, each checked and recorded. ``uniform_check`` is the known miss of uniform
+    int8."""
+    order = keep_order(groups, nsr, savings)
     checks = [{"float_groups": 0, "met": uniform_check["met"], "outputs": uniform_check["outputs"]}]
 
     def candidate(prefix) -> Candidate:

@@ -50,6 +50,7 @@ from edgeq.calibration_data import CalibrationData, InputSpec, input_specs
 from edgeq.errors import EXIT_BUDGET_MISSED, EXIT_OK, UserError
 from edgeq.fidelity import accuracy_drop, load_metric
 from edgeq.lock import Decisions, apply_weights
+from edgeq.mixed.costs import group_times
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
 from edgeq.mixed.sensitivity import GatedModel, cached_sensitivity, measure_sensitivity, proxy_nsr
@@ -357,6 +358,14 @@ class _Compilation:
             gates[group.name][[gate.sites[site] for site in tensors | (nodes & gate.sites.keys())]] = True
         return GatedModel(path, gates)
 
+    def _int8_savings(self, groups: list) -> dict[str, float]:
+        """Per group, the milliseconds its int8 kernels save over float: per-node profiles of the float model and
+        of the build in use, each kernel attributed to the original node it serves."""
+        owners = self.current.insert.owners
+        float_ms, int8_ms = (group_times(groups, cost_by_node(self.trials.kernel_times(path), owners))
+                             for path in (self.float_path, self.current.path))
+        return {name: round(ms - int8_ms[name], 4) for name, ms in float_ms.items()}
+
     def _dynamic_layers(self) -> tuple[str, ...]:
         """The main-graph MatMul/Gemm layers that dynamic int8 can serve: an input calibration saw always finite
         (a run-time scale from an infinite range would turn the whole output into NaN)."""
@@ -417,8 +426,8 @@ class _Compilation:
         """The default fidelity guard (:mod:`edgeq.guard`): when the chosen int8 build misses it, each group's
         sensitivity is measured and the REPAIR_GROUPS most sensitive groups are repaired — [with ``--ptq auto``,
         GPTQ rounding and bias correction on their layers, kept if they measure no worse;] their tensors try
-        the other calibration methods' ranges; then the fewest, most sensitive groups return to float until it
-        holds; if only float holds it, float is delivered, saying why."""
+        the other calibration methods' ranges; then the fewest groups, those with most noise per millisecond
+        int8 saves, return to float until it holds; if only float holds it, float is delivered, saying why."""
         if not self.guard_applies or not self.current.quantized:
             return
         if self.request.replay is not None:
@@ -456,10 +465,11 @@ class _Compilation:
             uniform = self._choose_ranges(build_with, keep, tags, worst, uniform)
         if uniform["met"]:
             return
-        with self.reporter.stage("guard: return the most sensitive groups to float"):
-            held = run(guard.hold(groups, nsr, lambda nodes: build_with(keep | nodes, f"guard{next(tags)}"), uniform),
-                       self.trials)
-        self.guard_report |= {"float_groups": held.float_groups, "trials": held.trials}
+        with self.reporter.stage("guard: return the groups with most noise per ms saved to float"):
+            savings = self._int8_savings(groups) if self.measure else None
+            held = run(guard.hold(groups, nsr, lambda nodes: build_with(keep | nodes, f"guard{next(tags)}"), uniform,
+                                  savings), self.trials)
+        self.guard_report |= {"int8_savings_ms": savings, "float_groups": held.float_groups, "trials": held.trials}
         if held.build is None:
             self.delivered, self.guard_failed = "float", True
             self.why_not_measured = "float delivered: no int8 build holds the fidelity guard"

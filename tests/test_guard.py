@@ -1,5 +1,5 @@
 """The default fidelity guard: output kinds read from the float outputs, thresholds per kind, and the fewest
-most sensitive groups returned to float when uniform int8 misses it."""
+groups with most noise per millisecond saved returned to float when uniform int8 misses it."""
 
 import json
 
@@ -177,6 +177,18 @@ def test_the_guard_returns_the_sensitive_group_to_float(tmp_path):
     raw = json.loads((tmp_path / "raw" / "manifest.json").read_text())
     assert raw["quantization"]["decisions"]["mm1"]["quantized"] and raw["guard"]["applied"] is False
     assert raw["fidelity"]["outputs"]["y"]["sqnr_db"] < 18 <= manifest["fidelity"]["outputs"]["y"]["sqnr_db"]
+
+
+def test_groups_return_to_float_by_noise_per_millisecond_saved():
+    from types import SimpleNamespace
+
+    groups = [SimpleNamespace(name=n) for n in ("heavy", "idle", "quiet")]
+    nsr = {"heavy": 1e-3, "idle": 5e-4, "quiet": 1e-5}
+    assert [g.name for g in guard.keep_order(groups, nsr, None)] == ["quiet", "idle", "heavy"]
+    # "idle" saves nothing: kept int8 it costs half heavy's noise for no speed, so it returns to float first
+    savings = {"heavy": 2.0, "idle": 0.0, "quiet": 1.0}
+    assert [g.name for g in guard.keep_order(groups, nsr, savings)] == ["quiet", "heavy", "idle"]
+    assert [g.name for g in guard.keep_order(groups, nsr, dict.fromkeys(nsr, -0.1))] == ["quiet", "idle", "heavy"]
 
 
 def test_ptq_on_a_guard_miss_repairs_only_the_most_sensitive_groups(tmp_path, monkeypatch):

@@ -211,7 +211,7 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
                                         f"max abs {o['max_abs_error']:.3g}{extra}")
     if "guard" in fid:
         g = manifest["guard"]
-        back = f" · {len(g['float_groups'])} most sensitive groups returned to float" if g.get("float_groups") else ""
+        back = f" · {len(g['float_groups'])} groups returned to float" if g.get("float_groups") else ""
         table.add_row("fidelity guard", f"{'held' if fid['guard']['met'] else 'MISSED'}{back}: "
                                         + guard.describe(fid["guard"]))
     if "metric" in fid:

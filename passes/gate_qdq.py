@@ -10,8 +10,9 @@ Rules:
    vector input :data:`GATES`. A gate that is off computes nothing (an elementwise ``Where`` would touch every
    element of every activation and weight in every trial, several times the float model's run).
 3. An activation's producer moves into both branches where the activation has no other reader (a main-graph
-   node with one output, no subgraph, not a Q/DQ): the ``else`` branch computes it instead of copying it (ONNX Runtime
-   copies a value a branch passes on; on an EfficientNet-style CNN those copies were a third of a trial).
+   node with one output, no subgraph, not a Q/DQ): the ``else`` branch computes it instead of copying it
+   (ONNX Runtime copies a value a branch passes on; on an EfficientNet-style CNN those copies were a third of
+   a trial: 21.1 → 14.1 ms with every gate off).
 4. All gates off computes the float model; a gate on adds exactly that site's rounding, with the build's own
    scales, zero points and integers. The arithmetic is float (fake quantization): no integer kernel runs, so
    the figures are those of the quantized function, not of a kernel's accumulation.

@@ -61,10 +61,12 @@ from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.gate_qdq import GateQDQPass
+from edgeq.passes.pool_as_reduce import PoolAsReducePass
 from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass, dynamic_ineligible
 from edgeq.search import Candidate, Trials, run
 from edgeq.search.no_slowdown import no_slowdown
-from edgeq.search.op_sets import ACT_MATMUL, DYNAMIC_MATMUL, PSEUDO_OPS, choose_op_set, op_set_candidates
+from edgeq.search.op_sets import (ACT_MATMUL, DYNAMIC_MATMUL, POOL_AS_REDUCE, PSEUDO_OPS, choose_op_set,
+                                  op_set_candidates)
 from edgeq.search.ranges import choose_ranges
 from edgeq.ptq_stage import PtqStage
 from edgeq.recipe import PTQ_ON_GUARD_MISS, Recipe
@@ -325,6 +327,8 @@ class _Compilation:
             insert = InsertQDQPass(rules, self.ranges if ranges is None else ranges, keep_float, precisions,
                                    self.target.precisions.int4_block_size)
             insert(candidate)
+            if POOL_AS_REDUCE in optional_ops:
+                PoolAsReducePass()(candidate)
             self.ptq(candidate)
             if self.request.replay_weights:
                 apply_weights(candidate, self.request.replay_weights)
@@ -402,8 +406,12 @@ class _Compilation:
             present.add(ACT_MATMUL)
         if self._dynamic_weight_share() >= DYNAMIC_SHARE:
             present.add(DYNAMIC_MATMUL)
+        if any(n.op_type == "MaxPool" and "kernel_shape" in n.attributes
+               and n.attributes["kernel_shape"].value == n.attributes.get_ints("strides", None) for n in self.model.graph):
+            present.add(POOL_AS_REDUCE)
         available = (self.rules.requant_ops + ((ACT_MATMUL,) if self.rules.activation_matmuls else ())
-                     + ((DYNAMIC_MATMUL,) if self.rules.dynamic_matmuls else ()))
+                     + ((DYNAMIC_MATMUL,) if self.rules.dynamic_matmuls else ())
+                     + ((POOL_AS_REDUCE,) if self.rules.pool_as_reduce else ()))
         self.candidates = op_set_candidates(self.recipe.optional_ops, available, present)
         makers = {label: (lambda ops=ops: self.builder(ops)(set(self.request.keep_float), "0"))
                   for label, ops in self.candidates.items()}

@@ -47,8 +47,8 @@ from edgeq.recipe import Exclusions, Recipe
                    "outliers into the weights), gptq (reconstructed weight rounding), bias-correction.")
 @click.option("--optional-ops", default="auto", show_default=True,
               help="Optional ops to quantize (Add, Mul, Concat, …, ActMatMul for attention, DynamicMatMul for "
-                   "dynamic int8 MatMul/Gemm layers): auto (measure candidate sets), all, none, or a "
-                   "comma-separated list.")
+                   "dynamic int8 MatMul/Gemm layers, MaxPoolAsReduce for int8 MaxPools as Reshape + ReduceMax): "
+                   "auto (measure candidate sets), all, none, or a comma-separated list.")
 @click.option("--exclude", multiple=True, help="Keep float: name:NODE, re:REGEX or op:OPTYPE (repeatable).")
 @click.option("--metric", help="User metric pkg.module:fn or file.py:fn; fn(outputs, feeds) -> float.")
 @click.option("--max-drop", help="Accuracy budget (metric drop, else top-1 disagreement): 0.01 or 1%.")

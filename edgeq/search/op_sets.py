@@ -2,11 +2,15 @@
 fastest (a strategy of :mod:`edgeq.search.trials`).
 
 Rules:
-- Optional ops are the target's requant ops (Add, Mul, Concat, Sigmoid, …) and two pseudo-ops: ``ActMatMul``
-  (MatMuls of two activations: attention) and, on targets with ``dynamic_matmuls``, ``DynamicMatMul`` (the
-  MatMul/Gemm layers with constant weights in dynamic int8). What pays depends on the model and the kernels
-  (quantized residual Adds pay in CNNs and cost in transformers; quantized attention makes ORT run Softmax as
-  a slow QLinearSoftmax; dynamic int8 computes each activation's range at run time).
+- Optional ops are the target's requant ops (Add, Mul, Concat, Sigmoid, …) and three pseudo-ops: ``ActMatMul``
+  (MatMuls of two activations: attention), on targets with ``dynamic_matmuls``, ``DynamicMatMul`` (the
+  MatMul/Gemm layers with constant weights in dynamic int8), and on targets with ``pool_as_reduce``,
+  ``MaxPoolAsReduce`` (int8 MaxPools over non-overlapping windows as Reshape + ReduceMax,
+  :mod:`edgeq.passes.pool_as_reduce`; present where a MaxPool's kernel equals its strides). What pays depends
+  on the model and the kernels (quantized residual Adds pay in CNNs and cost in transformers; quantized
+  attention makes ORT run Softmax as a slow QLinearSoftmax; dynamic int8 computes each activation's range at
+  run time; ReduceMax beats ORT's int8 MaxPool 3× on a speech model's 1×4 pools and loses 5× on a keyword
+  model's small 2×2 ones).
 - ``auto`` builds all present, none, all but each in turn, and all + ``DynamicMatMul`` (which ``all`` never
   implies: the first candidate, delivered when nothing is measured, is static int8). ``DynamicMatMul`` counts
   as present where its layers hold at least half of the model's layer weights (the pipeline's
@@ -28,7 +32,8 @@ from edgeq.search.trials import Candidate, Trial
 
 ACT_MATMUL = "ActMatMul"
 DYNAMIC_MATMUL = "DynamicMatMul"
-PSEUDO_OPS = (ACT_MATMUL, DYNAMIC_MATMUL)
+POOL_AS_REDUCE = "MaxPoolAsReduce"
+PSEUDO_OPS = (ACT_MATMUL, DYNAMIC_MATMUL, POOL_AS_REDUCE)
 SPEED_TOLERANCE = 0.05
 FIDELITY_FEEDS = 16
 

@@ -2,7 +2,7 @@
 
 ONNX Runtime's integer MaxPool (what DequantizeLinear → MaxPool → QuantizeLinear becomes) is a scalar loop where
 its channels-last int8 chain (QLinearConv → MaxPool) does not reach it; its integer ReduceMax is not. Measured in
-QDQ form on one Sapphire Rapids thread: a 1×4 pool over [1, 64, 314, 64] 4.9 → 1.7 ms, a 2×2 pool over
+QDQ form on one Sapphire Rapids thread: a 1×4 pool over [1, 64, 314, 64] 5.0 → 0.80 ms, a 2×2 pool over
 [1, 32, 100, 64] 0.80 → 0.36 ms (audio models pool frequency bins this way); inside a chain the MaxPool wins (a
 keyword model's small 2×2 pools: 0.02 → 0.13 ms). So the pipeline measures it as an optional op set member
 (``MaxPoolAsReduce``, :mod:`edgeq.search.op_sets`).

@@ -61,7 +61,7 @@ from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.gate_qdq import GateQDQPass
-from edgeq.passes.pool_as_reduce import PoolAsReducePass
+from edgeq.passes.pool_as_reduce import PoolAsReducePass, windows_tile
 from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass, dynamic_ineligible
 from edgeq.search import Candidate, Trials, run
 from edgeq.search.no_slowdown import no_slowdown
@@ -406,8 +406,7 @@ class _Compilation:
             present.add(ACT_MATMUL)
         if self._dynamic_weight_share() >= DYNAMIC_SHARE:
             present.add(DYNAMIC_MATMUL)
-        if any(n.op_type == "MaxPool" and "kernel_shape" in n.attributes
-               and n.attributes["kernel_shape"].value == n.attributes.get_ints("strides", None) for n in self.model.graph):
+        if any(windows_tile(n) for n in self.model.graph):
             present.add(POOL_AS_REDUCE)
         available = (self.rules.requant_ops + ((ACT_MATMUL,) if self.rules.activation_matmuls else ())
                      + ((DYNAMIC_MATMUL,) if self.rules.dynamic_matmuls else ())

@@ -33,6 +33,18 @@ INTEGER_REDUCE_MAX = 12  # the opset from which ReduceMax takes int8/uint8
 AXES_AS_INPUT = 18  # the opset from which ReduceMax reads its axes from an input
 
 
+def windows_tile(node: ir.Node) -> bool:
+    """Whether a MaxPool's windows tile its input (rule 1's attributes: kernel = strides, no padding, dilations 1,
+    no ceil_mode, one output)."""
+    if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        return False
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    kernel = list(attrs.get("kernel_shape", []))
+    return bool(kernel) and list(attrs.get("strides", kernel)) == kernel and not any(attrs.get("pads", [0])) \
+        and all(d == 1 for d in attrs.get("dilations", [1])) and not attrs.get("ceil_mode", 0) \
+        and attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+
+
 class PoolAsReducePass(ir.passes.InPlacePass):
     def __init__(self):
         super().__init__()
@@ -50,19 +62,14 @@ class PoolAsReducePass(ir.passes.InPlacePass):
     @staticmethod
     def _windowed_shape(node: ir.Node) -> tuple[list[int], list[int]] | None:
         """The Reshape target and the window axes of a qualifying MaxPool, else None."""
-        if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        if not windows_tile(node):
             return None
         data, out = node.inputs[0], node.outputs[0]
         producer = data.producer() if data is not None else None
+        kernel = list(node.attributes["kernel_shape"].value)
         if (producer is None or producer.op_type != "DequantizeLinear" or out.is_graph_output()
-                or not list(out.uses()) or any(user.op_type != "QuantizeLinear" for user, _ in out.uses())):
-            return None
-        attrs = {name: attr.value for name, attr in node.attributes.items()}
-        kernel = list(attrs.get("kernel_shape", []))
-        if (not kernel or list(attrs.get("strides", kernel)) != kernel or any(attrs.get("pads", [0]))
-                or any(d != 1 for d in attrs.get("dilations", [1])) or attrs.get("ceil_mode", 0)
-                or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or data.shape is None
-                or len(data.shape) != len(kernel) + 2):
+                or not list(out.uses()) or any(user.op_type != "QuantizeLinear" for user, _ in out.uses())
+                or data.shape is None or len(data.shape) != len(kernel) + 2):
             return None
         target, axes, unknown = [0, 0], [], False
         for index, (dim, window) in enumerate(zip(list(data.shape)[2:], kernel), start=2):

@@ -6,7 +6,7 @@ Rules:
   (MatMuls of two activations: attention), on targets with ``dynamic_matmuls``, ``DynamicMatMul`` (the
   MatMul/Gemm layers with constant weights in dynamic int8), and on targets with ``pool_as_reduce``,
   ``MaxPoolAsReduce`` (int8 MaxPools over non-overlapping windows as Reshape + ReduceMax,
-  :mod:`edgeq.passes.pool_as_reduce`; present where a MaxPool's kernel equals its strides). What pays depends
+  :mod:`edgeq.passes.pool_as_reduce`; present where a MaxPool's windows tile its input). What pays depends
   on the model and the kernels (quantized residual Adds pay in CNNs and cost in transformers; quantized
   attention makes ORT run Softmax as a slow QLinearSoftmax; dynamic int8 computes each activation's range at
   run time; ReduceMax beats ORT's int8 MaxPool 3× on a speech model's 1×4 pools and loses 5× on a keyword

@@ -167,6 +167,8 @@ def _expose(graph: ir.Graph, wanted: set[ir.Value], counter: list[int]) -> list[
                 if key in node.attributes:
                     node.attributes[key] = ir.AttrInt64s(key, [*node.attributes[key].as_ints(), *[0] * len(names)])
         wider = _widen(node, len(names))
+        renamed = dict(zip(node.outputs, wider.outputs))  # a wanted output of this node is now the wider one's
+        found = [(renamed.get(value, value), name) for value, name in found]
         for i, (value, name) in enumerate(zip(wider.outputs[-len(names):], names)):
             value.name, value.dtype = f"{tag}_{i}_out", ir.DataType.FLOAT
             found.append((value, name))

@@ -82,13 +82,13 @@ def _if_returning_outer_values():
 
 def _nested_if_and_if_in_loop():
     """A nested If (its inner branches read a value of the outer branch and of the main graph, the same value
-    in several graphs), and an If inside a Loop body (a scripted-RNN-style loop with a branch per step)."""
+    in several graphs; the inner If's output is read by a Relu of the outer branch, as in a scripted VAD), and an If inside a Loop body (a scripted-RNN-style loop with a branch per step)."""
     inner_then = _branch("inner_then", [helper.make_node("MatMul", ["o_mm", "w"], ["it"], name="inner_mm")], "it")
     inner_else = _branch("inner_else", [helper.make_node("MatMul", ["x", "w"], ["ie"], name="inner_mm_x")], "ie")
     outer_then = _branch("outer_then", [
         helper.make_node("MatMul", ["x", "w"], ["o_mm"], name="outer_mm"),
-        helper.make_node("If", ["c2"], ["o_if"], then_branch=inner_then, else_branch=inner_else, name="inner_if")],
-        "o_if")
+        helper.make_node("If", ["c2"], ["o_if"], then_branch=inner_then, else_branch=inner_else, name="inner_if"),
+        helper.make_node("Relu", ["o_if"], ["o_if_relu"], name="outer_relu_of_if")], "o_if_relu")
     outer_else = _branch("outer_else", [helper.make_node("Relu", ["x"], ["o_relu"], name="outer_relu")], "o_relu")
     step_then = _branch("step_then", [helper.make_node("MatMul", ["h_in", "w"], ["s_mm"], name="step_mm")], "s_mm")
     step_else = _branch("step_else", [helper.make_node("Neg", ["h_in"], ["s_neg"], name="step_neg")], "s_neg")

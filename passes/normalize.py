@@ -3,13 +3,15 @@
 Rules, in order:
 1. A model that already holds quantization ops (QuantizeLinear, QLinear*, *Integer, …) is refused: quantizing
    twice only loses accuracy. The user must pass the float original.
-2. The default-domain opset is raised to at least 13 (per-channel DequantizeLinear needs ``axis``), by
+2. The default-domain opset is raised to at least 14 (per-channel DequantizeLinear needs ``axis``, 13; the
+   HardSwish of rule 4, 14), by
    :mod:`edgeq.passes.convert_opset` (never by relabelling); a model that computes in float16 computes in
    float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`).
 3. ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too.
-4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size) folds
-   constants, fuses BatchNorm into Conv/Gemm, removes no-op and Identity nodes
+4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
+   HardSwish/HardSigmoid fusions) folds constants, fuses BatchNorm into Conv/Gemm, decomposed HardSwish
+   (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the ops, removes no-op and Identity nodes
    (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value.
 5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
    ``Flatten`` when ``keepdims=0``): the same numbers, but an op with an integer kernel that follows ONNX
@@ -29,12 +31,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 from onnxscript import rewriter
+from onnxscript.rewriter.rules.common import fuse_hardswish_rules
 
 from edgeq.errors import UserError
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.float16_to_float32 import Float16ToFloat32Pass
 
-MIN_OPSET = 13
+MIN_OPSET = 14
 QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
     "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
@@ -95,8 +98,11 @@ class NormalizePass(ir.passes.InPlacePass):
 # onnxscript's default rules less those whose pattern has several output nodes (SlicesSplit): its matcher tries
 # those against every node of the graph for every candidate, quadratic in graph size — 115 of 127 s on a
 # 6,400-node transformer, for a rewrite (two Slices → Split) that changes no number and fired on no corpus model.
+# Its HardSwish/HardSigmoid fusions are added: exporters without the ops (paddle2onnx, torch below opset 14)
+# write them as Add/Clip/Div/Mul, which in an int8 model is four float kernels and two more requantizations
+# between int8 convolutions, and in the float model four kernels ONNX Runtime does not fuse into the Conv.
 _REWRITE_RULES = tuple(rule for rule in rewriter._DEFAULT_REWRITE_RULES
-                       if rule._target_pattern.has_single_output_node)
+                       if rule._target_pattern.has_single_output_node) + tuple(fuse_hardswish_rules().rules)
 
 
 def _optimize(model: ir.Model) -> None:

@@ -44,6 +44,38 @@ def test_constant_weights_become_initializers_and_batchnorm_folds():
     np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-4, atol=1e-4)
 
 
+def _scalar(name, value):
+    return numpy_helper.from_array(np.array(value, np.float32), name)
+
+
+@pytest.mark.parametrize("style", ["paddle", "torch-opset-13"])
+def test_decomposed_hard_swish_becomes_the_op(style):
+    """paddle2onnx writes HardSwish as x·Clip(x+3, 0, 6)/6 and its SE gate's HardSigmoid as Clip(x+3, 0, 6)/6;
+    torch below opset 14 writes x·HardSigmoid(x). Each becomes its op, computing the same."""
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
+    if style == "paddle":
+        nodes = [conv, helper.make_node("Add", ["c", "three"], ["a"]),
+                 helper.make_node("Clip", ["a", "zero", "six"], ["cl"]), helper.make_node("Mul", ["c", "cl"], ["m"]),
+                 helper.make_node("Div", ["m", "six"], ["hs"]), helper.make_node("Add", ["hs", "three"], ["a2"]),
+                 helper.make_node("Clip", ["a2", "zero", "six"], ["cl2"]), helper.make_node("Div", ["cl2", "six"], ["y"])]
+        opset, expected = 11, ["Conv", "HardSwish", "HardSigmoid"]
+    else:
+        nodes = [conv, helper.make_node("HardSigmoid", ["c"], ["g"], alpha=1 / 6, beta=0.5),
+                 helper.make_node("Mul", ["c", "g"], ["y"])]
+        opset, expected = 13, ["Conv", "HardSwish"]
+    rng = np.random.default_rng(0)
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                       [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 2, "w"),
+                        _scalar("three", 3.0), _scalar("zero", 0.0), _scalar("six", 6.0)], opset=opset)
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    assert [n.op_type for n in model.graph] == expected
+    assert default_opset(model) >= 14
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-5, atol=1e-5)
+
+
 def test_already_quantized_model_is_refused():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])]
     proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],

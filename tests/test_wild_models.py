@@ -191,7 +191,7 @@ def test_minus_one_dims_and_constant_weights_accept_every_real_feed(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["decisions"]["conv"]["quantized"]
-    assert manifest["normalize"]["opset"] == [11, 13]
+    assert manifest["normalize"]["opset"] == [11, 14]
     _close_to_original(proto, out, feeds)
 
 

@@ -8,7 +8,8 @@ while losing most detections), so every output is reported on its own, and outpu
 - the output's kind, read from the reference's values, and the agreement of the decision it carries:
   ``indices`` (integer outputs: the share of equal elements), ``classes`` (values in [0, 1] whose last axis
   sums to 1: the share of positions whose argmax agrees), ``scores`` (values in [0, 1] otherwise —
-  probability maps, masks: intersection over union of the values above 0.5), ``embedding`` (last axis of
+  probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
+  0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
   unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per feed: argmax
   agreement), ``values`` (at most :data:`FEW_VALUES` per feed: scores, regressions — a [batch, 3] quality
   score looks like logits, and a few numbers are judged as numbers) and ``map`` (anything else:
@@ -148,7 +149,7 @@ class _OutputStats:
     def kind(self) -> str:
         if self.sums_to_one and self.unit_interval:
             return "classes"
-        if self.unit_interval:
+        if self.unit_interval and self.above_ref:
             return "scores"
         if self.unit_norm:
             return "embedding"

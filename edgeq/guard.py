@@ -11,7 +11,8 @@ Rules:
   classes                 argmax agreement per position (softmax outputs)      ≥ 0.99
                           and, with positions, sequence agreement              ≥ 0.99
   logits                  argmax agreement, and SQNR (> 16 values per feed)    ≥ 0.99, ≥ 20 dB
-  scores                  IoU of the values above 0.5 (probability maps)       ≥ 0.90
+  scores                  IoU of the values above 0.5 (probability maps; one   ≥ 0.90
+                          with none above 0.5 in float is a map)
   embedding               cosine                                               ≥ 0.99
   values                  SQNR (≤ 16 values per feed: scores, regressions)     ≥ 35 dB
   map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB

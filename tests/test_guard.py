@@ -32,6 +32,8 @@ def _unit(x):
 @pytest.mark.parametrize("make,kind", [
     (lambda: _softmax(RNG.standard_normal((1, 7, 30))), "classes"),
     (lambda: 1 / (1 + np.exp(-RNG.standard_normal((1, 50, 10)))), "scores"),
+    # a probability map no value of which reaches the decision (a VAD on silence): no decision to judge
+    (lambda: 0.4 / (1 + np.exp(-RNG.standard_normal((1, 50, 10)))), "map"),
     (lambda: _unit(RNG.standard_normal((1, 2048))), "embedding"),
     (lambda: RNG.standard_normal((1, 1000)) * 4, "logits"),
     (lambda: RNG.standard_normal(()) + 3, "values"),

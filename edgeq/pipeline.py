@@ -569,7 +569,9 @@ class _Compilation:
             return
         rebuild = self.builder(self.candidates[self.chosen])
         with self.reporter.stage("no-slowdown: measure float vs int8, return costly nodes to float"):
-            best = run(no_slowdown(current, rebuild, self.trials.kernel_times, self.float_path, recipe), self.trials)
+            holds = (lambda trial: guard.checked(trial)["met"]) if self.guard_applies else None
+            best = run(no_slowdown(current, rebuild, self.trials.kernel_times, self.float_path, recipe, holds),
+                       self.trials)
         self.current = current = best.build
         self.latency = best.latency
         ratio = self.latency["int8"].median_ms / self.latency["float"].median_ms

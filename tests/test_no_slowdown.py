@@ -81,6 +81,27 @@ def test_costly_nodes_return_to_float_until_int8_is_faster(tmp_path):
     assert final.build.quantized == ["fast1"] and rounds[-1]["ratio"] < 1.0 and rounds[-1]["chosen"]
 
 
+def test_a_faster_round_that_misses_the_guard_is_never_chosen(tmp_path):
+    """With the guard, every round is checked on the held-out feeds: here returning the slow nodes to float
+    (round 2, faster) flips a decision, so the fastest build that holds — round 1 — is chosen."""
+    (tmp_path / "float").write_text("")
+    ScriptedRuntime.nodes = ["fast1", "slow1", "slow2"]
+
+    def build(keep, tag):
+        quantized = [n for n in ScriptedRuntime.nodes if n not in keep]
+        path = tmp_path / f"int8-{tag}"
+        path.write_text(json.dumps(quantized))
+        return _Build(path, FakeInsert(quantized, keep))
+
+    trials = Trials(ScriptedRuntime(), tmp_path / "float", {}, None, Recipe(latency_repeats=5, latency_warmup=1))
+    trials.fidelity = lambda path, feeds=None: {"holds": "slow1" in json.loads(Path(path).read_text())}
+    chosen = run(no_slowdown(build(set(), "0"), build, trials.kernel_times, tmp_path / "float", trials.recipe,
+                             holds=lambda trial: trial.fidelity["holds"]), trials)
+    first, faster = trials.of("no-slowdown")
+    assert faster.ratio < 1.0 < first.ratio and not faster.fidelity["holds"]
+    assert chosen is first and chosen.chosen and not faster.chosen
+
+
 def test_cost_attribution_counts_qdq_for_its_owner():
     times = [NodeTime("a", "QLinearConv", 1.0), NodeTime("x_QuantizeLinear", "QuantizeLinear", 0.5),
              NodeTime("Transpose", "Transpose", 0.2)]

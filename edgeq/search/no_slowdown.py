@@ -7,7 +7,10 @@ Rules:
 - Per-node kernel times of both builds (Q/DQ kernels and fused activations counted for the node they serve)
   decide which quantized nodes cost more in int8; only nodes timed in both are judged (ORT renames some fused
   float kernels, and a node with no float time says nothing about its cost). No costly node: stop.
-- The build measured fastest over all rounds is chosen (a rebuild can measure worse).
+- The build measured fastest over all rounds is chosen (a rebuild can measure worse); with ``holds`` (the
+  fidelity guard), each round is also checked on every held-out feed and only builds that hold it may be
+  chosen: returning a node to float changes the noise every later layer sees, and on thin margins a build
+  with fewer int8 nodes can flip a decision that the full build kept.
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ from edgeq.search.trials import Candidate, Trial
 
 
 def no_slowdown(first, rebuild: Callable[[set[str], str], object], kernel_times: Callable[[Path], list[NodeTime]],
-                float_path: Path, recipe) -> Generator[Candidate, Trial, Trial]:
-    """``first``: the build to start from; ``rebuild(keep_float, tag)`` makes the next. Returns the chosen trial
-    (its ``candidate.facts`` hold the round, the node count and what was returned to float)."""
-    keep, make, best = set(first.insert.keep_float), (lambda: first), None
+                float_path: Path, recipe, holds: Callable[[Trial], bool] | None = None) -> Generator[Candidate, Trial, Trial]:
+    """``first``: the build to start from (it holds the guard, where ``holds`` is given); ``rebuild(keep_float,
+    tag)`` makes the next. Returns the chosen trial (its ``candidate.facts`` hold the round, the node count and
+    what was returned to float)."""
+    keep, make, best, trials = set(first.insert.keep_float), (lambda: first), None, []
     for round_index in range(recipe.max_revert_rounds + 1):
         trial = yield Candidate("no-slowdown", f"round {round_index + 1}", make, time=True,
-                                facts={"round": round_index})
+                                feeds=None if holds else 0, facts={"round": round_index})
         current = trial.build
+        trials.append(trial)
         trial.candidate.facts["quantized_nodes"] = len(current.quantized)
-        if best is None or trial.ratio < best.ratio:
+        held = holds is None or holds(trial)
+        if held and (best is None or trial.ratio < best.ratio):
             best = trial
-        if trial.ratio <= recipe.max_ratio or not recipe.no_slowdown or round_index == recipe.max_revert_rounds:
+        if (held and trial.ratio <= recipe.max_ratio) or not recipe.no_slowdown \
+                or round_index == recipe.max_revert_rounds:
             break
         owners = current.insert.owners
         float_cost = cost_by_node(kernel_times(float_path), owners)
@@ -45,5 +52,6 @@ def no_slowdown(first, rebuild: Callable[[set[str], str], object], kernel_times:
         if not rebuilt.quantized:
             break
         make = lambda built=rebuilt: built  # noqa: E731
+    best = best or trials[0]  # none held: the first, which the pipeline's final check then refuses
     best.chosen = True
     return best

@@ -251,7 +251,7 @@ class _Compilation:
         with self.reporter.stage("normalize"):
             self.check_feeds = [f.inputs for f in itertools.islice(self.calib, CHECK_FEEDS)]
             self.float_path = _fresh_dir(self.work / "float") / MODEL
-            check = normalize_checked(model, self.request.model, self.check_feeds, self.float_path)
+            model, check = normalize_checked(model, self.request.model, self.check_feeds, self.float_path)
             self.normalize_check = {"opset": [source_opset, default_opset(model)]} | check
             self.normalized_digest = normalized_digest = model_digest(model)
         self.feed = next(iter(self.holdout)).inputs

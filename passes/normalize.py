@@ -10,8 +10,10 @@ Rules, in order:
 3. ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too.
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
-   HardSwish/HardSigmoid fusions) folds constants, fuses BatchNorm into Conv/Gemm, decomposed HardSwish
-   (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the ops, removes no-op and Identity nodes
+   HardSwish/HardSigmoid fusions unless ``fuse_activations`` is off) folds constants, fuses BatchNorm into
+   Conv/Gemm, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the
+   ops (the same function, rounded differently: :func:`edgeq.model_check.normalize_checked` normalizes again
+   without them where that difference shows), removes no-op and Identity nodes
    (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value.
 5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
    ``Flatten`` when ``keepdims=0``): the same numbers, but an op with an integer kernel that follows ONNX
@@ -53,12 +55,14 @@ def quantized_ops_in(model: ir.Model) -> list[str]:
 
 
 class NormalizePass(ir.passes.InPlacePass):
-    """Upgrade opset, compute in float32, lift Constant weights, fold, fuse BatchNorm, drop Identity, infer
-    shapes. ``float16_converted``: how many float16 tensors and ops became float32 (0: none)."""
+    """Upgrade opset, compute in float32, lift Constant weights, fold, fuse BatchNorm [and activations], drop
+    Identity, infer shapes. ``float16_converted``: how many float16 tensors and ops became float32 (0: none);
+    ``activations_fused``: how many HardSwish/HardSigmoid nodes the fusions made."""
 
-    def __init__(self):
+    def __init__(self, fuse_activations: bool = True):
         super().__init__()
-        self.float16_converted = 0
+        self.fuse_activations = fuse_activations
+        self.float16_converted = self.activations_fused = 0
 
     @staticmethod
     def refuse_quantized(model: ir.Model) -> None:
@@ -76,7 +80,8 @@ class NormalizePass(ir.passes.InPlacePass):
         self.float16_converted = full.converted
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
         input_names = [v.name for v in model.graph.inputs]
-        _optimize(model)
+        before = _count(model, FUSED_OPS)
+        _optimize(model, _REWRITE_RULES + (ACTIVATION_FUSIONS if self.fuse_activations else ()))
         _restore_input_names(model.graph, input_names)
         # Before any pass that counts only node uses: a node whose output a subgraph returns directly has no
         # node use and would be removed as dead. (onnx_ir's IdentityEliminationPass is not run for the same
@@ -92,22 +97,30 @@ class NormalizePass(ir.passes.InPlacePass):
             common.TopologicalSortPass(),
             common.NameFixPass(),
         ])(model)
+        self.activations_fused = _count(model, FUSED_OPS) - before
         return ir.passes.PassResult(model, modified=True)
+
+
+def _count(model: ir.Model, op_types: tuple[str, ...]) -> int:
+    return sum(node.op_type in op_types for node in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
 # onnxscript's default rules less those whose pattern has several output nodes (SlicesSplit): its matcher tries
 # those against every node of the graph for every candidate, quadratic in graph size — 115 of 127 s on a
 # 6,400-node transformer, for a rewrite (two Slices → Split) that changes no number and fired on no corpus model.
+_REWRITE_RULES = tuple(rule for rule in rewriter._DEFAULT_REWRITE_RULES
+                       if rule._target_pattern.has_single_output_node)
 # Its HardSwish/HardSigmoid fusions are added: exporters without the ops (paddle2onnx, torch below opset 14)
 # write them as Add/Clip/Div/Mul, which in an int8 model is four float kernels and two more requantizations
 # between int8 convolutions, and in the float model four kernels ONNX Runtime does not fuse into the Conv.
-_REWRITE_RULES = tuple(rule for rule in rewriter._DEFAULT_REWRITE_RULES
-                       if rule._target_pattern.has_single_output_node) + tuple(fuse_hardswish_rules().rules)
+# They round differently from the chain they replace (~1e-7), hence the option to leave them out.
+ACTIVATION_FUSIONS = tuple(fuse_hardswish_rules().rules)
+FUSED_OPS = ("HardSwish", "HardSigmoid")
 
 
-def _optimize(model: ir.Model) -> None:
-    """``onnxscript.optimizer.optimize_ir`` (same passes, same order) with ``_REWRITE_RULES``: it takes no rule
-    list of its own."""
+def _optimize(model: ir.Model, rules: tuple) -> None:
+    """``onnxscript.optimizer.optimize_ir`` (same passes, same order) with ``rules``: it takes no rule list of
+    its own."""
     folding = onnxscript.optimizer.constant_folding
     ir.passes.Sequential(
         common.InlinePass(),
@@ -115,7 +128,7 @@ def _optimize(model: ir.Model) -> None:
             folding.FoldConstantsPass(shape_inference=True,
                                       input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
                                       output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
-            rewriter.RewritePass(_REWRITE_RULES),
+            rewriter.RewritePass(rules),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
             common.RemoveUnusedOpsetsPass(),

@@ -19,7 +19,9 @@ while losing most detections), so every output is reported on its own, and outpu
   samples rarely show the one flip that changes a sequence, so the figure is the lower of the observed share
   and the share expected from the margins: each position's chance to flip is the share of the margin changes
   measured at all positions (log-probability of the float top-1 minus its runner-up, candidate vs float) that
-  would overturn its own float margin, and a sample agrees when all of its positions do. Where a feed's
+  would overturn its own float margin, a sample agrees when all of its positions do, and the share is the
+  lower bound of a one-sided 90% confidence interval of the mean over samples (a table decoder held 0.991 as a
+  mean over 30 tables, 0.982 as the bound, and lost 5 of 100 unseen tables' sequences). Where a feed's
   integer [batch, positions] input shows padding (:func:`padding_of`: an attention mask's zeros, or the
   trailing run of a pad id), the padded positions of a classes output with those leading axes are not
   judged (argmax or sequence): a tagger's outputs there are noise no task reads;
@@ -51,6 +53,7 @@ _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to 
 DECIDING = ("indices", "classes", "logits")  # kinds judged by their argmax / exact values
 MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
 _TINY = 1e-30  # probabilities are floored here before their log
+CONFIDENCE_Z = 1.2816  # the expected sequence agreement is the lower bound of a one-sided 90% interval
 
 
 def _db(signal: float, noise: float) -> float:
@@ -133,7 +136,8 @@ class _OutputStats:
         self.margin_rows += int(judged.sum())
 
     def sequence_agreement(self) -> float:
-        """The lower of the observed and the margin-expected share of samples agreeing at every position."""
+        """The lower of the observed and the margin-expected share of samples agreeing at every position (the
+        lower 90% confidence bound of the mean over samples: a few tables or sentences estimate it)."""
         observed = self.samples_agree / self.samples
         if not self.margins:
             return observed
@@ -143,8 +147,9 @@ class _OutputStats:
         margin = [v[:, 0, 0] - v[:, 0, 1] for v in values]
         change = np.sort(np.concatenate([v[:, 1, 0] - v[:, 1, 1] for v in values]) - np.concatenate(margin))
         flip = [np.searchsorted(change, -m) / change.size for m in margin]  # share of changes that overturn m
-        expected = float(np.mean([np.prod(1.0 - f) for f in flip]))
-        return min(observed, expected)
+        agree = np.array([np.prod(1.0 - f) for f in flip])  # each sample's chance to agree at every position
+        spread = float(agree.std(ddof=1)) / np.sqrt(agree.size) if agree.size > 1 else 0.0
+        return min(observed, float(agree.mean() - CONFIDENCE_Z * spread))
 
     def kind(self) -> str:
         if self.sums_to_one and self.unit_interval:

@@ -106,6 +106,23 @@ def test_a_sequence_is_judged_by_the_changes_its_thin_margins_could_take(confide
     assert "sequence_agreement" not in meter.summary()["outputs"]["p"]
 
 
+@pytest.mark.parametrize("samples,met", [(50, False), (500, True)])
+def test_a_sequence_agreement_from_few_samples_is_held_to_its_lower_bound(samples, met):
+    """One sample in 50 has a thin margin (0.3) that a quarter of the measured margin changes would overturn:
+    the expected share of samples agreeing everywhere is 0.995 at any count, but on 50 samples the lower bound
+    of its 90% interval is below the guard's 0.99, on 500 above it."""
+    margins = np.full((samples, 1, 100), 8.0)
+    margins[::50, :, 50] = 0.3
+    changes = np.where(np.arange(100) % 4 == 0, -1.0, 1.0) * np.ones((samples, 1, 100))
+    changes[:, :, 50] = 0.0
+    meter = FidelityMeter(["tokens"])
+    for m, c in zip(margins, changes):
+        meter.update([_decoded(m, 0 * c)], [_decoded(m, c)])
+    out = meter.summary()["outputs"]["tokens"]
+    assert out["decision_agreement"] == 1.0 and 0.985 < out["sequence_agreement"] < 0.995
+    assert guard.check(meter.summary())["met"] is met
+
+
 def test_padded_positions_of_a_tagger_are_not_judged():
     """Token ids [1, 16], the last 6 the pad id 0: the tagger's outputs there are near ties that int8 flips
     (a real grapheme-to-phoneme model's 66 of 79 flips); the real positions are confident and unchanged."""

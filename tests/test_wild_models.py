@@ -195,6 +195,30 @@ def test_minus_one_dims_and_constant_weights_accept_every_real_feed(tmp_path):
     _close_to_original(proto, out, feeds)
 
 
+def test_a_declared_output_shape_the_outputs_contradict_is_not_trusted(tmp_path):
+    """A torch 1.9 CTC recognizer declared its [T, 1, classes] output as [1, seqlen]: ONNX Runtime never checks
+    it, but the optimizer folded the last Reshape's target from it ([1, -1]: another shape)."""
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["t"], axis=0), helper.make_node("Gather", ["s", "i1"], ["n"], axis=0),
+             helper.make_node("Mul", ["t", "n"], ["tn"]), helper.make_node("Unsqueeze", ["tn"], ["tnu"], axes=[0]),
+             helper.make_node("Concat", ["tnu", "c16"], ["flat"], axis=0), helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+             helper.make_node("Gemm", ["x2", "w"], ["g"], transB=1, name="classifier"),
+             helper.make_node("Unsqueeze", ["t"], ["tu"], axes=[0]), helper.make_node("Unsqueeze", ["n"], ["nu"], axes=[0]),
+             helper.make_node("Concat", ["tu", "nu", "c30"], ["back"], axis=0), helper.make_node("Reshape", ["g", "back"], ["y"])]
+    graph = helper.make_graph(nodes, "ctc", [helper.make_tensor_value_info("x", F, ["T", 1, 16])],
+                              [helper.make_tensor_value_info("y", F, [1, "seqlen"])],
+                              [i64("i0", 0), i64("i1", 1), i64("c16", [16]), i64("c30", [30]), _w("w", (30, 16))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=6)
+    feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((5 + i, 1, 16)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["normalize"]["output_shapes_dropped"] == ["y"]
+    assert manifest["quantization"]["decisions"]["classifier"]["quantized"]
+    _close_to_original(proto, out, feeds)
+
+
 def test_dims_that_differ_per_feed(tmp_path):
     """Variable text length: [1, T, 16] with T changing from feed to feed."""
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),

@@ -18,8 +18,9 @@ def test_interleaved_measurement_orders_candidates_correctly():
                               warmup=1, repeats=10, here=False)
     assert lat["fast"].median_ms < lat["slow"].median_ms
     assert lat["fast"].min_ms <= lat["fast"].median_ms <= lat["fast"].p90_ms
-    # at least `repeats` rounds, and as many as fill MIN_SECONDS per candidate: here 0.5 s / 2 ms a run
-    assert lat["slow"].runs == lat["fast"].runs and 100 < lat["slow"].runs < MAX_ROUNDS
+    # more than `repeats` rounds: as many as fill MIN_SECONDS per candidate at the warm-up's pace (0.5 s / 2 ms a
+    # run on an idle machine: 125; a loaded one sleeps longer, so the bound is the repeats asked for)
+    assert lat["slow"].runs == lat["fast"].runs and 10 < lat["slow"].runs < MAX_ROUNDS
 
 
 def test_slow_models_are_timed_within_a_time_budget(monkeypatch):

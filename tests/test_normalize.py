@@ -57,7 +57,8 @@ def test_decomposed_hard_swish_becomes_the_op(style):
         nodes = [conv, helper.make_node("Add", ["c", "three"], ["a"]),
                  helper.make_node("Clip", ["a", "zero", "six"], ["cl"]), helper.make_node("Mul", ["c", "cl"], ["m"]),
                  helper.make_node("Div", ["m", "six"], ["hs"]), helper.make_node("Add", ["hs", "three"], ["a2"]),
-                 helper.make_node("Clip", ["a2", "zero", "six"], ["cl2"]), helper.make_node("Div", ["cl2", "six"], ["y"])]
+                 helper.make_node("Clip", ["a2", "zero", "six"], ["cl2"]),
+                 helper.make_node("Div", ["cl2", "six"], ["y"])]
         opset, expected = 11, ["Conv", "HardSwish", "HardSigmoid"]
     else:
         nodes = [conv, helper.make_node("HardSigmoid", ["c"], ["g"], alpha=1 / 6, beta=0.5),

@@ -82,7 +82,8 @@ def _if_returning_outer_values():
 
 def _nested_if_and_if_in_loop():
     """A nested If (its inner branches read a value of the outer branch and of the main graph, the same value
-    in several graphs; the inner If's output is read by a Relu of the outer branch, as in a scripted VAD), and an If inside a Loop body (a scripted-RNN-style loop with a branch per step)."""
+    in several graphs; the inner If's output is read by a Relu of the outer branch, as in a scripted VAD), and
+    an If inside a Loop body (a scripted-RNN-style loop with a branch per step)."""
     inner_then = _branch("inner_then", [helper.make_node("MatMul", ["o_mm", "w"], ["it"], name="inner_mm")], "it")
     inner_else = _branch("inner_else", [helper.make_node("MatMul", ["x", "w"], ["ie"], name="inner_mm_x")], "ie")
     outer_then = _branch("outer_then", [
@@ -199,13 +200,13 @@ def test_a_declared_output_shape_the_outputs_contradict_is_not_trusted(tmp_path)
     """A torch 1.9 CTC recognizer declared its [T, 1, classes] output as [1, seqlen]: ONNX Runtime never checks
     it, but the optimizer folded the last Reshape's target from it ([1, -1]: another shape)."""
     i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
-    nodes = [helper.make_node("Shape", ["x"], ["s"]),
-             helper.make_node("Gather", ["s", "i0"], ["t"], axis=0), helper.make_node("Gather", ["s", "i1"], ["n"], axis=0),
-             helper.make_node("Mul", ["t", "n"], ["tn"]), helper.make_node("Unsqueeze", ["tn"], ["tnu"], axes=[0]),
-             helper.make_node("Concat", ["tnu", "c16"], ["flat"], axis=0), helper.make_node("Reshape", ["x", "flat"], ["x2"]),
-             helper.make_node("Gemm", ["x2", "w"], ["g"], transB=1, name="classifier"),
-             helper.make_node("Unsqueeze", ["t"], ["tu"], axes=[0]), helper.make_node("Unsqueeze", ["n"], ["nu"], axes=[0]),
-             helper.make_node("Concat", ["tu", "nu", "c30"], ["back"], axis=0), helper.make_node("Reshape", ["g", "back"], ["y"])]
+    node = helper.make_node
+    nodes = [node("Shape", ["x"], ["s"]), node("Gather", ["s", "i0"], ["t"], axis=0),
+             node("Gather", ["s", "i1"], ["n"], axis=0), node("Mul", ["t", "n"], ["tn"]),
+             node("Unsqueeze", ["tn"], ["tnu"], axes=[0]), node("Concat", ["tnu", "c16"], ["flat"], axis=0),
+             node("Reshape", ["x", "flat"], ["x2"]), node("Gemm", ["x2", "w"], ["g"], transB=1, name="classifier"),
+             node("Unsqueeze", ["t"], ["tu"], axes=[0]), node("Unsqueeze", ["n"], ["nu"], axes=[0]),
+             node("Concat", ["tu", "nu", "c30"], ["back"], axis=0), node("Reshape", ["g", "back"], ["y"])]
     graph = helper.make_graph(nodes, "ctc", [helper.make_tensor_value_info("x", F, ["T", 1, 16])],
                               [helper.make_tensor_value_info("y", F, [1, "seqlen"])],
                               [i64("i0", 0), i64("i1", 1), i64("c16", [16]), i64("c30", [30]), _w("w", (30, 16))])

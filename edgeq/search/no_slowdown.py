@@ -23,7 +23,8 @@ from edgeq.search.trials import Candidate, Trial
 
 
 def no_slowdown(first, rebuild: Callable[[set[str], str], object], kernel_times: Callable[[Path], list[NodeTime]],
-                float_path: Path, recipe, holds: Callable[[Trial], bool] | None = None) -> Generator[Candidate, Trial, Trial]:
+                float_path: Path, recipe,
+                holds: Callable[[Trial], bool] | None = None) -> Generator[Candidate, Trial, Trial]:
     """``first``: the build to start from (it holds the guard, where ``holds`` is given); ``rebuild(keep_float,
     tag)`` makes the next. Returns the chosen trial (its ``candidate.facts`` hold the round, the node count and
     what was returned to float)."""

@@ -662,7 +662,10 @@ class _Compilation:
         return CHECK_FEEDS if self.delivered_path == self.float_path else None
 
     def delivered_fidelity(self) -> dict:
-        return self.trials.fidelity(self.delivered_path, self.delivered_feeds)
+        """The delivered model against float on the held-out feeds; an int8 build a trial already judged on
+        every one (the no-slowdown round chosen under the guard) is not run again."""
+        judged = self.trials.judged(self.current) if self.delivered != "float" else None
+        return judged or self.trials.fidelity(self.delivered_path, self.delivered_feeds)
 
     def manifest(self, fidelity: dict, budget: dict | None, delivered_bytes: int, float_bytes: int) -> dict:
         insert, latency = self.current.insert, self.latency

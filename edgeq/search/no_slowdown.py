@@ -28,12 +28,11 @@ def no_slowdown(first, rebuild: Callable[[set[str], str], object], kernel_times:
     """``first``: the build to start from (it holds the guard, where ``holds`` is given); ``rebuild(keep_float,
     tag)`` makes the next. Returns the chosen trial (its ``candidate.facts`` hold the round, the node count and
     what was returned to float)."""
-    keep, make, best, trials = set(first.insert.keep_float), (lambda: first), None, []
+    keep, make, best, opening = set(first.insert.keep_float), (lambda: first), None, None
     for round_index in range(recipe.max_revert_rounds + 1):
         trial = yield Candidate("no-slowdown", f"round {round_index + 1}", make, time=True,
                                 feeds=None if holds else 0, facts={"round": round_index})
-        current = trial.build
-        trials.append(trial)
+        current, opening = trial.build, opening or trial
         trial.candidate.facts["quantized_nodes"] = len(current.quantized)
         held = holds is None or holds(trial)
         if held and (best is None or trial.ratio < best.ratio):
@@ -53,6 +52,6 @@ def no_slowdown(first, rebuild: Callable[[set[str], str], object], kernel_times:
         if not rebuilt.quantized:
             break
         make = lambda built=rebuilt: built  # noqa: E731
-    best = best or trials[0]  # none held: the first, which the pipeline's final check then refuses
+    best = best or opening  # none held: the first, which the pipeline's final check then refuses
     best.chosen = True
     return best

@@ -130,6 +130,11 @@ class Trials:
         return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds,
                               reference=self._reference)
 
+    def judged(self, build) -> dict | None:
+        """The fidelity a trial of this very build measured on every held-out feed, if one did (a copy)."""
+        return next((dict(t.fidelity) for t in reversed(self.log)
+                     if t.build is build and t.candidate.feeds is None and t.fidelity is not None), None)
+
     def kernel_times(self, path: Path) -> list[NodeTime]:
         """Per-node kernel times of one model file on the target's runtime settings (profiled once)."""
         if path not in self._kernels:

@@ -9,6 +9,8 @@ Rules:
 - The graph must be well formed before any pass sees it: at least one output, every value made once, every
   value read made somewhere (in the graph, an enclosing graph, or as an input or initializer), and no cycle
   (a node reading, through a subgraph too, what it makes). Each breach is one line naming the node.
+- Graph inputs and outputs hold tensors (or sequences / optionals of tensors): a map (scikit-learn's ZipMap
+  output, a DictVectorizer's input) is refused with the re-export that avoids it.
 - Models whose tensors exceed protobuf's 2 GB limit are saved with external data next to the model.
 - Saving is atomic: write into a temporary sibling, then rename.
 """
@@ -104,7 +106,34 @@ def check_graph(proto: onnx.ModelProto) -> None:
     """The structural rules of the module docstring (a :class:`UserError` naming the first breach)."""
     if not proto.graph.output:
         raise UserError("the model has no outputs", "export it again with its outputs declared")
+    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for value in values:
+            if _holds_map(value.type):
+                raise UserError(f"{kind} '{value.name}' holds maps ({_type_text(value.type)}), not a tensor; edgeq "
+                                "compiles models whose inputs and outputs are tensors",
+                                "re-export it without maps (skl2onnx / onnxmltools: options={'zipmap': False})")
     _check_graph(proto.graph, set(), "the main graph")
+
+
+def _holds_map(type_: onnx.TypeProto) -> bool:
+    kind = type_.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _holds_map(getattr(type_, kind).elem_type)
+    return False
+
+
+def _type_text(type_: onnx.TypeProto) -> str:
+    kind = type_.WhichOneof("value")
+    if kind == "map_type":
+        key = onnx.helper.tensor_dtype_to_np_dtype(type_.map_type.key_type).name
+        return f"map({key}, {_type_text(type_.map_type.value_type)})"
+    if kind in ("sequence_type", "optional_type"):
+        return f"{kind[:-5].replace('sequence', 'seq')}({_type_text(getattr(type_, kind).elem_type)})"
+    if kind == "tensor_type":
+        return onnx.helper.tensor_dtype_to_np_dtype(type_.tensor_type.elem_type).name
+    return kind or "no type"
 
 
 def _node_label(node: onnx.NodeProto, index: int) -> str:

@@ -60,7 +60,20 @@ def _models():
         "no outputs": (_unchecked([helper.make_node("Relu", ["x"], ["r"], name="a")], [X], []), "no outputs"),
         "no inputs": (_unchecked([helper.make_node("Relu", ["w"], ["y"], name="a")], [], [Y], [W]), "no inputs"),
         "undefined output": (_unchecked([helper.make_node("Relu", ["x"], ["r"], name="a")], [X], [Y]), "made by no node"),
+        "zipmap output": (_zipmap_classifier(), "'probabilities' holds maps (seq(map(int64, float32)))"),
     }
+
+
+def _zipmap_classifier():
+    """A scikit-learn classifier as skl2onnx writes it by default: probabilities as a sequence of maps."""
+    probabilities = helper.make_value_info("probabilities", helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(F, None))))
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], name="softmax"),
+             helper.make_node("ZipMap", ["p"], ["probabilities"], name="zipmap", domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1, 2, 3])]
+    graph = helper.make_graph(nodes, "g", [X], [probabilities])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)],
+                             ir_version=10)
 
 
 @pytest.mark.parametrize("case", list(_models()))

@@ -98,7 +98,41 @@ def test_a_fusion_whose_rounding_shows_is_left_out(tmp_path):
         assert ("HardSwish" in [n.op_type for n in model.graph]) is fused
         assert check["max_relative_error"] <= check["tolerance"]
         assert (check.get("activations_fused") == 1) is fused
-        assert fused or check["activation_fusions"].startswith("left out: with them, normalizing the model changed")
+        assert fused or check["rounding_rewrites"].startswith("left out: with them, normalizing the model changed")
+
+
+def test_a_mean_whose_summation_order_shows_stays_a_reducemean(tmp_path):
+    """GlobalAveragePool sums in another order than ReduceMean: a model whose output turns on that difference
+    fails the normalize check with the rewrite, and is normalized again without it (and the manifest says why);
+    where it does not, the mean becomes the pool."""
+    from edgeq.model_check import normalize_checked
+    from edgeq.model_io import load_model
+
+    def session(nodes, outputs, inits=()):
+        proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64, 64])],
+                           [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, 1, 1, 1]) for o in outputs],
+                           list(inits), opset=17)
+        return proto, ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    mean = helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=1)
+    _, reduce = session([mean], ["m"])
+    _, pool = session([helper.make_node("GlobalAveragePool", ["x"], ["m"])], ["m"])
+    for seed in range(500):  # inputs whose two sums round apart on this CPU's kernels
+        x = {"x": np.random.default_rng(seed).standard_normal((1, 1, 64, 64)).astype(np.float32)}
+        if reduce.run(None, x)[0] != pool.run(None, x)[0]:
+            break
+    else:
+        pytest.fail("ReduceMean and GlobalAveragePool rounded alike on 500 inputs")
+    tie = numpy_helper.from_array(reduce.run(None, x)[0], "t")
+    for shows in (False, True):
+        nodes = [mean, helper.make_node("Sub", ["m", "t"], ["d"]), helper.make_node("Sign", ["d"], ["y"])]
+        proto, _ = session(nodes if shows else [mean], ["y"] if shows else ["m"], [tie] if shows else [])
+        source = tmp_path / f"{shows}.onnx"
+        onnx.save(proto, source)
+        model, check = normalize_checked(load_model(source), source, [x], tmp_path / f"{shows}-out.onnx")
+        assert ("GlobalAveragePool" in [n.op_type for n in model.graph]) is not shows
+        assert check["max_relative_error"] <= check["tolerance"]
+        assert not shows or check["rounding_rewrites"].startswith("left out: with them, normalizing the model")
 
 
 def test_already_quantized_model_is_refused():

@@ -220,6 +220,33 @@ def test_a_declared_output_shape_the_outputs_contradict_is_not_trusted(tmp_path)
     _close_to_original(proto, out, feeds)
 
 
+def test_weights_listed_as_inputs_become_constants(tmp_path):
+    """torch before 1.4 (and IR 3, which required it) listed every initializer as a graph input too: ONNX
+    Runtime then folds no BatchNorm into the Conv (the caller might override the weights) and the artifact kept
+    the float weights beside the int8 ones. The artifact's inputs are the data inputs only."""
+    weights = [_w("w", (8, 3, 3, 3)), _w("b", (8,), 0.1), _w("scale", (8,), 0.2),
+               _w("shift", (8,), 0.1), _w("mean", (8,), 0.1),
+               numpy_helper.from_array(np.full(8, 0.5, np.float32), "var")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    inputs = [helper.make_tensor_value_info("x", F, [1, 3, 16, 16])] + [
+        helper.make_tensor_value_info(t.name, F, list(t.dims)) for t in weights]
+    graph = helper.make_graph(nodes, "torch_1_2", inputs, [helper.make_tensor_value_info("y", F, [1, 8, 16, 16])],
+                              weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["normalize"]["weights_in_inputs"] == 6
+    artifact = onnx.load(out / "model.onnx")
+    assert [i.name for i in artifact.graph.input] == ["x"]
+    assert "BatchNormalization" not in {n.op_type for n in artifact.graph.node}
+    assert all(t.data_type != F or t.name not in {"w", "b"} for t in artifact.graph.initializer)
+    _close_to_original(proto, out, feeds)
+
+
 def test_dims_that_differ_per_feed(tmp_path):
     """Variable text length: [1, T, 16] with T changing from feed to feed."""
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),

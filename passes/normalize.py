@@ -14,13 +14,13 @@ Rules, in order:
    become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too.
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
-   HardSwish/HardSigmoid fusions unless ``rounding_rewrites`` is off) folds constants, fuses BatchNorm into
+   HardSwish/HardSigmoid fusions unless ``fuse_activations`` is off) folds constants, fuses BatchNorm into
    Conv/Gemm, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the
    ops (the same function, rounded differently: :func:`edgeq.model_check.normalize_checked` normalizes again
    without them, and without rule 5, where that difference shows), removes no-op and Identity nodes
    (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value.
 5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
-   ``Flatten`` when ``keepdims=0``) unless ``rounding_rewrites`` is off: the same mean, summed in another
+   ``Flatten`` when ``keepdims=0``) unless ``pool_means`` is off: the same mean, summed in another
    order, but an op with an integer kernel that follows ONNX Runtime's channels-last layout (a ReduceMean there
    costs several times more than in the float model).
 6. Every node and value gets a unique name (exporters leave names empty; decisions and ranges are keyed by
@@ -66,9 +66,9 @@ class NormalizePass(ir.passes.InPlacePass):
     spatial ReduceMeans became GlobalAveragePool; ``weights_in_inputs``: how
     many initializers were graph inputs too."""
 
-    def __init__(self, rounding_rewrites: bool = True):
+    def __init__(self, fuse_activations: bool = True, pool_means: bool = True):
         super().__init__()
-        self.rounding_rewrites = rounding_rewrites
+        self.fuse_activations, self.pool_means = fuse_activations, pool_means
         self.float16_converted = self.activations_fused = self.means_pooled = self.weights_in_inputs = 0
 
     @staticmethod
@@ -90,8 +90,8 @@ class NormalizePass(ir.passes.InPlacePass):
         self.weights_in_inputs = inputs - len(model.graph.inputs)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
         input_names = [v.name for v in model.graph.inputs]
-        before = _count(model, FUSED_OPS)
-        _optimize(model, _REWRITE_RULES + (ACTIVATION_FUSIONS if self.rounding_rewrites else ()))
+        present = _nodes(model, FUSED_OPS)  # kept alive: their ids tell them from the nodes the fusions make
+        _optimize(model, _REWRITE_RULES + (ACTIVATION_FUSIONS if self.fuse_activations else ()))
         _restore_input_names(model.graph, input_names)
         # Before any pass that counts only node uses: a node whose output a subgraph returns directly has no
         # node use and would be removed as dead. (onnx_ir's IdentityEliminationPass is not run for the same
@@ -100,7 +100,7 @@ class NormalizePass(ir.passes.InPlacePass):
         for graph in list(model.graph.subgraphs()):
             _own_outputs(graph)
         common.ShapeInferencePass()(model)
-        if self.rounding_rewrites:
+        if self.pool_means:
             self.means_pooled = _spatial_means_to_global_pool(model.graph)
         ir.passes.PassManager([
             common.RemoveUnusedNodesPass(),
@@ -108,12 +108,12 @@ class NormalizePass(ir.passes.InPlacePass):
             common.TopologicalSortPass(),
             common.NameFixPass(),
         ])(model)
-        self.activations_fused = _count(model, FUSED_OPS) - before
+        self.activations_fused = len({id(n) for n in _nodes(model, FUSED_OPS)} - {id(n) for n in present})
         return ir.passes.PassResult(model, modified=True)
 
 
-def _count(model: ir.Model, op_types: tuple[str, ...]) -> int:
-    return sum(node.op_type in op_types for node in ir.traversal.RecursiveGraphIterator(model.graph))
+def _nodes(model: ir.Model, op_types: tuple[str, ...]) -> list[ir.Node]:
+    return [node for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type in op_types]
 
 
 # onnxscript's default rules less those whose pattern has several output nodes (SlicesSplit): its matcher tries

@@ -170,6 +170,7 @@ def _normalize(model: ir.Model, normalize: NormalizePass, source: Path, feeds: l
     return check | ({"float16_to_float32": converted} if converted else {}) | (
         {"activations_fused": normalize.activations_fused} if normalize.activations_fused else {}) | (
         {"weights_in_inputs": normalize.weights_in_inputs} if normalize.weights_in_inputs else {}) | (
+        {"weights_folded": normalize.weights_folded} if normalize.weights_folded else {}) | (
         {"output_shapes_dropped": dropped} if dropped else {})
 
 

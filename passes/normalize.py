@@ -12,7 +12,9 @@ Rules, in order:
    nothing (a CenterFace face detector: 19.0 → 2.3 ms), and the optimizer below folds nothing through it.
    Callers never feed weights; the model's other inputs stay as they are. ``Constant`` nodes holding tensors
    become initializers, so weights stored that way (legacy exporters,
-   converters) get per-channel scales like any other weight — in subgraphs too.
+   converters) get per-channel scales like any other weight — in subgraphs too. A Conv/ConvTranspose/Gemm/
+   MatMul weight or bias that nodes compute from constants (torch's weight_norm exported without constant
+   folding) is folded into a constant, whatever its size.
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
    HardSwish/HardSigmoid fusions unless ``fuse_activations`` is off) folds constants, fuses BatchNorm into
    Conv/Gemm, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the
@@ -33,6 +35,8 @@ Deterministic: the same input model gives the same output model.
 """
 
 from __future__ import annotations
+
+import sys
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -62,14 +66,16 @@ def quantized_ops_in(model: ir.Model) -> list[str]:
 class NormalizePass(ir.passes.InPlacePass):
     """Upgrade opset, compute in float32, make weights constants (out of the inputs, Constant nodes lifted), fold, fuse BatchNorm [and activations], drop
     Identity, infer shapes. ``float16_converted``: how many float16 tensors and ops became float32 (0: none);
-    ``activations_fused``: how many HardSwish/HardSigmoid nodes the fusions made; ``means_pooled``: how many
+    ``weights_folded``: how many weights computed from constants became constants; ``activations_fused``: how
+    many HardSwish/HardSigmoid nodes the fusions made; ``means_pooled``: how many
     spatial ReduceMeans became GlobalAveragePool; ``weights_in_inputs``: how
     many initializers were graph inputs too."""
 
     def __init__(self, fuse_activations: bool = True, pool_means: bool = True):
         super().__init__()
         self.fuse_activations, self.pool_means = fuse_activations, pool_means
-        self.float16_converted = self.activations_fused = self.means_pooled = self.weights_in_inputs = 0
+        self.float16_converted = self.activations_fused = self.means_pooled = 0
+        self.weights_in_inputs = self.weights_folded = 0
 
     @staticmethod
     def refuse_quantized(model: ir.Model) -> None:
@@ -89,6 +95,9 @@ class NormalizePass(ir.passes.InPlacePass):
         common.RemoveInitializersFromInputsPass()(model)
         self.weights_in_inputs = inputs - len(model.graph.inputs)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
+        computed = _computed_weights(model)
+        _fold_weights(model)
+        self.weights_folded = computed - _computed_weights(model)
         input_names = [v.name for v in model.graph.inputs]
         present = _nodes(model, FUSED_OPS)  # kept alive: their ids tell them from the nodes the fusions make
         _optimize(model, _REWRITE_RULES + (ACTIVATION_FUSIONS if self.fuse_activations else ()))
@@ -114,6 +123,41 @@ class NormalizePass(ir.passes.InPlacePass):
 
 def _nodes(model: ir.Model, op_types: tuple[str, ...]) -> list[ir.Node]:
     return [node for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type in op_types]
+
+
+# Inputs where the quantizer needs a constant to see a weight (and ONNX Runtime to prepack it).
+WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
+_REACH = 64  # values followed from a node towards a weight slot
+
+
+def _computed_weights(model: ir.Model) -> int:
+    """Weight slots filled by a value that a node computes."""
+    return sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.domain == ""
+               for index in WEIGHT_SLOTS.get(node.op_type, ())
+               if index < len(node.inputs) and node.inputs[index] is not None
+               and node.inputs[index].const_value is None and node.inputs[index].producer() is not None)
+
+
+def _makes_weight(node: ir.Node) -> bool:
+    """Whether ``node``'s result flows into a weight slot."""
+    pending, followed = list(node.outputs), 0
+    while pending and followed < _REACH:
+        value = pending.pop()
+        followed += 1
+        for user, index in value.uses():
+            if user.domain == "" and index in WEIGHT_SLOTS.get(user.op_type, ()):
+                return True
+            pending.extend(user.outputs)
+    return False
+
+
+def _fold_weights(model: ir.Model) -> None:
+    """Fold the nodes of constants that compute a weight, whatever their size: onnxscript's folder (rule 4)
+    leaves a node with an input over 8,192 elements, so torch's weight_norm exported without constant folding
+    (``g·v/‖v‖`` at run time) kept its convolutions' weights computed, and those convolutions float."""
+    onnxscript.optimizer.constant_folding.FoldConstantsPass(
+        shape_inference=False, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize,
+        should_fold=_makes_weight)(model)
 
 
 # onnxscript's default rules less those whose pattern has several output nodes (SlicesSplit): its matcher tries

@@ -247,6 +247,26 @@ def test_weights_listed_as_inputs_become_constants(tmp_path):
     _close_to_original(proto, out, feeds)
 
 
+def test_a_weight_computed_from_constants_is_folded_and_quantized(tmp_path):
+    """torch's weight_norm exported without constant folding computes the Conv weight as g·v/‖v‖ at run time;
+    v is over the optimizer's 8,192-element folding limit, so the weight stayed computed and the Conv float."""
+    node = helper.make_node
+    nodes = [node("ReduceL2", ["v"], ["norm"], axes=[1, 2], keepdims=1), node("Div", ["v", "norm"], ["unit"]),
+             node("Mul", ["g", "unit"], ["w"]), node("Conv", ["x", "w", "b"], ["c"], pads=[3, 3], name="conv"),
+             node("Relu", ["c"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "weight_norm", [helper.make_tensor_value_info("x", F, [1, 32, 50])],
+                              [helper.make_tensor_value_info("y", F, [1, 64, 50])],
+                              [_w("v", (64, 32, 7)), _w("g", (64, 1, 1), 1.0), _w("b", (64,), 0.1)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((1, 32, 50)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["normalize"]["weights_folded"] == 1
+    assert manifest["quantization"]["decisions"]["conv"]["quantized"]
+    _close_to_original(proto, out, feeds)
+
+
 def test_dims_that_differ_per_feed(tmp_path):
     """Variable text length: [1, T, 16] with T changing from feed to feed."""
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),

@@ -7,11 +7,11 @@ Rules, in order:
    HardSwish of rule 4, 14), by
    :mod:`edgeq.passes.convert_opset` (never by relabelling); a model that computes in float16 computes in
    float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`).
-3. Initializers listed as graph inputs too (IR 3, torch before 1.4, old converters) are inputs no more: ONNX
-   Runtime treats such a weight as one a caller may override, so it folds no BatchNorm into it and prepacks
-   nothing (a CenterFace face detector: 19.0 → 2.3 ms), and the optimizer below folds nothing through it.
-   Callers never feed weights; the model's other inputs stay as they are. ``Constant`` nodes holding tensors
-   become initializers, so weights stored that way (legacy exporters,
+3. Weights become constants. Initializers listed as graph inputs too (IR 3, torch before 1.4, old converters)
+   are inputs no more: ONNX Runtime treats such a weight as one a caller may override, so it folds no
+   BatchNorm into it and prepacks nothing (a CenterFace face detector: 19.0 → 2.3 ms), and the optimizer
+   below folds nothing through it; callers never feed weights, and the model's other inputs stay as they are.
+   ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too. A Conv/ConvTranspose/Gemm/
    MatMul weight or bias that nodes compute from constants (torch's weight_norm exported without constant
    folding) is folded into a constant, whatever its size.
@@ -64,12 +64,11 @@ def quantized_ops_in(model: ir.Model) -> list[str]:
 
 
 class NormalizePass(ir.passes.InPlacePass):
-    """Upgrade opset, compute in float32, make weights constants (out of the inputs, Constant nodes lifted), fold, fuse BatchNorm [and activations], drop
-    Identity, infer shapes. ``float16_converted``: how many float16 tensors and ops became float32 (0: none);
-    ``weights_folded``: how many weights computed from constants became constants; ``activations_fused``: how
-    many HardSwish/HardSigmoid nodes the fusions made; ``means_pooled``: how many
-    spatial ReduceMeans became GlobalAveragePool; ``weights_in_inputs``: how
-    many initializers were graph inputs too."""
+    """Upgrade opset, compute in float32, make weights constants, fold, fuse BatchNorm [and activations], drop
+    Identity, infer shapes [and pool spatial means]. Counts of what changed: ``float16_converted`` (float16
+    tensors and ops made float32), ``weights_in_inputs`` (initializers that were graph inputs too),
+    ``weights_folded`` (weights computed from constants), ``activations_fused`` (HardSwish/HardSigmoid nodes
+    the fusions made), ``means_pooled`` (spatial ReduceMeans made GlobalAveragePool)."""
 
     def __init__(self, fuse_activations: bool = True, pool_means: bool = True):
         super().__init__()

@@ -14,7 +14,8 @@ Rules, in order:
    ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too. A Conv/ConvTranspose/Gemm/
    MatMul weight or bias that nodes compute from constants (torch's weight_norm exported without constant
-   folding) is folded into a constant, whatever its size.
+   folding) is folded into a constant, whatever its size — unless that copies a large constant another node
+   still reads (a tied embedding table).
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
    HardSwish/HardSigmoid fusions unless ``fuse_activations`` is off) folds constants, fuses BatchNorm into
    Conv/Gemm, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the
@@ -137,7 +138,31 @@ def _computed_weights(model: ir.Model) -> int:
                and node.inputs[index].const_value is None and node.inputs[index].producer() is not None)
 
 
-def _makes_weight(node: ir.Node) -> bool:
+def _folds_into_weight(node: ir.Node) -> bool:
+    """Whether ``node``'s result flows into a weight slot, and folding it copies no large constant that another
+    computation still reads (a tied embedding's Transpose feeding the output layer, its Gather keeping the
+    original: the folder's own size rule then decides)."""
+    if not _reaches_weight_slot(node):
+        return False
+    limit = onnxscript.optimizer.constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
+    for value in node.inputs:
+        if value is None or value.const_value is None or value.const_value.size <= limit:
+            continue
+        if any(user is not node and not (_of_constants(user) and _reaches_weight_slot(user))
+               for user, _ in value.uses()):
+            return False
+    return True
+
+
+def _of_constants(node: ir.Node) -> bool:
+    """Every input of ``node`` is a constant or made from constants by one node."""
+    def made_of_constants(value: ir.Value) -> bool:
+        producer = value.producer()
+        return producer is not None and all(v is None or v.const_value is not None for v in producer.inputs)
+    return all(v is None or v.const_value is not None or made_of_constants(v) for v in node.inputs)
+
+
+def _reaches_weight_slot(node: ir.Node) -> bool:
     """Whether ``node``'s result flows into a weight slot."""
     pending, followed = list(node.outputs), 0
     while pending and followed < _REACH:
@@ -156,7 +181,7 @@ def _fold_weights(model: ir.Model) -> None:
     (``g·v/‖v‖`` at run time) kept its convolutions' weights computed, and those convolutions float."""
     onnxscript.optimizer.constant_folding.FoldConstantsPass(
         shape_inference=False, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize,
-        should_fold=_makes_weight)(model)
+        should_fold=_folds_into_weight)(model)
 
 
 # onnxscript's default rules less those whose pattern has several output nodes (SlicesSplit): its matcher tries

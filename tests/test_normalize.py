@@ -140,6 +140,22 @@ def test_a_mean_whose_summation_order_shows_stays_a_reducemean(tmp_path):
         assert not shows or check["rounding_rewrites"].startswith("left out the spatial means as pools: with them,")
 
 
+def test_a_tied_embedding_is_not_copied_into_the_output_layer():
+    """An output layer that reads the embedding table through a Transpose (tied weights): folding it would copy
+    the table, which the Gather still reads; weights computed only from constants no other node reads are
+    folded (test_wild_models: weight_norm)."""
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1000, 16)).astype(np.float32), "E")
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("Transpose", ["E"], ["Et"]),
+             helper.make_node("MatMul", ["h", "Et"], ["logits"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, 1000])], [table])
+    model = ir.from_proto(proto)
+    normalize = NormalizePass()
+    normalize(model)
+    assert normalize.weights_folded == 0
+    assert sum(v.const_value.size for v in model.graph.initializers.values()) == 16000
+
+
 def test_already_quantized_model_is_refused():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])]
     proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],

@@ -7,10 +7,11 @@ Rules, in order:
    HardSwish of rule 4, 14), by
    :mod:`edgeq.passes.convert_opset` (never by relabelling); a model that computes in float16 computes in
    float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`).
-3. Weights become constants. Initializers listed as graph inputs too (IR 3, torch before 1.4, old converters)
-   are inputs no more: ONNX Runtime treats such a weight as one a caller may override, so it folds no
-   BatchNorm into it and prepacks nothing (a CenterFace face detector: 19.0 → 2.3 ms), and the optimizer
-   below folds nothing through it; callers never feed weights, and the model's other inputs stay as they are.
+3. Weights become constants. Where an exporter listed every initializer as a graph input too (IR 3, torch
+   before 1.4, old converters), they are inputs no more: ONNX Runtime treats such a weight as one a caller may
+   override, so it folds no BatchNorm into it and prepacks nothing (a CenterFace face detector: 19.0 →
+   2.3 ms), and the optimizer below folds nothing through it; callers never feed weights. A model that lists
+   only some initializers as inputs (inputs with defaults: a threshold, an initial state) keeps them.
    ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too. A Conv/ConvTranspose/Gemm/
    MatMul weight or bias that nodes compute from constants (torch's weight_norm exported without constant
@@ -91,9 +92,7 @@ class NormalizePass(ir.passes.InPlacePass):
         full = Float16ToFloat32Pass()
         full(model)
         self.float16_converted = full.converted
-        inputs = len(model.graph.inputs)
-        common.RemoveInitializersFromInputsPass()(model)
-        self.weights_in_inputs = inputs - len(model.graph.inputs)
+        self.weights_in_inputs = _weights_out_of_inputs(model)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
         computed = _computed_weights(model)
         _fold_weights(model)
@@ -128,6 +127,20 @@ def _nodes(model: ir.Model, op_types: tuple[str, ...]) -> list[ir.Node]:
 # Inputs where the quantizer needs a constant to see a weight (and ONNX Runtime to prepack it).
 WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
 _REACH = 64  # values followed from a node towards a weight slot
+
+
+def _weights_out_of_inputs(model: ir.Model) -> int:
+    """Rule 3's inputs: where every initializer of the main graph is also a graph input and weights are among
+    them (an exporter that listed them all), they leave the inputs; a model that lists only some initializers
+    as inputs means them as inputs with defaults, and keeps them. Returns how many left."""
+    graph = model.graph
+    listed = [value for value in graph.inputs if value.is_initializer()]
+    weights = {node.inputs[index] for node in graph for index in WEIGHT_SLOTS.get(node.op_type, ())
+               if node.domain == "" and index < len(node.inputs)}
+    if not listed or len(listed) < len(graph.initializers) or not weights.intersection(listed):
+        return 0
+    common.RemoveInitializersFromInputsPass()(model)
+    return len(listed)
 
 
 def _computed_weights(model: ir.Model) -> int:

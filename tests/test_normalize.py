@@ -140,6 +140,25 @@ def test_a_mean_whose_summation_order_shows_stays_a_reducemean(tmp_path):
         assert not shows or check["rounding_rewrites"].startswith("left out the spatial means as pools: with them,")
 
 
+def test_an_input_with_a_default_stays_an_input():
+    """Only a blanket listing (every initializer an input, weights among them) is taken out of the inputs: a
+    threshold initializer listed as an input, next to weights that are not, is an input with a default."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "threshold")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sub", ["c", "threshold"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    threshold = helper.make_tensor_value_info("threshold", TensorProto.FLOAT, [])
+    weight = helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3])
+    y = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])]
+    for inputs, kept, taken_out in (([x, threshold], ["x", "threshold"], 0), ([x, threshold, weight], ["x"], 2)):
+        model = ir.from_proto(make_model(nodes, inputs, y, inits))
+        normalize = NormalizePass()
+        normalize(model)
+        assert [v.name for v in model.graph.inputs] == kept
+        assert normalize.weights_in_inputs == taken_out
+
+
 def test_a_tied_embedding_is_not_copied_into_the_output_layer():
     """An output layer that reads the embedding table through a Transpose (tied weights): folding it would copy
     the table, which the Gather still reads; weights computed only from constants no other node reads are

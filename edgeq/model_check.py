@@ -164,14 +164,12 @@ def _normalize(model: ir.Model, normalize: NormalizePass, source: Path, feeds: l
     dropped = drop_contradicted_output_shapes(model, reference)
     normalize(model)
     save_model(model, out_path)
-    converted = normalize.float16_converted
     check = check_same_function(source, out_path, feeds, reference, "normalizing the model",
-                                FLOAT16_TOLERANCE if converted else TOLERANCE)
-    return check | ({"float16_to_float32": converted} if converted else {}) | (
-        {"activations_fused": normalize.activations_fused} if normalize.activations_fused else {}) | (
-        {"weights_in_inputs": normalize.weights_in_inputs} if normalize.weights_in_inputs else {}) | (
-        {"weights_folded": normalize.weights_folded} if normalize.weights_folded else {}) | (
-        {"output_shapes_dropped": dropped} if dropped else {})
+                                FLOAT16_TOLERANCE if normalize.float16_converted else TOLERANCE)
+    changes = {"float16_to_float32": normalize.float16_converted, "activations_fused": normalize.activations_fused,
+               "weights_in_inputs": normalize.weights_in_inputs, "weights_folded": normalize.weights_folded,
+               "output_shapes_dropped": dropped}
+    return check | {key: value for key, value in changes.items() if value}
 
 
 def drop_contradicted_output_shapes(model: ir.Model, reference: list[list[np.ndarray]]) -> list[str]:

@@ -115,11 +115,14 @@ def check_graph(proto: onnx.ModelProto) -> None:
     _check_graph(proto.graph, set(), "the main graph")
 
 
+_CONTAINERS = {"sequence_type": "seq", "optional_type": "optional"}  # types holding one element type
+
+
 def _holds_map(type_: onnx.TypeProto) -> bool:
     kind = type_.WhichOneof("value")
     if kind == "map_type":
         return True
-    if kind in ("sequence_type", "optional_type"):
+    if kind in _CONTAINERS:
         return _holds_map(getattr(type_, kind).elem_type)
     return False
 
@@ -129,8 +132,8 @@ def _type_text(type_: onnx.TypeProto) -> str:
     if kind == "map_type":
         key = onnx.helper.tensor_dtype_to_np_dtype(type_.map_type.key_type).name
         return f"map({key}, {_type_text(type_.map_type.value_type)})"
-    if kind in ("sequence_type", "optional_type"):
-        return f"{kind[:-5].replace('sequence', 'seq')}({_type_text(getattr(type_, kind).elem_type)})"
+    if kind in _CONTAINERS:
+        return f"{_CONTAINERS[kind]}({_type_text(getattr(type_, kind).elem_type)})"
     if kind == "tensor_type":
         return onnx.helper.tensor_dtype_to_np_dtype(type_.tensor_type.elem_type).name
     return kind or "no type"

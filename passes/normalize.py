@@ -129,15 +129,23 @@ WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul
 _REACH = 64  # values followed from a node towards a weight slot
 
 
+def _is_weight_slot(node: ir.Node, index: int) -> bool:
+    return node.domain == "" and index in WEIGHT_SLOTS.get(node.op_type, ())
+
+
+def _weight_values(nodes) -> list[ir.Value]:
+    """The values that fill the weight slots of ``nodes``."""
+    return [value for node in nodes for index, value in enumerate(node.inputs)
+            if value is not None and _is_weight_slot(node, index)]
+
+
 def _weights_out_of_inputs(model: ir.Model) -> int:
     """Rule 3's inputs: where every initializer of the main graph is also a graph input and weights are among
     them (an exporter that listed them all), they leave the inputs; a model that lists only some initializers
     as inputs means them as inputs with defaults, and keeps them. Returns how many left."""
     graph = model.graph
     listed = [value for value in graph.inputs if value.is_initializer()]
-    weights = {node.inputs[index] for node in graph for index in WEIGHT_SLOTS.get(node.op_type, ())
-               if node.domain == "" and index < len(node.inputs)}
-    if not listed or len(listed) < len(graph.initializers) or not weights.intersection(listed):
+    if not listed or len(listed) < len(graph.initializers) or not set(_weight_values(graph)).intersection(listed):
         return 0
     common.RemoveInitializersFromInputsPass()(model)
     return len(listed)
@@ -145,10 +153,8 @@ def _weights_out_of_inputs(model: ir.Model) -> int:
 
 def _computed_weights(model: ir.Model) -> int:
     """Weight slots filled by a value that a node computes."""
-    return sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.domain == ""
-               for index in WEIGHT_SLOTS.get(node.op_type, ())
-               if index < len(node.inputs) and node.inputs[index] is not None
-               and node.inputs[index].const_value is None and node.inputs[index].producer() is not None)
+    return sum(1 for value in _weight_values(ir.traversal.RecursiveGraphIterator(model.graph))
+               if value.const_value is None and value.producer() is not None)
 
 
 def _folds_into_weight(node: ir.Node) -> bool:
@@ -182,7 +188,7 @@ def _reaches_weight_slot(node: ir.Node) -> bool:
         value = pending.pop()
         followed += 1
         for user, index in value.uses():
-            if user.domain == "" and index in WEIGHT_SLOTS.get(user.op_type, ()):
+            if _is_weight_slot(user, index):
                 return True
             pending.extend(user.outputs)
     return False

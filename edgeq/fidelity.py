@@ -7,15 +7,20 @@ while losing most detections), so every output is reported on its own, and outpu
 - for class-like outputs ([batch, classes]): top-1 agreement and top-5 overlap with the reference;
 - the output's kind, read from the reference's values, and the agreement of the decision it carries:
   ``indices`` (integer outputs: the share of equal elements), ``classes`` (values in [0, 1] whose last axis
-  sums to 1: the share of positions whose argmax agrees), ``scores`` (values in [0, 1] otherwise —
+  sums to 1: the share of positions whose argmax agrees), ``segments`` (such class values at two or more
+  position axes, [batch, H, W, classes]: a per-pixel class map — segmentation, a face/no-face map — judged
+  like a mask: intersection over union of the pixels whose argmax is not the background, the class float
+  chooses most, counted where the classes agree; a map float gives no other class is a ``map``; at most
+  :data:`MAX_GROUPS` classes), ``scores`` (values in [0, 1] otherwise —
   probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
   0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
-  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per feed: argmax
-  agreement), ``values`` (at most :data:`FEW_VALUES` per feed: scores, regressions — a [batch, 3] quality
-  score looks like logits, and a few numbers are judged as numbers) and ``map`` (anything else:
+  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample: argmax
+  agreement), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs of rank 0 and 1:
+  scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like logits, and a few
+  numbers are judged as numbers, however many samples a feed batches) and ``map`` (anything else:
   spectrograms, box maps);
-- for ``classes`` outputs with positions ([batch, positions…, classes]: a decoder's tokens, a tagger's labels)
-  the **sequence agreement**: the share of samples whose decisions agree at every position. A few held-out
+- for ``classes`` outputs with positions ([batch, positions, classes]: a decoder's tokens, a tagger's labels)
+  and a single position axis the **sequence agreement**: the share of samples whose decisions agree at every position. A few held-out
   samples rarely show the one flip that changes a sequence, so the figure is the lower of the observed share
   and the share expected from the margins: each position's chance to flip is the share of the margin changes
   measured at all positions (log-probability of the float top-1 minus its runner-up, candidate vs float) that
@@ -50,7 +55,6 @@ MAX_GROUPS = 4096
 TOPK = 5
 FEW_VALUES = 16
 _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to unit length for a kind
-DECIDING = ("indices", "classes", "logits")  # kinds judged by their argmax / exact values
 MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
 _TINY = 1e-30  # probabilities are floored here before their log
 CONFIDENCE_Z = 1.2816  # the expected sequence agreement is the lower bound of a one-sided 90% interval
@@ -91,6 +95,7 @@ class _OutputStats:
     above_ref: int = 0
     above_test: int = 0
     above_both: int = 0
+    confusion: np.ndarray | None = None  # [float class, candidate class] pixel counts of a class map
     # per sample of a [batch, positions…, classes] output: float top-1 / runner-up values, and the candidate's
     # values at those two classes (for the expected sequence agreement), and how many samples agreed outright
     margins: list = field(default_factory=list)
@@ -99,7 +104,8 @@ class _OutputStats:
     samples_agree: int = 0
 
     def _evidence(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None) -> None:
-        self.rank, self.elements = ref.ndim, max(self.elements, ref.size)
+        per_sample = ref.size // ref.shape[0] if ref.ndim >= 2 and ref.shape[0] else ref.size
+        self.rank, self.elements = ref.ndim, max(self.elements, per_sample)
         self.last = ref.shape[-1] if ref.ndim else 1
         if ref.size:
             self.unit_interval &= bool(ref.min() >= -_EPS / 1000 and ref.max() <= 1 + _EPS / 1000)
@@ -114,7 +120,12 @@ class _OutputStats:
                                          ref.shape[:-1]).reshape(-1)
             self.argmax_agree += int(agree[judged].sum())
             self.argmax_rows += int(judged.sum())
-            if ref.ndim >= 3:
+            if ref.ndim >= 4 and self.last <= MAX_GROUPS:
+                pairs = rows[0].argmax(1) * self.last + rows[1].argmax(1)
+                counts = np.bincount(pairs, minlength=self.last ** 2).reshape(self.last, self.last)
+                self.confusion = counts if self.confusion is None or self.confusion.shape != counts.shape \
+                    else self.confusion + counts
+            elif ref.ndim == 3:
                 self._positions(rows, agree, judged, ref.shape[0])
         else:
             self.sums_to_one = self.unit_norm = False
@@ -151,8 +162,17 @@ class _OutputStats:
         spread = float(agree.std(ddof=1)) / np.sqrt(agree.size) if agree.size > 1 else 0.0
         return min(observed, float(agree.mean() - CONFIDENCE_Z * spread))
 
+    def _foreground(self) -> tuple[int, int]:
+        """A class map's pixels whose argmax is not the background (float's most chosen class), in both
+        models with the same class, and in either."""
+        background = int(self.confusion.sum(1).argmax())
+        both = int(np.trace(self.confusion)) - int(self.confusion[background, background])
+        return both, int(self.confusion.sum()) - int(self.confusion[background, background])
+
     def kind(self) -> str:
         if self.sums_to_one and self.unit_interval:
+            if self.rank >= 4 and self.confusion is not None:
+                return "segments" if (self.confusion.sum(1) > 0).sum() > 1 else "map"
             return "classes"
         if self.unit_interval and self.above_ref:
             return "scores"
@@ -165,6 +185,9 @@ class _OutputStats:
     def decision_agreement(self, kind: str) -> float | None:
         if kind in ("classes", "logits"):
             return self.argmax_agree / self.argmax_rows if self.argmax_rows else 1.0
+        if kind == "segments":
+            both, either = self._foreground()
+            return both / either
         if kind == "scores":
             union = self.above_ref + self.above_test - self.above_both
             return self.above_both / union if union else 1.0
@@ -344,7 +367,7 @@ def _call_metric(metric: MetricFn, outputs: list[dict], feeds: list) -> float:
 
 def disagreement(output: dict) -> float:
     """How far one output is from the reference, by its kind: the share of disagreeing decisions (indices,
-    classes, logits: argmax or exact; scores: 1 − IoU above 0.5), else 1 − cosine."""
+    classes, logits: argmax or exact; scores, segments: 1 − IoU), else 1 − cosine."""
     if "decision_agreement" in output:
         return 1.0 - output["decision_agreement"]
     return 1.0 - output["cosine"]

@@ -10,11 +10,13 @@ Rules:
   indices                 share of equal elements (token ids, class indices)   ≥ 0.99
   classes                 argmax agreement per position (softmax outputs)      ≥ 0.99
                           and, with positions, sequence agreement              ≥ 0.99
-  logits                  argmax agreement, and SQNR (> 16 values per feed)    ≥ 0.99, ≥ 20 dB
+  logits                  argmax agreement, and SQNR (> 16 values per sample)  ≥ 0.99, ≥ 20 dB
   scores                  IoU of the values above 0.5 (probability maps; one   ≥ 0.90
                           with none above 0.5 in float is a map)
+  segments                IoU of the pixels not decided background (per-pixel  ≥ 0.90
+                          class maps; one with only background is a map)
   embedding               cosine                                               ≥ 0.99
-  values                  SQNR (≤ 16 values per feed: scores, regressions)     ≥ 35 dB
+  values                  SQNR (≤ 16 values per sample: scores, regressions)   ≥ 35 dB
   map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB
   ======================  ===================================================  ==========================
 
@@ -43,6 +45,7 @@ THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "classes": (("decision_agreement", 0.99), ("sequence_agreement", 0.99)),
     "logits": (("decision_agreement", 0.99), ("sqnr_db", 20.0)),
     "scores": (("decision_agreement", 0.90),),
+    "segments": (("decision_agreement", 0.90),),
     "embedding": (("cosine", 0.99),),
     "values": (("sqnr_db", 35.0),),
     "map": (("sqnr_db", 18.0),),

@@ -38,6 +38,9 @@ def _unit(x):
     (lambda: RNG.standard_normal((1, 1000)) * 4, "logits"),
     (lambda: RNG.standard_normal(()) + 3, "values"),
     (lambda: RNG.standard_normal((1, 3)) + 3, "values"),  # three quality scores: numbers, not logits
+    (lambda: RNG.standard_normal((10, 4)), "values"),  # ten samples' box offsets: still four numbers each
+    (lambda: _softmax(RNG.standard_normal((1, 6, 5, 2)) * 3), "segments"),  # a per-pixel face/no-face map
+    (lambda: _softmax(RNG.standard_normal((1, 6, 5, 2)) + [4, 0]), "map"),  # …where float finds no face
     (lambda: RNG.standard_normal((1, 3, 16, 16)), "map"),
     (lambda: RNG.integers(0, 30, (1, 19)), "indices"),
 ])
@@ -76,6 +79,26 @@ def test_thresholds_by_kind():
     meter = FidelityMeter(["m"])
     meter.update([noisy], [nan])
     assert not guard.check(meter.summary())["met"]
+
+
+def test_a_class_map_is_judged_by_its_foreground_not_by_every_pixel():
+    """A [1, 40, 40, 2] face/no-face map (MTCNN's proposal net) with a 10×10 face: 6 background pixels flip
+    at the face's edge — every map has a pixel that flips, yet the face is kept (IoU 100/106); losing a
+    third of the face is losing it."""
+    logits = np.zeros((1, 40, 40, 2))
+    logits[0, :, :, 0] = 4.0
+    logits[0, 10:20, 10:20, :] = [0.0, 4.0]
+    ref = _softmax(logits).astype(np.float32)
+    for rows, met in ((slice(20, 21), True), (slice(13, 20), False)):
+        test = logits.copy()
+        test[0, rows, 10:16] = [0.0, 4.0] if rows.start == 20 else [4.0, 0.0]
+        meter = FidelityMeter(["prob"])
+        for _ in range(3):
+            meter.update([ref], [_softmax(test).astype(np.float32)])
+        out = meter.summary()["outputs"]["prob"]
+        assert out["kind"] == "segments" and "sequence_agreement" not in out
+        assert out["decision_agreement"] == pytest.approx(100 / 106 if met else 58 / 100)
+        assert guard.check(meter.summary())["met"] is met
 
 
 def _decoded(margins, changes):

@@ -330,6 +330,27 @@ def test_sensitivity_proxy_tracks_measured_figures(tmp_path):
     assert len(ratios) >= 4 and all(0.01 < r < 100 for r in ratios), ratios
 
 
+def test_sensitivity_proxy_measures_layers_inside_if_branches():
+    """A layer inside an If branch (a VAD's per-sample-rate branches) has no input the proxy can read: it is
+    left to measurement, beside a main-graph layer the proxy serves."""
+    w, v = (numpy_helper.from_array(np.random.default_rng(seed).standard_normal((8, 8)).astype(np.float32), name)
+            for seed, name in ((0, "w"), (1, "v")))
+    branch = helper.make_graph([helper.make_node("MatMul", ["h", "v"], ["b"], name="branch_mm")], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 8])])
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="main_mm"),
+                        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch, name="if")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                        helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w, v])
+    rng = np.random.default_rng(1)
+    feeds = [type("Feed", (), {"inputs": {"x": rng.standard_normal((1, 8)).astype(np.float32),
+                                          "cond": np.array(True)}}) for _ in range(4)]
+    groups = [Group(name, (name,), "MatMul", ("float", "int8")) for name in ("main_mm", "branch_mm")]
+    ranges = {name: (-3.0, 3.0) for name in ("x", "h", "b")}
+    proxy = sensitivity.proxy_nsr(ir.from_proto(proto), groups, feeds, ranges, TARGET)
+    assert list(proxy) == ["main_mm"] and 0 < proxy["main_mm"]["int8"] < 0.01
+
+
 def test_tensorrt_target_mixes_fp16_and_int8_by_size_without_measuring(tmp_path):
     out = tmp_path / "orin"
     folder = EXAMPLES / "digits_cnn"

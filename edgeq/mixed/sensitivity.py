@@ -18,7 +18,8 @@ Rules:
   int8 and int16, the input and output rounding noise (n·s²/12 per element, s from the calibrated ranges) —
   over the signal tr(W H Wᵀ). Weight quantization error × activation scale, no build per group. Three proxied groups
   are also measured, and the geometric mean of measured / proxy scales every proxy to output NSR; other
-  groups (depthwise convolutions, shared weights, attention MatMuls) are measured. One scale cannot say how
+  groups (depthwise convolutions, shared weights, attention MatMuls, layers inside If/Loop bodies, whose
+  inputs cannot be graph outputs) are measured. One scale cannot say how
   much of each layer's noise reaches the output (a residual stream dilutes late layers' noise), so proxies
   are rougher than measurements; the search's measured builds correct the overall scale.
 - Gated (the default for int8 where the model allows it): one model holds every int8 site of the uniform build,
@@ -174,7 +175,7 @@ def proxy_nsr(model: ir.Model, groups: list[Group], feeds: list, ranges: dict, t
     """Layer-level NSR per precision for the one-layer groups whose weight reads as rows; see the rules."""
     layers, nodes = {}, {n.name: n for n in model.graph}
     for group in groups:
-        node = nodes[group.nodes[0]] if len(group.nodes) == 1 else None
+        node = nodes.get(group.nodes[0]) if len(group.nodes) == 1 else None  # None: in a subgraph
         layer = layer_view(node) if node is not None else "not one layer"
         if isinstance(layer, Layer):
             layers[group.name] = (group, layer)

@@ -29,7 +29,15 @@ while losing most detections), so every output is reported on its own, and outpu
   mean over 30 tables, 0.982 as the bound, and lost 5 of 100 unseen tables' sequences). Where a feed's
   integer [batch, positions] input shows padding (:func:`padding_of`: an attention mask's zeros, or the
   trailing run of a pad id), the padded positions of a classes output with those leading axes are not
-  judged (argmax or sequence): a tagger's outputs there are noise no task reads;
+  judged (argmax or sequence): a tagger's outputs there are noise no task reads. Positions that are CTC frames
+  (a text line's or an utterance's recognizer, [batch, frames, classes]) agree as decoded: repeats collapsed
+  and the blank dropped — their decision agreement is the share of the float decoding's symbols kept (1 −
+  edit distance / symbols, character accuracy against float) — and only frames whose flip to their runner-up
+  changes the decoding count in the expected share (a flip between a character and the blank beside it, at every character's edge, changes
+  nothing). An output reads as CTC frames when the class float decides most often — the blank, class 0 or the
+  last (the two conventions) — lies between two other decisions in at least half the samples (a decoder's
+  end-of-sequence padding only trails), and no integer input of the feed has as many positions (a tagger's
+  labels, where repeats and the majority label mean something); ``ctc_blank`` names it;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -99,11 +107,14 @@ class _OutputStats:
     # per sample of a [batch, positions…, classes] output: float top-1 / runner-up values, and the candidate's
     # values at those two classes (for the expected sequence agreement), and how many samples agreed outright
     margins: list = field(default_factory=list)
+    decisions: list = field(default_factory=list)  # per sample [3, positions]: float top-1, runner-up, candidate
     margin_rows: int = 0
+    tokenized: bool = False  # positions are a token input's (a tagger): never read as CTC frames
     samples: int = 0
     samples_agree: int = 0
 
-    def _evidence(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None) -> None:
+    def _evidence(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None,
+                  token_lengths: set[int]) -> None:
         per_sample = ref.size // ref.shape[0] if ref.ndim >= 2 and ref.shape[0] else ref.size
         self.rank, self.elements = ref.ndim, max(self.elements, per_sample)
         self.last = ref.shape[-1] if ref.ndim else 1
@@ -126,6 +137,7 @@ class _OutputStats:
                 self.confusion = counts if self.confusion is None or self.confusion.shape != counts.shape \
                     else self.confusion + counts
             elif ref.ndim == 3:
+                self.tokenized |= ref.shape[1] in token_lengths
                 self._positions(rows, agree, judged, ref.shape[0])
         else:
             self.sums_to_one = self.unit_norm = False
@@ -144,19 +156,38 @@ class _OutputStats:
         pairs = np.stack([np.take_along_axis(r, top2, 1) for r in rows], 1).astype(np.float32)  # [rows, 2, 2]
         per_sample = judged.reshape(batch, -1)
         self.margins.extend(part[keep] for part, keep in zip(np.split(pairs, batch), per_sample))
+        classes = np.stack([top2[:, 0], top2[:, 1], rows[1].argmax(1)]).astype(np.int32)
+        self.decisions.extend(part[:, keep] for part, keep in zip(np.split(classes, batch, axis=1), per_sample))
         self.margin_rows += int(judged.sum())
+
+    def ctc_blank(self) -> int | None:
+        """The blank class when the float decisions read as CTC frames (see the module's rules), else None."""
+        if self.tokenized or not self.decisions or len(self.decisions) != self.samples:
+            return None
+        counts = np.bincount(np.concatenate([d[0] for d in self.decisions]), minlength=self.last)
+        blank = int(counts.argmax())
+        if blank not in (0, self.last - 1):
+            return None
+        inside = [_blank_inside(d[0], blank) for d in self.decisions]
+        return blank if np.mean(inside) >= 0.5 else None
 
     def sequence_agreement(self) -> float:
         """The lower of the observed and the margin-expected share of samples agreeing at every position (the
-        lower 90% confidence bound of the mean over samples: a few tables or sentences estimate it)."""
-        observed = self.samples_agree / self.samples
+        lower 90% confidence bound of the mean over samples: a few tables or sentences estimate it); CTC frames
+        agree where their decoded sequences do, and only positions whose flip would change it count."""
+        blank = self.ctc_blank()
+        observed = self.samples_agree / self.samples if blank is None else \
+            float(np.mean([_ctc_decode(d[0], blank) == _ctc_decode(d[2], blank) for d in self.decisions]))
         if not self.margins:
             return observed
-        values = [np.log(np.maximum(p, _TINY)) for p in self.margins if len(p)]  # probabilities → log margins
-        if not values:
+        kept = [(np.log(np.maximum(p, _TINY)), d) for p, d in zip(self.margins, self.decisions) if len(p)]
+        if not kept:  # probabilities → log margins
             return observed
+        values = [v for v, _ in kept]
         margin = [v[:, 0, 0] - v[:, 0, 1] for v in values]
         change = np.sort(np.concatenate([v[:, 1, 0] - v[:, 1, 1] for v in values]) - np.concatenate(margin))
+        if blank is not None:
+            margin = [m[_ctc_decisive(d, blank)] for m, (_, d) in zip(margin, kept)]
         flip = [np.searchsorted(change, -m) / change.size for m in margin]  # share of changes that overturn m
         agree = np.array([np.prod(1.0 - f) for f in flip])  # each sample's chance to agree at every position
         spread = float(agree.std(ddof=1)) / np.sqrt(agree.size) if agree.size > 1 else 0.0
@@ -183,6 +214,11 @@ class _OutputStats:
         return "logits" if self.rank == 2 and self.last >= 2 else "map"
 
     def decision_agreement(self, kind: str) -> float | None:
+        blank = self.ctc_blank() if kind == "classes" else None
+        if blank is not None:  # symbols of the decoded sequences: 1 − edits / float's symbols
+            decoded = [(_ctc_decode(d[0], blank), _ctc_decode(d[2], blank)) for d in self.decisions]
+            symbols = sum(len(ref) for ref, _ in decoded)
+            return 1.0 - sum(_edits(ref, test) for ref, test in decoded) / max(symbols, 1)
         if kind in ("classes", "logits"):
             return self.argmax_agree / self.argmax_rows if self.argmax_rows else 1.0
         if kind == "segments":
@@ -193,7 +229,8 @@ class _OutputStats:
             return self.above_both / union if union else 1.0
         return None
 
-    def update(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None = None) -> None:
+    def update(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None = None,
+               token_lengths: set[int] = frozenset()) -> None:
         if ref.shape != test.shape:
             self.nonfinite += max(ref.size, test.size)  # a candidate of another shape is broken outright
             return
@@ -205,7 +242,7 @@ class _OutputStats:
             both = ref_ok & test_ok
             ref64, test64 = np.where(both, ref64, 0.0), np.where(both, test64, 0.0)
             ref, test = ref64, test64
-        self._evidence(ref64, test64, padding)
+        self._evidence(ref64, test64, padding, token_lengths)
         err = ref64 - test64
         self.dot += float((ref64 * test64).sum())
         self.ref_sq += float((ref64 ** 2).sum())
@@ -244,6 +281,9 @@ class _OutputStats:
             out["decision_agreement"] = agreement
         if kind == "classes" and self.samples:
             out["sequence_agreement"] = self.sequence_agreement()
+            blank = self.ctc_blank()
+            if blank is not None:
+                out["ctc_blank"] = blank
         if self.reference_nonfinite:
             out["reference_nonfinite"] = self.reference_nonfinite
         if self.nonfinite:
@@ -260,6 +300,49 @@ class _OutputStats:
             out["channels"] = len(sqnr)
             out["worst_channels"] = [{"channel": int(c), "sqnr_db": sqnr[c], "cosine": float(cos[c])} for c in worst]
         return out
+
+
+def _blank_inside(decided: np.ndarray, blank: int) -> bool:
+    """Whether a blank sits between two other decisions (CTC frames; a decoder's padding only trails)."""
+    others = np.flatnonzero(decided != blank)
+    return others.size >= 2 and others[-1] - others[0] + 1 > others.size
+
+
+def _ctc_emitted(decided: np.ndarray, blank: int) -> np.ndarray:
+    """Which frames emit a symbol in CTC's greedy decoding: not blank, and not a repeat of the frame before."""
+    return (decided != blank) & np.concatenate([[True], decided[1:] != decided[:-1]])
+
+
+def _ctc_decode(decided: np.ndarray, blank: int) -> list[int]:
+    return decided[_ctc_emitted(decided, blank)].tolist()
+
+
+def _edits(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance, one row of the table at a time."""
+    row = np.arange(len(b) + 1)
+    target = np.asarray(b)
+    for i, symbol in enumerate(a, start=1):
+        substituted = row[:-1] + (target != symbol)
+        row = np.concatenate([[i], np.minimum(substituted, row[1:] + 1)])
+        row = np.minimum.accumulate(row - np.arange(len(b) + 1)) + np.arange(len(b) + 1)  # insertions
+    return int(row[-1])
+
+
+def _ctc_decisive(decisions: np.ndarray, blank: int) -> np.ndarray:
+    """The frames whose flip to their float runner-up would change the decoded sequence: a frame changes at
+    most its own emission and the next frame's, so it is decisive where the symbols those two emit change."""
+    top, runner = decisions[0], decisions[1]
+    before = np.concatenate([[-1], top[:-1]])
+    after = np.concatenate([top[1:], [blank]])
+
+    def emitted(here: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # the (up to two) symbols, -1 for none
+        own = (here != blank) & (here != before)
+        next_own = (after != blank) & (after != here)
+        first = np.where(own, here, np.where(next_own, after, -1))
+        return first, np.where(own & next_own, after, -1)
+
+    (a, b), (c, d) = emitted(top), emitted(runner)
+    return (a != c) | (b != d)
 
 
 @dataclass
@@ -323,11 +406,13 @@ class FidelityMeter:
     def update(self, ref: list[np.ndarray], test: list[np.ndarray], feed=None) -> None:
         self.count += 1
         padding = padding_of(feed.inputs) if feed is not None else None
+        token_lengths = {np.shape(v)[1] for v in feed.inputs.values() if np.ndim(v) == 2 and
+                         np.issubdtype(np.asarray(v).dtype, np.integer)} if feed is not None else set()
         for name, r, t in zip(self.names, ref, test):
             if name not in self.stats:
                 self.stats[name] = _OutputStats() if np.issubdtype(r.dtype, np.floating) else _IndexStats()
             if isinstance(self.stats[name], _OutputStats):
-                self.stats[name].update(np.asarray(r), np.asarray(t), padding)
+                self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
             else:
                 self.stats[name].update(np.asarray(r), np.asarray(t))
         if self.keep:

@@ -146,6 +146,49 @@ def test_a_sequence_agreement_from_few_samples_is_held_to_its_lower_bound(sample
     assert guard.check(meter.summary())["met"] is met
 
 
+def _frames(decided, runner_up, margin):
+    """Logits over 6 classes per frame: ``decided`` leads ``runner_up`` by ``margin``, the rest far behind."""
+    logits = np.full((1, len(decided), 6), -6.0)
+    logits[0, np.arange(len(decided)), runner_up] = 0.0
+    logits[0, np.arange(len(decided)), decided] = margin
+    return logits
+
+
+def test_ctc_frames_are_judged_by_their_decoded_symbols():
+    """A CTC recognizer's frames ("a b b a" with blanks, class 0), a near tie at each character's edge: int8
+    moving an edge into the blank beside it keeps the decoded text, and the edges whose flip would not change
+    it do not count against the expected agreement (frame by frame, ~12 thin edges per line would); reading a
+    gap's blank as a new character changes it (on 1 line of 40: sequences 0.975). A decoder whose end padding only trails, and a tagger whose
+    labels sit at its token input's positions, are judged frame by frame."""
+    line = np.array([0, 0, 1, 1, 0, 2, 2, 2, 0, 0, 2, 0, 1, 1, 0, 0])
+    runner = np.where(line == 0, 1, 0)
+    edges = (np.diff(line, prepend=0) != 0) | (np.diff(line, append=0) != 0)
+    ref = _frames(line, runner, np.where(edges, 0.1, 5.0))
+    edge_moved, inserted = ref.copy(), ref.copy()
+    edge_moved[0, 3, 0] = 0.2  # "b b" → "b ·": still "a b b a"
+    inserted[0, 9, 3] = 0.2  # a gap's blank read as a new character
+    for test, met in ((edge_moved, True), (inserted, False)):
+        meter = FidelityMeter(["probs"])
+        for line_index in range(40):  # the one flip is on one line of 40
+            meter.update([_softmax(ref).astype(np.float32)], [_softmax(test if line_index == 7 else ref)
+                                                              .astype(np.float32)])
+        out = meter.summary()["outputs"]["probs"]
+        assert out["kind"] == "classes" and out["ctc_blank"] == 0
+        assert out["decision_agreement"] == pytest.approx(1.0 if met else 1 - 1 / 160)  # 1 of 160 symbols edited
+        assert (out["sequence_agreement"] >= 0.99) is met
+        assert guard.check(meter.summary())["met"] is met
+    trailing = np.array([3, 1, 1, 4, 2, 5] + [0] * 10)  # a decoder's tokens, then its padding
+    tokens = type("Feed", (), {"inputs": {"ids": np.arange(16)[None] + 5}})
+    for decided, feed in ((trailing, None), (line, tokens)):
+        moved = decided.copy()
+        moved[2] = 0
+        meter = FidelityMeter(["probs"])
+        meter.update([_softmax(_frames(decided, np.where(decided == 0, 1, 0), 5.0)).astype(np.float32)],
+                     [_softmax(_frames(moved, np.where(moved == 0, 1, 0), 5.0)).astype(np.float32)], feed)
+        out = meter.summary()["outputs"]["probs"]
+        assert "ctc_blank" not in out and out["decision_agreement"] == pytest.approx(15 / 16)
+
+
 def test_padded_positions_of_a_tagger_are_not_judged():
     """Token ids [1, 16], the last 6 the pad id 0: the tagger's outputs there are near ties that int8 flips
     (a real grapheme-to-phoneme model's 66 of 79 flips); the real positions are confident and unchanged."""

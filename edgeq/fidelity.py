@@ -29,7 +29,8 @@ while losing most detections), so every output is reported on its own, and outpu
   mean over 30 tables, 0.982 as the bound, and lost 5 of 100 unseen tables' sequences). Where a feed's
   integer [batch, positions] input shows padding (:func:`padding_of`: an attention mask's zeros, or the
   trailing run of a pad id), the padded positions of a classes output with those leading axes are not
-  judged (argmax or sequence): a tagger's outputs there are noise no task reads. Positions that are CTC frames
+  judged (argmax or sequence): a tagger's outputs there are noise no task reads; nor are rows float holds
+  constant (a decoder's step past its end with all logits 0: a uniform row decides nothing). Positions that are CTC frames
   (a text line's or an utterance's recognizer, [batch, frames, classes]) agree as decoded: repeats collapsed
   and the blank dropped — their decision agreement is the share of the float decoding's symbols kept (1 −
   edit distance / symbols, character accuracy against float) — and only frames whose flip to their runner-up
@@ -129,6 +130,7 @@ class _OutputStats:
             if ref.ndim >= 3 and padding is not None and padding.shape == ref.shape[:2]:
                 judged = np.broadcast_to(~padding.reshape(padding.shape + (1,) * (ref.ndim - 3)),
                                          ref.shape[:-1]).reshape(-1)
+            judged = judged & (rows[0].max(1) > rows[0].min(1))  # a constant row decides nothing
             self.argmax_agree += int(agree[judged].sum())
             self.argmax_rows += int(judged.sum())
             if ref.ndim >= 4 and self.last <= MAX_GROUPS:

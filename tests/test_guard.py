@@ -177,6 +177,14 @@ def test_ctc_frames_are_judged_by_their_decoded_symbols():
         assert out["decision_agreement"] == pytest.approx(1.0 if met else 1 - 1 / 160)  # 1 of 160 symbols edited
         assert (out["sequence_agreement"] >= 0.99) is met
         assert guard.check(meter.summary())["met"] is met
+    uniform = ref.copy()
+    uniform[0, -1] = 0.0  # a step past the end: no decision, though any noise would "flip" its argmax
+    meter = FidelityMeter(["probs"])
+    for line_index in range(40):
+        noise = 0.01 * np.random.default_rng(line_index).standard_normal(ref.shape)
+        meter.update([_softmax(uniform).astype(np.float32)], [_softmax(uniform + noise).astype(np.float32)])
+    out = meter.summary()["outputs"]["probs"]
+    assert out["decision_agreement"] == 1.0 and out["sequence_agreement"] >= 0.99
     trailing = np.array([3, 1, 1, 4, 2, 5] + [0] * 10)  # a decoder's tokens, then its padding
     tokens = type("Feed", (), {"inputs": {"ids": np.arange(16)[None] + 5}})
     for decided, feed in ((trailing, None), (line, tokens)):

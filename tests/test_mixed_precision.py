@@ -184,6 +184,15 @@ def test_output_nsr_takes_the_worst_output():
     assert output_nsr(ref, out) == pytest.approx(0.01, rel=1e-5)
 
 
+def test_output_nsr_of_a_decoder_that_stops_at_another_step():
+    """A table decoder's [1, steps, 8] boxes: one group's int8 ends the sequence two steps early; the steps it
+    lost count whole."""
+    ref = [[np.ones((1, 12, 8), np.float32)]]
+    assert output_nsr(ref, [[np.ones((1, 10, 8), np.float32)]]) == pytest.approx(2 / 12)
+    assert output_nsr(ref, [[np.ones((1, 14, 8), np.float32)]]) == pytest.approx(2 / 12)
+    assert output_nsr(ref, [[np.ones((12, 8), np.float32)]]) == np.inf
+
+
 def test_sensitivity_runs_as_many_feeds_as_its_time_allows(tmp_path, monkeypatch):
     proto = mlp_model()
     float_path = tmp_path / "float.onnx"

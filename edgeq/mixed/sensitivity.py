@@ -82,6 +82,18 @@ class Sensitivity:
         return asdict(self)
 
 
+def _error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Σ error² of one output; where the candidate's length differs (a decoder that stopped at another step)
+    both are zero-padded to the longer, the part only one has counting whole; another rank is all error."""
+    if reference.shape != candidate.shape:
+        if reference.ndim != candidate.ndim:
+            return np.inf
+        shape = np.maximum(reference.shape, candidate.shape)
+        reference, candidate = (np.pad(a, [(0, n - m) for n, m in zip(shape, a.shape)])
+                                for a in (reference, candidate))
+    return float(np.square(reference.astype(np.float64) - candidate).sum())
+
+
 def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
     """Worst NSR over the float outputs, each summed over all feeds (outputs listed per feed)."""
     worst = 0.0
@@ -89,8 +101,7 @@ def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarra
         if not np.issubdtype(reference[0][index].dtype, np.floating):
             continue
         signal = sum(float(np.square(r[index], dtype=np.float64).sum()) for r in reference)
-        noise = sum(float(np.square(r[index].astype(np.float64) - c[index]).sum())
-                    for r, c in zip(reference, candidate))
+        noise = sum(_error(r[index], c[index]) for r, c in zip(reference, candidate))
         worst = max(worst, noise / signal if signal > 0 else (0.0 if noise == 0 else np.inf))
     return worst
 

@@ -19,24 +19,24 @@ while losing most detections), so every output is reported on its own, and outpu
   scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like logits, and a few
   numbers are judged as numbers, however many samples a feed batches) and ``map`` (anything else:
   spectrograms, box maps);
-- for ``classes`` outputs with positions ([batch, positions, classes]: a decoder's tokens, a tagger's labels)
-  and a single position axis the **sequence agreement**: the share of samples whose decisions agree at every position. A few held-out
-  samples rarely show the one flip that changes a sequence, so the figure is the lower of the observed share
-  and the share expected from the margins: each position's chance to flip is the share of the margin changes
-  measured at all positions (log-probability of the float top-1 minus its runner-up, candidate vs float) that
-  would overturn its own float margin, a sample agrees when all of its positions do, and the share is the
-  lower bound of a one-sided 90% confidence interval of the mean over samples (a table decoder held 0.991 as a
-  mean over 30 tables, 0.982 as the bound, and lost 5 of 100 unseen tables' sequences). Where a feed's
-  integer [batch, positions] input shows padding (:func:`padding_of`: an attention mask's zeros, or the
-  trailing run of a pad id), the padded positions of a classes output with those leading axes are not
-  judged (argmax or sequence): a tagger's outputs there are noise no task reads; nor are rows float holds
-  constant (a decoder's step past its end with all logits 0: a uniform row decides nothing). Positions that are CTC frames
-  (a text line's or an utterance's recognizer, [batch, frames, classes]) agree as decoded: repeats collapsed
-  and the blank dropped — their decision agreement is the share of the float decoding's symbols kept (1 −
-  edit distance / symbols, character accuracy against float) — and only frames whose flip to their runner-up
-  changes the decoding count in the expected share (a flip between a character and the blank beside it, at every character's edge, changes
-  nothing). An output reads as CTC frames when the class float decides most often — the blank, class 0 or the
-  last (the two conventions) — lies between two other decisions in at least half the samples (a decoder's
+- for ``classes`` outputs with positions ([batch, positions, classes]: a decoder's tokens, a tagger's labels) and
+  a single position axis the **sequence agreement**: the share of samples whose decisions agree at every
+  position. A few held-out samples rarely show the one flip that changes a sequence, so the figure is the lower
+  of the observed share and the share expected from the margins: each position's chance to flip is the share of
+  the margin changes measured at all positions (log-probability of the float top-1 minus its runner-up, candidate
+  vs float) that would overturn its own float margin, a sample agrees when all of its positions do, and the share
+  is the lower bound of a one-sided 90% confidence interval of the mean over samples (a table decoder held 0.991
+  as a mean over 30 tables, 0.982 as the bound, and lost 5 of 100 unseen tables' sequences). Where a feed's
+  integer [batch, positions] input shows padding (:func:`padding_of`: an attention mask's zeros, or the trailing
+  run of a pad id), the padded positions of a classes output with those leading axes are not judged (argmax or
+  sequence): a tagger's outputs there are noise no task reads; nor are rows float holds constant (a decoder's
+  step past its end with all logits 0: a uniform row decides nothing). Positions that are CTC frames (a text
+  line's or an utterance's recognizer, [batch, frames, classes]) agree as decoded: repeats collapsed and the
+  blank dropped — their decision agreement is the share of the float decoding's symbols kept (1 − edit distance /
+  symbols, character accuracy against float) — and only frames whose flip to their runner-up changes the decoding
+  count in the expected share (a flip between a character and the blank beside it, at every character's edge,
+  changes nothing). An output reads as CTC frames when the class float decides most often — the blank, class 0 or
+  the last (the two conventions) — lies between two other decisions in at least half the samples (a decoder's
   end-of-sequence padding only trails), and no integer input of the feed has as many positions (a tagger's
   labels, where repeats and the majority label mean something); ``ctc_blank`` names it;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.

@@ -158,8 +158,8 @@ def test_ctc_frames_are_judged_by_their_decoded_symbols():
     """A CTC recognizer's frames ("a b b a" with blanks, class 0), a near tie at each character's edge: int8
     moving an edge into the blank beside it keeps the decoded text, and the edges whose flip would not change
     it do not count against the expected agreement (frame by frame, ~12 thin edges per line would); reading a
-    gap's blank as a new character changes it (on 1 line of 40: sequences 0.975). A decoder whose end padding only trails, and a tagger whose
-    labels sit at its token input's positions, are judged frame by frame."""
+    gap's blank as a new character changes it (on 1 line of 40: sequences 0.975). A decoder whose end padding
+    only trails, and a tagger whose labels sit at its token input's positions, are judged frame by frame."""
     line = np.array([0, 0, 1, 1, 0, 2, 2, 2, 0, 0, 2, 0, 1, 1, 0, 0])
     runner = np.where(line == 0, 1, 0)
     edges = (np.diff(line, prepend=0) != 0) | (np.diff(line, append=0) != 0)

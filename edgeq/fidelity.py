@@ -125,7 +125,8 @@ class _OutputStats:
             self.sums_to_one &= bool(np.abs(ref.sum(-1) - 1).max() <= _EPS)
             self.unit_norm &= bool(np.abs(np.sqrt(np.square(ref).sum(-1)) - 1).max() <= _EPS)
             rows = ref.reshape(-1, self.last), test.reshape(-1, self.last)
-            agree = rows[0].argmax(1) == rows[1].argmax(1)
+            decided = rows[0].argmax(1), rows[1].argmax(1)
+            agree = decided[0] == decided[1]
             judged = np.ones(agree.shape, bool)
             if ref.ndim >= 3 and padding is not None and padding.shape == ref.shape[:2]:
                 judged = np.broadcast_to(~padding.reshape(padding.shape + (1,) * (ref.ndim - 3)),
@@ -134,13 +135,13 @@ class _OutputStats:
             self.argmax_agree += int(agree[judged].sum())
             self.argmax_rows += int(judged.sum())
             if ref.ndim >= 4 and self.last <= MAX_GROUPS:
-                pairs = rows[0].argmax(1) * self.last + rows[1].argmax(1)
+                pairs = decided[0] * self.last + decided[1]
                 counts = np.bincount(pairs, minlength=self.last ** 2).reshape(self.last, self.last)
                 self.confusion = counts if self.confusion is None or self.confusion.shape != counts.shape \
                     else self.confusion + counts
             elif ref.ndim == 3:
                 self.tokenized |= ref.shape[1] in token_lengths
-                self._positions(rows, agree, judged, ref.shape[0])
+                self._positions(rows, decided[1], agree, judged, ref.shape[0])
         else:
             self.sums_to_one = self.unit_norm = False
         ref_above, test_above = ref > 0.5, test > 0.5
@@ -148,8 +149,8 @@ class _OutputStats:
         self.above_test += int(test_above.sum())
         self.above_both += int((ref_above & test_above).sum())
 
-    def _positions(self, rows: tuple[np.ndarray, np.ndarray], agree: np.ndarray, judged: np.ndarray,
-                   batch: int) -> None:
+    def _positions(self, rows: tuple[np.ndarray, np.ndarray], candidate: np.ndarray, agree: np.ndarray,
+                   judged: np.ndarray, batch: int) -> None:
         self.samples += batch
         self.samples_agree += int((agree | ~judged).reshape(batch, -1).all(1).sum())
         if self.margin_rows + int(judged.sum()) > MARGIN_ROWS:
@@ -158,7 +159,7 @@ class _OutputStats:
         pairs = np.stack([np.take_along_axis(r, top2, 1) for r in rows], 1).astype(np.float32)  # [rows, 2, 2]
         per_sample = judged.reshape(batch, -1)
         self.margins.extend(part[keep] for part, keep in zip(np.split(pairs, batch), per_sample))
-        classes = np.stack([top2[:, 0], top2[:, 1], rows[1].argmax(1)]).astype(np.int32)
+        classes = np.stack([top2[:, 0], top2[:, 1], candidate]).astype(np.int32)
         self.decisions.extend(part[:, keep] for part, keep in zip(np.split(classes, batch, axis=1), per_sample))
         self.margin_rows += int(judged.sum())
 
@@ -173,11 +174,11 @@ class _OutputStats:
         inside = [_blank_inside(d[0], blank) for d in self.decisions]
         return blank if np.mean(inside) >= 0.5 else None
 
-    def sequence_agreement(self) -> float:
+    def sequence_agreement(self, blank: int | None) -> float:
         """The lower of the observed and the margin-expected share of samples agreeing at every position (the
         lower 90% confidence bound of the mean over samples: a few tables or sentences estimate it); CTC frames
-        agree where their decoded sequences do, and only positions whose flip would change it count."""
-        blank = self.ctc_blank()
+        agree where their decoded sequences do (``blank``: :meth:`ctc_blank`), and only positions whose flip
+        would change it count."""
         observed = self.samples_agree / self.samples if blank is None else \
             float(np.mean([_ctc_decode(d[0], blank) == _ctc_decode(d[2], blank) for d in self.decisions]))
         if not self.margins:
@@ -215,8 +216,7 @@ class _OutputStats:
             return "values"
         return "logits" if self.rank == 2 and self.last >= 2 else "map"
 
-    def decision_agreement(self, kind: str) -> float | None:
-        blank = self.ctc_blank() if kind == "classes" else None
+    def decision_agreement(self, kind: str, blank: int | None) -> float | None:
         if blank is not None:  # symbols of the decoded sequences: 1 − edits / float's symbols
             decoded = [(_ctc_decode(d[0], blank), _ctc_decode(d[2], blank)) for d in self.decisions]
             symbols = sum(len(ref) for ref, _ in decoded)
@@ -278,14 +278,14 @@ class _OutputStats:
             out["top1_agreement"] = self.top1 / self.rows
             out[f"top{TOPK}_overlap"] = self.topk / self.rows
         out["kind"] = kind = self.kind()
-        agreement = self.decision_agreement(kind)
+        blank = self.ctc_blank() if kind == "classes" else None
+        agreement = self.decision_agreement(kind, blank)
         if agreement is not None:
             out["decision_agreement"] = agreement
         if kind == "classes" and self.samples:
-            out["sequence_agreement"] = self.sequence_agreement()
-            blank = self.ctc_blank()
-            if blank is not None:
-                out["ctc_blank"] = blank
+            out["sequence_agreement"] = self.sequence_agreement(blank)
+        if blank is not None:
+            out["ctc_blank"] = blank
         if self.reference_nonfinite:
             out["reference_nonfinite"] = self.reference_nonfinite
         if self.nonfinite:

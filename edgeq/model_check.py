@@ -3,7 +3,11 @@ original computed.
 
 Rules:
 - A model ONNX Runtime cannot load, or cannot run on the user's feeds, is a :class:`UserError` that says so
-  (edgeq cannot do better than the runtime it targets).
+  (edgeq cannot do better than the runtime it targets). Where the model breaks ONNX's own op rules the error
+  names the first node that does (subgraphs included) instead of quoting the runtime: an op of an ONNX domain
+  that no opset defines (a TFLite or framework op its converter left in), an op defined only in a later opset
+  than the model imports (a converter that wrote HardSwish into an opset-13 model), or a domain the model
+  does not import.
 - A rewritten model (normalized, converted to another opset) must load and, on a few calibration feeds, give
   every float output within ``tolerance`` relative error of the original (max |a − b| / max |a|, non-finite
   values equal where the original has them) and the same integer outputs. When it does not, the first value
@@ -14,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from edgeq.errors import UserError, first_line
-from edgeq.model_io import load_model, save_model
+from edgeq.model_io import all_nodes, load_model, load_proto, save_model
 from edgeq.passes.normalize import NormalizePass
 from edgeq.runtimes.onnxruntime import create_session, run_exposing
 
@@ -37,8 +42,45 @@ def load_in_onnxruntime(path: Path) -> ort.InferenceSession:
     try:
         return create_session(path, intra_op_threads=1)
     except Exception as exc:  # noqa: BLE001 — ORT raises its own exception types
-        raise UserError(f"the model does not load in onnxruntime {ort.__version__} either ({first_line(exc)})",
-                        "fix or re-export the model so that onnxruntime loads it") from None
+        problem = _breaks_op_rules(load_proto(path))  # nodes named as load names them
+        raise UserError(*problem or (
+            f"the model does not load in onnxruntime {ort.__version__} either ({first_line(exc)})",
+            "fix or re-export the model so that onnxruntime loads it")) from None
+
+
+_ONNX_DOMAINS = {"": "", "ai.onnx": "", "ai.onnx.ml": "ai.onnx.ml"}  # domains whose ops onnx.defs knows
+
+
+@functools.cache
+def _first_opsets() -> dict[tuple[str, str], int]:
+    """(domain, op) → the first opset version that defines the op."""
+    first: dict[tuple[str, str], int] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        key = (schema.domain, schema.name)
+        first[key] = min(first.get(key, schema.since_version), schema.since_version)
+    return first
+
+
+def _breaks_op_rules(proto: onnx.ModelProto) -> tuple[str, str] | None:
+    """(problem, fix) for the first node whose op the model's opset imports cannot provide, else None."""
+    imports = {_ONNX_DOMAINS.get(o.domain, o.domain): o.version for o in proto.opset_import}
+    local_functions = {(f.domain, f.name) for f in proto.functions}
+    for node in all_nodes(proto.graph):
+        domain = _ONNX_DOMAINS.get(node.domain, node.domain)
+        what = f"node '{node.name}' ({node.op_type})"
+        if domain not in imports and (node.domain, node.op_type) not in local_functions:
+            return (f"{what} is in domain '{node.domain}', which the model does not import",
+                    "re-export the model, or add the domain to its opset imports")
+        if node.domain not in _ONNX_DOMAINS:
+            continue  # a runtime's contrib ops or a model-local function: onnx.defs does not know them
+        if not onnx.defs.has(node.op_type, domain):
+            return (f"{what} is an op no ONNX opset defines (one its converter could not translate)",
+                    f"re-export with a converter that writes {node.op_type} as ONNX ops, or replace that node")
+        first = _first_opsets()[domain, node.op_type]
+        if imports[domain] < first:
+            return (f"{what} is defined from opset {first} on, but the model imports opset {imports[domain]}",
+                    f"re-export with opset {first} or later")
+    return None
 
 
 def run_feeds(session: ort.InferenceSession, feeds: list[dict], what: str = "the model") -> list[list[np.ndarray]]:

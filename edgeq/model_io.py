@@ -80,17 +80,17 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
     return count * itemsize
 
 
-def _all_nodes(graph: onnx.GraphProto):
+def all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
         for sub in _subgraphs(node):
-            yield from _all_nodes(sub)
+            yield from all_nodes(sub)
 
 
 def _name_nodes(proto: onnx.ModelProto) -> None:
     """Name every unnamed node ``<OpType>_<n>`` (exporters often leave names empty; edgeq's decisions,
     ``--exclude name:`` and ``inspect --nodes`` all speak of nodes by name)."""
-    nodes = list(_all_nodes(proto.graph))
+    nodes = list(all_nodes(proto.graph))
     taken = {n.name for n in nodes if n.name}
     counter = 0
     for node in nodes:

@@ -18,7 +18,9 @@ rewritten here, at the boundary where each changed, in every graph and subgraph:
 5. Above 18, onnxscript's version converter takes over (it is right there: DFT, GridSample and
    GroupNormalization are the ops it adapts).
 
-Downgrades and opsets below 7 are refused with a :class:`UserError`. Value names are kept, so an original
+A model that imports no default-domain opset (a tree ensemble written with ``ai.onnx.ml`` ops only, as
+onnxmltools writes XGBoost) has nothing to convert: it imports ``target``. Downgrades and opsets below 7 are
+refused with a :class:`UserError`. Value names are kept, so an original
 and a converted model can be compared value by value (:mod:`edgeq.model_check`).
 """
 
@@ -218,6 +220,9 @@ class ConvertOpsetPass(ir.passes.InPlacePass):
         self.target = target
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not {"", "ai.onnx"} & set(model.opset_imports):
+            model.opset_imports[""] = self.target  # no default-domain node to adapt
+            return ir.passes.PassResult(model, modified=True)
         source = default_opset(model)
         if source == self.target:
             return ir.passes.PassResult(model, modified=False)

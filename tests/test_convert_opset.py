@@ -6,8 +6,10 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.cli import main
 from edgeq.errors import UserError
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 
@@ -147,3 +149,27 @@ def test_downgrade_and_prehistoric_opsets_are_refused():
     graph = helper.make_graph([scan], "g", [_info("s0", [1, 2]), _info("xs", [1, 3, 2])], [_info("s_last", [1, 2])])
     with pytest.raises(UserError, match="opset-8 Scan"):
         ConvertOpsetPass(13)(ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])))
+
+
+def test_a_model_importing_no_default_domain_gets_the_target(tmp_path):
+    """onnxmltools writes an XGBoost classifier as one ai.onnx.ml node with no default-domain import: it was
+    read as opset 1 and refused; it imports the target now, compiles, and runs as before."""
+    scaler = helper.make_node("Scaler", ["x"], ["y"], domain="ai.onnx.ml", offset=[0.5] * 3, scale=[2.0] * 3,
+                              name="scale")
+    proto = helper.make_model(helper.make_graph([scaler], "g", [_info("x", [None, 3])], [_info("y", [None, 3])]),
+                              opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+    model = ir.from_proto(proto)
+    ConvertOpsetPass(13)(model)
+    assert model.opset_imports == {"ai.onnx.ml": 1, "": 13}
+    path = tmp_path / "ml_only.onnx"
+    onnx.save(proto, path)
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(6):
+        np.savez(feeds / f"{i}.npz", x=RNG.standard_normal((4, 3)).astype(np.float32))
+    result = CliRunner().invoke(main, ["compile", str(path), "-t", "x86-64", "--calib", str(feeds),
+                                       "-o", str(tmp_path / "out"), "--no-measure"])
+    assert result.exit_code == 0, result.output
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(tmp_path / "out" / "model.onnx"), run(path), rtol=1e-6)

@@ -129,7 +129,11 @@ def check_same_function(original: Path, rewritten: Path, feeds: list[dict], refe
     names = [o.name for o in session.get_outputs()]
     worst, worst_feed, worst_output = 0.0, 0, ""
     for index, (feed, expected) in enumerate(zip(feeds, reference)):
-        got = session.run(None, feed)
+        try:
+            got = session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{what} made a model onnxruntime cannot run on feed {index} ({first_line(exc)})",
+                            "please report this model; --debug shows more") from None
         for name, e, g in zip(names, expected, got):
             error = relative_error(e, g)
             if error > worst:

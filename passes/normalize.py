@@ -6,7 +6,10 @@ Rules, in order:
 2. The default-domain opset is raised to at least 14 (per-channel DequantizeLinear needs ``axis``, 13; the
    HardSwish of rule 4, 14), by
    :mod:`edgeq.passes.convert_opset` (never by relabelling); a model that computes in float16 computes in
-   float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`).
+   float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`). Before anything,
+   the shapes an exporter declared for the values nodes make are dropped and inferred again: they are claims,
+   not facts (jax2onnx declared channels-last shapes on channels-first values, and the optimizer then padded
+   a ``SAME`` Conv for the wrong width); the main graph's inputs and outputs keep theirs.
 3. Weights become constants. Where an exporter listed every initializer as a graph input too (IR 3, torch
    before 1.4, old converters), they are inputs no more: ONNX Runtime treats such a weight as one a caller may
    override, so it folds no BatchNorm into it and prepacks nothing (a CenterFace face detector: 19.0 →
@@ -87,6 +90,7 @@ class NormalizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.refuse_quantized(model)
+        _infer_declared_shapes_again(model)
         if default_opset(model) < MIN_OPSET:
             ConvertOpsetPass(MIN_OPSET)(model)
         full = Float16ToFloat32Pass()
@@ -118,6 +122,17 @@ class NormalizePass(ir.passes.InPlacePass):
         ])(model)
         self.activations_fused = len({id(n) for n in _nodes(model, FUSED_OPS)} - {id(n) for n in present})
         return ir.passes.PassResult(model, modified=True)
+
+
+def _infer_declared_shapes_again(model: ir.Model) -> None:
+    """Rule 2's shapes: every value a node makes, but the main graph's outputs, loses its declared shape, and
+    shape inference derives it from the inputs."""
+    outputs = set(model.graph.outputs)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if value not in outputs:
+                value.shape = None
+    common.ShapeInferencePass()(model)
 
 
 def _nodes(model: ir.Model, op_types: tuple[str, ...]) -> list[ir.Node]:

@@ -196,6 +196,28 @@ def test_minus_one_dims_and_constant_weights_accept_every_real_feed(tmp_path):
     _close_to_original(proto, out, feeds)
 
 
+def test_declared_intermediate_shapes_are_not_trusted(tmp_path):
+    """jax2onnx (0.17, a flax CNN) declares channels-last shapes on the channels-first values between its Convs;
+    ONNX Runtime never checks them, but the optimizer padded the ``SAME_UPPER`` stride-2 Conv for the declared
+    width, and normalize refused the model as changed. They are inferred again."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2], name="to_nchw"),
+             helper.make_node("Conv", ["t", "w1", "b1"], ["c1"], auto_pad="SAME_UPPER", name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], auto_pad="SAME_UPPER", strides=[2, 2], name="conv2"),
+             helper.make_node("Flatten", ["c2"], ["y"], name="flatten")]
+    inits = [_w("w1", (8, 1, 3, 3)), _w("b1", (8,), 0.1), _w("w2", (4, 8, 3, 3)), _w("b2", (4,), 0.1)]
+    claimed = [helper.make_tensor_value_info("c1", F, ["B", 8, 8, 8]),  # true shape [B, 8, 8, 8]: right by luck
+               helper.make_tensor_value_info("r1", F, ["B", 8, 6, 8]),  # true [B, 8, 8, 6]: channels-last
+               helper.make_tensor_value_info("c2", F, ["B", 4, 3, 4])]  # true [B, 4, 4, 3]
+    graph = helper.make_graph(nodes, "jax", [helper.make_tensor_value_info("x", F, ["B", 8, 6, 1])],
+                              [helper.make_tensor_value_info("y", F, ["B", 48])], inits, value_info=claimed)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((2, 8, 6, 1)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    _close_to_original(proto, out, feeds)
+
+
 def test_a_declared_output_shape_the_outputs_contradict_is_not_trusted(tmp_path):
     """A torch 1.9 CTC recognizer declared its [T, 1, classes] output as [1, seqlen]: ONNX Runtime never checks
     it, but the optimizer folded the last Reshape's target from it ([1, -1]: another shape)."""

@@ -38,7 +38,11 @@ while losing most detections), so every output is reported on its own, and outpu
   changes nothing). An output reads as CTC frames when the class float decides most often — the blank, class 0 or
   the last (the two conventions) — lies between two other decisions in at least half the samples (a decoder's
   end-of-sequence padding only trails), and no integer input of the feed has as many positions (a tagger's
-  labels, where repeats and the majority label mean something); ``ctc_blank`` names it;
+  labels, where repeats and the majority label mean something); ``ctc_blank`` names it. A [batch, frames, C]
+  output of logits or log-probabilities (a CRNN trained with CTC loss) that reads as CTC frames by its argmax is
+  judged the same way, as ``classes`` (margins are differences of logits, which are differences of
+  log-probabilities); a rank-3 output whose second axis is a feed's batch and whose first is not is time-major
+  ([frames, batch, C], torch's CTC layout) and is read with the two swapped;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -141,7 +145,8 @@ class _OutputStats:
                     else self.confusion + counts
             elif ref.ndim == 3:
                 self.tokenized |= ref.shape[1] in token_lengths
-                self._positions(rows, decided[1], agree, judged, ref.shape[0])
+                probabilities = bool(ref.min() >= 0 and np.abs(ref.sum(-1) - 1).max() <= _EPS)
+                self._positions(rows, decided[1], agree, judged, ref.shape[0], probabilities)
         else:
             self.sums_to_one = self.unit_norm = False
         ref_above, test_above = ref > 0.5, test > 0.5
@@ -150,13 +155,16 @@ class _OutputStats:
         self.above_both += int((ref_above & test_above).sum())
 
     def _positions(self, rows: tuple[np.ndarray, np.ndarray], candidate: np.ndarray, agree: np.ndarray,
-                   judged: np.ndarray, batch: int) -> None:
+                   judged: np.ndarray, batch: int, probabilities: bool) -> None:
+        """Keep each sample's decisions and margins (in log-probability units: the log of probabilities; logits
+        and log-probabilities as they are — a difference of logits is one of log-probabilities)."""
         self.samples += batch
         self.samples_agree += int((agree | ~judged).reshape(batch, -1).all(1).sum())
         if self.margin_rows + int(judged.sum()) > MARGIN_ROWS:
             return
         top2 = np.argsort(-rows[0], axis=1)[:, :2]
-        pairs = np.stack([np.take_along_axis(r, top2, 1) for r in rows], 1).astype(np.float32)  # [rows, 2, 2]
+        pairs = np.stack([np.take_along_axis(r, top2, 1) for r in rows], 1)  # [rows, model, top-1 / runner-up]
+        pairs = (np.log(np.maximum(pairs, _TINY)) if probabilities else pairs).astype(np.float32)
         per_sample = judged.reshape(batch, -1)
         self.margins.extend(part[keep] for part, keep in zip(np.split(pairs, batch), per_sample))
         classes = np.stack([top2[:, 0], top2[:, 1], candidate]).astype(np.int32)
@@ -183,8 +191,8 @@ class _OutputStats:
             float(np.mean([_ctc_decode(d[0], blank) == _ctc_decode(d[2], blank) for d in self.decisions]))
         if not self.margins:
             return observed
-        kept = [(np.log(np.maximum(p, _TINY)), d) for p, d in zip(self.margins, self.decisions) if len(p)]
-        if not kept:  # probabilities → log margins
+        kept = [(p, d) for p, d in zip(self.margins, self.decisions) if len(p)]
+        if not kept:
             return observed
         values = [v for v, _ in kept]
         margin = [v[:, 0, 0] - v[:, 0, 1] for v in values]
@@ -207,6 +215,8 @@ class _OutputStats:
         if self.sums_to_one and self.unit_interval:
             if self.rank >= 4 and self.confusion is not None:
                 return "segments" if (self.confusion.sum(1) > 0).sum() > 1 else "map"
+            return "classes"
+        if self.rank == 3 and self.ctc_blank() is not None:  # CTC logits or log-probabilities
             return "classes"
         if self.unit_interval and self.above_ref:
             return "scores"
@@ -410,7 +420,10 @@ class FidelityMeter:
         padding = padding_of(feed.inputs) if feed is not None else None
         token_lengths = {np.shape(v)[1] for v in feed.inputs.values() if np.ndim(v) == 2 and
                          np.issubdtype(np.asarray(v).dtype, np.integer)} if feed is not None else set()
+        batches = {np.shape(v)[0] for v in feed.inputs.values() if np.ndim(v)} if feed is not None else set()
         for name, r, t in zip(self.names, ref, test):
+            if np.ndim(r) == np.ndim(t) == 3 and r.shape[1] in batches and r.shape[0] not in batches:  # [T, batch, C]
+                r, t = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1)
             if name not in self.stats:
                 self.stats[name] = _OutputStats() if np.issubdtype(r.dtype, np.floating) else _IndexStats()
             if isinstance(self.stats[name], _OutputStats):

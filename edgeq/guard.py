@@ -10,7 +10,8 @@ Rules:
   indices                 share of equal elements (token ids, class indices)   ≥ 0.99
   classes                 argmax agreement per position (softmax outputs)      ≥ 0.99
                           and, with positions, sequence agreement              ≥ 0.99
-                          (CTC frames: symbols kept, decoded sequences equal)
+                          (CTC frames — softmax, log-probabilities or logits,
+                          time-major too: symbols kept, decoded sequences equal)
   logits                  argmax agreement, and SQNR (> 16 values per sample)  ≥ 0.99, ≥ 20 dB
   scores                  IoU of the values above 0.5 (probability maps; one   ≥ 0.90
                           with none above 0.5 in float is a map)

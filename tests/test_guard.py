@@ -197,6 +197,32 @@ def test_ctc_frames_are_judged_by_their_decoded_symbols():
         assert "ctc_blank" not in out and out["decision_agreement"] == pytest.approx(15 / 16)
 
 
+def test_ctc_logits_time_major_are_judged_as_decoded_frames():
+    """A CRNN trained with CTC loss outputs raw logits, time-major ([frames, batch, classes]: a captcha reader's
+    [20, 1, 37]); they were judged as a map by SQNR alone. Read with frames and batch swapped (the feed's batch
+    is 1), the argmax shows the blank inside the line: judged as CTC frames, like softmax outputs."""
+    line = np.array([0, 0, 1, 1, 0, 2, 2, 2, 0, 0, 2, 0, 1, 1, 0, 0])
+    runner = np.where(line == 0, 1, 0)
+    edges = (np.diff(line, prepend=0) != 0) | (np.diff(line, append=0) != 0)
+    ref = _frames(line, runner, np.where(edges, 0.1, 5.0))
+    edge_moved, inserted = ref.copy(), ref.copy()
+    edge_moved[0, 3, 0] = 0.2
+    inserted[0, 9, 3] = 0.2
+    image = type("Feed", (), {"inputs": {"image": np.zeros((1, 3, 8, 32), np.float32)}})
+    time_major = lambda logits: np.swapaxes(logits, 0, 1).astype(np.float32)
+    for test, met in ((edge_moved, True), (inserted, False)):
+        meter = FidelityMeter(["logits"])
+        for line_index in range(40):
+            meter.update([time_major(ref)], [time_major(test if line_index == 7 else ref)], image)
+        out = meter.summary()["outputs"]["logits"]
+        assert out["kind"] == "classes" and out["ctc_blank"] == 0
+        assert out["decision_agreement"] == pytest.approx(1.0 if met else 1 - 1 / 160)
+        assert guard.check(meter.summary())["met"] is met
+    meter = FidelityMeter(["logits"])  # without the feed the batch is unknown: 16 samples of 6 values each
+    meter.update([time_major(ref)], [time_major(inserted)])
+    assert meter.summary()["outputs"]["logits"]["kind"] == "values"
+
+
 def test_padded_positions_of_a_tagger_are_not_judged():
     """Token ids [1, 16], the last 6 the pad id 0: the tagger's outputs there are near ties that int8 flips
     (a real grapheme-to-phoneme model's 66 of 79 flips); the real positions are confident and unchanged."""

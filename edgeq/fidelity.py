@@ -39,10 +39,11 @@ while losing most detections), so every output is reported on its own, and outpu
   the last (the two conventions) — lies between two other decisions in at least half the samples (a decoder's
   end-of-sequence padding only trails), and no integer input of the feed has as many positions (a tagger's
   labels, where repeats and the majority label mean something); ``ctc_blank`` names it. A [batch, frames, C]
-  output of logits or log-probabilities (a CRNN trained with CTC loss) that reads as CTC frames by its argmax is
-  judged the same way, as ``classes`` (margins are differences of logits, which are differences of
-  log-probabilities); a rank-3 output whose second axis is a feed's batch and whose first is not is time-major
-  ([frames, batch, C], torch's CTC layout) and is read with the two swapped;
+  output of logits or log-probabilities (a CRNN trained with CTC loss; values outside [0, 1], so not a
+  detector's per-class sigmoid scores) that reads as CTC frames by its argmax is judged the same way, as
+  ``classes`` (margins are differences of logits, which are differences of log-probabilities); a rank-3 output
+  whose second axis is a feed's batch and whose first is not is time-major ([frames, batch, C], torch's CTC
+  layout) and is read with the two swapped;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -216,7 +217,7 @@ class _OutputStats:
             if self.rank >= 4 and self.confusion is not None:
                 return "segments" if (self.confusion.sum(1) > 0).sum() > 1 else "map"
             return "classes"
-        if self.rank == 3 and self.ctc_blank() is not None:  # CTC logits or log-probabilities
+        if self.rank == 3 and not self.unit_interval and self.ctc_blank() is not None:  # CTC logits, log-probs
             return "classes"
         if self.unit_interval and self.above_ref:
             return "scores"

@@ -221,6 +221,10 @@ def test_ctc_logits_time_major_are_judged_as_decoded_frames():
     meter = FidelityMeter(["logits"])  # without the feed the batch is unknown: 16 samples of 6 values each
     meter.update([time_major(ref)], [time_major(inserted)])
     assert meter.summary()["outputs"]["logits"]["kind"] == "values"
+    meter = FidelityMeter(["scores"])  # a detector's per-class sigmoid scores with that argmax: still scores
+    sigmoid = lambda logits: (1 / (1 + np.exp(-logits))).astype(np.float32)
+    meter.update([sigmoid(ref)], [sigmoid(inserted)], image)
+    assert meter.summary()["outputs"]["scores"]["kind"] == "scores"
 
 
 def test_padded_positions_of_a_tagger_are_not_judged():

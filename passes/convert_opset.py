@@ -20,8 +20,8 @@ rewritten here, at the boundary where each changed, in every graph and subgraph:
 
 A model that imports no default-domain opset (a tree ensemble written with ``ai.onnx.ml`` ops only, as
 onnxmltools writes XGBoost) has nothing to convert: it imports ``target``. Downgrades and opsets below 7 are
-refused with a :class:`UserError`. Value names are kept, so an original
-and a converted model can be compared value by value (:mod:`edgeq.model_check`).
+refused with a :class:`UserError`. Value names are kept, so an original and a converted model can be compared
+value by value (:mod:`edgeq.model_check`).
 """
 
 from __future__ import annotations

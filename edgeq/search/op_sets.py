@@ -18,9 +18,7 @@ Rules:
 - The candidates are one batch (they do not depend on each other). Each is measured in its own interleaved pair
   with float (interleaving many models at once thrashes
   the caches, which flatters the smallest weights) and on ``FIDELITY_FEEDS`` held-out feeds; the most accurate
-  (worst-output SQNR) among those within ``SPEED_TOLERANCE`` of the fastest is chosen, the faster of equally
-  accurate ones (a tie was broken by the order of the candidates: a text recognizer took static int8 at ×0.67 over
-  dynamic int8 at ×0.64, both 11.71 dB, and its guard then missed where dynamic int8 held). (The no-slowdown check
+  (worst-output SQNR) among those within ``SPEED_TOLERANCE`` of the fastest is chosen. (The no-slowdown check
   measures the chosen one again: a fresh figure, free of the bias of picking the best of several.)
 """
 
@@ -64,11 +62,10 @@ def op_set_candidates(spec: str, available: tuple[str, ...], present: set[str]) 
 
 
 def most_accurate_of_the_fastest(figures: dict[str, dict]) -> str:
-    """The label with the best ``sqnr_db`` among those whose ``ratio`` is within SPEED_TOLERANCE of the fastest;
-    of equally accurate ones, the fastest."""
+    """The label with the best ``sqnr_db`` among those whose ``ratio`` is within SPEED_TOLERANCE of the fastest."""
     fastest = min(v["ratio"] for v in figures.values())
     close = [k for k, v in figures.items() if v["ratio"] <= fastest * (1 + SPEED_TOLERANCE)]
-    return max(close, key=lambda k: (figures[k]["sqnr_db"], -figures[k]["ratio"]))
+    return max(close, key=lambda k: figures[k]["sqnr_db"])
 
 
 def choose_op_set(builds: dict[str, Callable[[], object]]) -> Generator[list[Candidate], list[Trial], str]:

@@ -124,10 +124,12 @@ class _OutputStats:
         per_sample = ref.size // ref.shape[0] if ref.ndim >= 2 and ref.shape[0] else ref.size
         self.rank, self.elements = ref.ndim, max(self.elements, per_sample)
         self.last = ref.shape[-1] if ref.ndim else 1
+        lowest = ref.min() if ref.size else 0.0
         if ref.size:
-            self.unit_interval &= bool(ref.min() >= -_EPS / 1000 and ref.max() <= 1 + _EPS / 1000)
+            self.unit_interval &= bool(lowest >= -_EPS / 1000 and ref.max() <= 1 + _EPS / 1000)
         if ref.ndim and self.last >= 2 and ref.size:
-            self.sums_to_one &= bool(np.abs(ref.sum(-1) - 1).max() <= _EPS)
+            rows_sum_to_one = bool(np.abs(ref.sum(-1) - 1).max() <= _EPS)
+            self.sums_to_one &= rows_sum_to_one
             self.unit_norm &= bool(np.abs(np.sqrt(np.square(ref).sum(-1)) - 1).max() <= _EPS)
             rows = ref.reshape(-1, self.last), test.reshape(-1, self.last)
             decided = rows[0].argmax(1), rows[1].argmax(1)
@@ -146,8 +148,7 @@ class _OutputStats:
                     else self.confusion + counts
             elif ref.ndim == 3:
                 self.tokenized |= ref.shape[1] in token_lengths
-                probabilities = bool(ref.min() >= 0 and np.abs(ref.sum(-1) - 1).max() <= _EPS)
-                self._positions(rows, decided[1], agree, judged, ref.shape[0], probabilities)
+                self._positions(rows, decided[1], agree, judged, ref.shape[0], rows_sum_to_one and lowest >= 0)
         else:
             self.sums_to_one = self.unit_norm = False
         ref_above, test_above = ref > 0.5, test > 0.5
@@ -212,12 +213,13 @@ class _OutputStats:
         both = int(np.trace(self.confusion)) - int(self.confusion[background, background])
         return both, int(self.confusion.sum()) - int(self.confusion[background, background])
 
-    def kind(self) -> str:
+    def kind(self, blank: int | None) -> str:
+        """The output's kind (module rules); ``blank``: :meth:`ctc_blank`, found once by the caller."""
         if self.sums_to_one and self.unit_interval:
             if self.rank >= 4 and self.confusion is not None:
                 return "segments" if (self.confusion.sum(1) > 0).sum() > 1 else "map"
             return "classes"
-        if self.rank == 3 and not self.unit_interval and self.ctc_blank() is not None:  # CTC logits, log-probs
+        if self.rank == 3 and not self.unit_interval and blank is not None:  # CTC logits, log-probabilities
             return "classes"
         if self.unit_interval and self.above_ref:
             return "scores"
@@ -288,8 +290,9 @@ class _OutputStats:
         if self.class_like and self.rows:
             out["top1_agreement"] = self.top1 / self.rows
             out[f"top{TOPK}_overlap"] = self.topk / self.rows
-        out["kind"] = kind = self.kind()
-        blank = self.ctc_blank() if kind == "classes" else None
+        blank = self.ctc_blank()
+        out["kind"] = kind = self.kind(blank)
+        blank = blank if kind == "classes" else None
         agreement = self.decision_agreement(kind, blank)
         if agreement is not None:
             out["decision_agreement"] = agreement

@@ -42,12 +42,11 @@ _ORT_SUFFIX = re.compile(r"(_token_\d+|/+\w*Fusion/*)+$")
 
 def run_exposing(proto: onnx.ModelProto, names: list[str], feeds: Iterable[Mapping[str, np.ndarray]],
                  intra_op_threads: int = 0) -> Iterator[list[np.ndarray]]:
-    """Run a model with the float tensors ``names`` added as outputs (``proto`` is changed); yield their
+    """Run a model with the tensors ``names`` added as outputs (``proto`` is changed; declared without a type,
+    which ONNX Runtime infers, so a value onnx's shape inference cannot type is exposed too); yield their
     values feed by feed. One feed in memory at a time."""
     existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in existing)
     with scratch.scratch_dir("expose") as tmp:
         path = save_model(proto, Path(tmp) / "exposed.onnx")
         del proto

@@ -14,7 +14,8 @@ while losing most detections), so every output is reported on its own, and outpu
   :data:`MAX_GROUPS` classes), ``scores`` (values in [0, 1] otherwise —
   probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
   0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
-  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample: argmax
+  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample, or
+  whose name says they are logits — a 2-class sentiment head's, as Hugging Face models name them: argmax
   agreement), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs of rank 0 and 1:
   scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like logits, and a few
   numbers are judged as numbers, however many samples a feed batches) and ``map`` (anything else:
@@ -116,6 +117,7 @@ class _OutputStats:
     decisions: list = field(default_factory=list)  # per sample [3, positions]: float top-1, runner-up, candidate
     margin_rows: int = 0
     tokenized: bool = False  # positions are a token input's (a tagger): never read as CTC frames
+    named_logits: bool = False  # the model names the output logits: a classifier's, however few classes
     samples: int = 0
     samples_agree: int = 0
 
@@ -225,9 +227,10 @@ class _OutputStats:
             return "scores"
         if self.unit_norm:
             return "embedding"
-        if self.elements <= FEW_VALUES:
+        classifier = self.rank == 2 and self.last >= 2
+        if self.elements <= FEW_VALUES and not (classifier and self.named_logits):
             return "values"
-        return "logits" if self.rank == 2 and self.last >= 2 else "map"
+        return "logits" if classifier else "map"
 
     def decision_agreement(self, kind: str, blank: int | None) -> float | None:
         if blank is not None:  # symbols of the decoded sequences: 1 − edits / float's symbols
@@ -429,7 +432,8 @@ class FidelityMeter:
             if np.ndim(r) == np.ndim(t) == 3 and r.shape[1] in batches and r.shape[0] not in batches:  # [T, batch, C]
                 r, t = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1)
             if name not in self.stats:
-                self.stats[name] = _OutputStats() if np.issubdtype(r.dtype, np.floating) else _IndexStats()
+                self.stats[name] = _OutputStats(named_logits="logit" in name.lower()) \
+                    if np.issubdtype(r.dtype, np.floating) else _IndexStats()
             if isinstance(self.stats[name], _OutputStats):
                 self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
             else:

@@ -12,7 +12,8 @@ Rules:
                           and, with positions, sequence agreement              ≥ 0.99
                           (CTC frames — softmax, log-probabilities or logits,
                           time-major too: symbols kept, decoded sequences equal)
-  logits                  argmax agreement, and SQNR (> 16 values per sample)  ≥ 0.99, ≥ 20 dB
+  logits                  argmax agreement, and SQNR (> 16 values per sample,  ≥ 0.99, ≥ 20 dB
+                          or an output named logits)
   scores                  IoU of the values above 0.5 (probability maps; one   ≥ 0.90
                           with none above 0.5 in float is a map)
   segments                IoU of the pixels not decided background (per-pixel  ≥ 0.90

@@ -63,6 +63,18 @@ def test_output_kinds_are_read_from_the_reference(make, kind):
     assert guard.check(meter.summary())["met"]  # the reference holds its own guard
 
 
+@pytest.mark.parametrize("name,kind", [("logits", "logits"), ("cls_Logits", "logits"), ("mos", "values")])
+def test_few_values_named_logits_are_a_classifiers(name, kind):
+    """A 3-class head's logits are judged by their argmax, as a classifier's, where the model names them logits
+    (Hugging Face's classification heads do); three unnamed numbers stay values (a quality regressor's)."""
+    ref = np.array([[4.0, -3.0, 1.5]], np.float32)
+    meter = FidelityMeter([name])
+    meter.update([ref], [ref + np.float32(0.1)])  # 29.6 dB: under the values' 35 dB, over the logits' 20 dB
+    result = guard.check(meter.summary())
+    assert result["outputs"][name]["kind"] == kind
+    assert result["met"] is (kind == "logits")
+
+
 def test_thresholds_by_kind():
     ref = _softmax(RNG.standard_normal((1, 200, 30))).astype(np.float32)
     flipped = ref.copy()

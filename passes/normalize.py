@@ -9,7 +9,9 @@ Rules, in order:
    float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`). Before anything,
    the shapes an exporter declared for the values nodes make are dropped and inferred again: they are claims,
    not facts (jax2onnx declared channels-last shapes on channels-first values, and the optimizer then padded
-   a ``SAME`` Conv for the wrong width); the main graph's inputs and outputs keep theirs.
+   a ``SAME`` Conv for the wrong width); the main graph's inputs and outputs keep theirs. ONNX Runtime's own
+   fusions (``FusedConv``, ``FusedGemm``, ``FusedMatMul`` in a model saved from an optimized session) become
+   ONNX ops again (:mod:`edgeq.passes.unfuse_runtime_ops`).
 3. Weights become constants. Where an exporter listed every initializer as a graph input too (IR 3, torch
    before 1.4, old converters), they are inputs no more: ONNX Runtime treats such a weight as one a caller may
    override, so it folds no BatchNorm into it and prepacks nothing (a CenterFace face detector: 19.0 →
@@ -52,6 +54,7 @@ from onnxscript.rewriter.rules.common import fuse_hardswish_rules
 from edgeq.errors import UserError
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.float16_to_float32 import Float16ToFloat32Pass
+from edgeq.passes.unfuse_runtime_ops import UnfuseRuntimeOpsPass
 
 MIN_OPSET = 14
 QUANTIZED_OPS = frozenset({
@@ -70,8 +73,9 @@ def quantized_ops_in(model: ir.Model) -> list[str]:
 
 class NormalizePass(ir.passes.InPlacePass):
     """Upgrade opset, compute in float32, make weights constants, fold, fuse BatchNorm [and activations], drop
-    Identity, infer shapes [and pool spatial means]. Counts of what changed: ``float16_converted`` (float16
-    tensors and ops made float32), ``weights_in_inputs`` (initializers that were graph inputs too),
+    Identity, infer shapes [and pool spatial means]. Counts of what changed: ``runtime_ops_unfused`` (ONNX
+    Runtime fusions made ONNX ops), ``float16_converted`` (float16 tensors and ops made float32),
+    ``weights_in_inputs`` (initializers that were graph inputs too),
     ``weights_folded`` (weights computed from constants), ``activations_fused`` (HardSwish/HardSigmoid nodes
     the fusions made), ``means_pooled`` (spatial ReduceMeans made GlobalAveragePool)."""
 
@@ -90,6 +94,9 @@ class NormalizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.refuse_quantized(model)
+        unfuse = UnfuseRuntimeOpsPass()
+        unfuse(model)
+        self.runtime_ops_unfused = sum(unfuse.unfused.values())
         _infer_declared_shapes_again(model)
         if default_opset(model) < MIN_OPSET:
             ConvertOpsetPass(MIN_OPSET)(model)

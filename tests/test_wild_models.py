@@ -242,6 +242,35 @@ def test_values_after_onnxruntime_contrib_ops_are_typed_and_quantized(tmp_path):
     _close_to_original(proto, out, feeds)
 
 
+def test_onnxruntime_fusions_saved_in_a_model_become_onnx_ops_and_are_quantized(tmp_path):
+    """A model saved from an optimized ONNX Runtime session holds FusedConv / FusedGemm / FusedMatMul, which edgeq
+    does not quantize: a CNN saved so was delivered float. They become ONNX ops again."""
+    ms = "com.microsoft"
+    nodes = [helper.make_node("FusedConv", ["x", "w1", "b1"], ["c1"], domain=ms, activation="Relu",
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("FusedConv", ["c1", "w2", "b2", "c1"], ["c2"], domain=ms, activation="Clip",
+                              activation_params=[0.0, 6.0], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("FusedGemm", ["f", "w3", "b3"], ["g"], domain=ms, transB=1, activation="LeakyRelu",
+                              activation_alpha=0.1, name="fc1"),
+             helper.make_node("FusedMatMul", ["g", "w4"], ["y"], domain=ms, transB=1, alpha=0.5, name="fc2")]
+    inits = [_w("w1", (8, 3, 3, 3)), _w("b1", (8,), 0.1), _w("w2", (8, 8, 3, 3)), _w("b2", (8,), 0.1),
+             _w("w3", (16, 8)), _w("b3", (16,), 0.1), _w("w4", (4, 16))]
+    graph = helper.make_graph(nodes, "saved", [helper.make_tensor_value_info("x", F, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", F, [1, 4])], inits)
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                    helper.make_opsetid(ms, 1)])
+    feeds = _feeds(tmp_path / "feeds", 16, lambda rng, i: {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds, "--no-guard")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    decisions = manifest["quantization"]["decisions"]
+    assert all(decisions[name]["quantized"] for name in ("conv1", "conv2", "fc1", "fc2")), decisions
+    assert manifest["normalize"]["runtime_ops_unfused"] == 4
+    _close_to_original(proto, out, feeds)
+
+
 def test_a_declared_output_shape_the_outputs_contradict_is_not_trusted(tmp_path):
     """A torch 1.9 CTC recognizer declared its [T, 1, classes] output as [1, seqlen]: ONNX Runtime never checks
     it, but the optimizer folded the last Reshape's target from it ([1, -1]: another shape)."""

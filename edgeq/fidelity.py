@@ -15,8 +15,9 @@ while losing most detections), so every output is reported on its own, and outpu
   probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
   0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
   unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample, or
-  whose name says they are logits — a 2-class sentiment head's, as Hugging Face models name them: argmax
-  agreement), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs of rank 0 and 1:
+  whose name says they are logits — a 2-class sentiment head's, as Hugging Face models name them — and
+  [batch, positions, C] outputs so named — a language model's next-token logits, a tagger's: argmax agreement
+  over positions, padded ones not judged), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs of rank 0 and 1:
   scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like logits, and a few
   numbers are judged as numbers, however many samples a feed batches) and ``map`` (anything else:
   spectrograms, box maps);
@@ -227,7 +228,7 @@ class _OutputStats:
             return "scores"
         if self.unit_norm:
             return "embedding"
-        classifier = self.rank == 2 and self.last >= 2
+        classifier = self.last >= 2 and (self.rank == 2 or self.rank == 3 and self.named_logits)
         if self.elements <= FEW_VALUES and not (classifier and self.named_logits):
             return "values"
         return "logits" if classifier else "map"

@@ -13,7 +13,8 @@ Rules:
                           (CTC frames — softmax, log-probabilities or logits,
                           time-major too: symbols kept, decoded sequences equal)
   logits                  argmax agreement, and SQNR (> 16 values per sample,  ≥ 0.99, ≥ 20 dB
-                          or an output named logits)
+                          or an output named logits; per position for
+                          [batch, positions, C] logits so named)
   scores                  IoU of the values above 0.5 (probability maps; one   ≥ 0.90
                           with none above 0.5 in float is a map)
   segments                IoU of the pixels not decided background (per-pixel  ≥ 0.90

@@ -9,9 +9,9 @@ Rules, in order:
    float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`). Before anything,
    the shapes an exporter declared for the values nodes make are dropped and inferred again: they are claims,
    not facts (jax2onnx declared channels-last shapes on channels-first values, and the optimizer then padded
-   a ``SAME`` Conv for the wrong width); the main graph's inputs and outputs keep theirs. ONNX Runtime's own
-   fusions (``FusedConv``, ``FusedGemm``, ``FusedMatMul`` in a model saved from an optimized session) become
-   ONNX ops again (:mod:`edgeq.passes.unfuse_runtime_ops`).
+   a ``SAME`` Conv for the wrong width); the main graph's inputs and outputs keep theirs. After the conversion,
+   ONNX Runtime's own fusions (``FusedConv``, ``FusedGemm``, ``FusedMatMul`` in a model saved from an optimized
+   session) become ONNX ops again (:mod:`edgeq.passes.unfuse_runtime_ops`).
 3. Weights become constants. Where an exporter listed every initializer as a graph input too (IR 3, torch
    before 1.4, old converters), they are inputs no more: ONNX Runtime treats such a weight as one a caller may
    override, so it folds no BatchNorm into it and prepacks nothing (a CenterFace face detector: 19.0 →
@@ -94,12 +94,12 @@ class NormalizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.refuse_quantized(model)
-        unfuse = UnfuseRuntimeOpsPass()
-        unfuse(model)
-        self.runtime_ops_unfused = sum(unfuse.unfused.values())
         _infer_declared_shapes_again(model)
         if default_opset(model) < MIN_OPSET:
             ConvertOpsetPass(MIN_OPSET)(model)
+        unfuse = UnfuseRuntimeOpsPass()  # after the conversion: it writes opset-14 forms (Clip's bounds as inputs)
+        unfuse(model)
+        self.runtime_ops_unfused = sum(unfuse.unfused.values())
         full = Float16ToFloat32Pass()
         full(model)
         self.float16_converted = full.converted

@@ -242,9 +242,11 @@ def test_values_after_onnxruntime_contrib_ops_are_typed_and_quantized(tmp_path):
     _close_to_original(proto, out, feeds)
 
 
-def test_onnxruntime_fusions_saved_in_a_model_become_onnx_ops_and_are_quantized(tmp_path):
+@pytest.mark.parametrize("opset", [9, 17])
+def test_onnxruntime_fusions_saved_in_a_model_become_onnx_ops_and_are_quantized(tmp_path, opset):
     """A model saved from an optimized ONNX Runtime session holds FusedConv / FusedGemm / FusedMatMul, which edgeq
-    does not quantize: a CNN saved so was delivered float. They become ONNX ops again."""
+    does not quantize: a CNN saved so was delivered float. They become ONNX ops again (in an old opset too:
+    ONNX Runtime keeps the model's)."""
     ms = "com.microsoft"
     nodes = [helper.make_node("FusedConv", ["x", "w1", "b1"], ["c1"], domain=ms, activation="Relu",
                               kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv1"),
@@ -259,7 +261,7 @@ def test_onnxruntime_fusions_saved_in_a_model_become_onnx_ops_and_are_quantized(
              _w("w3", (16, 8)), _w("b3", (16,), 0.1), _w("w4", (4, 16))]
     graph = helper.make_graph(nodes, "saved", [helper.make_tensor_value_info("x", F, [1, 3, 16, 16])],
                               [helper.make_tensor_value_info("y", F, [1, 4])], inits)
-    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", opset),
                                                                     helper.make_opsetid(ms, 1)])
     feeds = _feeds(tmp_path / "feeds", 16, lambda rng, i: {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)})
     result, out = _compile(tmp_path, proto, feeds, "--no-guard")

@@ -14,13 +14,13 @@ while losing most detections), so every output is reported on its own, and outpu
   :data:`MAX_GROUPS` classes), ``scores`` (values in [0, 1] otherwise —
   probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
   0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
-  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample, or
-  whose name says they are logits — a 2-class sentiment head's, as Hugging Face models name them — and
-  [batch, positions, C] outputs so named — a language model's next-token logits, a tagger's: argmax agreement
-  over positions, padded ones not judged), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs of rank 0 and 1:
-  scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like logits, and a few
-  numbers are judged as numbers, however many samples a feed batches) and ``map`` (anything else:
-  spectrograms, box maps);
+  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample, or whose
+  name says they are logits — a 2-class sentiment head's, as Hugging Face models name them — and [batch,
+  positions, C] outputs so named — a language model's next-token logits, a tagger's: argmax agreement over
+  positions, padded ones not judged), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs
+  of rank 0 and 1: scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like
+  logits, and a few numbers are judged as numbers, however many samples a feed batches) and ``map`` (anything
+  else: spectrograms, box maps);
 - for ``classes`` outputs with positions ([batch, positions, classes]: a decoder's tokens, a tagger's labels) and
   a single position axis the **sequence agreement**: the share of samples whose decisions agree at every
   position. A few held-out samples rarely show the one flip that changes a sequence, so the figure is the lower

@@ -227,7 +227,9 @@ def type_from_onnxruntime(model: ir.Model, feed: dict) -> int:
     ONNX Runtime computes for them on ``feed``, and shape inference then types what follows them. onnx has no
     schema for another domain's ops — the com.microsoft ops ONNX Runtime's transformer optimizer writes
     (SkipLayerNormalization, BiasGelu, FastGelu) — so every value after the first such node was untyped, and
-    untyped values are neither calibrated nor quantized (a BERT: 5 of 16 MatMuls). Returns how many."""
+    untyped values are neither calibrated nor quantized (a BERT: 5 of 16 MatMuls). Returns how many.
+    (ONNX Runtime's symbolic shape inference, a tool script, knows the contrib ops it lists; a run types
+    whatever the runtime itself runs, with the runtime's own answer, and only models that need it pay for it.)"""
     untyped = [value for node in model.graph for value in node.outputs if value.name and value.type is None]
     if not untyped:
         return 0

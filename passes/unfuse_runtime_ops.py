@@ -54,23 +54,27 @@ class UnfuseRuntimeOpsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.unfused))
 
 
-def _attributes(node: ir.Node) -> dict:
-    return {name: attr.value for name, attr in node.attributes.items()}
+def _constant(node: ir.Node, suffix: str, array: np.ndarray) -> ir.Value:
+    """A constant of ``node``'s graph, named after the node."""
+    value = ir.Value(name=f"{node.name}_{suffix}", const_value=ir.tensor(array))
+    node.graph.register_initializer(value)
+    return value
 
 
-def _activation(node: ir.Node, x: ir.Value, params: list[float]) -> list[ir.Node] | None:
+def _activation(node: ir.Node, x: ir.Value) -> list[ir.Node] | None:
     """The nodes computing the fused activation of ``x`` (an empty list: none), or None if it is not one of
-    the rules' activations."""
-    name = _attributes(node).get("activation")
+    the rules' activations. Its parameters are FusedConv's ``activation_params`` or FusedGemm's
+    ``activation_alpha`` / ``_beta``."""
+    name = node.attributes.get_string("activation")
     if name is None:
         return []
+    attributes = node.attributes
+    params = list(attributes.get_floats("activation_params", [])) or [
+        attributes.get_float(key) for key in ("activation_alpha", "activation_beta") if key in attributes]
     if name not in _ACTIVATIONS or len(params) < len(_ACTIVATIONS[name]):
         return None
     if name == "Clip":  # its bounds are inputs since opset 11
-        bounds = [ir.Value(name=f"{node.name}_{bound}", const_value=ir.tensor(np.array(value, np.float32)))
-                  for bound, value in zip(("min", "max"), params)]
-        for bound in bounds:
-            node.graph.register_initializer(bound)
+        bounds = [_constant(node, bound, np.array(value, np.float32)) for bound, value in zip(("min", "max"), params)]
         return [ir.Node("", "Clip", [x, *bounds], num_outputs=1)]
     attributes = [ir.AttrFloat32(key, float(value)) for key, value in zip(_ACTIVATIONS[name], params)]
     return [ir.Node("", name, [x], attributes=attributes, num_outputs=1)]
@@ -85,47 +89,41 @@ def _kept(node: ir.Node, allowed: set[str]) -> list[ir.Attr] | None:
 
 def _conv(node: ir.Node) -> list[ir.Node] | None:
     kept = _kept(node, _CONV_ATTRIBUTES)
-    activation_params = list(_attributes(node).get("activation_params", []))
-    inputs = list(node.inputs)
     if kept is None:
         return None
-    conv = ir.Node("", "Conv", inputs[:3], attributes=kept, num_outputs=1)
-    made = [conv]
-    if len(inputs) > 3 and inputs[3] is not None:
-        made.append(ir.Node("", "Add", [conv.outputs[0], inputs[3]], num_outputs=1))
-    activation = _activation(node, made[-1].outputs[0], activation_params)
+    x, weight, bias, addend = (list(node.inputs) + [None] * 4)[:4]
+    made = [ir.Node("", "Conv", [x, weight, bias] if bias is not None else [x, weight], attributes=kept,
+                    num_outputs=1)]
+    if addend is not None:
+        made.append(ir.Node("", "Add", [made[0].outputs[0], addend], num_outputs=1))
+    activation = _activation(node, made[-1].outputs[0])
     return None if activation is None else made + activation
 
 
 def _gemm(node: ir.Node) -> list[ir.Node] | None:
     kept = _kept(node, _GEMM_ATTRIBUTES)
-    attributes = _attributes(node)
-    params = [attributes[key] for key in ("activation_alpha", "activation_beta") if key in attributes]
     if kept is None:
         return None
     gemm = ir.Node("", "Gemm", list(node.inputs), attributes=kept, num_outputs=1)
-    activation = _activation(node, gemm.outputs[0], params)
+    activation = _activation(node, gemm.outputs[0])
     return None if activation is None else [gemm, *activation]
 
 
 def _matmul(node: ir.Node) -> list[ir.Node] | None:
-    attributes = _attributes(node)
+    attributes = node.attributes
     if set(attributes) - {"alpha", "transA", "transB", "transBatchA", "transBatchB"} \
-            or attributes.get("transA", 0) or attributes.get("transBatchA", 0) or attributes.get("transBatchB", 0):
+            or any(attributes.get_int(key, 0) for key in ("transA", "transBatchA", "transBatchB")):
         return None
     a, b = node.inputs
-    if attributes.get("transB", 0):
+    if attributes.get_int("transB", 0):
         if b is None or b.const_value is None:
             return None
-        weight = b.const_value.numpy()
-        b = ir.Value(name=f"{node.name}_B_transposed", const_value=ir.tensor(np.swapaxes(weight, -1, -2).copy()))
-        node.graph.register_initializer(b)
+        b = _constant(node, "B_transposed", np.swapaxes(b.const_value.numpy(), -1, -2).copy())
     made = [ir.Node("", "MatMul", [a, b], num_outputs=1)]
-    alpha = float(attributes.get("alpha", 1.0))
+    alpha = attributes.get_float("alpha", 1.0)
     if alpha != 1.0:
-        scale = ir.Value(name=f"{node.name}_alpha", const_value=ir.tensor(np.array(alpha, np.float32)))
-        node.graph.register_initializer(scale)
-        made.append(ir.Node("", "Mul", [made[0].outputs[0], scale], num_outputs=1))
+        made.append(ir.Node("", "Mul", [made[0].outputs[0], _constant(node, "alpha", np.array(alpha, np.float32))],
+                            num_outputs=1))
     return made
 
 

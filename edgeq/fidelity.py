@@ -46,6 +46,11 @@ while losing most detections), so every output is reported on its own, and outpu
   ``classes`` (margins are differences of logits, which are differences of log-probabilities); a rank-3 output
   whose second axis is a feed's batch and whose first is not is time-major ([frames, batch, C], torch's CTC
   layout) and is read with the two swapped;
+- ``detections``: an output whose length depends on values (:func:`variable_length_outputs`: a detector's boxes,
+  scores and labels after its non-maximum suppression, a heat map's peaks) is an unordered set of items — rows
+  of its last axis, single elements at rank ≤ 1 — whose number and order may differ between the two models; its
+  decision agreement is the F1 of the items matched one to one (:func:`matched_items`), summed over feeds. A
+  single whole number per feed is a count (of detections): that many items, the fewer of the two matched;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -63,8 +68,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from edgeq.errors import UserError, first_line
+from edgeq.model_io import all_nodes, node_reads, subgraphs
 from edgeq.user_code import load_callable
 
 MAX_GROUPS = 4096
@@ -74,6 +81,9 @@ _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to 
 MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
 _TINY = 1e-30  # probabilities are floored here before their log
 CONFIDENCE_Z = 1.2816  # the expected sequence agreement is the lower bound of a one-sided 90% interval
+VARIABLE_LENGTH_OPS = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique"})
+MATCH_IOU = 0.5  # a candidate's box matches a float box it overlaps this much (detection benchmarks' IoU 0.5)
+MATCH_TOLERANCE = 0.05  # other float values match within this share of their column's largest float magnitude
 
 
 def _db(signal: float, noise: float) -> float:
@@ -381,6 +391,114 @@ class _IndexStats:
         return {"kind": "indices", "decision_agreement": self.agree / self.total if self.total else 1.0}
 
 
+def variable_length_outputs(path) -> frozenset[str]:
+    """The model's outputs whose length depends on values: those computed from an op whose output's length does
+    (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), however indirectly."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tainted: set[str] = set()
+    for node in graph.node:
+        if node.op_type in VARIABLE_LENGTH_OPS or not tainted.isdisjoint(node_reads(node)) or any(
+                inner.op_type in VARIABLE_LENGTH_OPS for sub in subgraphs(node) for inner in all_nodes(sub)):
+            tainted.update(name for name in node.output if name)
+    return frozenset(output.name for output in graph.output if output.name in tainted)
+
+
+def _box_columns(items: np.ndarray) -> int | None:
+    """Where float's items hold a corner-format box (x1, y1, x2, y2: x2 ≥ x1 and y2 ≥ y1 in every item, some box
+    not empty): the first of four adjacent columns, of all such the four most alike in magnitude (coordinates
+    share a unit; a class id and a score before a box would pass the order test too). None where none."""
+    best, spread = None, np.inf
+    for k in range(items.shape[1] - 3):
+        x1, y1, x2, y2 = items[:, k:k + 4].T
+        if not ((x2 >= x1).all() and (y2 >= y1).all() and ((x2 > x1) & (y2 > y1)).any()):
+            continue
+        magnitude = np.abs(items[:, k:k + 4]).mean(0)
+        ratio = magnitude.max() / magnitude.min() if magnitude.min() > 0 else np.inf
+        if best is None or ratio < spread:
+            best, spread = k, ratio
+    return best
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    wide = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    high = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    overlap = wide * high
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union - overlap > 0, overlap / (union - overlap), 0.0)
+
+
+def matched_items(ref: np.ndarray, test: np.ndarray, exact: bool) -> int:
+    """How many of ``test``'s items (rows) pair one to one with ``ref``'s, taken in ``ref``'s order (a
+    detector's, by score): an equal item first; else, where float's items hold a box (:func:`_box_columns`),
+    the one overlapping it most, by IoU ≥ :data:`MATCH_IOU`, else the nearest with every value within
+    :data:`MATCH_TOLERANCE` of its column's largest float magnitude — and in both cases with the same class (a
+    column of whole numbers, some ≥ 2, outside the box). ``exact`` (integer items: indices, labels): equal only."""
+    if not len(ref) or not len(test):
+        return 0
+    box = None if exact else _box_columns(ref)
+    coordinates = np.zeros(ref.shape[1], bool)
+    if box is not None:
+        coordinates[box:box + 4] = True
+    classes = ~coordinates & (ref == np.round(ref)).all(0) & (np.abs(ref) >= 2).any(0)
+    tolerance = MATCH_TOLERANCE * np.abs(ref).max(0)
+    free = np.ones(len(test), bool)
+    for item in ref:
+        chosen = np.flatnonzero(free & (test == item).all(1))[:1]
+        if not chosen.size and not exact:
+            fits = free & (test[:, classes] == item[classes]).all(1)
+            if box is not None:
+                closeness = _iou(item[box:box + 4], test[:, box:box + 4])
+                fits &= closeness >= MATCH_IOU
+            else:
+                distance = np.abs(test - item)
+                closeness = -distance.max(1)
+                fits &= (distance <= tolerance).all(1)
+            chosen = np.flatnonzero(fits)
+            chosen = chosen[[np.argmax(closeness[chosen])]] if chosen.size else chosen
+        free[chosen] = False
+    return int((~free).sum())
+
+
+@dataclass
+class _SetStats:
+    """An output whose length depends on values: items matched between the two models (module rules)."""
+
+    matched: int = 0
+    items_ref: int = 0
+    items_test: int = 0
+    nonfinite: int = 0
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if ref.size == test.size == 1 and all(_whole(a) for a in (ref, test)):  # a count of detections
+            counts = int(round(abs(float(ref.flat[0])))), int(round(abs(float(test.flat[0]))))
+            self.items_ref, self.items_test = self.items_ref + counts[0], self.items_test + counts[1]
+            self.matched += min(counts)
+            return
+        width = ref.shape[-1] if ref.ndim >= 2 else 1
+        self.items_ref += ref.size // width if width else 0
+        if test.ndim != ref.ndim or (test.shape[-1] if test.ndim >= 2 else 1) != width or not width:  # another form
+            self.items_test += 1
+            return
+        items = [np.asarray(a, np.float64).reshape(-1, width) for a in (ref, test)]
+        self.items_test += len(items[1])
+        if np.isfinite(items[0]).all():
+            self.nonfinite += int((~np.isfinite(items[1])).any(1).sum())
+        self.matched += matched_items(items[0], items[1], not np.issubdtype(ref.dtype, np.floating))
+
+    def summary(self) -> dict:
+        total = self.items_ref + self.items_test
+        out = {"kind": "detections", "decision_agreement": 2 * self.matched / total if total else 1.0,
+               "items_float": self.items_ref, "items_candidate": self.items_test}
+        if self.nonfinite:
+            out |= {"nonfinite": self.nonfinite, "decision_agreement": 0.0}
+        return out
+
+
+def _whole(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all() and (values == np.round(values)).all())
+
+
 MetricFn = Callable[[list[dict[str, np.ndarray]], list], float]
 
 
@@ -414,8 +532,9 @@ def padding_of(inputs) -> np.ndarray | None:
 class FidelityMeter:
     """Feed it (reference outputs, candidate outputs) per feed; ask for the summary at the end."""
 
-    def __init__(self, output_names: list[str], keep_for_metric: bool = False):
+    def __init__(self, output_names: list[str], keep_for_metric: bool = False, sets: frozenset[str] = frozenset()):
         self.names = output_names
+        self.sets = sets  # outputs whose length depends on values (:func:`variable_length_outputs`)
         self.stats: dict = {}
         self.keep = keep_for_metric
         self.ref_outputs: list[dict] = []
@@ -433,8 +552,8 @@ class FidelityMeter:
             if np.ndim(r) == np.ndim(t) == 3 and r.shape[1] in batches and r.shape[0] not in batches:  # [T, batch, C]
                 r, t = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1)
             if name not in self.stats:
-                self.stats[name] = _OutputStats(named_logits="logit" in name.lower()) \
-                    if np.issubdtype(r.dtype, np.floating) else _IndexStats()
+                self.stats[name] = _SetStats() if name in self.sets else _OutputStats(
+                    named_logits="logit" in name.lower()) if np.issubdtype(r.dtype, np.floating) else _IndexStats()
             if isinstance(self.stats[name], _OutputStats):
                 self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
             else:
@@ -446,7 +565,7 @@ class FidelityMeter:
 
     def summary(self, metric: MetricFn | None = None) -> dict:
         outputs = {n: s.summary() for n, s in self.stats.items()
-                   if isinstance(s, _IndexStats) or s.ref_sq or s.err_sq or s.nonfinite}
+                   if not isinstance(s, _OutputStats) or s.ref_sq or s.err_sq or s.nonfinite}
         result = {"feeds": self.count, "outputs": outputs,
                   "nonfinite_outputs": sorted(n for n, o in outputs.items() if o.get("nonfinite"))}
         if metric is not None:
@@ -496,14 +615,15 @@ def accuracy_drop(summary: dict) -> float:
 
 
 def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int | None = None,
-                   reference: list[list[np.ndarray]] | None = None) -> dict:
+                   reference: list[list[np.ndarray]] | None = None, sets: frozenset[str] | None = None) -> dict:
     """Run two model files in ``runtime`` on the same feeds (the first ``limit`` of them, if given) and
     summarize how far the second's outputs are from the first's (``reference``: the first's outputs per feed,
-    already computed: it is not run again)."""
+    already computed: it is not run again; ``sets``: the first's :func:`variable_length_outputs`, if known)."""
     test = runtime.session(test_path)
     ref = runtime.session(ref_path) if reference is None else None
     names = ref.output_names if ref is not None else test.output_names
-    meter = FidelityMeter(names, keep_for_metric=metric is not None)
+    sets = variable_length_outputs(ref_path) if sets is None else sets
+    meter = FidelityMeter(names, keep_for_metric=metric is not None, sets=sets)
     for index, feed in enumerate(feeds):
         if index == limit:
             break

@@ -22,6 +22,9 @@ Rules:
   embedding               cosine                                               ≥ 0.99
   values                  SQNR (≤ 16 values per sample: scores, regressions)   ≥ 35 dB
   map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB
+  detections              F1 of the items matched one to one (outputs whose    ≥ 0.98
+                          length depends on values: boxes after NMS by IoU
+                          ≥ 0.5 and class, peaks; a count by its number)
   ======================  ===================================================  ==========================
 
   The thresholds sit between what real models kept and lost at their task (edgeq's real-model corpus): a
@@ -53,6 +56,7 @@ THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "embedding": (("cosine", 0.99),),
     "values": (("sqnr_db", 35.0),),
     "map": (("sqnr_db", 18.0),),
+    "detections": (("decision_agreement", 0.98),),
 }
 
 

@@ -83,7 +83,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
 def all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from all_nodes(sub)
 
 
@@ -143,7 +143,7 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
     return f"node '{node.name}' ({node.op_type})" if node.name else f"node #{index} ({node.op_type})"
 
 
-def _subgraphs(node: onnx.NodeProto):
+def subgraphs(node: onnx.NodeProto):
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
@@ -151,10 +151,10 @@ def _subgraphs(node: onnx.NodeProto):
             yield from attr.graphs
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
+def node_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node reads: its inputs, and what its subgraphs read from outside themselves."""
     names = {n for n in node.input if n}
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         names |= _free_names(sub)
     return names
 
@@ -162,7 +162,7 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 def _free_names(graph: onnx.GraphProto) -> set[str]:
     made = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {
         o for n in graph.node for o in n.output if o}
-    used = set().union(*(_reads(n) for n in graph.node)) if graph.node else set()
+    used = set().union(*(node_reads(n) for n in graph.node)) if graph.node else set()
     used |= {o.name for o in graph.output}
     return used - made
 
@@ -181,11 +181,11 @@ def _check_graph(graph: onnx.GraphProto, outer: set[str], where: str) -> None:
             maker[name] = index
     known = defined | set(maker) | outer
     for index, node in enumerate(graph.node):
-        for name in _reads(node):
+        for name in node_reads(node):
             if name not in known:
                 raise UserError(f"{_node_label(node, index)} in {where} reads '{name}', which no node, input or "
                                 "initializer provides", fix)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _check_graph(sub, known, f"a subgraph of {_node_label(node, index)}")
     for output in graph.output:
         if output.name not in known:
@@ -198,7 +198,7 @@ def _check_acyclic(graph: onnx.GraphProto, maker: dict[str, int], known: set[str
     users: dict[int, list[int]] = {}
     waiting = []
     for index, node in enumerate(graph.node):
-        producers = {maker[name] for name in _reads(node) if name in maker}
+        producers = {maker[name] for name in node_reads(node) if name in maker}
         waiting.append(len(producers))
         for producer in producers:
             users.setdefault(producer, []).append(index)

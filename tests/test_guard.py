@@ -492,3 +492,129 @@ def test_many_groups_are_ranked_and_the_bisection_still_holds_the_guard(tmp_path
         assert len(report["sensitivity_proxy_groups"]) == 20 - 3  # three measured scale the rest
     assert "mm0" in report["float_groups"] and manifest["fidelity"]["guard"]["met"]
     assert manifest["delivered"]["precision"] == "int8"
+
+
+def _detections(count: int) -> np.ndarray:
+    """[count, 6] detections as a detector with NMS in its graph outputs them (PaddleDetection's layout): class,
+    score (descending), x1, y1, x2, y2 in pixels."""
+    corner = RNG.uniform(0, 500, (count, 2))
+    return np.concatenate([RNG.integers(0, 10, (count, 1)), np.sort(RNG.uniform(0.5, 1, (count, 1)), 0)[::-1],
+                           corner, corner + RNG.uniform(40, 100, (count, 2))], 1).astype(np.float32)
+
+
+def test_detections_are_matched_one_to_one_whatever_their_number_and_order():
+    """After a detector's NMS, int8 moved every box a pixel, swapped two of close score and lost the last: 49 of
+    50 boxes kept (F1 98/99 ≥ 0.98), the count [1] agreeing as much — where elementwise figures would see
+    another shape, a broken model. A box whose class changed, and one moved off its object (IoU < 0.5), are two
+    more boxes lost (94/99)."""
+    ref = _detections(50)
+    test = ref[:-1] + np.array([0, 0.01, 1, -1, 1, 1], np.float32)
+    test[[3, 4]] = test[[4, 3]]
+    sets = frozenset({"dets", "num"})
+    meter = FidelityMeter(["dets", "num"], sets=sets)
+    meter.update([ref, np.array([50], np.int32)], [test, np.array([49], np.int32)])
+    outputs = meter.summary()["outputs"]
+    assert outputs["dets"] == {"kind": "detections", "decision_agreement": pytest.approx(98 / 99),
+                               "items_float": 50, "items_candidate": 49}
+    assert outputs["num"]["decision_agreement"] == pytest.approx(98 / 99)
+    assert guard.check(meter.summary())["met"]
+    test[0, 0] = (test[0, 0] + 1) % 10
+    test[1, 2:] += 200
+    meter = FidelityMeter(["dets"], sets=sets)
+    meter.update([ref], [test])
+    assert meter.summary()["outputs"]["dets"]["decision_agreement"] == pytest.approx(94 / 99)
+    assert not guard.check(meter.summary())["met"]
+
+
+def test_integer_items_match_only_where_equal_and_values_within_tolerance():
+    """A heat map's peaks ([N, 2] indices, exact) and their values ([N], within 5% of the largest)."""
+    peaks = np.array([[1, 2], [3, 4], [5, 6]], np.int64)
+    values = np.array([4.1, 2.2, 1.3], np.float32)
+    meter = FidelityMeter(["peaks", "values"], sets=frozenset({"peaks", "values"}))
+    meter.update([peaks, values], [np.array([[5, 6], [1, 2], [3, 5]]), np.array([1.4, 4.2, 2.7], np.float32)])
+    outputs = meter.summary()["outputs"]
+    assert outputs["peaks"]["decision_agreement"] == pytest.approx(2 / 3)  # [3, 5] is not [3, 4]
+    assert outputs["values"]["decision_agreement"] == pytest.approx(2 / 3)  # 2.7 is 0.5 from 2.2: over 0.205
+
+
+def _nms_detector(tmp_path, opset: int = 17):
+    """images [1, 3, 32, 32] → Conv → boxes [1, 64, 4] (corner format) and sigmoid scores [1, 2, 64] → NMS →
+    dets [N, 6] (class, score, box) and num [1]; beside them a plain feature output whose length is fixed."""
+    w_box = RNG.standard_normal((4, 3, 4, 4)).astype(np.float32) * 0.5
+    w_score = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    anchors = np.stack(np.meshgrid(np.arange(8), np.arange(8)), -1).reshape(1, 64, 2).astype(np.float32) * 4
+    inits = [numpy_helper.from_array(w_box, "w_box"), numpy_helper.from_array(w_score, "w_score"),
+             numpy_helper.from_array(anchors, "anchors"),
+             numpy_helper.from_array(np.array([20], np.int64), "max_out"),
+             numpy_helper.from_array(np.array([0.3], np.float32), "iou"),
+             numpy_helper.from_array(np.array([0.6], np.float32), "threshold"),
+             numpy_helper.from_array(np.array([1, 4, 64], np.int64), "box_shape"),
+             numpy_helper.from_array(np.array([1, 2, 64], np.int64), "score_shape")]
+    inits += [numpy_helper.from_array(np.array([i], np.int64), f"i{i}") for i in range(3)]
+    nodes = [helper.make_node("Conv", ["images", "w_box"], ["box_map"], strides=[4, 4], name="box_conv"),
+             helper.make_node("Reshape", ["box_map", "box_shape"], ["offsets_t"]),
+             helper.make_node("Transpose", ["offsets_t"], ["offsets"], perm=[0, 2, 1]),
+             helper.make_node("Exp", ["offsets"], ["sizes"]),
+             helper.make_node("Concat", ["anchors", "anchors"], ["corners"], axis=2),
+             helper.make_node("Mul", ["sizes", "sign"], ["signed"]),
+             helper.make_node("Add", ["corners", "signed"], ["boxes"]),
+             helper.make_node("Conv", ["images", "w_score"], ["score_map"], strides=[4, 4], name="score_conv"),
+             helper.make_node("Reshape", ["score_map", "score_shape"], ["score_logits"]),
+             helper.make_node("Sigmoid", ["score_logits"], ["scores"]),
+             helper.make_node("NonMaxSuppression", ["boxes", "scores", "max_out", "iou", "threshold"], ["selected"]),
+             helper.make_node("Gather", ["selected", "i1"], ["class_i"], axis=1),
+             helper.make_node("Cast", ["class_i"], ["class_f"], to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["selected", "i2"], ["index_2d"], axis=1),
+             helper.make_node("Squeeze", ["index_2d", "i1"], ["index"]),
+             helper.make_node("Squeeze", ["boxes", "i0"], ["boxes_0"]),
+             helper.make_node("Gather", ["boxes_0", "index"], ["kept"], axis=0),
+             helper.make_node("GatherND", ["scores", "selected"], ["kept_score"]),
+             helper.make_node("Unsqueeze", ["kept_score", "i1"], ["kept_score_1"]),
+             helper.make_node("Concat", ["class_f", "kept_score_1", "kept"], ["dets"], axis=1),
+             helper.make_node("Shape", ["selected"], ["selected_shape"]),
+             helper.make_node("Slice", ["selected_shape", "i0", "i1"], ["num"]),
+             helper.make_node("GlobalAveragePool", ["box_map"], ["feature"])]
+    inits.append(numpy_helper.from_array(np.array([-1, -1, 1, 1], np.float32) * 3, "sign"))
+    outputs = [helper.make_tensor_value_info("dets", TensorProto.FLOAT, ["N", 6]),
+               helper.make_tensor_value_info("num", TensorProto.INT64, [1]),
+               helper.make_tensor_value_info("feature", TensorProto.FLOAT, [1, 4, 1, 1])]
+    model = make_model(nodes, [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+                       outputs, inits, opset=opset)
+    onnx.save(model, tmp_path / "det.onnx")
+    return tmp_path / "det.onnx"
+
+
+def test_outputs_whose_length_depends_on_values_are_found_in_the_graph(tmp_path):
+    from edgeq.fidelity import variable_length_outputs
+    assert variable_length_outputs(_nms_detector(tmp_path)) == {"dets", "num"}
+    branch = helper.make_graph([helper.make_node("NonZero", ["x"], ["where"])], "b", [],
+                               [helper.make_tensor_value_info("where", TensorProto.INT64, [1, None])])
+    model = make_model([helper.make_node("If", ["c"], ["found"], then_branch=branch, else_branch=branch),
+                        helper.make_node("Relu", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                       [helper.make_tensor_value_info("found", TensorProto.INT64, [1, None]),
+                        helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    onnx.save(model, tmp_path / "if.onnx")
+    assert variable_length_outputs(tmp_path / "if.onnx") == {"found"}
+
+
+def test_a_detector_with_nms_in_its_graph_compiles_judged_by_its_detections(tmp_path):
+    """Uniform int8 changes how many boxes survive the NMS on some image: judged elementwise, every such
+    candidate had another shape — a broken model — and float was delivered whatever the rest."""
+    model = _nms_detector(tmp_path)
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(16):
+        np.savez(feeds / f"{i:02d}.npz", images=RNG.standard_normal((1, 3, 32, 32)).astype(np.float32))
+    result = CliRunner().invoke(main, ["compile", str(model), "-t", HOST_X86, "--calib", str(feeds),
+                                       "--no-measure", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    outputs = manifest["fidelity"]["outputs"]
+    assert outputs["dets"]["kind"] == outputs["num"]["kind"] == "detections"
+    assert outputs["dets"]["items_float"] == outputs["num"]["items_float"] > 16
+    assert outputs["feature"]["kind"] != "detections"
+    uniform = manifest["guard"]["uniform_int8"]["outputs"]["dets"]["checks"][0]
+    assert uniform["figure"] == "decision_agreement" and uniform["value"] > 0.5
+    assert "detections" in result.output

@@ -48,9 +48,11 @@ while losing most detections), so every output is reported on its own, and outpu
   layout) and is read with the two swapped;
 - ``detections``: an output whose length depends on values (:func:`variable_length_outputs`: a detector's boxes,
   scores and labels after its non-maximum suppression, a heat map's peaks) is an unordered set of items — rows
-  of its last axis, single elements at rank ≤ 1 — whose number and order may differ between the two models; its
-  decision agreement is the F1 of the items matched one to one (:func:`matched_items`), summed over feeds. A
-  single whole number per feed is a count (of detections): that many items, the fewer of the two matched;
+  of its last axis, single elements at rank ≤ 1 (leading axes of size 1 on every feed, a batch, not counted) —
+  whose number and order may differ between the two models; its
+  decision agreement is the F1 of the items matched one to one (:func:`matched_items`), summed over feeds;
+  all-zero rows (the padding of a fixed-length output) are no items. An output that is a single whole number
+  on every feed is a count (of detections): that many items, the fewer of the two matched;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -59,7 +61,8 @@ close the rest is; non-finite values of the reference itself are counted (``refe
 Outputs whose channel count changes from feed to feed (variable length) report no per-channel figures.
 A metric that raises, or returns something other than a finite number, is a :class:`UserError`.
 
-Accumulation is streaming (sums per feed), except that outputs are kept when a user metric needs them.
+Accumulation is streaming (sums per feed), except that outputs are kept when a user metric needs them, and
+detections always.
 """
 
 from __future__ import annotations
@@ -428,22 +431,22 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         return np.where(union - overlap > 0, overlap / (union - overlap), 0.0)
 
 
-def matched_items(ref: np.ndarray, test: np.ndarray, exact: bool) -> int:
-    """How many of ``test``'s items (rows) pair one to one with ``ref``'s, taken in ``ref``'s order (a
+def matched_items(ref: np.ndarray, test: np.ndarray, exact: bool) -> list[tuple[int, int]]:
+    """The pairs (``ref`` row, ``test`` row) of items matched one to one, ``ref``'s taken in its order (a
     detector's, by score): an equal item first; else, where float's items hold a box (:func:`_box_columns`),
     the one overlapping it most, by IoU ≥ :data:`MATCH_IOU`, else the nearest with every value within
     :data:`MATCH_TOLERANCE` of its column's largest float magnitude — and in both cases with the same class (a
     column of whole numbers, some ≥ 2, outside the box). ``exact`` (integer items: indices, labels): equal only."""
     if not len(ref) or not len(test):
-        return 0
+        return []
     box = None if exact else _box_columns(ref)
     coordinates = np.zeros(ref.shape[1], bool)
     if box is not None:
         coordinates[box:box + 4] = True
     classes = ~coordinates & (ref == np.round(ref)).all(0) & (np.abs(ref) >= 2).any(0)
     tolerance = MATCH_TOLERANCE * np.abs(ref).max(0)
-    free = np.ones(len(test), bool)
-    for item in ref:
+    free, pairs = np.ones(len(test), bool), []
+    for index, item in enumerate(ref):
         chosen = np.flatnonzero(free & (test == item).all(1))[:1]
         if not chosen.size and not exact:
             fits = free & (test[:, classes] == item[classes]).all(1)
@@ -456,42 +459,92 @@ def matched_items(ref: np.ndarray, test: np.ndarray, exact: bool) -> int:
                 fits &= (distance <= tolerance).all(1)
             chosen = np.flatnonzero(fits)
             chosen = chosen[[np.argmax(closeness[chosen])]] if chosen.size else chosen
-        free[chosen] = False
-    return int((~free).sum())
+        if chosen.size:
+            free[chosen[0]] = False
+            pairs.append((index, int(chosen[0])))
+    return pairs
+
+
+@dataclass(frozen=True)
+class SetForm:
+    """How a variable-length output's arrays hold items, read from all of them (module rules)."""
+
+    batch: int  # leading axes of size 1 in every array
+    counts: bool  # one element in every array
+
+    @classmethod
+    def of(cls, arrays: list[np.ndarray]) -> SetForm:
+        batch = 0
+        while all(a.ndim > batch + 1 and a.shape[batch] == 1 for a in arrays):
+            batch += 1
+        return cls(batch, all(a.size == 1 for a in arrays))
+
+    def items(self, array: np.ndarray) -> np.ndarray:
+        """The array's items as rows (float64), all-zero rows — padding — left out."""
+        rows = np.asarray(array, np.float64).reshape(array.shape[self.batch:])
+        rows = rows.reshape(-1, rows.shape[-1] if rows.ndim >= 2 else 1)
+        return rows[(rows != 0).any(1)]
+
+
+def _feed_sets(form: SetForm, ref: np.ndarray, test: np.ndarray) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    """One feed of a variable-length output: float's items, the candidate's, how many matched, and per column of
+    the items (a class, a score, a coordinate: quantities of their own, like outputs) Σ error² order-free —
+    matched items their difference, unmatched ones their whole value — and Σ float². A count (of detections)
+    is that many items, the fewer of the two matched, its error its difference."""
+    if form.counts and _whole(ref) and _whole(test):
+        number = int(round(abs(float(ref.flat[0])))), int(round(abs(float(test.flat[0]))))
+        return number[0], number[1], min(number), np.array([float(number[0] - number[1]) ** 2]), \
+            np.array([float(number[0]) ** 2])
+    rows = form.items(ref), form.items(test)
+    signal = np.square(rows[0]).sum(0)
+    if rows[0].shape[1] != rows[1].shape[1]:
+        return len(rows[0]), len(rows[1]), 0, np.full_like(signal, np.inf), signal
+    pairs = matched_items(*rows, not np.issubdtype(ref.dtype, np.floating))
+    matched = [np.array([p[side] for p in pairs], int) for side in (0, 1)]
+    error = np.square(rows[0][matched[0]] - rows[1][matched[1]]).sum(0)
+    error += sum(np.square(np.delete(r, m, 0)).sum(0) for r, m in zip(rows, matched))
+    return len(rows[0]), len(rows[1]), len(pairs), error, signal
+
+
+def _worst_column_nsr(error: np.ndarray, signal: np.ndarray) -> float:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nsr = np.where(signal > 0, error / signal, np.where(error > 0, np.inf, 0.0))
+    return float(nsr.max()) if nsr.size else 0.0
+
+
+def matched_nsr(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """NSR of a variable-length output over feeds, order-free: its worst column's (:func:`_feed_sets`)."""
+    form = SetForm.of(reference + candidate)
+    sums = [_feed_sets(form, ref, test)[3:] for ref, test in zip(reference, candidate)]
+    return _worst_column_nsr(sum(e for e, _ in sums), sum(s for _, s in sums))
 
 
 @dataclass
 class _SetStats:
-    """An output whose length depends on values: items matched between the two models (module rules)."""
+    """An output whose length depends on values: items matched between the two models (module rules). The
+    outputs are kept (sets are small) to read their :class:`SetForm` from every feed's."""
 
-    matched: int = 0
-    items_ref: int = 0
-    items_test: int = 0
-    nonfinite: int = 0
+    pairs: list = field(default_factory=list)
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
-        if ref.size == test.size == 1 and all(_whole(a) for a in (ref, test)):  # a count of detections
-            counts = int(round(abs(float(ref.flat[0])))), int(round(abs(float(test.flat[0]))))
-            self.items_ref, self.items_test = self.items_ref + counts[0], self.items_test + counts[1]
-            self.matched += min(counts)
-            return
-        width = ref.shape[-1] if ref.ndim >= 2 else 1
-        self.items_ref += ref.size // width if width else 0
-        if test.ndim != ref.ndim or (test.shape[-1] if test.ndim >= 2 else 1) != width or not width:  # another form
-            self.items_test += 1
-            return
-        items = [np.asarray(a, np.float64).reshape(-1, width) for a in (ref, test)]
-        self.items_test += len(items[1])
-        if np.isfinite(items[0]).all():
-            self.nonfinite += int((~np.isfinite(items[1])).any(1).sum())
-        self.matched += matched_items(items[0], items[1], not np.issubdtype(ref.dtype, np.floating))
+        self.pairs.append((ref, test))
 
     def summary(self) -> dict:
-        total = self.items_ref + self.items_test
-        out = {"kind": "detections", "decision_agreement": 2 * self.matched / total if total else 1.0,
-               "items_float": self.items_ref, "items_candidate": self.items_test}
-        if self.nonfinite:
-            out |= {"nonfinite": self.nonfinite, "decision_agreement": 0.0}
+        form = SetForm.of([a for pair in self.pairs for a in pair])
+        items_ref = items_test = matched = nonfinite = 0
+        signal = error = 0.0
+        for ref, test in self.pairs:
+            counted = _feed_sets(form, ref, test)
+            items_ref, items_test, matched = items_ref + counted[0], items_test + counted[1], matched + counted[2]
+            if np.isfinite(ref).all():  # figures where float is finite; a candidate's NaN there fails it
+                nonfinite += int((~np.isfinite(test)).sum())
+                error, signal = error + counted[3], signal + counted[4]
+        total = items_ref + items_test
+        nsr = _worst_column_nsr(np.atleast_1d(error), np.atleast_1d(signal))
+        out = {"kind": "detections", "decision_agreement": 2 * matched / total if total else 1.0,
+               "sqnr_db": _db(1.0, nsr), "items_float": items_ref, "items_candidate": items_test}
+        if nonfinite:
+            out |= {"nonfinite": nonfinite, "decision_agreement": 0.0, "sqnr_db": float("-inf")}
         return out
 
 

@@ -515,6 +515,10 @@ def test_detections_are_matched_one_to_one_whatever_their_number_and_order():
     meter.update([ref, np.array([50], np.int32)], [test, np.array([49], np.int32)])
     outputs = meter.summary()["outputs"]
     assert outputs["dets"] == {"kind": "detections", "decision_agreement": pytest.approx(98 / 99),
+                               "sqnr_db": pytest.approx(-10 * np.log10(max(  # the worst column's, order-free
+                                   (49 * shift ** 2 + lost ** 2) / signal for shift, lost, signal in zip(
+                                       [0, 0.01, 1, 1, 1, 1], ref[-1].astype(np.float64),
+                                       np.square(ref.astype(np.float64)).sum(0)))), rel=1e-4),
                                "items_float": 50, "items_candidate": 49}
     assert outputs["num"]["decision_agreement"] == pytest.approx(98 / 99)
     assert guard.check(meter.summary())["met"]
@@ -526,6 +530,30 @@ def test_detections_are_matched_one_to_one_whatever_their_number_and_order():
     assert not guard.check(meter.summary())["met"]
 
 
+def test_padded_detections_and_one_box_labels_are_judged_as_items():
+    """TensorFlow's detection layout, padded to 10 rows with zeros ([1, 10, 4] boxes, [1, 10] classes, [1]
+    count): the padding is no detection, and [1, 10] is ten items, not one; and a [N] label output is labels
+    on a feed with a single detection too (only an output that is one number on every feed is a count)."""
+    ref = _detections(4)
+    ref[:, 0] = [3, 5, 7, 9]
+    test = ref[[1, 0, 2]]  # the fourth box lost
+    names = ["detection_boxes", "detection_classes", "num_detections", "labels"]
+    meter = FidelityMeter(names, sets=frozenset(names))
+    for n in range(2):
+        boxes = [np.zeros((1, 10, 4), np.float32) for _ in range(2)]
+        classes = [np.zeros((1, 10), np.float32) for _ in range(2)]
+        for i, d in enumerate((ref, test)):
+            boxes[i][0, :len(d)], classes[i][0, :len(d)] = d[:, 2:], d[:, 0] + 1
+        labels = (ref[:1, 0], test[:1, 0]) if n else (ref[:, 0], test[:, 0])
+        meter.update([boxes[0], classes[0], np.array([len(ref)], np.float32), labels[0].astype(np.int64)],
+                     [boxes[1], classes[1], np.array([len(test)], np.float32), labels[1].astype(np.int64)])
+    outputs = meter.summary()["outputs"]
+    for name in names[:3]:
+        assert outputs[name]["decision_agreement"] == pytest.approx(12 / 14), name
+    # labels 3, 5, 7, 9 against 5, 3, 7, then a single 3 against a single 5: 3 matched of 5 and 4
+    assert outputs["labels"]["items_float"] == 5 and outputs["labels"]["decision_agreement"] == pytest.approx(6 / 9)
+
+
 def test_integer_items_match_only_where_equal_and_values_within_tolerance():
     """A heat map's peaks ([N, 2] indices, exact) and their values ([N], within 5% of the largest)."""
     peaks = np.array([[1, 2], [3, 4], [5, 6]], np.int64)
@@ -535,6 +563,9 @@ def test_integer_items_match_only_where_equal_and_values_within_tolerance():
     outputs = meter.summary()["outputs"]
     assert outputs["peaks"]["decision_agreement"] == pytest.approx(2 / 3)  # [3, 5] is not [3, 4]
     assert outputs["values"]["decision_agreement"] == pytest.approx(2 / 3)  # 2.7 is 0.5 from 2.2: over 0.205
+    meter = FidelityMeter(["values"], sets=frozenset({"values"}))
+    meter.update([values], [np.array([4.1, np.nan], np.float32)])
+    assert meter.summary()["outputs"]["values"]["decision_agreement"] == 0.0  # a NaN where float has none
 
 
 def _nms_detector(tmp_path, opset: int = 17):

@@ -193,6 +193,18 @@ def test_output_nsr_of_a_decoder_that_stops_at_another_step():
     assert output_nsr(ref, [[np.ones((12, 8), np.float32)]]) == np.inf
 
 
+def test_output_nsr_of_detections_is_free_of_their_order():
+    """A detector's boxes after its NMS: one group's int8 swaps two boxes of close score and moves one by a
+    pixel — elementwise that is two boxes wholly wrong; matched, only the pixel counts — and loses a third box,
+    which counts whole; each column (x1, y1, x2, y2) is a quantity of its own, the worst one counts."""
+    boxes = np.array([[10, 10, 50, 50], [100, 100, 150, 160], [200, 20, 260, 90]], np.float32)
+    moved = boxes[[1, 0]] + np.array([[0, 0, 0, 0], [1, 0, 0, 0]], np.float32)
+    columns = np.square(boxes.astype(np.float64)).sum(0)
+    lost = np.square(boxes[2].astype(np.float64)) + [1, 0, 0, 0]
+    assert output_nsr([[boxes]], [[moved]], sets=frozenset({0})) == pytest.approx(max(lost / columns))
+    assert output_nsr([[boxes]], [[moved]]) > 0.5  # elementwise: the swap and the lost box
+
+
 def test_sensitivity_runs_as_many_feeds_as_its_time_allows(tmp_path, monkeypatch):
     proto = mlp_model()
     float_path = tmp_path / "float.onnx"

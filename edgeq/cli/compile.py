@@ -203,7 +203,8 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
     fid = manifest["fidelity"]
     for name, o in fid["outputs"].items():
         if "cosine" not in o:  # an integer output or a set of detections: only agreement means anything
-            items = f" ({o['items_float']} items float, {o['items_candidate']} delivered)" if "items_float" in o else ""
+            items = f" ({o['items_float']} items float, {o['items_candidate']} delivered; SQNR " \
+                    f"{o['sqnr_db']:.1f} dB matched)" if "items_float" in o else ""
             table.add_row(f"output {name}", f"{o['kind']}: agreement {o['decision_agreement']:.4f}{items}")
             continue
         extra = f" · top-1 agree {o['top1_agreement']:.3f}" if "top1_agreement" in o else ""

@@ -3,7 +3,11 @@
 Rules:
 - One group at a time takes a lower precision while every other layer stays float; the model runs on the
   first calibration feeds and the group's sensitivity at that precision is the output noise-to-signal ratio
-  NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR).
+  NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR). An output whose length
+  depends on values (a detector's boxes after its NMS) is compared order-free, each column of its items (class,
+  score, coordinates) as an output of its own: matched items by their difference, unmatched ones whole
+  (:func:`edgeq.fidelity.matched_nsr`) — elementwise, any group that swapped two boxes of close score looked
+  as harmful as one that lost them.
 - The feeds are as many of those given as fit RUN_SECONDS of inference over all the trials together, timed
   warm on the float model (and on the gated model for its trials), but at least MIN_FEEDS: a ranking needs
   few feeds, and a slow model (a 0.4 s table decoder with 77 groups) would otherwise spend minutes of its
@@ -45,6 +49,7 @@ import onnx_ir as ir
 from edgeq.mixed.groups import Group
 from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
 from edgeq.cache import JsonCache
+from edgeq.fidelity import matched_nsr, variable_length_outputs
 from edgeq.passes.gate_qdq import GATES
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
@@ -94,11 +99,17 @@ def _error(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.square(reference.astype(np.float64) - candidate).sum())
 
 
-def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
-    """Worst NSR over the float outputs, each summed over all feeds (outputs listed per feed)."""
+def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
+               sets: frozenset[int] = frozenset()) -> float:
+    """Worst NSR over the float outputs, each summed over all feeds (outputs listed per feed); the outputs at
+    ``sets`` vary in length with values (a detector's after its NMS): their error is order-free
+    (:func:`edgeq.fidelity.matched_nsr`)."""
     worst = 0.0
     for index in range(len(reference[0])):
         if not np.issubdtype(reference[0][index].dtype, np.floating):
+            continue
+        if index in sets:
+            worst = max(worst, matched_nsr([r[index] for r in reference], [c[index] for c in candidate]))
             continue
         signal = sum(float(np.square(r[index], dtype=np.float64).sum()) for r in reference)
         noise = sum(_error(r[index], c[index]) for r, c in zip(reference, candidate))
@@ -122,6 +133,8 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     started = time.perf_counter()
     proxy = proxy or {}
     reference_session = runtime.session(float_path)
+    variable = variable_length_outputs(float_path)
+    sets = frozenset(i for i, name in enumerate(reference_session.output_names) if name in variable)
     reference, seconds = [], []
     for feed in feeds:
         begun = time.perf_counter()
@@ -154,7 +167,7 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
             outputs = [session.run(feed.inputs) for feed in feeds]
             del session
             shutil.rmtree(path.parent)
-        nsr[group.name][precision] = output_nsr(reference, outputs)
+        nsr[group.name][precision] = output_nsr(reference, outputs, sets)
         if on_progress:
             on_progress(done, len(trials))
     scale = None

@@ -95,7 +95,7 @@ class Trials:
         self.measure_seconds = 0.0
         self._kernels: dict[Path, list[NodeTime]] = {}
         self._reference: list | None = []  # float's outputs on the first held-out feeds; None: too big to keep
-        self._sets = variable_length_outputs(float_path)
+        self.variable_outputs = variable_length_outputs(float_path)  # judged as sets of items
 
     def measure(self, candidate: Candidate) -> Trial:
         return self.measure_batch([candidate])[0]
@@ -129,7 +129,7 @@ class Trials:
                                      REFERENCE_BYTES - kept)
             self._reference = None if more is None else self._reference + more
         return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds,
-                              reference=self._reference, sets=self._sets)
+                              reference=self._reference, sets=self.variable_outputs)
 
     def judged(self, build) -> dict | None:
         """The fidelity a trial of this very build measured on every held-out feed, if one did (a copy)."""

@@ -654,7 +654,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.shape = value.shape
         for user, index in users:
             user.replace_input_with(index, dq)
-        if value in list(graph.outputs):  # the graph's output keeps its name
+        # the graph's output keeps its name; an input passed through as an output stays exact, under its name
+        if value in list(graph.outputs) and not value.is_graph_input():
             position = list(graph.outputs).index(value)
             original = value.name
             value.name = f"{base}_float"

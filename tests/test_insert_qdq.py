@@ -252,6 +252,23 @@ def test_shared_weight_is_quantized_once():
     assert sum(n.name == "w_axis1_DequantizeLinear" for n in quant.graph.node) == 1
 
 
+def test_an_input_passed_through_as_an_output_keeps_its_name_and_value():
+    """A model that also outputs its input (an image echoed beside the detections): the quantized input's
+    output used to take the dequantized value and rename the input itself, so no feed matched it."""
+    rng = np.random.default_rng(0)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                       [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    quant, insert = quantize(proto)
+    assert insert.decisions["fc"].quantized
+    assert [i.name for i in quant.graph.input] == ["x"] and [o.name for o in quant.graph.output] == ["y", "x"]
+    x = rng.standard_normal((1, 8)).astype(np.float32)
+    echoed = ort.InferenceSession(quant.SerializeToString()).run(["x"], {"x": x})[0]
+    np.testing.assert_array_equal(echoed, x)
+
+
 def test_conv_transpose_follows_the_target():
     """The ORT CPU targets have no integer ConvTranspose kernel, so it stays float; a target that lists it
     gets per-channel weights on axis 1 (output channels)."""

@@ -2,7 +2,10 @@
 
 Rules, in order:
 1. A model that already holds quantization ops (QuantizeLinear, QLinear*, *Integer, …) is refused: quantizing
-   twice only loses accuracy. The user must pass the float original.
+   twice only loses accuracy. The user must pass the float original. So is a model exported in training mode
+   (a BatchNormalization with ``training_mode=1`` or its running statistics as outputs, a Dropout whose
+   ``training_mode`` is a constant true): its outputs depend on the batch and on chance, so no build can be
+   judged against it, and the user meant the model in inference mode.
 2. The default-domain opset is raised to at least 14 (per-channel DequantizeLinear needs ``axis``, 13; the
    HardSwish of rule 4, 14), by
    :mod:`edgeq.passes.convert_opset` (never by relabelling); a model that computes in float16 computes in
@@ -71,6 +74,22 @@ def quantized_ops_in(model: ir.Model) -> list[str]:
                    if node.op_type in QUANTIZED_OPS})
 
 
+def training_mode_nodes(model: ir.Model) -> list[str]:
+    """What computes as in training, counted: BatchNormalizations normalizing with the batch's statistics
+    (``training_mode=1``, or their running statistics as outputs — opsets before 14), Dropouts whose
+    ``training_mode`` input is a constant true."""
+    batch_norms = dropouts = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            batch_norms += bool(node.attributes.get_int("training_mode", 0)) or any(
+                out.name for out in node.outputs[1:])
+        elif node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and len(node.inputs) > 2 \
+                and node.inputs[2] is not None:
+            flag = ir.convenience.get_const_tensor(node.inputs[2])
+            dropouts += flag is not None and bool(flag.numpy().any())
+    return [f"{count} {op}" for count, op in ((batch_norms, "BatchNormalization"), (dropouts, "Dropout")) if count]
+
+
 class NormalizePass(ir.passes.InPlacePass):
     """Upgrade opset, compute in float32, make weights constants, fold, fuse BatchNorm [and activations], drop
     Identity, infer shapes [and pool spatial means]. Counts of what changed: ``runtime_ops_unfused`` (ONNX
@@ -92,8 +111,17 @@ class NormalizePass(ir.passes.InPlacePass):
             raise UserError(f"the model is already quantized (it contains {', '.join(found[:4])})",
                             "pass the float model that it was made from")
 
+    @staticmethod
+    def refuse_training_mode(model: ir.Model) -> None:
+        found = training_mode_nodes(model)
+        if found:
+            raise UserError(f"the model was exported in training mode ({', '.join(found)}): its outputs depend on "
+                            "the batch and on chance", "re-export it in inference mode (torch: model.eval() before "
+                            "torch.onnx.export, and no training=TrainingMode.TRAINING)")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.refuse_quantized(model)
+        self.refuse_training_mode(model)
         _infer_declared_shapes_again(model)
         if default_opset(model) < MIN_OPSET:
             ConvertOpsetPass(MIN_OPSET)(model)

@@ -138,6 +138,12 @@ def _bad_inputs(tmp_path, conv_onnx, conv_feeds):
                    [helper.make_tensor_value_info("y", TensorProto.UINT8, [4])],
                    [numpy_helper.from_array(np.array(0.1, np.float32), "s")])
     onnx.save(q, tmp_path / "q.onnx")
+    dropout = make_model([helper.make_node("Dropout", ["x", "ratio", "training"], ["y"])],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])],
+                         [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                          numpy_helper.from_array(np.array(True), "training")])
+    onnx.save(dropout, tmp_path / "training.onnx")
     return {
         "missing file": (tmp_path / "nope.onnx", conv_feeds, "-t", "x86-64", "not found"),
         "not onnx": (tmp_path / "junk.onnx", conv_feeds, "-t", "x86-64", "not a readable ONNX"),
@@ -148,12 +154,14 @@ def _bad_inputs(tmp_path, conv_onnx, conv_feeds):
         "nan feeds": (conv_onnx, nan, "-t", "x86-64", "NaN or Inf"),
         "unknown target": (conv_onnx, conv_feeds, "-t", "riscv-toaster", "unknown target"),
         "already quantized": (tmp_path / "q.onnx", conv_feeds, "-t", "x86-64", "already quantized"),
+        "training mode": (tmp_path / "training.onnx", conv_feeds, "-t", "x86-64", "exported in training mode"),
         "escaping data": (_escaping_external_data(tmp_path), conv_feeds, "-t", "x86-64", "outside the model's folder"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "not onnx", "corrupt", "empty calib", "feed names", "feed shapes",
-                                  "nan feeds", "unknown target", "already quantized", "escaping data"])
+                                  "nan feeds", "unknown target", "already quantized", "training mode",
+                                  "escaping data"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, conv_onnx, conv_feeds, case):
     model, feeds, flag, target, message = _bad_inputs(tmp_path, conv_onnx, conv_feeds)[case]
     out = tmp_path / "out"

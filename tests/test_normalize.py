@@ -184,6 +184,40 @@ def test_already_quantized_model_is_refused():
         NormalizePass()(ir.from_proto(proto))
 
 
+def _batch_norm_and_dropout(opset: int, bn_outputs: tuple[str, ...], bn_attrs: dict, dropout_flag: bool | None):
+    c = 4
+    inits = [numpy_helper.from_array(np.ones(c, np.float32), n) for n in ("scale", "var")]
+    inits += [numpy_helper.from_array(np.zeros(c, np.float32), n) for n in ("bias", "mean")]
+    nodes = [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], list(bn_outputs),
+                              **bn_attrs)]
+    if dropout_flag is not None:
+        inits += [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                  numpy_helper.from_array(np.array(dropout_flag), "training")]
+        nodes.append(helper.make_node("Dropout", ["bn", "ratio", "training"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Relu", ["bn"], ["y"]))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 3, 3])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 3, 3])], inits, opset=opset)
+
+
+@pytest.mark.parametrize("opset,bn_outputs,bn_attrs,dropout_flag,found", [
+    (17, ("bn", "running_mean", "running_var"), {"training_mode": 1}, True, "1 BatchNormalization, 1 Dropout"),
+    (17, ("bn",), {}, True, "1 Dropout"),
+    (9, ("bn", "mean_out", "var_out", "saved_mean", "saved_var"), {}, None, "1 BatchNormalization"),
+    (17, ("bn",), {}, False, None),  # inference: Dropout is the identity
+    (9, ("bn",), {}, None, None),
+])
+def test_a_model_exported_in_training_mode_is_refused(opset, bn_outputs, bn_attrs, dropout_flag, found):
+    """torch.onnx.export of a module left in training mode: its BatchNorms normalize by the batch, its Dropouts
+    drop at random — no build can be judged against outputs that change from run to run."""
+    model = ir.from_proto(_batch_norm_and_dropout(opset, bn_outputs, bn_attrs, dropout_flag))
+    if found is None:
+        NormalizePass()(model)
+        return
+    with pytest.raises(UserError, match=f"exported in training mode \\({found}\\)"):
+        NormalizePass()(model)
+
+
 @pytest.mark.parametrize("keepdims", [0, 1])
 def test_spatial_reduce_mean_becomes_global_average_pool(keepdims):
     nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="mean", keepdims=keepdims)]

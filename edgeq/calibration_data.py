@@ -234,6 +234,8 @@ def _check_feed(arrays: dict[str, np.ndarray], specs: list[InputSpec], origin: s
             raise UserError(f"feed {origin} lacks model input '{spec.name}' (it has: {', '.join(arrays) or 'nothing'})",
                             f"store arrays keyed by the model's input names: {', '.join(s.name for s in specs)}")
         value = arrays[spec.name]
+        if spec.dtype == object and value.dtype.kind in "US":  # numpy saves strings as str_ / bytes_ arrays
+            value = value.astype(object)
         if value.dtype != spec.dtype:
             raise UserError(f"feed {origin}: input '{spec.name}' is {value.dtype}, the model expects {spec.dtype}",
                             f"save it as {spec.dtype}")

@@ -9,8 +9,9 @@ Rules:
 - The graph must be well formed before any pass sees it: at least one output, every value made once, every
   value read made somewhere (in the graph, an enclosing graph, or as an input or initializer), and no cycle
   (a node reading, through a subgraph too, what it makes). Each breach is one line naming the node.
-- Graph inputs and outputs hold tensors (or sequences / optionals of tensors): a map (scikit-learn's ZipMap
-  output, a DictVectorizer's input) is refused with the re-export that avoids it.
+- Graph inputs and outputs hold tensors: a map (scikit-learn's ZipMap output, a DictVectorizer's input) is
+  refused with the re-export that avoids it, a sequence or an optional (a scripted torch module returning a
+  list) with the advice to make its tensors inputs or outputs of their own.
 - Models whose tensors exceed protobuf's 2 GB limit are saved with external data next to the model.
 - Saving is atomic: write into a temporary sibling, then rename.
 """
@@ -108,10 +109,14 @@ def check_graph(proto: onnx.ModelProto) -> None:
         raise UserError("the model has no outputs", "export it again with its outputs declared")
     for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
         for value in values:
-            if _holds_map(value.type):
-                raise UserError(f"{kind} '{value.name}' holds maps ({_type_text(value.type)}), not a tensor; edgeq "
-                                "compiles models whose inputs and outputs are tensors",
-                                "re-export it without maps (skl2onnx / onnxmltools: options={'zipmap': False})")
+            if value.type.WhichOneof("value") in (None, "tensor_type"):  # untyped: ONNX Runtime types it
+                continue
+            maps = _holds_map(value.type)
+            raise UserError(f"{kind} '{value.name}' holds {'maps' if maps else 'a container'} "
+                            f"({_type_text(value.type)}), not a tensor; edgeq compiles models whose inputs and "
+                            "outputs are tensors",
+                            "re-export it without maps (skl2onnx / onnxmltools: options={'zipmap': False})" if maps
+                            else f"re-export it with the tensors the {kind} holds as {kind}s of their own")
     _check_graph(proto.graph, set(), "the main graph")
 
 

@@ -15,6 +15,14 @@ def test_npz_folder_streams_feeds_with_extras(tmp_path):
     assert len(feeds) == 5 and feeds[3].inputs["x"][0, 0, 0, 0] == 3 and feeds[3].extras["label"][0] == 3
 
 
+def test_string_inputs_take_the_arrays_numpy_saves_strings_as(tmp_path):
+    """A tabular model's categorical input (ONNX string, numpy object): numpy saves strings as str_ arrays,
+    which once were refused as 'save it as object' (object arrays need pickling to load)."""
+    np.savez(tmp_path / "0.npz", color=np.array([["red"], ["blue"]]))
+    feed = next(iter(CalibrationData.from_path(tmp_path, [InputSpec("color", np.dtype(object), (None, 1))])))
+    assert feed.inputs["color"].dtype == object and feed.inputs["color"].tolist() == [["red"], ["blue"]]
+
+
 def test_stacked_file_is_cut_into_batch_one_feeds(tmp_path):
     np.savez(tmp_path / "all.npz", x=np.arange(7 * 48, dtype=np.float32).reshape(7, 3, 4, 4))
     data = CalibrationData.from_path(tmp_path / "all.npz", SPEC)

@@ -68,6 +68,12 @@ def _models():
         "no inputs": (_unchecked([helper.make_node("Relu", ["w"], ["y"], name="a")], [], [Y], [W]), "no inputs"),
         "undefined output": (_unchecked([helper.make_node("Relu", ["x"], ["r"], name="a")], [X], [Y]), "made by no node"),
         "zipmap output": (_zipmap_classifier(), "'probabilities' holds maps (seq(map(int64, float32)))"),
+        # a scripted module returning a list: normalize once failed on it with an internal error
+        "sequence output": (helper.make_model(helper.make_graph(
+            [helper.make_node("SequenceConstruct", ["x", "x"], ["parts"], name="s")], "g", [X],
+            [helper.make_tensor_sequence_value_info("parts", F, None)]),
+            opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+            "'parts' holds a container (seq(float32)), not a tensor"),
     }
 
 

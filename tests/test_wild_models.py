@@ -417,3 +417,30 @@ def test_a_float16_model_is_quantized_behind_its_float16_interface(tmp_path):
     assert [v.type.tensor_type.elem_type for v in (*artifact.graph.input, *artifact.graph.output)] == [
         TensorProto.FLOAT16, TensorProto.FLOAT16]  # callers feed and read float16 as before
     _close_to_original(proto, out, feeds)
+
+
+def test_a_tabular_model_with_a_string_category_input(tmp_path):
+    """scikit-learn through skl2onnx with a categorical column: a string input one-hot encoded by ai.onnx.ml's
+    OneHotEncoder, then dense layers; its feeds hold numpy str_ arrays (once refused: 'save it as object')."""
+    colors = ["red", "green", "blue", "cyan"]
+    nodes = [helper.make_node("OneHotEncoder", ["color"], ["onehot"], domain="ai.onnx.ml", cats_strings=colors,
+                              zeros=1),
+             helper.make_node("Reshape", ["onehot", "shape"], ["flat"]),
+             helper.make_node("Concat", ["flat", "num"], ["features"], axis=1),
+             helper.make_node("Gemm", ["features", "w1"], ["hidden"], name="fc1"),
+             helper.make_node("Relu", ["hidden"], ["relu"]),
+             helper.make_node("Gemm", ["relu", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("color", TensorProto.STRING, [None, 1]),
+                                           helper.make_tensor_value_info("num", F, [None, 12])],
+                              [helper.make_tensor_value_info("y", F, [None, 3])],
+                              [numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"), _w("w1", (16, 32)),
+                               _w("w2", (32, 3))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)],
+                              ir_version=10)
+    feeds = _feeds(tmp_path / "feeds", 24, lambda rng, i: {"color": np.array(rng.choice(colors, (16, 1))),
+                                                           "num": rng.standard_normal((16, 12)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["quantized_nodes"] >= 1
+    _close_to_original(proto, out, feeds)

@@ -90,6 +90,8 @@ GUARD_BUILDS = 16
 # models uniform int8 missed it on (Sapphire Rapids) and cost 0.6-28 s; on the worst layers, a few seconds.
 REPAIR_GROUPS = 3
 REPLAYED_FLOAT = "replayed from the lock: its measured build delivered float"
+RETURNED_BY_GUARD = "returned to float by the fidelity guard (measured)"
+RETURNED_SLOWER = "returned to float: int8 was slower here (measured)"
 # The DynamicMatMul op set is a candidate where its layers hold this share of the weights (transformers, MLPs):
 # a CNN's classifier alone does not pay for one more build.
 DYNAMIC_SHARE = 0.5
@@ -238,6 +240,7 @@ class _Compilation:
         self._wide = None  # the model at WIDE_OPSET, made when an int4/int16 build first needs it
         self.guard_report: dict = {}
         self.guard_failed = False
+        self.guard_float_nodes: set[str] = set()  # the nodes of the groups the guard returned to float
 
     def prepare(self) -> None:
         """Load, normalize (checked against the original in ONNX Runtime), mark exclusions, [prune to 2:4],
@@ -484,6 +487,7 @@ class _Compilation:
                            "--metric/--max-drop state your own, --no-guard turns it off")
         else:
             self.current = held.build
+            self.guard_float_nodes = {n for g in groups if g.name in held.float_groups for n in g.nodes}
 
     def _replay_guard(self, decisions: Decisions) -> None:
         """A locked build: the guard's recorded choices applied, nothing measured — PTQ where it was kept; its
@@ -667,6 +671,13 @@ class _Compilation:
         judged = self.trials.judged(self.current) if self.delivered != "float" else None
         return judged or self.trials.fidelity(self.delivered_path, self.delivered_feeds)
 
+    def _returned_why(self, name: str, decision) -> str:
+        """A decision's reason; for a node this compile returned to float, which measured choice did (a locked
+        build replays them all as one list, and says so)."""
+        if decision.quantized or name not in self.current.insert.keep_float or name in self.request.keep_float:
+            return decision.reason
+        return RETURNED_BY_GUARD if name in self.guard_float_nodes else RETURNED_SLOWER
+
     def manifest(self, fidelity: dict, budget: dict | None, delivered_bytes: int, float_bytes: int) -> dict:
         insert, latency = self.current.insert, self.latency
         return {
@@ -694,7 +705,7 @@ class _Compilation:
                 "float_nodes": sum(1 for d in insert.decisions.values() if not d.quantized),
                 "subgraph_compute_left_float": insert.subgraph_compute_left_float,
                 "decisions": {n: {"op_type": d.op_type, "quantized": d.quantized, "precision": d.precision,
-                                  "reason": d.reason}
+                                  "reason": self._returned_why(n, d)}
                               for n, d in sorted(insert.decisions.items())},
             },
             "latency": ({k: v.to_dict() for k, v in latency.items()}

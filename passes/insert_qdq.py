@@ -287,7 +287,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if EXCLUDE_KEY in node.meta:
             return node.meta[EXCLUDE_KEY]
         if node.name in self.keep_float:
-            return "returned to float: int8 was slower here (measured)"
+            return "returned to float by a measured choice: int8 slower here, or the fidelity guard"
         if self.precisions.get(node.name, "int8") not in ("int8", "int16"):
             return f"{self.precisions[node.name]} by the mixed-precision allocation"
         for i in self._activation_inputs(node, role):

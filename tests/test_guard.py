@@ -14,7 +14,7 @@ from edgeq import guard
 from edgeq.cli import main
 from edgeq.fidelity import FidelityMeter, padding_of
 from edgeq.passes.gate_qdq import GateQDQPass
-from edgeq.pipeline import GUARD_BUILDS, REPAIR_GROUPS
+from edgeq.pipeline import GUARD_BUILDS, REPAIR_GROUPS, RETURNED_BY_GUARD
 from edgeq.ptq_stage import PtqStage
 
 RNG = np.random.default_rng(0)
@@ -329,6 +329,7 @@ def test_the_guard_returns_the_sensitive_group_to_float(tmp_path):
     assert report["sensitivity"]["mm1"] > report["sensitivity"]["mm2"]
     decisions = manifest["quantization"]["decisions"]
     assert not decisions["mm1"]["quantized"] and decisions["mm2"]["quantized"]
+    assert decisions["mm1"]["reason"] == RETURNED_BY_GUARD  # not "int8 was slower here"
     assert manifest["delivered"]["precision"] == "int8" and manifest["fidelity"]["guard"]["met"]
     assert len(report["trials"]) <= 2  # uniform int8, then one bisection step for two groups
     auto = manifest["ptq"]["auto"]  # --ptq auto tried GPTQ + bias correction first: it cannot fix an outlier

@@ -46,13 +46,10 @@ while losing most detections), so every output is reported on its own, and outpu
   ``classes`` (margins are differences of logits, which are differences of log-probabilities); a rank-3 output
   whose second axis is a feed's batch and whose first is not is time-major ([frames, batch, C], torch's CTC
   layout) and is read with the two swapped;
-- ``detections``: an output whose length depends on values (:func:`variable_length_outputs`: a detector's boxes,
-  scores and labels after its non-maximum suppression, a heat map's peaks) is an unordered set of items — rows
-  of its last axis, single elements at rank ≤ 1 (leading axes of size 1 on every feed, a batch, not counted) —
-  whose number and order may differ between the two models; its
-  decision agreement is the F1 of the items matched one to one (:func:`matched_items`), summed over feeds;
-  all-zero rows (the padding of a fixed-length output) are no items. An output that is a single whole number
-  on every feed is a count (of detections): that many items, the fewer of the two matched;
+- ``detections``: an output whose length depends on values (a detector's boxes, scores and labels after its
+  non-maximum suppression, a heat map's peaks: :mod:`edgeq.detections`) is an unordered set of items whose
+  number and order may differ between the two models; its decision agreement is the F1 of the items matched
+  one to one, summed over feeds, and its SQNR the worst item column's, order-free;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
 Non-finite values: figures are computed where both outputs are finite. A candidate that outputs NaN or ±inf
@@ -71,10 +68,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import onnx
 
+from edgeq.detections import SetForm, feed_sets, variable_length_outputs
 from edgeq.errors import UserError, first_line
-from edgeq.model_io import all_nodes, node_reads, subgraphs
 from edgeq.user_code import load_callable
 
 MAX_GROUPS = 4096
@@ -84,9 +80,6 @@ _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to 
 MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
 _TINY = 1e-30  # probabilities are floored here before their log
 CONFIDENCE_Z = 1.2816  # the expected sequence agreement is the lower bound of a one-sided 90% interval
-VARIABLE_LENGTH_OPS = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique"})
-MATCH_IOU = 0.5  # a candidate's box matches a float box it overlaps this much (detection benchmarks' IoU 0.5)
-MATCH_TOLERANCE = 0.05  # other float values match within this share of their column's largest float magnitude
 
 
 def _db(signal: float, noise: float) -> float:
@@ -394,131 +387,6 @@ class _IndexStats:
         return {"kind": "indices", "decision_agreement": self.agree / self.total if self.total else 1.0}
 
 
-def variable_length_outputs(path) -> frozenset[str]:
-    """The model's outputs whose length depends on values: those computed from an op whose output's length does
-    (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), however indirectly."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    tainted: set[str] = set()
-    for node in graph.node:
-        if node.op_type in VARIABLE_LENGTH_OPS or not tainted.isdisjoint(node_reads(node)) or any(
-                inner.op_type in VARIABLE_LENGTH_OPS for sub in subgraphs(node) for inner in all_nodes(sub)):
-            tainted.update(name for name in node.output if name)
-    return frozenset(output.name for output in graph.output if output.name in tainted)
-
-
-def _box_columns(items: np.ndarray) -> int | None:
-    """Where float's items hold a corner-format box (x1, y1, x2, y2: x2 ≥ x1 and y2 ≥ y1 in every item, some box
-    not empty): the first of four adjacent columns, of all such the four most alike in magnitude (coordinates
-    share a unit; a class id and a score before a box would pass the order test too). None where none."""
-    best, spread = None, np.inf
-    for k in range(items.shape[1] - 3):
-        x1, y1, x2, y2 = items[:, k:k + 4].T
-        if not ((x2 >= x1).all() and (y2 >= y1).all() and ((x2 > x1) & (y2 > y1)).any()):
-            continue
-        magnitude = np.abs(items[:, k:k + 4]).mean(0)
-        ratio = magnitude.max() / magnitude.min() if magnitude.min() > 0 else np.inf
-        if best is None or ratio < spread:
-            best, spread = k, ratio
-    return best
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    wide = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    high = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    overlap = wide * high
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union - overlap > 0, overlap / (union - overlap), 0.0)
-
-
-def matched_items(ref: np.ndarray, test: np.ndarray, exact: bool) -> list[tuple[int, int]]:
-    """The pairs (``ref`` row, ``test`` row) of items matched one to one, ``ref``'s taken in its order (a
-    detector's, by score): an equal item first; else, where float's items hold a box (:func:`_box_columns`),
-    the one overlapping it most, by IoU ≥ :data:`MATCH_IOU`, else the nearest with every value within
-    :data:`MATCH_TOLERANCE` of its column's largest float magnitude — and in both cases with the same class (a
-    column of whole numbers, some ≥ 2, outside the box). ``exact`` (integer items: indices, labels): equal only."""
-    if not len(ref) or not len(test):
-        return []
-    box = None if exact else _box_columns(ref)
-    coordinates = np.zeros(ref.shape[1], bool)
-    if box is not None:
-        coordinates[box:box + 4] = True
-    classes = ~coordinates & (ref == np.round(ref)).all(0) & (np.abs(ref) >= 2).any(0)
-    tolerance = MATCH_TOLERANCE * np.abs(ref).max(0)
-    free, pairs = np.ones(len(test), bool), []
-    for index, item in enumerate(ref):
-        chosen = np.flatnonzero(free & (test == item).all(1))[:1]
-        if not chosen.size and not exact:
-            fits = free & (test[:, classes] == item[classes]).all(1)
-            if box is not None:
-                closeness = _iou(item[box:box + 4], test[:, box:box + 4])
-                fits &= closeness >= MATCH_IOU
-            else:
-                distance = np.abs(test - item)
-                closeness = -distance.max(1)
-                fits &= (distance <= tolerance).all(1)
-            chosen = np.flatnonzero(fits)
-            chosen = chosen[[np.argmax(closeness[chosen])]] if chosen.size else chosen
-        if chosen.size:
-            free[chosen[0]] = False
-            pairs.append((index, int(chosen[0])))
-    return pairs
-
-
-@dataclass(frozen=True)
-class SetForm:
-    """How a variable-length output's arrays hold items, read from all of them (module rules)."""
-
-    batch: int  # leading axes of size 1 in every array
-    counts: bool  # one element in every array
-
-    @classmethod
-    def of(cls, arrays: list[np.ndarray]) -> SetForm:
-        batch = 0
-        while all(a.ndim > batch + 1 and a.shape[batch] == 1 for a in arrays):
-            batch += 1
-        return cls(batch, all(a.size == 1 for a in arrays))
-
-    def items(self, array: np.ndarray) -> np.ndarray:
-        """The array's items as rows (float64), all-zero rows — padding — left out."""
-        rows = np.asarray(array, np.float64).reshape(array.shape[self.batch:])
-        rows = rows.reshape(-1, rows.shape[-1] if rows.ndim >= 2 else 1)
-        return rows[(rows != 0).any(1)]
-
-
-def _feed_sets(form: SetForm, ref: np.ndarray, test: np.ndarray) -> tuple[int, int, int, np.ndarray, np.ndarray]:
-    """One feed of a variable-length output: float's items, the candidate's, how many matched, and per column of
-    the items (a class, a score, a coordinate: quantities of their own, like outputs) Σ error² order-free —
-    matched items their difference, unmatched ones their whole value — and Σ float². A count (of detections)
-    is that many items, the fewer of the two matched, its error its difference."""
-    if form.counts and _whole(ref) and _whole(test):
-        number = int(round(abs(float(ref.flat[0])))), int(round(abs(float(test.flat[0]))))
-        return number[0], number[1], min(number), np.array([float(number[0] - number[1]) ** 2]), \
-            np.array([float(number[0]) ** 2])
-    rows = form.items(ref), form.items(test)
-    signal = np.square(rows[0]).sum(0)
-    if rows[0].shape[1] != rows[1].shape[1]:
-        return len(rows[0]), len(rows[1]), 0, np.full_like(signal, np.inf), signal
-    pairs = matched_items(*rows, not np.issubdtype(ref.dtype, np.floating))
-    matched = [np.array([p[side] for p in pairs], int) for side in (0, 1)]
-    error = np.square(rows[0][matched[0]] - rows[1][matched[1]]).sum(0)
-    error += sum(np.square(np.delete(r, m, 0)).sum(0) for r, m in zip(rows, matched))
-    return len(rows[0]), len(rows[1]), len(pairs), error, signal
-
-
-def _worst_column_nsr(error: np.ndarray, signal: np.ndarray) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        nsr = np.where(signal > 0, error / signal, np.where(error > 0, np.inf, 0.0))
-    return float(nsr.max()) if nsr.size else 0.0
-
-
-def matched_nsr(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """NSR of a variable-length output over feeds, order-free: its worst column's (:func:`_feed_sets`)."""
-    form = SetForm.of(reference + candidate)
-    sums = [_feed_sets(form, ref, test)[3:] for ref, test in zip(reference, candidate)]
-    return _worst_column_nsr(sum(e for e, _ in sums), sum(s for _, s in sums))
-
-
 @dataclass
 class _SetStats:
     """An output whose length depends on values: items matched between the two models (module rules). The
@@ -534,7 +402,7 @@ class _SetStats:
         items_ref = items_test = matched = nonfinite = 0
         signal = error = 0.0
         for ref, test in self.pairs:
-            counted = _feed_sets(form, ref, test)
+            counted = feed_sets(form, ref, test)
             items_ref, items_test, matched = items_ref + counted[0], items_test + counted[1], matched + counted[2]
             if np.isfinite(ref).all():  # figures where float is finite; a candidate's NaN there fails it
                 nonfinite += int((~np.isfinite(test)).sum())
@@ -546,10 +414,6 @@ class _SetStats:
         if nonfinite:
             out |= {"nonfinite": nonfinite, "decision_agreement": 0.0, "sqnr_db": float("-inf")}
         return out
-
-
-def _whole(values: np.ndarray) -> bool:
-    return bool(np.isfinite(values).all() and (values == np.round(values)).all())
 
 
 MetricFn = Callable[[list[dict[str, np.ndarray]], list], float]

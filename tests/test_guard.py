@@ -617,7 +617,7 @@ def _nms_detector(tmp_path, opset: int = 17):
 
 
 def test_outputs_whose_length_depends_on_values_are_found_in_the_graph(tmp_path):
-    from edgeq.fidelity import variable_length_outputs
+    from edgeq.detections import variable_length_outputs
     assert variable_length_outputs(_nms_detector(tmp_path)) == {"dets", "num"}
     branch = helper.make_graph([helper.make_node("NonZero", ["x"], ["where"])], "b", [],
                                [helper.make_tensor_value_info("where", TensorProto.INT64, [1, None])])

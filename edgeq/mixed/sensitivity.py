@@ -6,7 +6,7 @@ Rules:
   NSR = Σ error² / Σ reference² of the worst float output (SQNR = −10·log10 NSR). An output whose length
   depends on values (a detector's boxes after its NMS) is compared order-free, each column of its items (class,
   score, coordinates) as an output of its own: matched items by their difference, unmatched ones whole
-  (:func:`edgeq.fidelity.matched_nsr`) — elementwise, any group that swapped two boxes of close score looked
+  (:func:`edgeq.detections.matched_nsr`) — elementwise, any group that swapped two boxes of close score looked
   as harmful as one that lost them.
 - The feeds are as many of those given as fit RUN_SECONDS of inference over all the trials together, timed
   warm on the float model (and on the gated model for its trials), but at least MIN_FEEDS: a ranking needs
@@ -49,7 +49,7 @@ import onnx_ir as ir
 from edgeq.mixed.groups import Group
 from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
 from edgeq.cache import JsonCache
-from edgeq.fidelity import matched_nsr, variable_length_outputs
+from edgeq.detections import matched_nsr, variable_length_outputs
 from edgeq.passes.gate_qdq import GATES
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
@@ -103,7 +103,7 @@ def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarra
                sets: frozenset[int] = frozenset()) -> float:
     """Worst NSR over the float outputs, each summed over all feeds (outputs listed per feed); the outputs at
     ``sets`` vary in length with values (a detector's after its NMS): their error is order-free
-    (:func:`edgeq.fidelity.matched_nsr`)."""
+    (:func:`edgeq.detections.matched_nsr`)."""
     worst = 0.0
     for index in range(len(reference[0])):
         if not np.issubdtype(reference[0][index].dtype, np.floating):

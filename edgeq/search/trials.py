@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from edgeq.fidelity import accuracy_drop, compare_models, reference_outputs, variable_length_outputs, worst_sqnr
+from edgeq.detections import variable_length_outputs
+from edgeq.fidelity import accuracy_drop, compare_models, reference_outputs, worst_sqnr
 from edgeq.runtimes.base import NodeTime
 
 R = TypeVar("R")

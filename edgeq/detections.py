@@ -143,7 +143,8 @@ def feed_sets(form: SetForm, ref: np.ndarray, test: np.ndarray) -> tuple[int, in
     return len(rows[0]), len(rows[1]), len(pairs), error, signal
 
 
-def _worst_column_nsr(error: np.ndarray, signal: np.ndarray) -> float:
+def worst_column_nsr(error: np.ndarray, signal: np.ndarray) -> float:
+    """The largest Σ error² / Σ float² over item columns (0 where both are 0, inf for error on no signal)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         nsr = np.where(signal > 0, error / signal, np.where(error > 0, np.inf, 0.0))
     return float(nsr.max()) if nsr.size else 0.0
@@ -153,7 +154,7 @@ def matched_nsr(reference: list[np.ndarray], candidate: list[np.ndarray]) -> flo
     """NSR of a variable-length output over feeds, order-free: its worst column's (:func:`feed_sets`)."""
     form = SetForm.of(reference + candidate)
     sums = [feed_sets(form, ref, test)[3:] for ref, test in zip(reference, candidate)]
-    return _worst_column_nsr(sum(e for e, _ in sums), sum(s for _, s in sums))
+    return worst_column_nsr(sum(e for e, _ in sums), sum(s for _, s in sums))
 
 
 def _whole(values: np.ndarray) -> bool:

@@ -69,7 +69,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgeq.detections import SetForm, feed_sets, variable_length_outputs
+from edgeq.detections import SetForm, feed_sets, variable_length_outputs, worst_column_nsr
 from edgeq.errors import UserError, first_line
 from edgeq.user_code import load_callable
 
@@ -408,7 +408,7 @@ class _SetStats:
                 nonfinite += int((~np.isfinite(test)).sum())
                 error, signal = error + counted[3], signal + counted[4]
         total = items_ref + items_test
-        nsr = _worst_column_nsr(np.atleast_1d(error), np.atleast_1d(signal))
+        nsr = worst_column_nsr(np.atleast_1d(error), np.atleast_1d(signal))
         out = {"kind": "detections", "decision_agreement": 2 * matched / total if total else 1.0,
                "sqnr_db": _db(1.0, nsr), "items_float": items_ref, "items_candidate": items_test}
         if nonfinite:

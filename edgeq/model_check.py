@@ -215,7 +215,7 @@ def _normalize(model: ir.Model, normalize: NormalizePass, source: Path, feeds: l
     save_model(model, out_path)
     check = check_same_function(source, out_path, feeds, reference, "normalizing the model",
                                 FLOAT16_TOLERANCE if normalize.float16_converted else TOLERANCE)
-    changes = {"runtime_ops_unfused": normalize.runtime_ops_unfused,
+    changes = {"runtime_ops_unfused": normalize.runtime_ops_unfused, "loop_constants": normalize.loop_constants,
                "float16_to_float32": normalize.float16_converted, "activations_fused": normalize.activations_fused,
                "weights_in_inputs": normalize.weights_in_inputs, "weights_folded": normalize.weights_folded,
                "output_shapes_dropped": dropped, "types_from_onnxruntime": typed}

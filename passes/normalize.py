@@ -21,7 +21,9 @@ Rules, in order:
    2.3 ms), and the optimizer below folds nothing through it; callers never feed weights. A model that lists
    only some initializers as inputs (inputs with defaults: a threshold, an initial state) keeps them.
    ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
-   converters) get per-channel scales like any other weight — in subgraphs too. A Conv/ConvTranspose/Gemm/
+   converters) get per-channel scales like any other weight — in subgraphs too. A value a Loop carries
+   unchanged from a constant start is read by its body as that constant (:mod:`edgeq.passes.loop_constants`:
+   tf2onnx carries a TensorFlow RNN's kernels so). A Conv/ConvTranspose/Gemm/
    MatMul weight or bias that nodes compute from constants (torch's weight_norm exported without constant
    folding) is folded into a constant, whatever its size — unless that copies a large constant another node
    still reads (a tied embedding table).
@@ -57,6 +59,7 @@ from onnxscript.rewriter.rules.common import fuse_hardswish_rules
 from edgeq.errors import UserError
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.float16_to_float32 import Float16ToFloat32Pass
+from edgeq.passes.loop_constants import LoopConstantsPass
 from edgeq.passes.unfuse_runtime_ops import UnfuseRuntimeOpsPass
 
 MIN_OPSET = 14
@@ -92,7 +95,8 @@ def training_mode_nodes(model: ir.Model) -> list[str]:
 
 class NormalizePass(ir.passes.InPlacePass):
     """Upgrade opset, compute in float32, make weights constants, fold, fuse BatchNorm [and activations], drop
-    Identity, infer shapes [and pool spatial means]. Counts of what changed: ``runtime_ops_unfused`` (ONNX
+    Identity, infer shapes [and pool spatial means]. Counts of what changed: ``loop_constants`` (values a Loop
+    carried unchanged, read as constants), ``runtime_ops_unfused`` (ONNX
     Runtime fusions made ONNX ops), ``float16_converted`` (float16 tensors and ops made float32),
     ``weights_in_inputs`` (initializers that were graph inputs too),
     ``weights_folded`` (weights computed from constants), ``activations_fused`` (HardSwish/HardSigmoid nodes
@@ -101,7 +105,7 @@ class NormalizePass(ir.passes.InPlacePass):
     def __init__(self, fuse_activations: bool = True, pool_means: bool = True):
         super().__init__()
         self.fuse_activations, self.pool_means = fuse_activations, pool_means
-        self.float16_converted = self.activations_fused = self.means_pooled = 0
+        self.float16_converted = self.activations_fused = self.means_pooled = self.loop_constants = 0
         self.weights_in_inputs = self.weights_folded = 0
 
     @staticmethod
@@ -133,6 +137,9 @@ class NormalizePass(ir.passes.InPlacePass):
         self.float16_converted = full.converted
         self.weights_in_inputs = _weights_out_of_inputs(model)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
+        loops = LoopConstantsPass()
+        loops(model)
+        self.loop_constants = loops.hoisted
         computed = _computed_weights(model)
         _fold_weights(model)
         self.weights_folded = computed - _computed_weights(model)

@@ -444,3 +444,31 @@ def test_a_tabular_model_with_a_string_category_input(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["quantized_nodes"] >= 1
     _close_to_original(proto, out, feeds)
+
+
+def test_weights_a_loop_carries_unchanged_are_read_as_constants_and_quantized(tmp_path):
+    """tf2onnx writes a TensorFlow while loop's weights as loop variables the body passes on unchanged (a Keras
+    GRU from a SavedModel: its cell's MatMuls read 'two activations' and were left float)."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w_in"], ["mm"], name="cell_matmul"),
+         helper.make_node("Tanh", ["mm"], ["h_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["w_in"], ["w_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", F, [1, 32]), helper.make_tensor_value_info("w_in", F, [32, 32])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", F, [1, 32]), helper.make_tensor_value_info("w_out", F, [32, 32])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "x", "kernel"], ["h", "kernel_out"], body=body, name="while")],
+        "g", [helper.make_tensor_value_info("x", F, [1, 32])], [helper.make_tensor_value_info("h", F, [1, 32])],
+        [numpy_helper.from_array(np.array(4, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go"),
+         _w("kernel", (32, 32), 0.4)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    feeds = _feeds(tmp_path / "feeds", 24, lambda rng, i: {"x": rng.standard_normal((1, 32)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds, "--allow-slowdown")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["decisions"]["cell_matmul"]["quantized"]
+    assert manifest["normalize"]["loop_constants"] == 1
+    _close_to_original(proto, out, feeds)

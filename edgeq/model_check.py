@@ -175,18 +175,19 @@ def _float_values(proto: onnx.ModelProto) -> set[str]:
 def normalize_checked(model: ir.Model, source: Path, feeds: list[dict], out_path: Path) -> tuple[ir.Model, dict]:
     """Normalize ``model`` (loaded from ``source``), save it to ``out_path``, and prove on ``feeds`` that it
     computes what ``source`` computes in ONNX Runtime; returns the normalized model and the check's figures.
-    Normalize's rounding rewrites (activation fusions, spatial means as pools) round differently from the ops
-    they replace; where that fails the check (an autoregressive decoder turns a 1e-7 difference into another
-    token, a mean of 30,000 values summed in another order moves a squeeze-excite gate) the model is normalized
-    again from ``source`` leaving out one of the rewrites it made, then both, and the figures say which and why
-    (``rounding_rewrites``)."""
+    Normalize's rounding rewrites (activation fusions, spatial means as pools, loop-carried constants read as
+    constants) round differently from the ops they replace; where that fails the check (an autoregressive
+    decoder turns a 1e-7 difference into another token, a mean of 30,000 values summed in another order moves
+    a squeeze-excite gate) the model is normalized again from ``source`` leaving out one of the rewrites it
+    made, then all of them, and the figures say which and why (``rounding_rewrites``)."""
     reference = run_feeds(load_in_onnxruntime(source), feeds)
     normalize = NormalizePass()
     try:
         return model, _normalize(model, normalize, source, feeds, reference, out_path)
     except UserError as refused:
         made = [flag for flag, count in (("fuse_activations", normalize.activations_fused),
-                                         ("pool_means", normalize.means_pooled)) if count]
+                                         ("pool_means", normalize.means_pooled),
+                                         ("loop_constants", normalize.loop_constants)) if count]
         if not made:
             raise
         reason = refused.problem
@@ -204,7 +205,8 @@ def normalize_checked(model: ir.Model, source: Path, feeds: list[dict], out_path
                                                     f"with them, {reason}"}
 
 
-_REWRITES = {"fuse_activations": "the activation fusions", "pool_means": "the spatial means as pools"}
+_REWRITES = {"fuse_activations": "the activation fusions", "pool_means": "the spatial means as pools",
+             "loop_constants": "the loop-carried constants read as constants"}
 
 
 def _normalize(model: ir.Model, normalize: NormalizePass, source: Path, feeds: list[dict], reference: list,

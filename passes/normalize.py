@@ -23,7 +23,10 @@ Rules, in order:
    ``Constant`` nodes holding tensors become initializers, so weights stored that way (legacy exporters,
    converters) get per-channel scales like any other weight — in subgraphs too. A value a Loop carries
    unchanged from a constant start is read by its body as that constant (:mod:`edgeq.passes.loop_constants`:
-   tf2onnx carries a TensorFlow RNN's kernels so). A Conv/ConvTranspose/Gemm/
+   tf2onnx carries a TensorFlow RNN's kernels so) unless ``loop_constants`` is off: ONNX Runtime then runs
+   the body's MatMuls with prepacked weights, which round differently (an autoregressive table decoder's
+   tokens changed), and :func:`edgeq.model_check.normalize_checked` normalizes again without it where that
+   shows. A Conv/ConvTranspose/Gemm/
    MatMul weight or bias that nodes compute from constants (torch's weight_norm exported without constant
    folding) is folded into a constant, whatever its size — unless that copies a large constant another node
    still reads (a tied embedding table).
@@ -102,9 +105,9 @@ class NormalizePass(ir.passes.InPlacePass):
     ``weights_folded`` (weights computed from constants), ``activations_fused`` (HardSwish/HardSigmoid nodes
     the fusions made), ``means_pooled`` (spatial ReduceMeans made GlobalAveragePool)."""
 
-    def __init__(self, fuse_activations: bool = True, pool_means: bool = True):
+    def __init__(self, fuse_activations: bool = True, pool_means: bool = True, loop_constants: bool = True):
         super().__init__()
-        self.fuse_activations, self.pool_means = fuse_activations, pool_means
+        self.fuse_activations, self.pool_means, self.read_loop_constants = fuse_activations, pool_means, loop_constants
         self.float16_converted = self.activations_fused = self.means_pooled = self.loop_constants = 0
         self.weights_in_inputs = self.weights_folded = 0
 
@@ -137,9 +140,10 @@ class NormalizePass(ir.passes.InPlacePass):
         self.float16_converted = full.converted
         self.weights_in_inputs = _weights_out_of_inputs(model)
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
-        loops = LoopConstantsPass()
-        loops(model)
-        self.loop_constants = loops.hoisted
+        if self.read_loop_constants:
+            loops = LoopConstantsPass()
+            loops(model)
+            self.loop_constants = loops.hoisted
         computed = _computed_weights(model)
         _fold_weights(model)
         self.weights_folded = computed - _computed_weights(model)

@@ -140,6 +140,54 @@ def test_a_mean_whose_summation_order_shows_stays_a_reducemean(tmp_path):
         assert not shows or check["rounding_rewrites"].startswith("left out the spatial means as pools: with them,")
 
 
+def _carried_weight_loop(kernel: np.ndarray, tie: np.ndarray | None) -> onnx.ModelProto:
+    """One Loop step h = x·W, W carried through the loop unchanged (tf2onnx's form); with ``tie``, the output is
+    Sign(h − tie) instead: it turns on the last bit of h."""
+    k = kernel.shape[0]
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w_in"], ["h_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["w_in"], ["w_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, k]),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [k, k])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, k]),
+         helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [k, k])])
+    nodes = [helper.make_node("Loop", ["trips", "go", "x", "kernel"], ["h", "kernel_out"], body=body)]
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go"),
+             numpy_helper.from_array(kernel, "kernel")]
+    if tie is not None:
+        nodes += [helper.make_node("Sub", ["h", "tie"], ["d"]), helper.make_node("Sign", ["d"], ["y"])]
+        inits.append(numpy_helper.from_array(tie, "tie"))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                      [helper.make_tensor_value_info("y" if tie is not None else "h", TensorProto.FLOAT, [1, k])],
+                      inits)
+
+
+def test_loop_constants_whose_rounding_shows_are_left_out(tmp_path):
+    """A weight a Loop carries unchanged is read as a constant, which ONNX Runtime prepacks — another summation
+    order (a table decoder's tokens changed): a model whose output turns on that difference is normalized again
+    without the rewrite, and the figures say why."""
+    from edgeq.model_check import normalize_checked
+    from edgeq.model_io import load_model
+
+    kernel = (np.random.default_rng(0).standard_normal((256, 256)) / 16).astype(np.float32)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32)}
+    carried = ort.InferenceSession(_carried_weight_loop(kernel, None).SerializeToString()).run(None, x)[0]
+    source = tmp_path / "plain.onnx"
+    onnx.save(_carried_weight_loop(kernel, None), source)
+    _, check = normalize_checked(load_model(source), source, [x], tmp_path / "plain-out.onnx")
+    assert check["loop_constants"] == 1 and "rounding_rewrites" not in check
+    constant = ort.InferenceSession(str(tmp_path / "plain-out.onnx")).run(None, x)[0]
+    if (constant == carried).all():
+        pytest.skip("ONNX Runtime's prepacked and plain MatMul round alike on this CPU")
+    onnx.save(_carried_weight_loop(kernel, carried), source)
+    model, check = normalize_checked(load_model(source), source, [x], tmp_path / "tie-out.onnx")
+    assert "loop_constants" not in check and check["max_relative_error"] <= check["tolerance"]
+    assert check["rounding_rewrites"].startswith("left out the loop-carried constants read as constants: with them")
+
+
 def test_an_input_with_a_default_stays_an_input():
     """Only a blanket listing (every initializer an input, weights among them) is taken out of the inputs: a
     threshold initializer listed as an input, next to weights that are not, is an input with a default."""

@@ -8,8 +8,10 @@ its cell's MatMuls read two activations (as far as any pass can see) and were le
 Rules:
 - A carried value (Loop input 2 + k, body input 2 + k) whose body output 1 + k is that body input, directly or
   through Identity nodes, and whose Loop input is a constant (an initializer, or a Constant node's output), is
-  read by the body's nodes — nested subgraphs included — as that constant, an outer-scope value. The carried
-  value itself stays (the Loop's outputs keep their meaning), unused inside.
+  read by the body's nodes — nested subgraphs included — as that constant, an outer-scope value.
+- Where nothing reads the Loop's final value of it (its output k), the carried value is dropped from the Loop
+  (input, body input, body output, output): carried on, the float weight would stay in the model beside the
+  int8 copy its readers get. Otherwise it stays, unused inside.
 - Loops inside subgraphs are rewritten as well; nothing else changes.
 
 Results: :attr:`hoisted` (carried values now read as constants).
@@ -30,6 +32,7 @@ class LoopConstantsPass(ir.passes.InPlacePass):
             if node.op_type != "Loop" or node.domain not in ("", "ai.onnx") or "body" not in node.attributes:
                 continue
             body = node.attributes["body"].as_graph()
+            dropped = []
             for k, initial in enumerate(node.inputs[2:]):
                 if initial is None or ir.convenience.get_const_tensor(initial) is None \
                         or 2 + k >= len(body.inputs) or 1 + k >= len(body.outputs):
@@ -40,7 +43,28 @@ class LoopConstantsPass(ir.passes.InPlacePass):
                     for user, index in uses:  # the body's output stays the carried value
                         user.replace_input_with(index, initial)
                     self.hoisted += 1
+                    if not list(node.outputs[k].uses()) and not node.outputs[k].is_graph_output():
+                        dropped.append(k)
+            if dropped:
+                _drop_carried(node, body, dropped)
         return ir.passes.PassResult(model, modified=bool(self.hoisted))
+
+
+def _drop_carried(node: ir.Node, body: ir.Graph, dropped: list[int]) -> None:
+    """Rebuild ``node`` without the carried values ``dropped`` (their outputs unused)."""
+    for k in sorted(dropped, reverse=True):
+        body.outputs.pop(1 + k)
+        body.inputs.pop(2 + k)
+    inputs = [v for i, v in enumerate(node.inputs) if i - 2 not in dropped]
+    kept = [v for k, v in enumerate(node.outputs) if k not in dropped]
+    loop = ir.Node(node.domain, "Loop", inputs, attributes=list(node.attributes.values()), num_outputs=len(kept),
+                   name=node.name, version=node.version)
+    node.graph.insert_before(node, loop)
+    for old, new in zip(kept, loop.outputs):
+        name, old.name = old.name, None
+        new.name, new.type, new.shape = name, old.type, old.shape
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+    node.graph.remove(node, safe=True)
 
 
 def _passed_through(value: ir.Value) -> ir.Value:

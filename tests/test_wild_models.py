@@ -471,4 +471,6 @@ def test_weights_a_loop_carries_unchanged_are_read_as_constants_and_quantized(tm
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["decisions"]["cell_matmul"]["quantized"]
     assert manifest["normalize"]["loop_constants"] == 1
+    loop = next(n for n in onnx.load(out / "model.onnx").graph.node if n.op_type == "Loop")
+    assert list(loop.input) == ["trips", "go", "x"]  # its final kernel unread: no float copy carried on
     _close_to_original(proto, out, feeds)

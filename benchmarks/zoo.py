@@ -211,6 +211,20 @@ class GRUClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class LSTMTagger(nn.Module):
+    """Per-frame classes from 80-band features (a keyword spotter's or CTC recognizer's shape)."""
+
+    def __init__(self, features=80, hidden=256, layers=2, classes=32):
+        super().__init__()
+        self.inp = nn.Linear(features, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(torch.relu(self.inp(x)))
+        return self.head(out)
+
+
 @dataclass(frozen=True)
 class ZooModel:
     name: str
@@ -238,6 +252,7 @@ ZOO = {
     "bert_small": ZooModel("bert_small", BertSmall, "ids", (1, 128), _tokens, dtype="int64"),
     "yolo_style": ZooModel("yolo_style", YoloStyle, "image", (1, 3, 320, 320), _images),
     "gru": ZooModel("gru", GRUClassifier, "x", (1, 64, 64), _images, legacy_export=True),
+    "lstm": ZooModel("lstm", LSTMTagger, "x", (1, 100, 80), _images, legacy_export=True),
 }
 
 

@@ -277,7 +277,8 @@ class _Compilation:
         if rewritten:  # an equalized or smoothed model calibrates anew
             normalized_digest = model_digest(model)
         rules = self.rules
-        op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions)
+        op_types = set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops + rules.activation_fusions
+                       + (("LSTM",) if rules.dynamic_lstm else ()))  # whether an LSTM's input is always finite
         self.calibrator = CalibratePass(self.calib, op_types, self.recipe.method, self.recipe.percentile,
                                         normalized_digest, self.request.cache_dir, on_progress=self.reporter.progress)
         replay = self.request.replay
@@ -318,12 +319,12 @@ class _Compilation:
         (ranges: replacing the ones in use)."""
         rules = replace(self.rules, requant_ops=tuple(o for o in optional_ops if o not in PSEUDO_OPS),
                         activation_matmuls=ACT_MATMUL in optional_ops)
-        dynamic = self._dynamic_layers() if DYNAMIC_MATMUL in optional_ops else ()
+        dynamic = (self._dynamic_layers() if DYNAMIC_MATMUL in optional_ops else ()) + self._dynamic_lstms()
 
         def build(keep_float: set[str], tag: str, precisions: dict[str, str] | None = None,
                   ranges: dict[str, tuple[float, float]] | None = None) -> _Build:
             wide = precisions and any(p in WIDE_OPSET_PRECISIONS for p in precisions.values())
-            # with DynamicMatMul, a dynamic-capable layer's int8 is dynamic int8
+            # an LSTM's int8 is dynamic int8, and so, with DynamicMatMul, is a dynamic-capable layer's
             precisions = {**{n: DYNAMIC for n in dynamic}, **(precisions or {})}
             precisions = {n: DYNAMIC if n in dynamic and p == "int8" else p for n, p in precisions.items()}
             candidate = (self._model_at_wide_opset() if wide else self.model).clone()
@@ -340,13 +341,16 @@ class _Compilation:
         return build
 
     def _gated_model(self, groups: list) -> GatedModel | None:
-        """The uniform int8 build in use (rebuilt with static int8 where the op set made layers dynamic), gated
-        site by site (:mod:`edgeq.passes.gate_qdq`), with the gates of each group's one-group int8 build; None
-        where the model cannot be gated (the groups are then built one by one)."""
+        """The uniform int8 build in use (rebuilt with static int8 where the op set made layers dynamic, and its
+        LSTMs float), gated site by site (:mod:`edgeq.passes.gate_qdq`), with the gates of each group's one-group
+        int8 build; None where the model cannot be gated (the groups are then built one by one, as are groups
+        of dynamic int8 layers)."""
         build, keep = self.current, set(self.current.insert.keep_float)
-        dynamic = set(self._dynamic_layers()) if DYNAMIC_MATMUL in self.candidates[self.chosen] else set()
+        lstms = set(self._dynamic_lstms())
+        dynamic = lstms | (set(self._dynamic_layers()) if DYNAMIC_MATMUL in self.candidates[self.chosen] else set())
         if dynamic:
-            build = self.builder(tuple(o for o in self.candidates[self.chosen] if o != DYNAMIC_MATMUL))(keep, "gated")
+            build = self.builder(tuple(o for o in self.candidates[self.chosen] if o != DYNAMIC_MATMUL))(
+                keep, "gated", dict.fromkeys(lstms, "float"))
         model = ir.load(build.path)
         gate = GateQDQPass(self.model)
         try:
@@ -374,11 +378,19 @@ class _Compilation:
         return {name: round(ms - int8_ms[name], 4) for name, ms in float_ms.items()}
 
     def _dynamic_layers(self) -> tuple[str, ...]:
-        """The main-graph MatMul/Gemm layers that dynamic int8 can serve: an input calibration saw always finite
-        (a run-time scale from an infinite range would turn the whole output into NaN)."""
+        """The main-graph MatMul/Gemm layers that dynamic int8 can serve."""
+        return self._dynamic_capable(n for n in self.model.graph if n.op_type in self.rules.compute_ops)
+
+    def _dynamic_lstms(self) -> tuple[str, ...]:
+        """The LSTMs (at any depth) that dynamic int8 can serve, where the target has the kernel."""
+        return self._dynamic_capable(n for n in ir.traversal.RecursiveGraphIterator(self.model.graph)
+                                     if n.op_type == "LSTM") if self.rules.dynamic_lstm else ()
+
+    def _dynamic_capable(self, nodes) -> tuple[str, ...]:
+        """Of ``nodes``, those dynamic int8 can serve, reading an input calibration saw always finite (a run-time
+        scale from an infinite range would turn the whole output into NaN)."""
         seen, nonfinite = self.calibrator.ranges, self.calibrator.nonfinite
-        return tuple(n.name for n in self.model.graph if n.op_type in self.rules.compute_ops
-                     and dynamic_ineligible(n) is None and n.inputs[0].name in seen
+        return tuple(n.name for n in nodes if dynamic_ineligible(n) is None and n.inputs[0].name in seen
                      and n.inputs[0].name not in nonfinite)
 
     def _dynamic_weight_share(self) -> float:

@@ -6,7 +6,9 @@ A target says what the device can run fast, and edgeq only quantizes what it can
   ``passthrough_ops`` move integers unchanged (MaxPool, Reshape, …) and share their input's scale.
   ``symmetric_activations`` forces zero point 0 (TensorRT's explicit quantization requires it).
   ``dynamic_matmuls`` says the runtime has dynamic int8 MatMul kernels (activation scales computed at run
-  time), which makes ``DynamicMatMul`` an optional op set member. ``pool_as_reduce`` says an int8 MaxPool over
+  time), which makes ``DynamicMatMul`` an optional op set member. ``dynamic_lstm`` says it has a dynamic int8
+  LSTM kernel: an LSTM is then quantized that way in every int8 build (it has no static form), unless measured
+  back to float. ``pool_as_reduce`` says an int8 MaxPool over
   non-overlapping windows runs faster as Reshape + ReduceMax (:mod:`edgeq.passes.pool_as_reduce`).
 - ``[sparsity]``: the structured-sparsity patterns the device has kernels for (``patterns = ["2:4"]``), and
   the rules a layer must meet to use them: op types, weight dtypes, minimum input/output channels, a
@@ -59,6 +61,7 @@ class QuantizationRules:
     activation_fusions: tuple[str, ...] = ("Relu", "Clip")
     activation_matmuls: bool = True  # quantize MatMuls of two activations (attention scores, attention · V)
     dynamic_matmuls: bool = False  # the runtime has dynamic int8 MatMul kernels (ORT CPU: DynamicQuantizeMatMul)
+    dynamic_lstm: bool = False  # the runtime has a dynamic int8 LSTM kernel (ORT CPU: DynamicQuantizeLSTM)
     pool_as_reduce: bool = False  # int8 MaxPool over non-overlapping windows runs faster as Reshape + ReduceMax
     reduce_range: bool = False  # 7-bit weights: avoids u8*s8 overflow in AVX2 (non-VNNI) kernels
     symmetric_activations: bool = False
@@ -221,6 +224,7 @@ def _parse(data: dict, source: str) -> Target:
             reduce_range=bool(q.get("reduce_range", False)),
             activation_matmuls=bool(q.get("activation_matmuls", True)),
             dynamic_matmuls=bool(q.get("dynamic_matmuls", False)),
+            dynamic_lstm=bool(q.get("dynamic_lstm", False)),
             pool_as_reduce=bool(q.get("pool_as_reduce", False)),
             symmetric_activations=bool(q.get("symmetric_activations", False)),
         )

@@ -34,7 +34,12 @@ Rules:
   target is per channel), the activation is quantized per tensor at run time from its own range
   (DynamicQuantizeLinear, shared by every dynamic layer reading it) → MatMulInteger → Cast → Mul by the two
   scales [→ Add of a Gemm's bias], which ONNX Runtime fuses into ``DynamicQuantizeMatMul``; no calibrated range
-  is needed, it takes no part in QDQ growth, and its decision's role is ``compute`` (it is a layer).
+  is needed, it takes no part in QDQ growth, and its decision's role is ``compute`` (it is a layer). An LSTM
+  (constant 3-D float32 W and R, ``layout`` 0) in ``int8-dynamic`` becomes ONNX Runtime's
+  ``com.microsoft.DynamicQuantizeLSTM`` under its own name: W and R symmetric int8 (per gate row and direction
+  when the target is per channel, else per direction), stored transposed as the kernel reads them
+  ([directions, input, 4·hidden]); X and the hidden state are quantized per step at run time; B, the initial
+  states and the peepholes stay float. ONNX has no int8 LSTM: this is its only quantized form.
 
 Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
 the original node it serves), used to attribute measured kernel time back to original nodes.
@@ -64,6 +69,7 @@ WIDE_OPSET_PRECISIONS = ("int4", "int16")
 DYNAMIC = "int8-dynamic"
 OUTSIDE_QDQ = ("int4", "fp16", DYNAMIC)  # precisions outside QDQ growth, rewritten node by node after it
 _WEIGHT_QUANTIZED_BY_ORT = ("Conv", "ConvTranspose", "Gemm")  # float weights ORT quantizes after a DQ
+MICROSOFT = "com.microsoft"  # ONNX Runtime's contrib ops
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,8 @@ def int4_ineligible(node: ir.Node, block: int) -> str | None:
 
 def dynamic_ineligible(node: ir.Node) -> str | None:
     """Why dynamic int8 cannot serve this node, or None."""
+    if node.op_type == "LSTM":
+        return _lstm_ineligible(node)
     weight = node.inputs[1] if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
     if weight is None or not _is_const(weight) or len(weight.const_value.shape) != 2:
         return "int8-dynamic needs a MatMul or Gemm with a 2-D constant weight"
@@ -222,6 +230,17 @@ def dynamic_ineligible(node: ir.Node) -> str | None:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None and not _is_const(bias):
             return "int8-dynamic: Gemm bias is not constant"
+    return None
+
+
+def _lstm_ineligible(node: ir.Node) -> str | None:
+    weights = node.inputs[1:3]
+    if len(weights) < 2 or not all(_is_const(w) and len(w.const_value.shape) == 3 for w in weights):
+        return "int8-dynamic needs an LSTM with constant 3-D W and R"
+    if node.inputs[0].dtype != ir.DataType.FLOAT or any(w.const_value.dtype != ir.DataType.FLOAT for w in weights):
+        return "int8-dynamic needs a float32 LSTM"
+    if node.attributes.get_int("layout", 0):
+        return "int8-dynamic: a batch-first LSTM (layout 1) has no dynamic int8 kernel"
     return None
 
 
@@ -335,6 +354,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         quantized = False
         for graph, prefix in (*_subgraphs_named(model.graph), (model.graph, "")):  # each graph on its own
             quantized |= self._quantize_graph(graph, prefix)
+        if any(d.op_type == "LSTM" and d.precision == DYNAMIC for d in self.decisions.values()):
+            model.opset_imports.setdefault(MICROSOFT, 1)
         if any(d.precision in WIDE_OPSET_PRECISIONS for d in self.decisions.values()) and \
                 default_opset(model) < WIDE_OPSET:
             raise ValueError(f"int4/int16 Q/DQ needs opset {WIDE_OPSET}; convert the model first")
@@ -583,6 +604,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if reason is not None:
             self.decisions[node.name] = Decision(node.op_type, False, reason)
             return
+        if node.op_type == "LSTM":
+            return self._quantize_lstm(graph, node)
         weight, name = node.inputs[1], node.name
         axis = 1 if self.rules.per_channel else None
         key = f"{self._prefix}{weight.name}_dynamic"
@@ -612,14 +635,45 @@ class InsertQDQPass(ir.passes.InPlacePass):
         result = self._append(graph, name, "Mul", [result, scale], f"{name}_dynamic_scaled", dtype=ir.DataType.FLOAT)[0]
         if bias is not None:
             result = self._append(graph, name, "Add", [result, bias], f"{name}_dynamic_biased", dtype=ir.DataType.FLOAT)[0]
-        out = node.outputs[0]
-        result.shape = out.shape
-        if out.is_graph_output():  # the graph's output keeps its name
-            original, out.name = out.name, f"{out.name}_float"
-            result.name = original
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
+        self._replace(graph, node, [result])
+
+    def _quantize_lstm(self, graph: ir.Graph, node: ir.Node) -> None:
+        """LSTM → DynamicQuantizeLSTM: int8 W and R transposed to [directions, input or hidden, 4·hidden]."""
+        quantized = []
+        for weight in node.inputs[1:3]:
+            key = f"{self._prefix}{weight.name}_dynamic_lstm"
+            if key not in self._weights:
+                array = weight.const_value.numpy().astype(np.float32)
+                directions, rows = array.shape[:2]
+                if self.rules.per_channel:  # one scale per gate row of each direction
+                    q, scale = weight_quantize(array.reshape(directions * rows, -1), 0, self.rules.reduce_range)
+                    scale = scale.reshape(directions, rows)
+                else:
+                    q, scale = weight_quantize(array.reshape(directions, -1), 0, self.rules.reduce_range)
+                q = q.reshape(array.shape).transpose(0, 2, 1)
+                self._weights[key] = (self._initializer(graph, f"{key}_quantized", np.ascontiguousarray(q)),
+                                      self._initializer(graph, f"{key}_scale", scale),
+                                      self._initializer(graph, f"{key}_zero_point", np.zeros(scale.shape, np.int8)))
+            quantized.append(self._weights[key])
+        (wq, ws, wz), (rq, rs, rz) = quantized
+        inputs = [node.inputs[0], wq, rq, *node.inputs[3:8], *[None] * (8 - max(3, len(node.inputs))), ws, wz, rs, rz]
+        attributes = [a for a in node.attributes.values() if a.name != "layout"]
+        lstm = ir.Node(MICROSOFT, "DynamicQuantizeLSTM", inputs, attributes=attributes, name=node.name,
+                       num_outputs=len(node.outputs))
+        for made in lstm.outputs:
+            made.dtype = ir.DataType.FLOAT
+        graph.insert_before(node, lstm)
+        self._replace(graph, node, list(lstm.outputs))
+
+    def _replace(self, graph: ir.Graph, node: ir.Node, results: list[ir.Value]) -> None:
+        """``node``'s outputs become ``results`` under the same names; the node goes; it was made dynamic int8."""
+        for out, result in zip(node.outputs, results):
+            original, result.shape = out.name, out.shape
+            out.name = f"{original}_float"
+            result.name = original  # graph outputs keep their names, and ranges their tensors
+            out.replace_all_uses_with(result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
-        self.decisions[name] = Decision(node.op_type, True, "compute", DYNAMIC)
+        self.decisions[node.name] = Decision(node.op_type, True, "compute", DYNAMIC)
 
     def _append(self, graph: ir.Graph, owner: str, op_type: str, inputs: list, name: str, attributes=(),
                 dtype: ir.DataType | None = None, outputs: int = 1) -> list[ir.Value]:

@@ -1,11 +1,14 @@
-"""Dynamic int8 MatMul/Gemm layers: run-time activation scales, fused by ONNX Runtime, chosen as an op set."""
+"""Dynamic int8 layers: MatMul/Gemm with run-time activation scales, fused by ONNX Runtime, chosen as an op set;
+LSTMs as ONNX Runtime's DynamicQuantizeLSTM, their only int8 form."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -153,3 +156,99 @@ def test_auto_measures_dynamic_int8_where_matmul_layers_hold_the_weights(tmp_pat
         labels[name] = [t["label"] for t in trials if t["strategy"] == "op set"]
     assert any("DynamicMatMul" in label for label in labels["mlp"])
     assert labels["cnn"] and not any("DynamicMatMul" in label for label in labels["cnn"])  # a classifier only
+
+
+def _lstm(layout: int = 0, seed: int = 0) -> onnx.ModelProto:
+    """x[T=6, B=2, 16] → bidirectional LSTM (H=24; bias, initial state input, three outputs) → Y, Y_h, Y_c."""
+    rng = np.random.default_rng(seed)
+    hidden = 24
+    inits = [numpy_helper.from_array(rng.standard_normal((2, 4 * hidden, 16)).astype(np.float32) * 0.3, "W"),
+             numpy_helper.from_array(rng.standard_normal((2, 4 * hidden, hidden)).astype(np.float32) * 0.3, "R"),
+             numpy_helper.from_array(rng.standard_normal((2, 8 * hidden)).astype(np.float32) * 0.1, "B")]
+    x_shape, h_shape = ([2, 6, 16], [2, 2, hidden]) if layout else ([6, 2, 16], [2, 2, hidden])
+    node = helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0"], ["y", "y_h", "y_c"], name="lstm",
+                            hidden_size=hidden, direction="bidirectional", layout=layout)
+    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
+                               helper.make_tensor_value_info("h0", TensorProto.FLOAT, h_shape)],
+                      [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+                       (("y", [6, 2, 2, hidden] if not layout else [2, 6, 2, hidden]), ("y_h", h_shape), ("y_c", h_shape))],
+                      inits, opset=14)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_an_lstm_becomes_a_dynamic_quantize_lstm_under_its_name(per_channel):
+    proto = onnx.shape_inference.infer_shapes(_lstm())
+    model = ir.from_proto(proto)
+    insert = InsertQDQPass(replace(RULES, per_channel=per_channel), {}, precisions={"lstm": DYNAMIC})
+    insert(model)
+    quantized = to_proto(model)
+    assert insert.decisions["lstm"].precision == DYNAMIC
+    [node] = quantized.graph.node
+    assert (node.op_type, node.domain, node.name) == ("DynamicQuantizeLSTM", "com.microsoft", "lstm")
+    assert [o.name for o in quantized.graph.output] == ["y", "y_h", "y_c"]
+    stored = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    w, w_scale = stored[node.input[1]], stored[node.input[8]]
+    assert w.dtype == np.int8 and w.shape == (2, 16, 96)  # [directions, input, 4·hidden], as the kernel reads
+    assert w_scale.shape == ((2, 96) if per_channel else (2,))
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.standard_normal((6, 2, 16)).astype(np.float32),
+            "h0": rng.standard_normal((2, 2, 24)).astype(np.float32) * 0.5}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    reference = ort.InferenceSession(proto.SerializeToString(), options).run(None, feed)
+    got = ort.InferenceSession(quantized.SerializeToString(), options).run(None, feed)
+    assert all(_sqnr(r, g) > 30 for r, g in zip(reference, got))
+
+
+def test_a_batch_first_lstm_stays_float_and_says_why():
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(_lstm(layout=1)))
+    insert = InsertQDQPass(RULES, {}, precisions={"lstm": DYNAMIC})
+    insert(model)
+    assert not insert.decisions["lstm"].quantized and "layout 1" in insert.decisions["lstm"].reason
+    assert [n.op_type for n in model.graph] == ["LSTM"]
+
+
+def _outlier_lstm_model(path) -> tuple:
+    """x[T=8, 1, 64] with an outlier feature that barely reaches the output → mm1 → Relu → LSTM(H=32) → mm2."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 64)).astype(np.float32) * 0.2
+    w1[0] *= 0.002
+    inits = [numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(rng.standard_normal((1, 128, 64)).astype(np.float32) * 0.2, "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 128, 32)).astype(np.float32) * 0.2, "R"),
+             numpy_helper.from_array(np.array([8, 1, 32], np.int64), "shape"),
+             numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.3, "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("LSTM", ["r", "W", "R"], ["s"], name="lstm", hidden_size=32),
+             helper.make_node("Reshape", ["s", "shape"], ["t"], name="reshape"),
+             helper.make_node("MatMul", ["t", "w2"], ["y"], name="mm2")]
+    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1, 64])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1, 16])], inits), path)
+    x = rng.standard_normal((40, 8, 1, 64)).astype(np.float32)
+    x[..., 0] = 500.0 * np.sign(rng.standard_normal((40, 8, 1)))
+    return x
+
+
+def test_lstms_are_dynamic_int8_layers_of_the_guard_where_the_target_has_the_kernel(tmp_path):
+    """The guard measures the LSTM as a group of its own (built, not gated: it has no Q/DQ site), returns the
+    outlier-fed MatMul to float and keeps the LSTM dynamic; a target without the kernel leaves it float."""
+    x = _outlier_lstm_model(tmp_path / "m.onnx")
+    for i, sample in enumerate(x):
+        np.savez(tmp_path / f"feed_{i:02d}.npz", x=sample)
+    feeds = tmp_path
+    args = ["compile", str(tmp_path / "m.onnx"), "--calib", str(feeds), "--no-measure"]
+    result = CliRunner().invoke(main, [*args, "-t", HOST_X86, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    report, decisions = manifest["guard"], manifest["quantization"]["decisions"]
+    assert set(report["sensitivity"]) == {"mm1", "lstm", "mm2"} and report["sensitivity_gated_trials"] == 2
+    assert report["float_groups"] == ["mm1"] and manifest["fidelity"]["guard"]["met"]
+    assert decisions["lstm"]["precision"] == DYNAMIC and decisions["mm2"]["quantized"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node]
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    other = CliRunner().invoke(main, [*args, "-t", "gpu-ampere", "--no-guard", "-o", str(tmp_path / "gpu")])
+    assert other.exit_code == 0, other.output
+    decisions = json.loads((tmp_path / "gpu" / "manifest.json").read_text())["quantization"]["decisions"]
+    assert "lstm" not in decisions
+    assert "LSTM" in [n.op_type for n in onnx.load(str(tmp_path / "gpu" / "model.onnx")).graph.node]

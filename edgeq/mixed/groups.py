@@ -11,11 +11,12 @@ Rules:
 - A group's time counts its members and the activation each member's output alone feeds (ORT fuses
   Conv/Gemm + Relu, Clip, Sigmoid, … into one float kernel, and the Q→DQ pair moves past Relu/Clip in int8).
 - A group offers a precision only when every member supports it (int4: MatMuls with a 2-D constant weight
-  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight). ``float``, ``int8``
-  and ``int16`` are always offered when the target lists them.
+  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight). ``float`` and ``int8``
+  are always offered when the target lists them, ``int16`` unless an LSTM (dynamic int8 only) is a member.
 - Bytes per precision count the group's weights and biases as stored: float as in the model; int8 one byte
   per weight plus a float scale and a zero point per channel, int32 biases with their scales; int4 half a byte
   per weight plus a float scale and a 4-bit zero point per block; fp16 two bytes per weight, biases as they are.
+  An LSTM's weights are W and R (a scale and a zero point per gate row and direction); its bias stays float.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tu
         members.setdefault(sets.find(name), []).append(node)
     groups = []
     for nodes in members.values():
-        offered = tuple(p for p in candidates if p in ("float", "int8", "int16") or
+        offered = tuple(p for p in candidates if p in ("float", "int8") or
+                        (p == "int16" and all(n.op_type != "LSTM" for n in nodes)) or
                         (p == "int4" and all(int4_ineligible(n, int4_block) is None for n in nodes)) or
                         (p == "fp16" and all(_float_weight(n) for n in nodes)))
         group = Group(nodes[0].name, tuple(n.name for n in nodes),
@@ -111,18 +113,22 @@ def _maker(value: ir.Value | None, fusions: tuple[str, ...]) -> str | None:
 def _stored_bytes(nodes: list[ir.Node], precision: str, int4_block: int) -> int:
     total, seen = 0, set()
     for node in nodes:
-        for index, value in enumerate(node.inputs[1:3], start=1):
+        lstm = node.op_type == "LSTM"
+        weights = (1, 2) if lstm else (1,)
+        for index, value in enumerate(node.inputs[1:4 if lstm else 3], start=1):
             if value is None or value.const_value is None or value.name in seen:
                 continue
             seen.add(value.name)
             array = value.const_value
             size = int(np.prod(array.shape)) if array.shape.dims else 1
-            if precision == "float" or (precision == "fp16" and index == 2):
+            if precision == "float" or (index not in weights and (precision == "fp16" or lstm)):
                 total += array.nbytes
             elif precision == "fp16":
                 total += 2 * size
-            elif index == 2:  # bias: int32 values, a float scale each, an int32 zero point each
+            elif index not in weights:  # bias: int32 values, a float scale each, an int32 zero point each
                 total += 12 * size
+            elif lstm:  # int8 rows, a scale and a zero point per gate row and direction
+                total += size + 5 * int(array.shape[0] * array.shape[1])
             elif precision in ("int8", "int16"):  # W8A8 and W8A16 store the same int8 weights
                 total += size + 5 * int(array.shape[weight_channel_axis(node, len(array.shape))])
             else:  # int4: K × N weight in blocks of int4_block rows

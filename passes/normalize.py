@@ -27,8 +27,9 @@ Rules, in order:
    the body's MatMuls with prepacked weights, which round differently (an autoregressive table decoder's
    tokens changed), and :func:`edgeq.model_check.normalize_checked` normalizes again without it where that
    shows. A Conv/ConvTranspose/Gemm/
-   MatMul weight or bias that nodes compute from constants (torch's weight_norm exported without constant
-   folding) is folded into a constant, whatever its size — unless that copies a large constant another node
+   MatMul weight or bias, or an LSTM/GRU/RNN's W, R or B, that nodes compute from constants (torch's
+   weight_norm exported without constant folding; a scripted LSTM reordering torch's gates at run time) is
+   folded into a constant, whatever its size — unless that copies a large constant another node
    still reads (a tied embedding table).
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
    HardSwish/HardSigmoid fusions unless ``fuse_activations`` is off) folds constants, fuses BatchNorm into
@@ -186,7 +187,8 @@ def _nodes(model: ir.Model, op_types: tuple[str, ...]) -> list[ir.Node]:
 
 
 # Inputs where the quantizer needs a constant to see a weight (and ONNX Runtime to prepack it).
-WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
+WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
+                "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
 _REACH = 64  # values followed from a node towards a weight slot
 
 

@@ -344,6 +344,35 @@ def test_a_weight_computed_from_constants_is_folded_and_quantized(tmp_path):
     _close_to_original(proto, out, feeds)
 
 
+def test_lstm_weights_computed_from_constants_are_folded_and_the_lstm_quantized(tmp_path):
+    """A scripted LSTM (Silero VAD's) reorders torch's gates at run time: W and R are Slice → Concat → Unsqueeze
+    of tensors over the folding limit, so the LSTM read computed weights and could not be quantized."""
+    hidden, features = 48, 64
+    node = helper.make_node
+    nodes, inits = [], [_w(f"{w}_gates", (4 * hidden, width), 0.2) for w, width in (("w", features), ("r", hidden))]
+    bounds = ((0, hidden), (3 * hidden, 4 * hidden), (hidden, 3 * hidden))  # i, o, then f and c: ONNX's order
+    for w in ("w", "r"):
+        for k, (start, end) in enumerate(bounds):
+            inits += [numpy_helper.from_array(np.array([start], np.int64), f"{w}_start{k}"),
+                      numpy_helper.from_array(np.array([end], np.int64), f"{w}_end{k}")]
+            nodes.append(node("Slice", [f"{w}_gates", f"{w}_start{k}", f"{w}_end{k}"], [f"{w}_part{k}"]))
+        nodes += [node("Concat", [f"{w}_part{k}" for k in range(3)], [f"{w}_rows"], axis=0),
+                  node("Unsqueeze", [f"{w}_rows", "zero"], [f"{w}_onnx"])]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero"))
+    nodes += [node("LSTM", ["x", "w_onnx", "r_onnx"], ["seq"], name="lstm", hidden_size=hidden),
+              node("Squeeze", ["seq", "one"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [5, 1, features])],
+                       [helper.make_tensor_value_info("y", F, [5, 1, hidden])], inits)
+    feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((5, 1, features)).astype(np.float32)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["normalize"]["weights_folded"] == 2
+    assert manifest["quantization"]["decisions"]["lstm"]["precision"] == "int8-dynamic"
+    _close_to_original(proto, out, feeds)
+
+
 def test_dims_that_differ_per_feed(tmp_path):
     """Variable text length: [1, T, 16] with T changing from feed to feed."""
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),

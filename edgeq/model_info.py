@@ -3,7 +3,8 @@
 Reported as stored in the file (nothing is normalized first): opset, inputs/outputs, op counts in the main
 graph and inside If/Loop/Scan subgraphs, parameters, weights held in ``Constant`` nodes (they need lifting
 before per-channel quantization), whether the model is already quantized, and quantizable coverage for a
-target: the share of compute nodes (Conv/Gemm/MatMul…) that sit in the main graph, where edgeq quantizes; and,
+target: the share of compute nodes (Conv/Gemm/MatMul…; LSTMs where it runs them in dynamic int8) that sit in the
+main graph (those in subgraphs are quantized only where calibration reaches them); and,
 for a model with 2:4-annotated weights, the checker's verdict on them.
 """
 
@@ -74,7 +75,8 @@ def model_info(path: str | Path, target: Target | None = None) -> dict:
     if sparsity.weights:
         info["sparsity"] = sparsity.to_dict()
     if target is not None:
-        compute = target.quantization.compute_ops
+        rules = target.quantization
+        compute = rules.compute_ops + (("LSTM",) if rules.dynamic_lstm else ())  # LSTMs in dynamic int8
         in_main = sum(main_ops[o] for o in compute)
         in_sub = sum(sub_ops[o] for o in compute)
         info["coverage"] = {

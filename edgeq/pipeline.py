@@ -1,7 +1,8 @@
 """The compile pipeline: float ONNX in, a measured int8 (or, when int8 does not pay, float) artifact out.
 
     load → normalize → exclude → [2:4 prune] → [CLE, SmoothQuant] → calibrate → optional op set → fidelity
-         guard [→ GPTQ + bias correction → groups back to float] → no-slowdown → artifact [→ 2:4 check]
+         guard [→ GPTQ + bias correction → groups back to float → op set again] → no-slowdown → artifact
+         [→ 2:4 check]
 
 Rules:
 - The user's model must load and run in ONNX Runtime; the normalized model must compute what it computes
@@ -13,8 +14,8 @@ Rules:
 - Latency is float vs int8 in one process, interleaved, on the target's runtime settings.
 - Every measured choice is a strategy of :mod:`edgeq.search`, and every build it measured is a trial in the
   manifest's ``search.trials``: the optional op set (:mod:`edgeq.search.op_sets`: ``auto`` measures all, none,
-  all but one group, and all + dynamic int8 MatMuls, and keeps the most accurate within 5% of the fastest),
-  the fidelity guard (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4
+  all but one group, and all + dynamic int8 MatMuls, and keeps the most accurate within 5% of the fastest;
+  measured again, held to the guard, where the guard returned groups to float), the fidelity guard (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4
   layers and the mixed-precision loop.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
   inside measurement noise does not pay for the accuracy int8 costs. If int8 is still not faster after the
@@ -176,6 +177,7 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             run.allocate_bits()
         else:
             run.hold_guard()
+            run.choose_op_set_after_guard()
             run.guard_speed()
         with reporter.stage(f"fidelity on {run.delivered_feeds or len(run.holdout)} feeds"):
             fidelity = run.delivered_fidelity()
@@ -500,6 +502,20 @@ class _Compilation:
         else:
             self.current = held.build
             self.guard_float_nodes = {n for g in groups if g.name in held.float_groups for n in g.nodes}
+
+    def choose_op_set_after_guard(self) -> None:
+        """Where the guard returned groups to float, the optional op sets are measured again with those groups
+        float, and the fastest that holds the guard replaces the first choice (:mod:`edgeq.search.op_sets`)."""
+        if not self.guard_float_nodes or len(self.candidates) < 2 or not self.measure:
+            return
+        keep = set(self.current.insert.keep_float)
+        makers = {f"{label} (the guard's float groups)":
+                  (lambda ops=ops: self.builder(ops)(keep, "after-guard")) for label, ops in self.candidates.items()}
+        with self.reporter.stage(f"measure {len(makers)} optional op sets again, the guard's groups float"):
+            chosen = run(choose_op_set(makers, lambda trial: guard.checked(trial)["met"]), self.trials)
+        if chosen is not None:
+            self.chosen = next(label for label, made in zip(self.candidates, makers) if made == chosen)
+            self.current = next(t.build for t in self.trials.of("op set") if t.chosen and t.candidate.label == chosen)
 
     def _replay_guard(self, decisions: Decisions) -> None:
         """A locked build: the guard's recorded choices applied, nothing measured — PTQ where it was kept; its

@@ -650,3 +650,26 @@ def test_a_detector_with_nms_in_its_graph_compiles_judged_by_its_detections(tmp_
     uniform = manifest["guard"]["uniform_int8"]["outputs"]["dets"]["checks"][0]
     assert uniform["figure"] == "decision_agreement" and uniform["value"] > 0.5
     assert "detections" in result.output
+
+
+def test_the_op_sets_are_measured_again_with_the_guards_groups_float(tmp_path):
+    """What pays beside an int8 layer changes when its neighbour turns float: after the guard returned a group,
+    each op set is built again with it float, held to the guard, and the choice recorded and replayable."""
+    model, feeds = _outlier_model(tmp_path)
+    proto = onnx.load(model)
+    proto.graph.node[2].output[0] = "m"
+    proto.graph.node.append(helper.make_node("Add", ["m", "r"], ["y"], name="residual"))
+    onnx.save(proto, model)
+    result = CliRunner().invoke(main, ["compile", str(model), "-t", HOST_X86, "--calib", str(feeds), "-o",
+                                       str(tmp_path / "out"), "--repeats", "3"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["guard"]["float_groups"] == ["mm1"]
+    again = [t for t in manifest["search"]["trials"]
+             if t["strategy"] == "op set" and t["label"].endswith("(the guard's float groups)")]
+    assert sorted(t["label"].split(" (")[0] for t in again) == sorted(manifest["op_sets"]["candidates"])
+    assert all(t["sqnr_db"] is not None and t["ratio"] is not None for t in again)
+    chosen = [t["label"].split(" (")[0] for t in again if t["chosen"]]
+    assert chosen == [manifest["op_sets"]["chosen"]]
+    assert ("Add" in manifest["recipe"]["optional_ops"]) == chosen[0].startswith("all")  # what a lock replays
+    assert manifest["fidelity"]["guard"]["met"]

@@ -74,3 +74,31 @@ def test_float_runs_on_each_held_out_feed_once_however_far_trials_ask(tmp_path):
         trials.fidelity(paths["candidate"], feeds)
     assert runs == {"float": 6, "candidate": 2 + 4 + 6 + 3}
     assert first == trials.fidelity(paths["candidate"], 2)
+
+
+def test_op_sets_measured_again_after_the_guard_choose_among_those_that_hold_it():
+    from edgeq.runtimes.base import Latency
+    from edgeq.search.op_sets import choose_op_set
+
+    figures = {"all": (0.80, 34.0), "none": (0.95, 41.0), "all but Add": (0.86, 36.0)}  # ratio, SQNR dB
+
+    class FakeTrials(CountingTrials):
+        def measure_batch(self, candidates):
+            batch = []
+            for candidate in candidates:
+                ratio, sqnr = figures[candidate.label]
+                trial = self.measure(candidate)
+                trial.latency = {"float": Latency(1.0, 1.0, 1.0, 1), "int8": Latency(ratio, ratio, ratio, 1)}
+                trial.fidelity = {"outputs": {"y": {"sqnr_db": sqnr}}}
+                batch.append(trial)
+            return batch
+
+    builds = {label: (lambda: None) for label in figures}
+    trials = FakeTrials()
+    assert run(choose_op_set(builds), trials) == "all"  # the most accurate within 5% of the fastest
+    assert all(t.candidate.feeds == 16 for t in trials.log)
+    trials = FakeTrials()
+    held = run(choose_op_set(builds, lambda trial: trial.fidelity["outputs"]["y"]["sqnr_db"] >= 35), trials)
+    assert held == "all but Add" and [t.candidate.label for t in trials.log if t.chosen] == ["all but Add"]
+    assert all(t.candidate.feeds is None for t in trials.log)  # every held-out feed, as the guard is checked
+    assert run(choose_op_set(builds, lambda trial: False), FakeTrials()) is None

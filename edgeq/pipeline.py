@@ -15,8 +15,9 @@ Rules:
 - Every measured choice is a strategy of :mod:`edgeq.search`, and every build it measured is a trial in the
   manifest's ``search.trials``: the optional op set (:mod:`edgeq.search.op_sets`: ``auto`` measures all, none,
   all but one group, and all + dynamic int8 MatMuls, and keeps the most accurate within 5% of the fastest;
-  measured again, held to the guard, where the guard returned groups to float), the fidelity guard (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4
-  layers and the mixed-precision loop.
+  measured again, held to the guard, where the guard returned groups to float), the fidelity guard
+  (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4 layers and the
+  mixed-precision loop.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
   inside measurement noise does not pay for the accuracy int8 costs. If int8 is still not faster after the
   no-slowdown rounds, the float model is delivered and the manifest says why. Without a reachable device
@@ -263,6 +264,11 @@ class _Compilation:
         self.trials = Trials(self.runtime, self.float_path, self.feed, self.holdout, self.recipe, self.metric,
                              timed=self.measure)
         ExcludePass(self.recipe.exclude)(model)
+        names = {node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)}
+        unknown = sorted(set(self.request.keep_float) - names)
+        if unknown:  # a typo, or "a,b" for two names, would otherwise quantize what the user meant to keep
+            raise UserError(f"--keep-float names no node called {', '.join(map(repr, unknown))}",
+                            "give one node per --keep-float, named as the manifest's decisions name it")
         self.base_path = self.float_path  # what int8 starts from, and the float model delivered
         if self.recipe.sparsity != "none":
             replay = self.request.replay

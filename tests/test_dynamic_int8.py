@@ -171,7 +171,8 @@ def _lstm(layout: int = 0, seed: int = 0) -> onnx.ModelProto:
     return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
                                helper.make_tensor_value_info("h0", TensorProto.FLOAT, h_shape)],
                       [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
-                       (("y", [6, 2, 2, hidden] if not layout else [2, 6, 2, hidden]), ("y_h", h_shape), ("y_c", h_shape))],
+                       (("y", [2, 6, 2, hidden] if layout else [6, 2, 2, hidden]), ("y_h", h_shape),
+                        ("y_c", h_shape))],
                       inits, opset=14)
 
 

@@ -284,6 +284,8 @@ def test_user_code_and_target_files_that_misbehave(tmp_path):
                     "raised RuntimeError: import-time failure")
     _one_line_error(run(*args, "-t", tmp_path / "bad.toml"), 2, "wrong type")
     _one_line_error(run(*args, "-t", "x86-64", "--exclude", "re:("), 2, "bad --exclude regex")
+    _one_line_error(run(*args, "-t", "x86-64", "--keep-float", "conv,relu"), 2,
+                    "--keep-float names no node called 'conv,relu'")
     assert not (tmp_path / "out").exists()
 
 

@@ -364,7 +364,8 @@ def test_lstm_weights_computed_from_constants_are_folded_and_the_lstm_quantized(
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
     proto = make_model(nodes, [helper.make_tensor_value_info("x", F, [5, 1, features])],
                        [helper.make_tensor_value_info("y", F, [5, 1, hidden])], inits)
-    feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((5, 1, features)).astype(np.float32)})
+    feeds = _feeds(tmp_path / "feeds", 10,
+                   lambda rng, i: {"x": rng.standard_normal((5, 1, features)).astype(np.float32)})
     result, out = _compile(tmp_path, proto, feeds)
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,7 +1,7 @@
 """The compile pipeline: float ONNX in, a measured int8 (or, when int8 does not pay, float) artifact out.
 
     load → normalize → exclude → [2:4 prune] → [CLE, SmoothQuant] → calibrate → optional op set → fidelity
-         guard [→ GPTQ + bias correction → groups back to float → op set again] → no-slowdown → artifact
+         guard [→ GPTQ + bias correction → groups back to float] → no-slowdown [→ op set again] → artifact
          [→ 2:4 check]
 
 Rules:
@@ -15,9 +15,9 @@ Rules:
 - Every measured choice is a strategy of :mod:`edgeq.search`, and every build it measured is a trial in the
   manifest's ``search.trials``: the optional op set (:mod:`edgeq.search.op_sets`: ``auto`` measures all, none,
   all but one group, and all + dynamic int8 MatMuls, and keeps the most accurate within 5% of the fastest;
-  measured again, held to the guard, where the guard returned groups to float), the fidelity guard
-  (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4 layers and the
-  mixed-precision loop.
+  measured again, held to the guard, where the guard returned groups to float and int8 was not yet faster),
+  the fidelity guard (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4
+  layers and the mixed-precision loop.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
   inside measurement noise does not pay for the accuracy int8 costs. If int8 is still not faster after the
   no-slowdown rounds, the float model is delivered and the manifest says why. Without a reachable device
@@ -178,7 +178,6 @@ def compile_model(request: CompileRequest, reporter: Reporter | None = None) -> 
             run.allocate_bits()
         else:
             run.hold_guard()
-            run.choose_op_set_after_guard()
             run.guard_speed()
         with reporter.stage(f"fidelity on {run.delivered_feeds or len(run.holdout)} feeds"):
             fidelity = run.delivered_fidelity()
@@ -509,19 +508,21 @@ class _Compilation:
             self.current = held.build
             self.guard_float_nodes = {n for g in groups if g.name in held.float_groups for n in g.nodes}
 
-    def choose_op_set_after_guard(self) -> None:
-        """Where the guard returned groups to float, the optional op sets are measured again with those groups
-        float, and the fastest that holds the guard replaces the first choice (:mod:`edgeq.search.op_sets`)."""
-        if not self.guard_float_nodes or len(self.candidates) < 2 or not self.measure:
-            return
-        keep = set(self.current.insert.keep_float)
+    def _op_set_after_guard(self, held) -> _Build | None:
+        """Where the guard returned groups to float, the optional op sets measured again with those groups float
+        (``held``'s keep_float); the fastest that holds the guard becomes the choice and its build is returned
+        (:mod:`edgeq.search.op_sets`); None where there is nothing to choose or none holds."""
+        if not self.guard_float_nodes or len(self.candidates) < 2:
+            return None
+        keep = set(held.insert.keep_float)
         makers = {f"{label} (the guard's float groups)":
                   (lambda ops=ops: self.builder(ops)(keep, "after-guard")) for label, ops in self.candidates.items()}
         with self.reporter.stage(f"measure {len(makers)} optional op sets again, the guard's groups float"):
             chosen = run(choose_op_set(makers, lambda trial: guard.checked(trial)["met"]), self.trials)
-        if chosen is not None:
-            self.chosen = next(label for label, made in zip(self.candidates, makers) if made == chosen)
-            self.current = next(t.build for t in self.trials.of("op set") if t.chosen and t.candidate.label == chosen)
+        if chosen is None:
+            return None
+        self.chosen = next(label for label, made in zip(self.candidates, makers) if made == chosen)
+        return next(t.build for t in self.trials.of("op set") if t.chosen and t.candidate.label == chosen)
 
     def _replay_guard(self, decisions: Decisions) -> None:
         """A locked build: the guard's recorded choices applied, nothing measured — PTQ where it was kept; its
@@ -605,11 +606,16 @@ class _Compilation:
         if not self.measure:
             self.reason = f"latency not measured: {self.why_not_measured}; the no-slowdown check did not run"
             return
-        rebuild = self.builder(self.candidates[self.chosen])
+        holds = (lambda trial: guard.checked(trial)["met"]) if self.guard_applies else None
         with self.reporter.stage("no-slowdown: measure float vs int8, return costly nodes to float"):
-            holds = (lambda trial: guard.checked(trial)["met"]) if self.guard_applies else None
-            best = run(no_slowdown(current, rebuild, self.trials.kernel_times, self.float_path, recipe, holds),
-                       self.trials)
+            best = run(no_slowdown(current, self.builder(self.candidates[self.chosen]), self.trials.kernel_times,
+                                   self.float_path, recipe, holds), self.trials)
+        if recipe.no_slowdown and best.ratio > recipe.max_ratio:  # before giving up int8: what pays beside the
+            other = self._op_set_after_guard(current)               # guard's float groups may be another op set
+            if other is not None:
+                with self.reporter.stage("no-slowdown with that op set"):
+                    best = run(no_slowdown(other, self.builder(self.candidates[self.chosen]),
+                                           self.trials.kernel_times, self.float_path, recipe, holds), self.trials)
         self.current = current = best.build
         self.latency = best.latency
         ratio = self.latency["int8"].median_ms / self.latency["float"].median_ms

@@ -20,11 +20,12 @@ Rules:
   the caches, which flatters the smallest weights) and on ``FIDELITY_FEEDS`` held-out feeds; the most accurate
   (worst-output SQNR) among those within ``SPEED_TOLERANCE`` of the fastest is chosen. (The no-slowdown check
   measures the chosen one again: a fresh figure, free of the bias of picking the best of several.)
-- After the fidelity guard returned groups to float, the op sets are measured again with those groups float,
-  each checked against the guard on every held-out feed (``holds``), and the choice is made among those that
-  hold it: what pays beside an int8 layer changes when its neighbour turns float (a speech-quality model's int8
-  MaxPools ran as ORT's slow loop once the Conv between them was float: its held build measured ×1.03 with the
-  op set chosen for uniform int8, ×0.89 with another). None holds: the first choice stands.
+- After the fidelity guard returned groups to float and the no-slowdown rounds left int8 no faster than float,
+  the op sets are measured again with those groups float, each checked against the guard on every held-out
+  feed (``holds``), and the choice is made among those that hold it: what pays beside an int8 layer changes
+  when its neighbour turns float (a speech-quality model's int8 MaxPools ran as ORT's slow loop once the Conv
+  between them was float: its held build measured ×1.03 with the op set chosen for uniform int8, ×0.87 with
+  another). None holds: the first choice stands.
 """
 
 from __future__ import annotations

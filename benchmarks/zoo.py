@@ -233,7 +233,7 @@ class ZooModel:
     shape: tuple
     sample: Callable[[np.random.Generator, tuple], np.ndarray]
     dtype: str = "float32"
-    legacy_export: bool = False  # the dynamo exporter has no ONNX GRU/LSTM op; the legacy one keeps it
+    legacy_export: bool = False  # torch's legacy exporter: the recurrent entries' published figures were taken so
 
 
 def _images(rng, shape):

@@ -65,9 +65,9 @@ from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.gate_qdq import GateQDQPass
 from edgeq.passes.pool_as_reduce import PoolAsReducePass, windows_tile
 from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass, dynamic_ineligible
-from edgeq.search import Candidate, Trials, run
+from edgeq.search import Candidate, Trial, Trials, run
 from edgeq.search.no_slowdown import no_slowdown
-from edgeq.search.op_sets import (ACT_MATMUL, DYNAMIC_MATMUL, POOL_AS_REDUCE, PSEUDO_OPS, choose_op_set,
+from edgeq.search.op_sets import (ACT_MATMUL, AFTER_GUARD, DYNAMIC_MATMUL, POOL_AS_REDUCE, PSEUDO_OPS, choose_op_set,
                                   op_set_candidates)
 from edgeq.search.ranges import choose_ranges
 from edgeq.ptq_stage import PtqStage
@@ -508,21 +508,24 @@ class _Compilation:
             self.current = held.build
             self.guard_float_nodes = {n for g in groups if g.name in held.float_groups for n in g.nodes}
 
-    def _op_set_after_guard(self, held) -> _Build | None:
-        """Where the guard returned groups to float, the optional op sets measured again with those groups float
-        (``held``'s keep_float); the fastest that holds the guard becomes the choice and its build is returned
-        (:mod:`edgeq.search.op_sets`); None where there is nothing to choose or none holds."""
-        if not self.guard_float_nodes or len(self.candidates) < 2:
+    def _op_set_after_guard(self, held) -> Trial | None:
+        """Where the guard returned groups to float, the AFTER_GUARD op sets fastest before the guard (the one in
+        use aside) measured again with those groups float (``held``'s keep_float); the fastest that holds the
+        guard becomes the choice and its trial is returned (:mod:`edgeq.search.op_sets`); None where there is
+        nothing to measure or none holds."""
+        before = {t.candidate.label: t.ratio for t in self.trials.of("op set") if t.candidate.label in self.candidates}
+        others = sorted((label for label in before if label != self.chosen), key=before.get)[:AFTER_GUARD]
+        if not self.guard_float_nodes or not others:
             return None
         keep = set(held.insert.keep_float)
         makers = {f"{label} (the guard's float groups)":
-                  (lambda ops=ops: self.builder(ops)(keep, "after-guard")) for label, ops in self.candidates.items()}
+                  (lambda ops=self.candidates[label]: self.builder(ops)(keep, "after-guard")) for label in others}
         with self.reporter.stage(f"measure {len(makers)} optional op sets again, the guard's groups float"):
             chosen = run(choose_op_set(makers, lambda trial: guard.checked(trial)["met"]), self.trials)
         if chosen is None:
             return None
-        self.chosen = next(label for label, made in zip(self.candidates, makers) if made == chosen)
-        return next(t.build for t in self.trials.of("op set") if t.chosen and t.candidate.label == chosen)
+        self.chosen = next(label for label, made in zip(others, makers) if made == chosen)
+        return next(t for t in self.trials.of("op set") if t.chosen and t.candidate.label == chosen)
 
     def _replay_guard(self, decisions: Decisions) -> None:
         """A locked build: the guard's recorded choices applied, nothing measured — PTQ where it was kept; its
@@ -612,9 +615,9 @@ class _Compilation:
                                    self.float_path, recipe, holds), self.trials)
         if recipe.no_slowdown and best.ratio > recipe.max_ratio:  # before giving up int8: what pays beside the
             other = self._op_set_after_guard(current)               # guard's float groups may be another op set
-            if other is not None:
+            if other is not None and other.ratio <= recipe.max_ratio:
                 with self.reporter.stage("no-slowdown with that op set"):
-                    best = run(no_slowdown(other, self.builder(self.candidates[self.chosen]),
+                    best = run(no_slowdown(other.build, self.builder(self.candidates[self.chosen]),
                                            self.trials.kernel_times, self.float_path, recipe, holds), self.trials)
         self.current = current = best.build
         self.latency = best.latency

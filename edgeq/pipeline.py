@@ -64,7 +64,8 @@ from edgeq.passes.normalize import NormalizePass
 from edgeq.passes.exclude import ExcludePass
 from edgeq.passes.gate_qdq import GateQDQPass
 from edgeq.passes.pool_as_reduce import PoolAsReducePass, windows_tile
-from edgeq.passes.insert_qdq import DYNAMIC, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass, dynamic_ineligible
+from edgeq.passes.insert_qdq import (DYNAMIC, EMBEDDING, WIDE_OPSET, WIDE_OPSET_PRECISIONS, InsertQDQPass,
+                                     dynamic_ineligible)
 from edgeq.search import Candidate, Trial, Trials, run
 from edgeq.search.no_slowdown import no_slowdown
 from edgeq.search.op_sets import (ACT_MATMUL, AFTER_GUARD, DYNAMIC_MATMUL, POOL_AS_REDUCE, PSEUDO_OPS, choose_op_set,
@@ -349,15 +350,16 @@ class _Compilation:
 
     def _gated_model(self, groups: list) -> GatedModel | None:
         """The uniform int8 build in use (rebuilt with static int8 where the op set made layers dynamic, and its
-        LSTMs float), gated site by site (:mod:`edgeq.passes.gate_qdq`), with the gates of each group's one-group
-        int8 build; None where the model cannot be gated (the groups are then built one by one, as are groups
-        of dynamic int8 layers)."""
+        LSTMs and embeddings float), gated site by site (:mod:`edgeq.passes.gate_qdq`), with the gates of each
+        group's one-group int8 build; None where the model cannot be gated (the groups are then built one by one,
+        as are groups of dynamic int8 layers and embeddings: they have no Q/DQ site to gate)."""
         build, keep = self.current, set(self.current.insert.keep_float)
         lstms = set(self._dynamic_lstms())
         dynamic = lstms | (set(self._dynamic_layers()) if DYNAMIC_MATMUL in self.candidates[self.chosen] else set())
-        if dynamic:
+        embeddings = {n for n, d in build.insert.decisions.items() if d.quantized and d.reason == EMBEDDING}
+        if dynamic or embeddings:
             build = self.builder(tuple(o for o in self.candidates[self.chosen] if o != DYNAMIC_MATMUL))(
-                keep, "gated", dict.fromkeys(lstms, "float"))
+                keep, "gated", dict.fromkeys(lstms | embeddings, "float"))
         model = ir.load(build.path)
         gate = GateQDQPass(self.model)
         try:

@@ -40,6 +40,17 @@ Rules:
   when the target is per channel, else per direction), stored transposed as the kernel reads them
   ([directions, input, 4·hidden]); X and the hidden state are quantized per step at run time; B, the initial
   states and the peepholes stay float. ONNX has no int8 LSTM: this is its only quantized form.
+- Weights transposed at run time: a MatMul/Gemm whose weight a Transpose makes from one constant 2-D float32
+  tensor (a tied embedding's output layer: exporters share the table and transpose it for the product) reads
+  that constant transposed as a weight of its own, unless it stays float — per-channel int8 like any weight,
+  where it was a second activation quantized per tensor, and the float table goes once nothing else reads it.
+- Embedding tables: where the target gathers integers (``Gather`` among its passthrough ops), a Gather along
+  axis 0 of a constant float32 table (rank ≥ 2, at least ``EMBEDDING_MIN_BYTES``) by indices computed at run
+  time reads an int8 table instead — symmetric, one scale per row — as Gather(int8 rows) → Cast → Mul by
+  Gather(row scales), its output under the Gather's name: a quarter of the bytes, the gathered rows alone
+  dequantized. It is weight-only (activations stay float, no range is needed), in every int8 build unless
+  ``precisions``, ``keep_float`` or an exclusion say float; its decision's role is ``embedding``. A smaller
+  table saves too little to pay for three more kernels.
 
 Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
 the original node it serves), used to attribute measured kernel time back to original nodes.
@@ -70,6 +81,8 @@ DYNAMIC = "int8-dynamic"
 OUTSIDE_QDQ = ("int4", "fp16", DYNAMIC)  # precisions outside QDQ growth, rewritten node by node after it
 _WEIGHT_QUANTIZED_BY_ORT = ("Conv", "ConvTranspose", "Gemm")  # float weights ORT quantizes after a DQ
 MICROSOFT = "com.microsoft"  # ONNX Runtime's contrib ops
+EMBEDDING = "embedding"  # the role of a Gather whose constant table is stored int8
+EMBEDDING_MIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,29 @@ def dynamic_ineligible(node: ir.Node) -> str | None:
     return None
 
 
+def embedding_table(node: ir.Node) -> ir.Value | None:
+    """The constant float32 table (rank ≥ 2) a Gather reads by indices computed at run time, or None."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    table, indices = node.inputs[0], node.inputs[1]
+    if not _is_const(table) or _is_const(indices) or table.const_value.dtype != ir.DataType.FLOAT \
+            or len(table.const_value.shape) < 2:
+        return None
+    return table
+
+
+def embedding_ineligible(node: ir.Node) -> str | None:
+    """Why an embedding table (:func:`embedding_table`) cannot be stored int8, or None."""
+    table = embedding_table(node)
+    if table is None:
+        return "int8 rows need a Gather of a constant float32 table by run-time indices"
+    if node.attributes.get_int("axis", 0) not in (0, -len(table.const_value.shape)):
+        return "a Gather along another axis than the table's rows"
+    if table.const_value.nbytes < EMBEDDING_MIN_BYTES:
+        return f"a table under {EMBEDDING_MIN_BYTES // 1024} KiB: int8 would save too little for three more kernels"
+    return None
+
+
 def _lstm_ineligible(node: ir.Node) -> str | None:
     weights = node.inputs[1:3]
     if len(weights) < 2 or not all(_is_const(w) and len(w.const_value.shape) == 3 for w in weights):
@@ -392,6 +428,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _quantize_graph(self, graph: ir.Graph, prefix: str) -> bool:
         """Quantize the nodes of one graph (not of its subgraphs); names of new weights get ``prefix``."""
         self._graph, self._prefix = graph, prefix
+        self._fold_transposed_weights(graph)
         roles, kept, tensors = self._plan(graph)
         qparams = self._resolve_qparams(graph, roles, kept, tensors)
         for node in list(graph):
@@ -414,7 +451,32 @@ class InsertQDQPass(ir.passes.InPlacePass):
         rewrite = {"int4": self._quantize_int4, "fp16": self._store_fp16, DYNAMIC: self._quantize_dynamic}
         for name, node in rewritten:
             rewrite[self.precisions[name]](graph, node)
-        return bool(kept) or any(self.decisions[name].quantized for name, _ in rewritten)
+        gathers_integers = "Gather" in self.rules.passthrough_ops
+        embeddings = [n for n in graph if gathers_integers and embedding_table(n) is not None]
+        for node in embeddings:
+            self._quantize_embedding(graph, node)
+        return bool(kept) or any(self.decisions[n].quantized for n in [name for name, _ in rewritten]
+                                 + [node.name for node in embeddings])
+
+    def _fold_transposed_weights(self, graph: ir.Graph) -> None:
+        """MatMul/Gemm(x, Transpose(constant)) → MatMul/Gemm(x, the constant transposed), each fold stored once."""
+        folded: dict[ir.Node, ir.Value] = {}
+        for node in list(graph):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 \
+                    or EXCLUDE_KEY in node.meta or node.name in self.keep_float \
+                    or self.precisions.get(node.name) == "float":
+                continue
+            made = node.inputs[1].producer() if node.inputs[1] is not None else None
+            if made is None or made.op_type != "Transpose" or made.domain not in ("", "ai.onnx") \
+                    or made.graph is not graph or not _is_const(made.inputs[0]):
+                continue
+            source = made.inputs[0].const_value
+            if source.dtype != ir.DataType.FLOAT or len(source.shape) != 2:
+                continue
+            if made not in folded:
+                array = np.ascontiguousarray(source.numpy().transpose(made.attributes.get_ints("perm", [1, 0])))
+                folded[made] = self._initializer(graph, f"{self._prefix}{made.outputs[0].name}_folded", array)
+            node.replace_input_with(1, folded[made])
 
     def _grow(self, graph: ir.Graph, roles: dict, eligible: set) -> set:
         kept = {n for n in eligible if roles[n] == "compute"}
@@ -635,7 +697,39 @@ class InsertQDQPass(ir.passes.InPlacePass):
         result = self._append(graph, name, "Mul", [result, scale], f"{name}_dynamic_scaled", dtype=ir.DataType.FLOAT)[0]
         if bias is not None:
             result = self._append(graph, name, "Add", [result, bias], f"{name}_dynamic_biased", dtype=ir.DataType.FLOAT)[0]
-        self._replace(graph, node, [result])
+        self._replace(graph, node, [result], Decision(node.op_type, True, "compute", DYNAMIC))
+
+    def _quantize_embedding(self, graph: ir.Graph, node: ir.Node) -> None:
+        """Gather(table, ids) → Cast(Gather(int8 rows, ids)) · Gather(row scales, ids)."""
+        reason = embedding_ineligible(node)
+        if reason is None and self.precisions.get(node.name, "int8") != "int8":
+            reason = f"{self.precisions[node.name]} by the mixed-precision allocation"
+        if reason is None and node.name in self.keep_float:
+            reason = "returned to float by a measured choice: int8 slower here, or the fidelity guard"
+        if reason is None and EXCLUDE_KEY in node.meta:
+            reason = node.meta[EXCLUDE_KEY]
+        if reason is not None:
+            self.decisions[node.name] = Decision(node.op_type, False, reason)
+            return
+        table, ids = node.inputs[0], node.inputs[1]
+        key = f"{self._prefix}{table.name}_rows"
+        if key not in self._weights:
+            array = table.const_value.numpy().astype(np.float32)
+            q, scale = weight_quantize(array, 0, reduce_range=False)  # int8 is only stored here, never multiplied
+            scale = scale.reshape((-1,) + (1,) * (array.ndim - 1))
+            self._weights[key] = (self._initializer(graph, f"{key}_quantized", q),
+                                  self._initializer(graph, f"{key}_scale", scale))
+        rows, scales = self._weights[key]
+        name = node.name
+        axis = [ir.AttrInt64("axis", 0)]
+        gathered = self._append(graph, name, "Gather", [rows, ids], f"{name}_int8_rows", axis, ir.DataType.INT8)[0]
+        as_float = self._append(graph, name, "Cast", [gathered], f"{name}_rows_float",
+                                [ir.AttrInt64("to", ir.DataType.FLOAT)], ir.DataType.FLOAT)[0]
+        row_scales = self._append(graph, name, "Gather", [scales, ids], f"{name}_row_scales", axis,
+                                  ir.DataType.FLOAT)[0]
+        result = self._append(graph, name, "Mul", [as_float, row_scales], f"{name}_dequantized",
+                              dtype=ir.DataType.FLOAT)[0]
+        self._replace(graph, node, [result], Decision(node.op_type, True, EMBEDDING, "int8"))
 
     def _quantize_lstm(self, graph: ir.Graph, node: ir.Node) -> None:
         """LSTM → DynamicQuantizeLSTM: int8 W and R transposed to [directions, input or hidden, 4·hidden]."""
@@ -663,17 +757,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for made in lstm.outputs:
             made.dtype = ir.DataType.FLOAT
         graph.insert_before(node, lstm)
-        self._replace(graph, node, list(lstm.outputs))
+        self._replace(graph, node, list(lstm.outputs), Decision(node.op_type, True, "compute", DYNAMIC))
 
-    def _replace(self, graph: ir.Graph, node: ir.Node, results: list[ir.Value]) -> None:
-        """``node``'s outputs become ``results`` under the same names; the node goes; it was made dynamic int8."""
+    def _replace(self, graph: ir.Graph, node: ir.Node, results: list[ir.Value], decision: Decision) -> None:
+        """``node``'s outputs become ``results`` under the same names; the node goes, with ``decision``."""
         for out, result in zip(node.outputs, results):
             original, result.shape = out.name, out.shape
             out.name = f"{original}_float"
             result.name = original  # graph outputs keep their names, and ranges their tensors
             out.replace_all_uses_with(result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
-        self.decisions[node.name] = Decision(node.op_type, True, "compute", DYNAMIC)
+        self.decisions[node.name] = decision
 
     def _append(self, graph: ir.Graph, owner: str, op_type: str, inputs: list, name: str, attributes=(),
                 dtype: ir.DataType | None = None, outputs: int = 1) -> list[ir.Value]:

@@ -1,8 +1,9 @@
 """Decision groups: the layers that take one precision together.
 
 Rules:
-- A layer is a compute node (Conv, Gemm, MatMul, …; in subgraphs too) that the uniform int8 build quantized: a
-  node the target cannot run in int8, or that the user excluded, offers no choice and is not a layer.
+- A layer is a compute node (Conv, Gemm, MatMul, …; in subgraphs too) or an embedding Gather (its table int8)
+  that the uniform int8 build quantized: a node the target cannot run in int8, or that the user excluded,
+  offers no choice and is not a layer.
 - Layers that read one constant weight share a group (a stored weight has one precision).
 - Layers whose outputs (or their fused Relu/Clip) meet in one Concat share a group: integer Concat kernels on
   fixed-point targets want one type across the inputs.
@@ -11,12 +12,14 @@ Rules:
 - A group's time counts its members and the activation each member's output alone feeds (ORT fuses
   Conv/Gemm + Relu, Clip, Sigmoid, … into one float kernel, and the Q→DQ pair moves past Relu/Clip in int8).
 - A group offers a precision only when every member supports it (int4: MatMuls with a 2-D constant weight
-  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight). ``float`` and ``int8``
-  are always offered when the target lists them, ``int16`` unless an LSTM (dynamic int8 only) is a member.
+  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight, not an embedding's table). ``float`` and ``int8``
+  are always offered when the target lists them, ``int16`` unless an LSTM (dynamic int8 only) or an embedding
+  (int8 rows only) is a member.
 - Bytes per precision count the group's weights and biases as stored: float as in the model; int8 one byte
   per weight plus a float scale and a zero point per channel, int32 biases with their scales; int4 half a byte
   per weight plus a float scale and a 4-bit zero point per block; fp16 two bytes per weight, biases as they are.
   An LSTM's weights are W and R (a scale and a zero point per gate row and direction); its bias stays float.
+  An embedding's table in int8 is one byte per value and a float scale per row.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from edgeq.passes.insert_qdq import Decision, int4_ineligible, weight_channel_axis
+from edgeq.passes.insert_qdq import EMBEDDING, Decision, int4_ineligible, weight_channel_axis
 
 FUSED_ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid")
 
@@ -60,11 +63,11 @@ def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tu
     """The decision groups of ``model``, in graph order, from the uniform int8 build's ``decisions``."""
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))  # subgraphs (If, Loop, Scan) too
     layers = {n.name: n for n in nodes if n.name in decisions and decisions[n.name].quantized
-              and decisions[n.name].reason == "compute"}
+              and decisions[n.name].reason in ("compute", EMBEDDING)}
     sets = _UnionFind(layers)
     by_weight: dict[str, str] = {}
     for name, node in layers.items():
-        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        weight = _weight(node)
         if weight is not None and weight.const_value is not None:
             sets.union(name, by_weight.setdefault(weight.name, name))
     for node in nodes:
@@ -78,7 +81,7 @@ def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tu
     groups = []
     for nodes in members.values():
         offered = tuple(p for p in candidates if p in ("float", "int8") or
-                        (p == "int16" and all(n.op_type != "LSTM" for n in nodes)) or
+                        (p == "int16" and all(n.op_type not in ("LSTM", "Gather") for n in nodes)) or
                         (p == "int4" and all(int4_ineligible(n, int4_block) is None for n in nodes)) or
                         (p == "fp16" and all(_float_weight(n) for n in nodes)))
         group = Group(nodes[0].name, tuple(n.name for n in nodes),
@@ -89,8 +92,16 @@ def layer_groups(model: ir.Model, decisions: dict[str, Decision], candidates: tu
     return groups
 
 
+def _weight(node: ir.Node) -> ir.Value | None:
+    """A layer's constant weight slot: an embedding's table, else input 1."""
+    if node.op_type == "Gather":
+        return node.inputs[0]
+    return node.inputs[1] if len(node.inputs) > 1 else None
+
+
 def _float_weight(node: ir.Node) -> bool:
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    """Whether input 1 is a constant float32 weight, as fp16 storage serves (an embedding's table is not)."""
+    weight = node.inputs[1] if node.op_type != "Gather" and len(node.inputs) > 1 else None
     return weight is not None and weight.const_value is not None and weight.const_value.dtype == ir.DataType.FLOAT
 
 
@@ -113,6 +124,13 @@ def _maker(value: ir.Value | None, fusions: tuple[str, ...]) -> str | None:
 def _stored_bytes(nodes: list[ir.Node], precision: str, int4_block: int) -> int:
     total, seen = 0, set()
     for node in nodes:
+        if node.op_type == "Gather":  # an embedding: int8 values and a float scale per row
+            table = node.inputs[0]
+            if table.name not in seen:
+                seen.add(table.name)
+                size = int(np.prod(table.const_value.shape))
+                total += table.const_value.nbytes if precision == "float" else size + 4 * table.const_value.shape[0]
+            continue
         lstm = node.op_type == "LSTM"
         weights = (1, 2) if lstm else (1,)
         for index, value in enumerate(node.inputs[1:4 if lstm else 3], start=1):

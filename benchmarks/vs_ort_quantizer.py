@@ -10,8 +10,9 @@ For every zoo model: export to ONNX, write calibration feeds (and 8 separate eva
 - ORT x86: ``quantize_static`` with u8 activations, per-channel s8 weights, Conv/MatMul/Gemm only.
 All four models (fp32 and the three int8) then run interleaved in one process, 1 thread, on one feed.
 Columns: int8/fp32 latency for each, edgeq/ORT latency, SQNR (worst output, dB) and top-1 agreement with fp32
-on the evaluation feeds, quantization wall time (edgeq's includes its measurements), and the peak memory growth
-of a percentile calibration on the same feeds, edgeq's vs ORT's calibrator, each in a fresh process. Only
+on the evaluation feeds, quantization wall time (edgeq's includes its measurements), the peak memory growth
+of a percentile calibration on the same feeds, edgeq's vs ORT's calibrator, each in a fresh process, and the
+model files' sizes (fp32, edgeq, ORT default, ORT x86). Only
 ratios are meaningful on a shared machine.
 """
 
@@ -137,7 +138,8 @@ def bench_model(name: str, work: Path, calib_count: int, repeats: int) -> dict:
     base = latency["fp32"].median_ms
     row = {"model": name, "fp32_ms": base, "delivered": manifest["delivered"]["precision"],
            "edgeq_seconds": edgeq_seconds, "edgeq_calib_seconds": manifest["calibration"]["seconds"],
-           "ort_default_seconds": ort_default_s, "ort_x86_seconds": ort_x86_s}
+           "ort_default_seconds": ort_default_s, "ort_x86_seconds": ort_x86_s,
+           "file_mb": {k: p.stat().st_size / 1e6 for k, p in paths.items()}}
     for key in ("edgeq", "ort_default", "ort_x86"):
         row[f"{key}_ratio"] = latency[key].median_ms / base
         row[f"{key}_sqnr"], row[f"{key}_top1"] = fidelity(sessions["fp32"], sessions[key], feeds)
@@ -156,7 +158,7 @@ def print_table(rows: list[dict]) -> None:
 
     header = (f"{'model':<13}{'fp32 ms':>9}{'edgeq/fp32':>11}{'ortdef/fp32':>12}{'ortx86/fp32':>12}"
               f"{'edgeq/bestORT':>14}{'SQNR e/d/x dB':>20}{'top1 e/d/x':>18}{'quant s e/d/x':>18}"
-              f"{'calib MB e/ORT':>17}  delivered")
+              f"{'calib MB e/ORT':>17}{'file MB f/e/d/x':>22}  delivered")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -164,9 +166,10 @@ def print_table(rows: list[dict]) -> None:
         t1 = f"{f(r['edgeq_top1'], '.2f')}/{f(r['ort_default_top1'], '.2f')}/{f(r['ort_x86_top1'], '.2f')}"
         qs = f"{r['edgeq_seconds']:.0f}/{r['ort_default_seconds']:.0f}/{r['ort_x86_seconds']:.0f}"
         mb = f"{r['edgeq_calib_mb']:.0f}/{'>' if r['ort_calib_capped'] else ''}{r['ort_calib_mb']:.0f}"
+        files = "/".join(f"{r['file_mb'][k]:.1f}" for k in ("fp32", "edgeq", "ort_default", "ort_x86"))
         print(f"{r['model']:<13}{r['fp32_ms']:>9.2f}{r['edgeq_ratio']:>11.2f}{r['ort_default_ratio']:>12.2f}"
               f"{r['ort_x86_ratio']:>12.2f}{r['edgeq_vs_best_ort']:>14.2f}{sq:>20}{t1:>18}{qs:>18}{mb:>17}"
-              f"  {r['delivered']}")
+              f"{files:>22}  {r['delivered']}")
     ratios = [r["edgeq_ratio"] for r in rows]
     print(f"\ngeo-mean edgeq int8/fp32: {float(np.exp(np.mean(np.log(ratios)))):.3f} over {len(rows)} models")
 

@@ -45,7 +45,11 @@ while losing most detections), so every output is reported on its own, and outpu
   detector's per-class sigmoid scores) that reads as CTC frames by its argmax is judged the same way, as
   ``classes`` (margins are differences of logits, which are differences of log-probabilities); a rank-3 output
   whose second axis is a feed's batch and whose first is not is time-major ([frames, batch, C], torch's CTC
-  layout) and is read with the two swapped;
+  layout) and is read with the two swapped. An output named as a hidden state or features (``hidden``,
+  ``embed``, ``feature`` in its name: a Whisper or BERT encoder's ``last_hidden_state``, a sentence encoder's
+  token embeddings) is never read as CTC frames or logits: its argmax over features decides nothing (a
+  sinusoidal position feature that wins most frames looked like a blank between other "symbols"); with one
+  vector per sample ([batch, D]: a pooled sentence embedding) it is an ``embedding``, else a ``map``;
 - ``detections``: an output whose length depends on values (a detector's boxes, scores and labels after its
   non-maximum suppression, a heat map's peaks: :mod:`edgeq.detections`) is an unordered set of items whose
   number and order may differ between the two models; its decision agreement is the F1 of the items matched
@@ -125,6 +129,7 @@ class _OutputStats:
     margin_rows: int = 0
     tokenized: bool = False  # positions are a token input's (a tagger): never read as CTC frames
     named_logits: bool = False  # the model names the output logits: a classifier's, however few classes
+    named_features: bool = False  # the model names the output a hidden state or features: no decision in it
     samples: int = 0
     samples_agree: int = 0
 
@@ -228,13 +233,14 @@ class _OutputStats:
             if self.rank >= 4 and self.confusion is not None:
                 return "segments" if (self.confusion.sum(1) > 0).sum() > 1 else "map"
             return "classes"
-        if self.rank == 3 and not self.unit_interval and blank is not None:  # CTC logits, log-probabilities
+        if self.rank == 3 and not self.unit_interval and blank is not None and not self.named_features:  # CTC
             return "classes"
         if self.unit_interval and self.above_ref:
             return "scores"
-        if self.unit_norm:
+        if self.unit_norm or self.named_features and self.rank == 2:
             return "embedding"
-        classifier = self.last >= 2 and (self.rank == 2 or self.rank == 3 and self.named_logits)
+        classifier = not self.named_features and self.last >= 2 and (self.rank == 2 or self.rank == 3 and
+                                                                      self.named_logits)
         if self.elements <= FEW_VALUES and not (classifier and self.named_logits):
             return "values"
         return "logits" if classifier else "map"
@@ -446,6 +452,11 @@ def padding_of(inputs) -> np.ndarray | None:
     return trailing if trailing.any() else None
 
 
+def _names_features(name: str) -> bool:
+    """Whether an output's name says it is a hidden state or features (module rules)."""
+    return any(word in name.lower() for word in ("hidden", "embed", "feature"))
+
+
 class FidelityMeter:
     """Feed it (reference outputs, candidate outputs) per feed; ask for the summary at the end."""
 
@@ -470,7 +481,8 @@ class FidelityMeter:
                 r, t = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1)
             if name not in self.stats:
                 self.stats[name] = _SetStats() if name in self.sets else _OutputStats(
-                    named_logits="logit" in name.lower()) if np.issubdtype(r.dtype, np.floating) else _IndexStats()
+                    named_logits="logit" in name.lower(), named_features=_names_features(name)) \
+                    if np.issubdtype(r.dtype, np.floating) else _IndexStats()
             if isinstance(self.stats[name], _OutputStats):
                 self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
             else:

@@ -235,6 +235,25 @@ def test_ctc_frames_are_judged_by_their_decoded_symbols():
         assert "ctc_blank" not in out and out["decision_agreement"] == pytest.approx(15 / 16)
 
 
+def test_an_output_named_a_hidden_state_is_read_neither_as_ctc_frames_nor_as_logits():
+    """A Whisper encoder's last_hidden_state: a sinusoidal position feature (the last) wins every other frame,
+    between other features, so by values alone it reads as CTC frames and int8 "lost" its sequences; named as a
+    hidden state it is a map (SQNR). A pooled [batch, D] sentence embedding is an embedding (cosine), not logits."""
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((1, 40, 16)).astype(np.float32)
+    frames[0, ::2, -1] = 5.0
+    pooled = rng.standard_normal((2, 64)).astype(np.float32)
+    kinds = {}
+    for name, ref in (("output", frames), ("last_hidden_state", frames), ("pooled", pooled),
+                      ("sentence_embedding", pooled)):
+        meter = FidelityMeter([name])
+        for _ in range(4):
+            meter.update([ref], [ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)])
+        kinds[name] = meter.summary()["outputs"][name]["kind"]
+    assert kinds == {"output": "classes", "last_hidden_state": "map", "pooled": "logits",
+                     "sentence_embedding": "embedding"}
+
+
 def test_ctc_logits_time_major_are_judged_as_decoded_frames():
     """A CRNN trained with CTC loss outputs raw logits, time-major ([frames, batch, classes]: a captcha reader's
     [20, 1, 37]); they were judged as a map by SQNR alone. Read with frames and batch swapped (the feed's batch

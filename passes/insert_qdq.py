@@ -50,7 +50,8 @@ Rules:
   Gather(row scales), its output under the Gather's name: a quarter of the bytes, the gathered rows alone
   dequantized. It is weight-only (activations stay float, no range is needed), in every int8 build unless
   ``precisions``, ``keep_float`` or an exclusion say float; its decision's role is ``embedding``. A smaller
-  table saves too little to pay for three more kernels.
+  table saves too little to pay for three more kernels (~10 µs a run: 2% of a 0.5 ms language model whose
+  128 KiB position table they would shrink).
 
 Results: :attr:`decisions` (node name → quantized or why not) and :attr:`owners` (each inserted Q/DQ node →
 the original node it serves), used to attribute measured kernel time back to original nodes.
@@ -82,7 +83,7 @@ OUTSIDE_QDQ = ("int4", "fp16", DYNAMIC)  # precisions outside QDQ growth, rewrit
 _WEIGHT_QUANTIZED_BY_ORT = ("Conv", "ConvTranspose", "Gemm")  # float weights ORT quantizes after a DQ
 MICROSOFT = "com.microsoft"  # ONNX Runtime's contrib ops
 EMBEDDING = "embedding"  # the role of a Gather whose constant table is stored int8
-EMBEDDING_MIN_BYTES = 64 * 1024
+EMBEDDING_MIN_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ def embedding_ineligible(node: ir.Node) -> str | None:
     if node.attributes.get_int("axis", 0) not in (0, -len(table.const_value.shape)):
         return "a Gather along another axis than the table's rows"
     if table.const_value.nbytes < EMBEDDING_MIN_BYTES:
-        return f"a table under {EMBEDDING_MIN_BYTES // 1024} KiB: int8 would save too little for three more kernels"
+        return f"a table under {EMBEDDING_MIN_BYTES / 2**20:g} MiB: int8 saves too little to pay for three more kernels"
     return None
 
 

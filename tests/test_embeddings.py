@@ -16,7 +16,7 @@ from edgeq.passes.insert_qdq import EMBEDDING, InsertQDQPass
 from edgeq.target import load_target
 
 RULES = load_target(HOST_X86).quantization
-VOCAB, WIDTH = 1000, 32
+VOCAB, WIDTH = 4096, 64  # 1 MiB: the smallest table stored int8
 
 
 def _text_model(table: np.ndarray, seed: int = 0) -> onnx.ModelProto:
@@ -62,7 +62,7 @@ def test_an_embedding_table_is_stored_int8_with_one_scale_per_row():
     embed = insert.decisions["embed"]
     assert (embed.quantized, embed.reason, embed.precision) == (True, EMBEDDING, "int8")
     assert insert.decisions["embed_other"].quantized  # the same table, stored once
-    assert not insert.decisions["segment"].quantized and "KiB" in insert.decisions["segment"].reason
+    assert not insert.decisions["segment"].quantized and "MiB" in insert.decisions["segment"].reason
     stored = {v.name: v.const_value for v in model.graph.initializers.values()}
     int8 = [t for t in stored.values() if t.dtype == ir.DataType.INT8]
     assert [tuple(t.shape) for t in int8] == [(VOCAB, WIDTH)] and "table" not in stored
@@ -179,7 +179,8 @@ def test_a_tied_output_layer_reads_the_table_transposed_as_a_weight_of_its_own()
     assert [tuple(n.inputs[0].const_value.shape) for n in weight] == [(WIDTH, VOCAB)]
     assert weight[0].inputs[1].const_value.size == VOCAB  # per column of the product: per row of the table
     quantized = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, feed)[0]
-    assert 10 * np.log10(np.sum(reference ** 2) / np.sum((quantized - reference) ** 2)) > 30
+    # the logits' own 8-bit output bounds it (27.6 dB); a wrongly laid out weight would be near 0 dB
+    assert 10 * np.log10(np.sum(reference ** 2) / np.sum((quantized - reference) ** 2)) > 24
 
     model = ir.serde.deserialize_model(proto)
     InsertQDQPass(RULES, ranges, keep_float={"lm_head"})(model)

@@ -84,6 +84,7 @@ _WEIGHT_QUANTIZED_BY_ORT = ("Conv", "ConvTranspose", "Gemm")  # float weights OR
 MICROSOFT = "com.microsoft"  # ONNX Runtime's contrib ops
 EMBEDDING = "embedding"  # the role of a Gather whose constant table is stored int8
 EMBEDDING_MIN_BYTES = 1024 * 1024
+_ROWS_AT_ONCE = 16384
 
 
 @dataclass(frozen=True)
@@ -715,8 +716,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         table, ids = node.inputs[0], node.inputs[1]
         key = f"{self._prefix}{table.name}_rows"
         if key not in self._weights:
-            array = table.const_value.numpy().astype(np.float32)
-            q, scale = weight_quantize(array, 0, reduce_range=False)  # int8 is only stored here, never multiplied
+            array = table.const_value.numpy()
+            q, scale = np.empty(array.shape, np.int8), np.empty(array.shape[0], np.float32)
+            for start in range(0, array.shape[0], _ROWS_AT_ONCE):  # a table of GBs: its temporaries bounded
+                rows = slice(start, start + _ROWS_AT_ONCE)
+                q[rows], scale[rows] = weight_quantize(array[rows], 0, reduce_range=False)  # stored, not multiplied
             scale = scale.reshape((-1,) + (1,) * (array.ndim - 1))
             self._weights[key] = (self._initializer(graph, f"{key}_quantized", q),
                                   self._initializer(graph, f"{key}_scale", scale))

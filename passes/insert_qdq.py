@@ -267,7 +267,7 @@ def embedding_ineligible(node: ir.Node) -> str | None:
     if node.attributes.get_int("axis", 0) not in (0, -len(table.const_value.shape)):
         return "a Gather along another axis than the table's rows"
     if table.const_value.nbytes < EMBEDDING_MIN_BYTES:
-        return f"a table under {EMBEDDING_MIN_BYTES / 2**20:g} MiB: int8 saves too little to pay for three more kernels"
+        return f"a table under {EMBEDDING_MIN_BYTES / 2**20:g} MiB: int8 saves too little to pay for 3 more kernels"
     return None
 
 
@@ -719,8 +719,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             array = table.const_value.numpy()
             q, scale = np.empty(array.shape, np.int8), np.empty(array.shape[0], np.float32)
             for start in range(0, array.shape[0], _ROWS_AT_ONCE):  # a table of GBs: its temporaries bounded
-                rows = slice(start, start + _ROWS_AT_ONCE)
-                q[rows], scale[rows] = weight_quantize(array[rows], 0, reduce_range=False)  # stored, not multiplied
+                block = slice(start, start + _ROWS_AT_ONCE)
+                q[block], scale[block] = weight_quantize(array[block], 0, reduce_range=False)  # stored, not multiplied
             scale = scale.reshape((-1,) + (1,) * (array.ndim - 1))
             self._weights[key] = (self._initializer(graph, f"{key}_quantized", q),
                                   self._initializer(graph, f"{key}_scale", scale))

@@ -39,7 +39,8 @@ def _text_model(table: np.ndarray, seed: int = 0) -> onnx.ModelProto:
 
 def _feed(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"ids": rng.integers(0, VOCAB, (2, 6)), "other": rng.integers(-VOCAB, VOCAB, (2, 6)),  # negative: from the end
+    return {"ids": rng.integers(0, VOCAB, (2, 6)),
+            "other": rng.integers(-VOCAB, VOCAB, (2, 6)),  # negative indices count from the end
             "seg": rng.integers(0, 4, (2, 6))}
 
 
@@ -94,15 +95,15 @@ def test_an_embedding_stays_float_where_asked_or_where_the_target_gathers_no_int
 def test_gathers_of_one_table_are_one_group_of_int8_rows():
     proto = _text_model(_table())
     model, insert = _quantized(proto)
-    groups = layer_groups(ir.serde.deserialize_model(proto), insert.decisions, ("float", "int8", "int16", "int4", "fp16"),
-                          RULES.activation_fusions, 32)
+    groups = layer_groups(ir.serde.deserialize_model(proto), insert.decisions,
+                          ("float", "int8", "int16", "int4", "fp16"), RULES.activation_fusions, 32)
     (group,) = [g for g in groups if "embed" in g.nodes]
     assert set(group.nodes) == {"embed", "embed_other"} and group.precisions == ("float", "int8")
     assert group.bytes == {"float": VOCAB * WIDTH * 4, "int8": VOCAB * WIDTH + 4 * VOCAB}
 
 
 def _guarded_model(table: np.ndarray) -> onnx.ModelProto:
-    """ids → Gather(table) → MatMul(w, its row 0 zero: column 0 of the table is ignored) → y; x → MatMul → z."""
+    """ids → Gather(table) → MatMul(w, row 0 zero: the table's column 0 is ignored) → y; x → MatMul → z."""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((WIDTH, 8)).astype(np.float32)
     w[0] = 0.0

@@ -12,9 +12,9 @@ Rules:
 - A group's time counts its members and the activation each member's output alone feeds (ORT fuses
   Conv/Gemm + Relu, Clip, Sigmoid, … into one float kernel, and the Q→DQ pair moves past Relu/Clip in int8).
 - A group offers a precision only when every member supports it (int4: MatMuls with a 2-D constant weight
-  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight, not an embedding's table). ``float`` and ``int8``
-  are always offered when the target lists them, ``int16`` unless an LSTM (dynamic int8 only) or an embedding
-  (int8 rows only) is a member.
+  whose reduction axis is a multiple of the block size; fp16: a constant float32 weight, not an embedding's
+  table). ``float`` and ``int8`` are always offered when the target lists them, ``int16`` unless an LSTM
+  (dynamic int8 only) or an embedding (int8 rows only) is a member.
 - Bytes per precision count the group's weights and biases as stored: float as in the model; int8 one byte
   per weight plus a float scale and a zero point per channel, int32 biases with their scales; int4 half a byte
   per weight plus a float scale and a 4-bit zero point per block; fp16 two bytes per weight, biases as they are.

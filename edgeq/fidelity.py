@@ -45,11 +45,13 @@ while losing most detections), so every output is reported on its own, and outpu
   detector's per-class sigmoid scores) that reads as CTC frames by its argmax is judged the same way, as
   ``classes`` (margins are differences of logits, which are differences of log-probabilities); a rank-3 output
   whose second axis is a feed's batch and whose first is not is time-major ([frames, batch, C], torch's CTC
-  layout) and is read with the two swapped. An output named as a hidden state or features (``hidden``,
-  ``embed``, ``feature`` in its name: a Whisper or BERT encoder's ``last_hidden_state``, a sentence encoder's
-  token embeddings) is never read as CTC frames or logits: its argmax over features decides nothing (a
-  sinusoidal position feature that wins most frames looked like a blank between other "symbols"); with one
-  vector per sample ([batch, D]: a pooled sentence embedding) it is an ``embedding``, else a ``map``;
+  layout) and is read with the two swapped. Features — an output named as a hidden state or features
+  (``hidden``, ``embed``, ``feature`` in its name: a Whisper or BERT encoder's ``last_hidden_state``, a sentence
+  encoder's token embeddings) or made by a normalization (recorded by :mod:`edgeq.passes.normalize`, rule 7:
+  a face embedding's last BatchNorm; :func:`feature_outputs`) — are never read as CTC frames or logits: their
+  argmax over features decides nothing (a sinusoidal position feature that wins most frames looked like a blank
+  between other "symbols"); with one vector per sample ([batch, D]: a pooled sentence embedding, a face
+  embedding) they are an ``embedding``, else a ``map``;
 - ``detections``: an output whose length depends on values (a detector's boxes, scores and labels after its
   non-maximum suppression, a heat map's peaks: :mod:`edgeq.detections`) is an unordered set of items whose
   number and order may differ between the two models; its decision agreement is the F1 of the items matched
@@ -68,13 +70,16 @@ detections always.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from edgeq.detections import SetForm, feed_sets, variable_length_outputs, worst_column_nsr
 from edgeq.errors import UserError, first_line
+from edgeq.passes.normalize import FEATURES_KEY
 from edgeq.user_code import load_callable
 
 MAX_GROUPS = 4096
@@ -457,12 +462,21 @@ def _names_features(name: str) -> bool:
     return any(word in name.lower() for word in ("hidden", "embed", "feature"))
 
 
+def feature_outputs(path) -> frozenset[str]:
+    """The outputs a normalized model's metadata records as made by a normalization (module rules)."""
+    model = onnx.load(str(path), load_external_data=False)
+    recorded = next((p.value for p in model.metadata_props if p.key == FEATURES_KEY), "[]")
+    return frozenset(json.loads(recorded))
+
+
 class FidelityMeter:
     """Feed it (reference outputs, candidate outputs) per feed; ask for the summary at the end."""
 
-    def __init__(self, output_names: list[str], keep_for_metric: bool = False, sets: frozenset[str] = frozenset()):
+    def __init__(self, output_names: list[str], keep_for_metric: bool = False, sets: frozenset[str] = frozenset(),
+                 features: frozenset[str] = frozenset()):
         self.names = output_names
         self.sets = sets  # outputs whose length depends on values (:func:`variable_length_outputs`)
+        self.features = features  # outputs made by a normalization (:func:`feature_outputs`); names say the rest
         self.stats: dict = {}
         self.keep = keep_for_metric
         self.ref_outputs: list[dict] = []
@@ -481,7 +495,7 @@ class FidelityMeter:
                 r, t = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1)
             if name not in self.stats:
                 self.stats[name] = _SetStats() if name in self.sets else _OutputStats(
-                    named_logits="logit" in name.lower(), named_features=_names_features(name)) \
+                    named_logits="logit" in name.lower(), named_features=name in self.features or _names_features(name)) \
                     if np.issubdtype(r.dtype, np.floating) else _IndexStats()
             if isinstance(self.stats[name], _OutputStats):
                 self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
@@ -544,15 +558,18 @@ def accuracy_drop(summary: dict) -> float:
 
 
 def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int | None = None,
-                   reference: list[list[np.ndarray]] | None = None, sets: frozenset[str] | None = None) -> dict:
+                   reference: list[list[np.ndarray]] | None = None, sets: frozenset[str] | None = None,
+                   features: frozenset[str] | None = None) -> dict:
     """Run two model files in ``runtime`` on the same feeds (the first ``limit`` of them, if given) and
     summarize how far the second's outputs are from the first's (``reference``: the first's outputs per feed,
-    already computed: it is not run again; ``sets``: the first's :func:`variable_length_outputs`, if known)."""
+    already computed: it is not run again; ``sets`` and ``features``: the first's
+    :func:`variable_length_outputs` and :func:`feature_outputs`, if known)."""
     test = runtime.session(test_path)
     ref = runtime.session(ref_path) if reference is None else None
     names = ref.output_names if ref is not None else test.output_names
     sets = variable_length_outputs(ref_path) if sets is None else sets
-    meter = FidelityMeter(names, keep_for_metric=metric is not None, sets=sets)
+    features = feature_outputs(ref_path) if features is None else features
+    meter = FidelityMeter(names, keep_for_metric=metric is not None, sets=sets, features=features)
     for index, feed in enumerate(feeds):
         if index == limit:
             break

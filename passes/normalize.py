@@ -46,12 +46,17 @@ Rules, in order:
    value, an initializer, an input or another output gets an ``Identity``. (ONNX Runtime refuses a subgraph
    that returns an outer-scope value directly, and the optimizer removes the Identity exporters put there.)
    Main-graph inputs and outputs keep their names.
+7. Before rule 4 folds a BatchNorm into its Gemm, the main graph's outputs that a normalization makes
+   (LayerNormalization, RMSNormalization, BatchNormalization and ONNX Runtime's fused forms, through reshapes
+   and casts: an encoder's hidden state, a face embedding's last BatchNorm) are recorded in the model's
+   metadata (``FEATURES_KEY``, a JSON list): the fidelity guard reads them as features, not as logits.
 
 Deterministic: the same input model gives the same output model.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import onnx_ir as ir
@@ -67,6 +72,10 @@ from edgeq.passes.loop_constants import LoopConstantsPass
 from edgeq.passes.unfuse_runtime_ops import UnfuseRuntimeOpsPass
 
 MIN_OPSET = 14
+FEATURES_KEY = "edgeq.feature_outputs"
+NORMALIZATIONS = ("LayerNormalization", "RMSNormalization", "BatchNormalization", "SimplifiedLayerNormalization",
+                  "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+_SHAPE_ONLY = ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast")
 QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
     "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
@@ -130,6 +139,7 @@ class NormalizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.refuse_quantized(model)
         self.refuse_training_mode(model)
+        _record_feature_outputs(model)
         _infer_declared_shapes_again(model)
         if default_opset(model) < MIN_OPSET:
             ConvertOpsetPass(MIN_OPSET)(model)
@@ -212,6 +222,19 @@ def _weights_out_of_inputs(model: ir.Model) -> int:
         return 0
     common.RemoveInitializersFromInputsPass()(model)
     return len(listed)
+
+
+def _record_feature_outputs(model: ir.Model) -> None:
+    """Rule 7."""
+    made = []
+    for output in model.graph.outputs:
+        node = output.producer()
+        while node is not None and node.op_type in _SHAPE_ONLY and node.inputs and node.inputs[0] is not None:
+            node = node.inputs[0].producer()
+        if node is not None and node.op_type in NORMALIZATIONS:
+            made.append(output.name)
+    if made:
+        model.metadata_props[FEATURES_KEY] = json.dumps(made)
 
 
 def _computed_weights(model: ir.Model) -> int:

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -12,8 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import HOST_X86, make_model
 from edgeq import guard
 from edgeq.cli import main
-from edgeq.fidelity import FidelityMeter, padding_of
+from edgeq.fidelity import FidelityMeter, feature_outputs, padding_of
 from edgeq.passes.gate_qdq import GateQDQPass
+from edgeq.passes.normalize import NormalizePass
 from edgeq.pipeline import GUARD_BUILDS, REPAIR_GROUPS, RETURNED_BY_GUARD
 from edgeq.ptq_stage import PtqStage
 from edgeq.recipe import Recipe
@@ -252,6 +254,46 @@ def test_an_output_named_a_hidden_state_is_read_neither_as_ctc_frames_nor_as_log
         kinds[name] = meter.summary()["outputs"][name]["kind"]
     assert kinds == {"output": "classes", "last_hidden_state": "map", "pooled": "logits",
                      "sentence_embedding": "embedding"}
+
+
+def test_outputs_made_by_a_normalization_are_features_whatever_their_name(tmp_path):
+    """An encoder's last LayerNormalization (through a Transpose) and a face embedding's last BatchNormalization
+    (which normalize folds into its Gemm) make features, recorded before the fold; a projection's output does not.
+    Given as features, an unnamed hidden state is a map and a [batch, D] vector an embedding."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(16, np.float32), "g"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "b"),
+             numpy_helper.from_array(np.ones(16, np.float32), "v"),
+             numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "fc_b"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "bn_scale"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "bn_bias"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "bn_mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "bn_var")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], name="ln", axis=-1),
+             helper.make_node("Transpose", ["n"], ["output"], name="t", perm=[1, 0, 2]),
+             helper.make_node("ReduceMean", ["h"], ["pooled"], name="pool", axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["pooled", "fc_w", "fc_b"], ["fc"], name="fc", transB=1),
+             helper.make_node("BatchNormalization", ["fc", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["fc1"],
+                              name="bn"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40, 16])],
+                       [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+                        (("output", [40, 1, 16]), ("fc1", [1, 16]), ("y", [1, 40, 16]))], inits)
+    normalized = ir.serde.deserialize_model(model)
+    NormalizePass()(normalized)
+    assert "BatchNormalization" not in [n.op_type for n in normalized.graph]  # folded into the Gemm
+    ir.save(normalized, tmp_path / "m.onnx")
+    assert feature_outputs(tmp_path / "m.onnx") == {"output", "fc1"}
+    frames = rng.standard_normal((1, 40, 16)).astype(np.float32)
+    frames[0, ::2, -1] = 5.0
+    vectors = rng.standard_normal((2, 64)).astype(np.float32)
+    for name, ref, kind in (("output", frames, "map"), ("fc1", vectors, "embedding")):
+        meter = FidelityMeter([name], features=frozenset({"output", "fc1"}))
+        meter.update([ref], [ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)])
+        assert meter.summary()["outputs"][name]["kind"] == kind
 
 
 def test_ctc_logits_time_major_are_judged_as_decoded_frames():

@@ -9,7 +9,9 @@ Ranges always include zero, so that zero is exactly representable (padding, ReLU
 
 Non-finite values (±inf, NaN: the log of a zero power in an audio front-end, say) are not part of any range:
 observers skip them and count them (``nonfinite``); ``finite`` counts the values a range was decided from,
-and a tensor with none has no range (``range()`` returns None) and stays float.
+and a tensor with none has no range (``range()`` returns None) and stays float. So are values of magnitude
+``SENTINEL`` or more: no activation reaches them, but an attention mask's "minus infinity" written as float32's
+lowest value (−3.4e38, as Hugging Face models write it) does, and a range over it rounds every real value to 0.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 LEVELS = 256  # 8-bit activations, asymmetric
+SENTINEL = 1e30  # |x| from here on is a stand-in for infinity, not a value
 HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
 
 
@@ -32,8 +35,8 @@ class Observer:
         if not x.size:
             return
         lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # the slow path only for tensors that need it
-            keep = np.isfinite(x)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or max(-lo, hi) >= SENTINEL:  # slow path where needed
+            keep = np.isfinite(x) & (np.abs(x) < SENTINEL)
             self.nonfinite += int(x.size - keep.sum())
             x = x[keep]
             if not x.size:

@@ -337,7 +337,7 @@ class _Compilation:
             precisions = {n: DYNAMIC if n in dynamic and p == "int8" else p for n, p in precisions.items()}
             candidate = (self._model_at_wide_opset() if wide else self.model).clone()
             insert = InsertQDQPass(rules, self.ranges if ranges is None else ranges, keep_float, precisions,
-                                   self.target.precisions.int4_block_size)
+                                   self.target.precisions.int4_block_size, set(self.calibrator.nonfinite))
             insert(candidate)
             if POOL_AS_REDUCE in optional_ops:
                 PoolAsReducePass()(candidate)
@@ -371,7 +371,8 @@ class _Compilation:
         gates = {}
         for group in groups:
             nodes, tensors = InsertQDQPass(build.insert.rules, self.ranges, keep,
-                                           all_float | dict.fromkeys(group.nodes, "int8")).planned(self.model)
+                                           all_float | dict.fromkeys(group.nodes, "int8"),
+                                           unbounded=build.insert.unbounded).planned(self.model)
             if dynamic & set(group.nodes) or not set(group.nodes) <= nodes or not tensors <= gate.sites.keys():
                 continue  # dynamic int8, or a site the gated model lacks: built
             gates[group.name] = np.zeros(len(gate.sites), dtype=bool)

@@ -15,8 +15,9 @@ Rules:
 - If ONNX Runtime refuses that copy or fails running it (a scan output whose shape changes between
   iterations, say), calibration falls back to fewer subgraphs — first none under Loop/Scan, then the main
   graph only — and :attr:`CalibratePass.subgraphs` says what was observed and why not more.
-- Non-finite values are skipped and counted per tensor (:attr:`CalibratePass.nonfinite`); a tensor with no
-  finite value gets no range, and so stays float.
+- Non-finite values, and a mask's stand-ins for infinity (|x| ≥ 1e30: :data:`edgeq.observers.SENTINEL`),
+  are skipped and counted per tensor (:attr:`CalibratePass.nonfinite`); a tensor with no finite value gets no
+  range, and so stays float.
 - Ranges are cached (:mod:`edgeq.cache`) keyed by (model hash, data hash, method, percentile, tensors,
   fallback level, the observation procedure's version, ONNX Runtime's version); a cache hit skips the run, and so
   does :meth:`CalibratePass.restore` (a locked replay gives the recorded ranges).
@@ -42,7 +43,7 @@ from edgeq.observers import HISTOGRAM_METHODS, HistogramObserver, make_observer
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 LOOP_SAMPLE = 1024  # elements of each value a Loop/Scan body returns per iteration for calibration
-OBSERVATION_VERSION = 2  # part of the cache key: raise it when what is observed, or how, changes
+OBSERVATION_VERSION = 3  # part of the cache key: raise it when what is observed, or how, changes
 # How deep calibration looks, most first: every subgraph; none under a Loop/Scan; the main graph only.
 LEVELS = ("all subgraphs", "If branches outside loops", "main graph only")
 

@@ -18,6 +18,9 @@ Rules:
 - Subgraphs at any depth (If branches, Loop and Scan bodies) are quantized by the same rules, each on its own
   (new weights are stored in the subgraph, named after it), wherever calibration gave their tensors ranges;
   compute nodes left float there are counted.
+- A requant or passthrough op reading a tensor that held ±inf, NaN or a mask's stand-in for infinity on the
+  calibration data (``unbounded``: the calibration's non-finite counts) stays float: integers keep none of
+  them, so an attention mask added in int8 would mask nothing (a decoder's "all" op set fell to 4–9 dB).
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float — weights included: a
   float Conv/ConvTranspose/Gemm reading a dequantized activation reads it through its own DequantizeLinear
   with the scale repeated per channel, as ONNX Runtime gives a float weight after a per-tensor
@@ -304,10 +307,11 @@ def _subgraphs_named(graph: ir.Graph, prefix: str = ""):
 class InsertQDQPass(ir.passes.InPlacePass):
     def __init__(self, rules: QuantizationRules, ranges: dict[str, tuple[float, float]],
                  keep_float: frozenset[str] | set[str] = frozenset(), precisions: dict[str, str] | None = None,
-                 int4_block_size: int = 32):
+                 int4_block_size: int = 32, unbounded: frozenset[str] | set[str] = frozenset()):
         super().__init__()
         self.rules = rules
         self.ranges = ranges
+        self.unbounded = set(unbounded)
         self.keep_float = set(keep_float)
         self.precisions = dict(precisions or {})
         self.int4_block_size = int4_block_size
@@ -352,6 +356,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 return f"input {i} is not a float activation with a calibrated range"
         if role == "passthrough" and not all(_is_const(v) for v in node.inputs[1:] if v is not None):
             return "a non-data input is not constant"
+        if role != "compute" and any(node.inputs[i].name in self.unbounded
+                                     for i in self._activation_inputs(node, role)):
+            return "an input held ±inf, NaN or a mask's −3.4e38 on the calibration data: integers keep none of them"
         if role == "compute":
             if not self.rules.activation_matmuls and len(self._activation_inputs(node, role)) == 2:
                 return "MatMul of two activations, left float by the chosen op set"

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -338,3 +340,60 @@ def test_ranges_by_method_reuse_the_calibration_histograms(tmp_path):
     kept, fresh = ran.ranges_by_method(model, names), cached.ranges_by_method(model, names)
     assert set(kept) == set(names) and kept == fresh
     assert any(len(set(by.values())) > 1 for by in kept.values())  # the methods differ somewhere
+
+
+def _masked_attention(fill: float) -> onnx.ModelProto:
+    """x[1, 8, 16], a padding mask from an int64 attention_mask ([1, 8]: 1 keep, 0 pad) written as
+    Where(mask, 0, fill) — Hugging Face's float32 lowest value, or −inf — added to the scores before Softmax."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.5, n)
+             for n in ("wq", "wk", "wv", "wo")]
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              numpy_helper.from_array(np.array(fill, np.float32), "fill"),
+              numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [helper.make_node("MatMul", ["x", w], [n], name=f"mm_{n}") for w, n in
+             (("wq", "q"), ("wk", "k"), ("wv", "v"))]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+              helper.make_node("Cast", ["attention_mask"], ["keep"], name="keep", to=TensorProto.BOOL),
+              helper.make_node("Unsqueeze", ["keep", "axis1"], ["keep3"], name="keep3"),
+              helper.make_node("Where", ["keep3", "zero", "fill"], ["mask"], name="mask"),
+              helper.make_node("Add", ["scores", "mask"], ["masked"], name="mask_add"),
+              helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
+              helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="out")]
+    return onnx.shape_inference.infer_shapes(make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16]),
+                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])], inits))
+
+
+@pytest.mark.parametrize("fill", [float(np.finfo(np.float32).min), float("-inf")])
+def test_an_attention_mask_add_stays_float(fill, tmp_path):
+    """Quantized, the Add of the mask would keep neither −3.4e38 (a range over it rounds every score to 0) nor
+    −inf (saturated to the range's end): padded positions would be attended. It stays float, and says why;
+    the projections and the attention products stay int8."""
+    proto = _masked_attention(fill)
+    rng = np.random.default_rng(1)
+    feeds = []
+    for i in range(8):
+        keep = np.ones((1, 8), np.int64)
+        keep[0, 8 - i % 4:] = 0  # 0 to 3 padded positions
+        feeds.append({"x": rng.standard_normal((1, 8, 16)).astype(np.float32), "attention_mask": keep})
+        np.savez(tmp_path / f"feed_{i}.npz", **feeds[-1])
+    data = CalibrationData.from_path(tmp_path, [InputSpec("x", np.dtype(np.float32), (1, 8, 16)),
+                                                InputSpec("attention_mask", np.dtype(np.int64), (1, 8))])
+    model = ir.serde.deserialize_model(proto)
+    rules = load_target("x86-avx512-vnni").quantization
+    calibrate = CalibratePass(data, set(rules.compute_ops + ("Add", "Softmax")), "percentile")
+    calibrate(model)
+    assert "mask" in calibrate.nonfinite
+    insert = InsertQDQPass(replace(rules, requant_ops=("Add",)), calibrate.ranges, unbounded=set(calibrate.nonfinite))
+    insert(model)
+    assert not insert.decisions["mask_add"].quantized and "−3.4e38" in insert.decisions["mask_add"].reason
+    assert all(insert.decisions[n].quantized for n in ("mm_q", "mm_k", "mm_v", "qk", "pv", "out"))
+    reference = ort.InferenceSession(proto.SerializeToString())
+    quantized = ort.InferenceSession(to_proto(model).SerializeToString())
+    ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
+    out = np.concatenate([quantized.run(None, f)[0] for f in feeds])
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)) > 25

@@ -19,22 +19,24 @@ another shape — a broken model — or two boxes wholly wrong. Rules:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from edgeq.model_io import all_nodes, node_reads, subgraphs
+from edgeq.model_io import all_nodes, graph_only, node_reads, subgraphs
 
 VARIABLE_LENGTH_OPS = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique"})
 MATCH_IOU = 0.5  # a candidate's box matches a float box it overlaps this much (detection benchmarks' IoU 0.5)
 MATCH_TOLERANCE = 0.05  # other float values match within this share of their column's largest float magnitude
 
 
-def variable_length_outputs(path) -> frozenset[str]:
+def variable_length_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str]:
     """The model's outputs whose length depends on values: those computed from an op whose output's length does
-    (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), however indirectly."""
-    graph = onnx.load(str(path), load_external_data=False).graph
+    (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), however indirectly. ``model``: a file, or
+    its graph already read (:func:`edgeq.model_io.graph_only`)."""
+    graph = graph_only(model).graph
     tainted: set[str] = set()
     for node in graph.node:
         if node.op_type in VARIABLE_LENGTH_OPS or not tainted.isdisjoint(node_reads(node)) or any(

@@ -71,6 +71,7 @@ detections always.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,6 +80,7 @@ import onnx
 
 from edgeq.detections import SetForm, feed_sets, variable_length_outputs, worst_column_nsr
 from edgeq.errors import UserError, first_line
+from edgeq.model_io import graph_only
 from edgeq.passes.normalize import FEATURES_KEY
 from edgeq.user_code import load_callable
 
@@ -462,10 +464,10 @@ def _names_features(name: str) -> bool:
     return any(word in name.lower() for word in ("hidden", "embed", "feature"))
 
 
-def feature_outputs(path) -> frozenset[str]:
-    """The outputs a normalized model's metadata records as made by a normalization (module rules)."""
-    model = onnx.load(str(path), load_external_data=False)
-    recorded = next((p.value for p in model.metadata_props if p.key == FEATURES_KEY), "[]")
+def feature_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str]:
+    """The outputs a normalized model's metadata records as made by a normalization (module rules); ``model``:
+    a file, or its graph already read (:func:`edgeq.model_io.graph_only`)."""
+    recorded = next((p.value for p in graph_only(model).metadata_props if p.key == FEATURES_KEY), "[]")
     return frozenset(json.loads(recorded))
 
 
@@ -484,6 +486,15 @@ class FidelityMeter:
         self.feeds: list = []
         self.count = 0
 
+    def _stats_for(self, name: str, reference: np.ndarray):
+        """What one output's figures are kept in: an item set, a float output's stats, or an integer's."""
+        if name in self.sets:
+            return _SetStats()
+        if not np.issubdtype(reference.dtype, np.floating):
+            return _IndexStats()
+        return _OutputStats(named_logits="logit" in name.lower(),
+                            named_features=name in self.features or _names_features(name))
+
     def update(self, ref: list[np.ndarray], test: list[np.ndarray], feed=None) -> None:
         self.count += 1
         padding = padding_of(feed.inputs) if feed is not None else None
@@ -494,9 +505,7 @@ class FidelityMeter:
             if np.ndim(r) == np.ndim(t) == 3 and r.shape[1] in batches and r.shape[0] not in batches:  # [T, batch, C]
                 r, t = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1)
             if name not in self.stats:
-                self.stats[name] = _SetStats() if name in self.sets else _OutputStats(
-                    named_logits="logit" in name.lower(), named_features=name in self.features or _names_features(name)) \
-                    if np.issubdtype(r.dtype, np.floating) else _IndexStats()
+                self.stats[name] = self._stats_for(name, r)
             if isinstance(self.stats[name], _OutputStats):
                 self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
             else:
@@ -567,8 +576,10 @@ def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int 
     test = runtime.session(test_path)
     ref = runtime.session(ref_path) if reference is None else None
     names = ref.output_names if ref is not None else test.output_names
-    sets = variable_length_outputs(ref_path) if sets is None else sets
-    features = feature_outputs(ref_path) if features is None else features
+    if sets is None or features is None:
+        graph = graph_only(ref_path)
+        sets = variable_length_outputs(graph) if sets is None else sets
+        features = feature_outputs(graph) if features is None else features
     meter = FidelityMeter(names, keep_for_metric=metric is not None, sets=sets, features=features)
     for index, feed in enumerate(feeds):
         if index == limit:

@@ -255,6 +255,12 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     return proto
 
 
+def graph_only(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """A model file read without its external data (the graph, its metadata and any embedded weights); a model
+    already read is returned as it is, so that several readers of one file parse it once."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX file as an onnx_ir model (see :func:`load_proto` for the checks)."""
     proto = load_proto(path)

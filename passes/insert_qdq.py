@@ -343,14 +343,22 @@ class InsertQDQPass(ir.passes.InPlacePass):
             return list(range(len(node.inputs)))
         return [0]
 
-    def _ineligible(self, node: ir.Node, role: str) -> str | None:
-        """Why this node cannot be quantized, or None."""
+    def _kept_float(self, node: ir.Node, precisions: tuple[str, ...] = ("float",)) -> str | None:
+        """Why an exclusion, a measured choice or the allocation (a precision in ``precisions``) keeps ``node``
+        out of this rewrite, or None."""
         if EXCLUDE_KEY in node.meta:
             return node.meta[EXCLUDE_KEY]
         if node.name in self.keep_float:
             return "returned to float by a measured choice: int8 slower here, or the fidelity guard"
-        if self.precisions.get(node.name, "int8") not in ("int8", "int16"):
+        if self.precisions.get(node.name, "int8") in precisions:
             return f"{self.precisions[node.name]} by the mixed-precision allocation"
+        return None
+
+    def _ineligible(self, node: ir.Node, role: str) -> str | None:
+        """Why this node cannot be quantized, or None."""
+        reason = self._kept_float(node, ("float", *OUTSIDE_QDQ))
+        if reason is not None:
+            return reason
         for i in self._activation_inputs(node, role):
             if not _is_activation(node.inputs[i], self.ranges):
                 return f"input {i} is not a float activation with a calibrated range"
@@ -472,8 +480,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         folded: dict[ir.Node, ir.Value] = {}
         for node in list(graph):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 \
-                    or EXCLUDE_KEY in node.meta or node.name in self.keep_float \
-                    or self.precisions.get(node.name) == "float":
+                    or self._kept_float(node) is not None:
                 continue
             made = node.inputs[1].producer() if node.inputs[1] is not None else None
             if made is None or made.op_type != "Transpose" or made.domain not in ("", "ai.onnx") \
@@ -710,13 +717,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _quantize_embedding(self, graph: ir.Graph, node: ir.Node) -> None:
         """Gather(table, ids) → Cast(Gather(int8 rows, ids)) · Gather(row scales, ids)."""
-        reason = embedding_ineligible(node)
-        if reason is None and self.precisions.get(node.name, "int8") != "int8":
-            reason = f"{self.precisions[node.name]} by the mixed-precision allocation"
-        if reason is None and node.name in self.keep_float:
-            reason = "returned to float by a measured choice: int8 slower here, or the fidelity guard"
-        if reason is None and EXCLUDE_KEY in node.meta:
-            reason = node.meta[EXCLUDE_KEY]
+        reason = embedding_ineligible(node) or self._kept_float(node)
         if reason is not None:
             self.decisions[node.name] = Decision(node.op_type, False, reason)
             return

@@ -71,7 +71,8 @@ from edgeq.recipe import Exclusions, Recipe
 @click.option("--package", type=click.Choice(["none", "ort"]), default="none", show_default=True,
               help="ort: also deliver model.ort (ONNX Runtime's format for mobile and reduced builds) and "
                    "required_operators_and_types.config for a reduced ONNX Runtime build, both checked.")
-@click.option("--keep-float", multiple=True, help="A node to keep float, one per flag (replays a manifest's recipe.keep_float).")
+@click.option("--keep-float", multiple=True,
+              help="A node to keep float, one per flag (replays a manifest's recipe.keep_float).")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True,
               help="Latency repeats per candidate.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")

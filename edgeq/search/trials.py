@@ -36,6 +36,7 @@ import numpy as np
 
 from edgeq.detections import variable_length_outputs
 from edgeq.fidelity import accuracy_drop, compare_models, feature_outputs, reference_outputs, worst_sqnr
+from edgeq.model_io import graph_only
 from edgeq.runtimes.base import NodeTime
 
 R = TypeVar("R")
@@ -96,8 +97,9 @@ class Trials:
         self.measure_seconds = 0.0
         self._kernels: dict[Path, list[NodeTime]] = {}
         self._reference: list | None = []  # float's outputs on the first held-out feeds; None: too big to keep
-        self.variable_outputs = variable_length_outputs(float_path)  # judged as sets of items
-        self.feature_outputs = feature_outputs(float_path)  # never judged as logits or CTC frames
+        graph = graph_only(float_path)
+        self.variable_outputs = variable_length_outputs(graph)  # judged as sets of items
+        self.feature_outputs = feature_outputs(graph)  # never judged as logits or CTC frames
 
     def measure(self, candidate: Candidate) -> Trial:
         return self.measure_batch([candidate])[0]

@@ -235,6 +235,8 @@ def _record_feature_outputs(model: ir.Model) -> None:
             made.append(output.name)
     if made:
         model.metadata_props[FEATURES_KEY] = json.dumps(made)
+    else:  # a record the model came with (a float artifact compiled again) is this pass's own, or stale
+        model.metadata_props.pop(FEATURES_KEY, None)
 
 
 def _computed_weights(model: ir.Model) -> int:

@@ -294,8 +294,39 @@ def _fold_weights(model: ir.Model) -> None:
 # onnxscript's default rules less those whose pattern has several output nodes (SlicesSplit): its matcher tries
 # those against every node of the graph for every candidate, quadratic in graph size — 115 of 127 s on a
 # 6,400-node transformer, for a rewrite (two Slices → Split) that changes no number and fired on no corpus model.
-_REWRITE_RULES = tuple(rule for rule in rewriter._DEFAULT_REWRITE_RULES
-                       if rule._target_pattern.has_single_output_node)
+# Its no-op rules (x + 0, x − 0, x · 1, x / 1) are replaced by exact ones: its patterns match a constant within
+# 1e-8 absolute / 1e-5 relative, so the epsilon of a log (``Log(x² + 1e-10)``, a pitch tracker's spectrogram)
+# was removed as "+ 0" and a silent frequency bin's log became −inf.
+_NO_OP_RULES = frozenset(rewriter._no_op.rules.rules) - {rewriter._no_op.dropout_zero_rule,
+                                                         rewriter._no_op.dropout_inference_rule}
+
+
+def _exact_no_op_rules() -> list:
+    """x + 0, x − 0, x · 1 and x / 1 (scalar constants exactly 0 or 1) → x."""
+    made = []
+    for op_type, neutral, commutes in (("Add", 0, True), ("Sub", 0, False), ("Mul", 1, True), ("Div", 1, False)):
+        rule = rewriter.RewriteRule(_binary_pattern(op_type), lambda op, x, **_: op.Identity(x),
+                                    _is_scalar(neutral))
+        made += rule.commute() if commutes else [rule]
+    return made
+
+
+def _binary_pattern(op_type: str):
+    def target(op, x, c):  # the pattern's variables are the function's parameters: op_type stays bound here
+        return getattr(op, op_type)(x, c)
+    return target
+
+
+def _is_scalar(expected: float):
+    def condition(context, x, c, **_):
+        tensor = ir.convenience.get_const_tensor(c)
+        return tensor is not None and tensor.shape.dims == () and tensor.numpy().item() == expected
+    return condition
+
+
+_REWRITE_RULES = (*(rule for rule in rewriter._DEFAULT_REWRITE_RULES
+                    if rule._target_pattern.has_single_output_node and rule not in _NO_OP_RULES),
+                  *_exact_no_op_rules())
 # Its HardSwish/HardSigmoid fusions are added: exporters without the ops (paddle2onnx, torch below opset 14)
 # write them as Add/Clip/Div/Mul, which in an int8 model is four float kernels and two more requantizations
 # between int8 convolutions, and in the float model four kernels ONNX Runtime does not fuse into the Conv.

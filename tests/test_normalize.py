@@ -77,6 +77,25 @@ def test_decomposed_hard_swish_becomes_the_op(style):
     np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-5, atol=1e-5)
 
 
+def test_only_exact_no_ops_are_removed():
+    """x + 0 and 1 · x go; a log's epsilon (x² + 1e-10) and a scale of 1.000001 stay — onnxscript's no-op
+    patterns matched both, and the log of a silent bin became −inf."""
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Add", ["sq", "eps"], ["a"]),
+             helper.make_node("Log", ["a"], ["l"]), helper.make_node("Add", ["l", "zero"], ["z"]),
+             helper.make_node("Mul", ["one", "z"], ["o"]), helper.make_node("Mul", ["o", "near_one"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                       [_scalar("eps", 1e-10), _scalar("zero", 0.0), _scalar("one", 1.0),
+                        _scalar("near_one", 1.000001)])
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    assert [n.op_type for n in model.graph] == ["Mul", "Add", "Log", "Mul"]
+    x = {"x": np.array([[0.0, 1.0, -2.0, 3.0]], np.float32)}
+    got = _run(ir.to_proto(model), x)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, _run(proto, x))
+
+
 def test_a_fusion_whose_rounding_shows_is_left_out(tmp_path):
     """HardSwish rounds differently from x·Clip(x+3, 0, 6)/6 (here 0.54783577 vs 0.54783583 at x = 0.853086):
     a model whose output turns on that difference (as an autoregressive decoder's argmax does) fails the

@@ -21,6 +21,10 @@ Rules:
 - A requant or passthrough op reading a tensor that held ±inf, NaN or a mask's stand-in for infinity on the
   calibration data (``unbounded``: the calibration's non-finite counts) stays float: integers keep none of
   them, so an attention mask added in int8 would mask nothing (a decoder's "all" op set fell to 4–9 dB).
+- A node whose output is an angle — read by Sin or Cos, directly or through ops that only move or join
+  values (Concat, Transpose, Reshape, Cast, Expand, …) — stays float, and so do those ops: a periodic function
+  turns the angle's rounding into its whole output range (a rotary embedding's positions × frequencies over
+  8 bits: a step of 0.4 rad; an optimum Llama's "all" op set fell to 19.9 dB).
 - Nodes marked by :mod:`edgeq.passes.exclude`, or named in ``keep_float``, stay float — weights included: a
   float Conv/ConvTranspose/Gemm reading a dequantized activation reads it through its own DequantizeLinear
   with the scale repeated per channel, as ONNX Runtime gives a float weight after a per-tensor
@@ -88,6 +92,10 @@ MICROSOFT = "com.microsoft"  # ONNX Runtime's contrib ops
 EMBEDDING = "embedding"  # the role of a Gather whose constant table is stored int8
 EMBEDDING_MIN_BYTES = 1024 * 1024
 _ROWS_AT_ONCE = 16384
+PERIODIC_OPS = ("Sin", "Cos")
+# Ops that only move, copy or join their data input(s): an angle stays an angle through them.
+_ANGLE_CARRIERS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Concat", "Cast", "Expand",
+                   "Identity", "Slice", "Gather", "Tile", "Split")
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,21 @@ def _is_activation(value: ir.Value | None, ranges: dict) -> bool:
             and value.dtype == ir.DataType.FLOAT and value.name in ranges)
 
 
+def _angles(graph: ir.Graph) -> set[ir.Value]:
+    """The values of ``graph`` a Sin/Cos reads, directly or through :data:`_ANGLE_CARRIERS`."""
+    found: set[ir.Value] = set()
+    frontier = [node.inputs[0] for node in graph if node.op_type in PERIODIC_OPS and node.inputs]
+    while frontier:
+        value = frontier.pop()
+        if value is None or value in found:
+            continue
+        found.add(value)
+        made = value.producer()
+        if made is not None and made.graph is graph and made.op_type in _ANGLE_CARRIERS:
+            frontier += made.inputs if made.op_type == "Concat" else made.inputs[:1]
+    return found
+
+
 def _is_const(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None
 
@@ -320,6 +343,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.subgraph_compute_left_float = 0
         self._weights: dict[str, tuple] = {}  # key → the stored weight's values (a shared weight is stored once)
         self._dynamic_inputs: dict[tuple[ir.Graph, ir.Value], list[ir.Value]] = {}
+        self._angles: set[ir.Value] = set()  # of the graph being planned
 
     # classification -------------------------------------------------------------------------------
     def _role(self, node: ir.Node) -> str | None:
@@ -367,6 +391,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if role != "compute" and any(node.inputs[i].name in self.unbounded
                                      for i in self._activation_inputs(node, role)):
             return "an input held ±inf, NaN or a mask's −3.4e38 on the calibration data: integers keep none of them"
+        if any(out in self._angles for out in node.outputs):
+            return "its output is an angle a Sin/Cos reads: a periodic function turns its rounding into its whole range"
         if role == "compute":
             if not self.rules.activation_matmuls and len(self._activation_inputs(node, role)) == 2:
                 return "MatMul of two activations, left float by the chosen op set"
@@ -427,6 +453,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         """Roles, the nodes kept after growth, and the tensors to quantize (each with its owner) of one graph;
         the nodes left float get their decisions."""
         roles, eligible = {}, set()
+        self._angles = _angles(graph)
         for node in graph:
             role = self._role(node)
             if role is None:

@@ -397,3 +397,71 @@ def test_an_attention_mask_add_stays_float(fill, tmp_path):
     ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
     out = np.concatenate([quantized.run(None, f)[0] for f in feeds])
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)) > 25
+
+
+def _rotary_attention_input() -> onnx.ModelProto:
+    """x[1, 64, 16] projected to q and rotated as Hugging Face's Llama does: angles = inverse frequencies
+    (expanded at run time) × position_ids, as a MatMul of two activations, → Transpose → Concat(f, f) →
+    Cos/Sin; q·cos + rotate_half(q)·sin; an output projection."""
+    rng = np.random.default_rng(0)
+    inv_freq = 1.0 / 10000 ** (np.arange(0, 16, 2, dtype=np.float32) / 16)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.5, n) for n in ("wq", "wo")]
+    inits += [numpy_helper.from_array(inv_freq.reshape(1, 8, 1), "inv_freq"),
+              numpy_helper.from_array(np.array([8, 1], np.int64), "freq_dims"),
+              numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+              numpy_helper.from_array(np.array([0], np.int64), "start"),
+              numpy_helper.from_array(np.array([8], np.int64), "half"),
+              numpy_helper.from_array(np.array([16], np.int64), "end"),
+              numpy_helper.from_array(np.array([2], np.int64), "last")]
+    nodes = [helper.make_node("Shape", ["position_ids"], ["pos_shape"], end=1),
+             helper.make_node("Concat", ["pos_shape", "freq_dims"], ["inv_shape"], axis=0),
+             helper.make_node("Expand", ["inv_freq", "inv_shape"], ["inv_expanded"], name="inv_expand"),
+             helper.make_node("Cast", ["position_ids"], ["pos_float"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["pos_float", "axis1"], ["pos3"]),
+             helper.make_node("MatMul", ["inv_expanded", "pos3"], ["freqs"], name="rope_mm"),
+             helper.make_node("Transpose", ["freqs"], ["freqs_t"], name="freqs_t", perm=[0, 2, 1]),
+             helper.make_node("Concat", ["freqs_t", "freqs_t"], ["emb"], name="emb", axis=-1),
+             helper.make_node("Cos", ["emb"], ["cos"]), helper.make_node("Sin", ["emb"], ["sin"]),
+             helper.make_node("MatMul", ["x", "wq"], ["q"], name="mm_q"),
+             helper.make_node("Slice", ["q", "start", "half", "last"], ["q1"]),
+             helper.make_node("Slice", ["q", "half", "end", "last"], ["q2"]),
+             helper.make_node("Neg", ["q2"], ["q2n"]),
+             helper.make_node("Concat", ["q2n", "q1"], ["q_rot"], axis=-1),
+             helper.make_node("Mul", ["q", "cos"], ["q_cos"], name="q_cos"),
+             helper.make_node("Mul", ["q_rot", "sin"], ["q_sin"], name="q_sin"),
+             helper.make_node("Add", ["q_cos", "q_sin"], ["q_embed"], name="q_embed"),
+             helper.make_node("MatMul", ["q_embed", "wo"], ["y"], name="out")]
+    return onnx.shape_inference.infer_shapes(make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 16]),
+                helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 16])], inits))
+
+
+def test_an_angle_a_sin_or_cos_reads_stays_float(tmp_path):
+    """Positions × frequencies over 8 bits would move a rotary angle by up to a step of 0.4 rad at the
+    highest frequency; the angle's MatMul and the Concat that carries it stay float, saying why, while the
+    projections, the rotation's products and the sum stay int8."""
+    proto = _rotary_attention_input()
+    rng = np.random.default_rng(1)
+    feeds = []
+    for i in range(8):
+        start = int(rng.integers(0, 200))
+        feeds.append({"x": rng.standard_normal((1, 64, 16)).astype(np.float32),
+                      "position_ids": np.arange(start, start + 64, dtype=np.int64)[None]})
+        np.savez(tmp_path / f"feed_{i}.npz", **feeds[-1])
+    data = CalibrationData.from_path(tmp_path, [InputSpec("x", np.dtype(np.float32), (1, 64, 16)),
+                                                InputSpec("position_ids", np.dtype(np.int64), (1, 64))])
+    model = ir.serde.deserialize_model(proto)
+    rules = load_target("x86-avx512-vnni").quantization  # "all": Add, Mul, Concat, products of activations
+    calibrate = CalibratePass(data, set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops), "percentile")
+    calibrate(model)
+    insert = InsertQDQPass(rules, calibrate.ranges)
+    insert(model)
+    for name in ("rope_mm", "freqs_t", "emb"):
+        assert not insert.decisions[name].quantized and "angle" in insert.decisions[name].reason
+    assert all(insert.decisions[n].quantized for n in ("mm_q", "q_cos", "q_sin", "q_embed", "out"))
+    reference = ort.InferenceSession(proto.SerializeToString())
+    quantized = ort.InferenceSession(to_proto(model).SerializeToString())
+    ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
+    out = np.concatenate([quantized.run(None, f)[0] for f in feeds])
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)) > 25

@@ -214,7 +214,8 @@ def _print_compile_summary(manifest: dict, output: Path) -> None:
                                         f"max abs {o['max_abs_error']:.3g}{extra}")
     if "guard" in fid:
         g = manifest["guard"]
-        back = f" · {len(g['float_groups'])} groups returned to float" if g.get("float_groups") else ""
+        returned = len(g.get("float_groups", ())) if delivered["precision"] != "float" else 0
+        back = f" · {returned} group{'s' * (returned != 1)} returned to float" if returned else ""
         table.add_row("fidelity guard", f"{'held' if fid['guard']['met'] else 'MISSED'}{back}: "
                                         + guard.describe(fid["guard"]))
     if "metric" in fid:

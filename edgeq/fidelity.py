@@ -14,7 +14,9 @@ while losing most detections), so every output is reported on its own, and outpu
   :data:`MAX_GROUPS` classes), ``scores`` (values in [0, 1] otherwise —
   probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
   0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
-  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample, or whose
+  unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample — unless the
+  model declares C by a symbol or leaves it unknown: an axis that grows with an input, a resampler's or a
+  vocoder's waveform, holds no classes (:func:`open_axis_outputs`) —, or whose
   name says they are logits — a 2-class sentiment head's, as Hugging Face models name them — and [batch,
   positions, C] outputs so named — a language model's next-token logits, a tagger's: argmax agreement over
   positions, padded ones not judged), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs
@@ -137,6 +139,7 @@ class _OutputStats:
     tokenized: bool = False  # positions are a token input's (a tagger): never read as CTC frames
     named_logits: bool = False  # the model names the output logits: a classifier's, however few classes
     named_features: bool = False  # the model names the output a hidden state or features: no decision in it
+    open_last: bool = False  # the model declares the last axis by a symbol: it grows with an input, no classes
     samples: int = 0
     samples_agree: int = 0
 
@@ -246,8 +249,8 @@ class _OutputStats:
             return "scores"
         if self.unit_norm or self.named_features and self.rank == 2:
             return "embedding"
-        classifier = not self.named_features and self.last >= 2 and (self.rank == 2 or self.rank == 3 and
-                                                                      self.named_logits)
+        classifier = not self.named_features and self.last >= 2 and (self.rank == 2 and not self.open_last or
+                                                                      self.named_logits and self.rank in (2, 3))
         if self.elements <= FEW_VALUES and not (classifier and self.named_logits):
             return "values"
         return "logits" if classifier else "map"
@@ -464,6 +467,17 @@ def _names_features(name: str) -> bool:
     return any(word in name.lower() for word in ("hidden", "embed", "feature"))
 
 
+def open_axis_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str]:
+    """The outputs whose last axis the model declares by a symbol or leaves unknown (module rules); ``model``: a
+    file, or its graph already read (:func:`edgeq.model_io.graph_only`)."""
+    opened = set()
+    for output in graph_only(model).graph.output:
+        tensor = output.type.tensor_type
+        if tensor.HasField("shape") and len(tensor.shape.dim) >= 2 and not tensor.shape.dim[-1].HasField("dim_value"):
+            opened.add(output.name)
+    return frozenset(opened)
+
+
 def feature_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str]:
     """The outputs a normalized model's metadata records as made by a normalization (module rules); ``model``:
     a file, or its graph already read (:func:`edgeq.model_io.graph_only`)."""
@@ -471,14 +485,28 @@ def feature_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str
     return frozenset(json.loads(recorded))
 
 
+@dataclass(frozen=True)
+class OutputHints:
+    """What a model's graph says about reading its outputs: which are sets of items
+    (:func:`edgeq.detections.variable_length_outputs`), which a normalization made (:func:`feature_outputs`),
+    and which declare their last axis by a symbol (:func:`open_axis_outputs`)."""
+    sets: frozenset[str] = frozenset()
+    features: frozenset[str] = frozenset()
+    open_axes: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto | str | os.PathLike) -> OutputHints:
+        """``model``: a file, or its graph already read (:func:`edgeq.model_io.graph_only`)."""
+        graph = graph_only(model)
+        return cls(variable_length_outputs(graph), feature_outputs(graph), open_axis_outputs(graph))
+
+
 class FidelityMeter:
     """Feed it (reference outputs, candidate outputs) per feed; ask for the summary at the end."""
 
-    def __init__(self, output_names: list[str], keep_for_metric: bool = False, sets: frozenset[str] = frozenset(),
-                 features: frozenset[str] = frozenset()):
+    def __init__(self, output_names: list[str], keep_for_metric: bool = False, hints: OutputHints = OutputHints()):
         self.names = output_names
-        self.sets = sets  # outputs whose length depends on values (:func:`variable_length_outputs`)
-        self.features = features  # outputs made by a normalization (:func:`feature_outputs`); names say the rest
+        self.hints = hints  # the model's own word on its outputs; their names say the rest
         self.stats: dict = {}
         self.keep = keep_for_metric
         self.ref_outputs: list[dict] = []
@@ -488,12 +516,13 @@ class FidelityMeter:
 
     def _stats_for(self, name: str, reference: np.ndarray):
         """What one output's figures are kept in: an item set, a float output's stats, or an integer's."""
-        if name in self.sets:
+        if name in self.hints.sets:
             return _SetStats()
         if not np.issubdtype(reference.dtype, np.floating):
             return _IndexStats()
         return _OutputStats(named_logits="logit" in name.lower(),
-                            named_features=name in self.features or _names_features(name))
+                            named_features=name in self.hints.features or _names_features(name),
+                            open_last=name in self.hints.open_axes)
 
     def update(self, ref: list[np.ndarray], test: list[np.ndarray], feed=None) -> None:
         self.count += 1
@@ -567,20 +596,14 @@ def accuracy_drop(summary: dict) -> float:
 
 
 def compare_models(runtime, ref_path, test_path, feeds, metric=None, limit: int | None = None,
-                   reference: list[list[np.ndarray]] | None = None, sets: frozenset[str] | None = None,
-                   features: frozenset[str] | None = None) -> dict:
+                   reference: list[list[np.ndarray]] | None = None, hints: OutputHints | None = None) -> dict:
     """Run two model files in ``runtime`` on the same feeds (the first ``limit`` of them, if given) and
     summarize how far the second's outputs are from the first's (``reference``: the first's outputs per feed,
-    already computed: it is not run again; ``sets`` and ``features``: the first's
-    :func:`variable_length_outputs` and :func:`feature_outputs`, if known)."""
+    already computed: it is not run again; ``hints``: the first's :class:`OutputHints`, if known)."""
     test = runtime.session(test_path)
     ref = runtime.session(ref_path) if reference is None else None
     names = ref.output_names if ref is not None else test.output_names
-    if sets is None or features is None:
-        graph = graph_only(ref_path)
-        sets = variable_length_outputs(graph) if sets is None else sets
-        features = feature_outputs(graph) if features is None else features
-    meter = FidelityMeter(names, keep_for_metric=metric is not None, sets=sets, features=features)
+    meter = FidelityMeter(names, keep_for_metric=metric is not None, hints=hints or OutputHints.of(ref_path))
     for index, feed in enumerate(feeds):
         if index == limit:
             break

@@ -694,7 +694,7 @@ class _Compilation:
         key = [self.normalized_digest, self.calib.digest, sorted(self.ranges.items()),
                self.candidates[self.chosen], self.target.quantization.__dict__, self.target.precisions.__dict__,
                self.recipe.sensitivity_feeds, self.recipe.sensitivity, sorted(self.request.keep_float),
-               list(self.ptq.techniques), sorted(self.trials.variable_outputs)]
+               list(self.ptq.techniques), sorted(self.trials.hints.sets)]
         return self.calibrator.cache, key
 
     @property

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import HOST_X86, make_model
 from edgeq import guard
 from edgeq.cli import main
-from edgeq.fidelity import FidelityMeter, feature_outputs, padding_of
+from edgeq.fidelity import FidelityMeter, OutputHints, feature_outputs, open_axis_outputs, padding_of
 from edgeq.passes.gate_qdq import GateQDQPass
 from edgeq.passes.normalize import NormalizePass
 from edgeq.pipeline import GUARD_BUILDS, REPAIR_GROUPS, RETURNED_BY_GUARD
@@ -291,9 +291,36 @@ def test_outputs_made_by_a_normalization_are_features_whatever_their_name(tmp_pa
     frames[0, ::2, -1] = 5.0
     vectors = rng.standard_normal((2, 64)).astype(np.float32)
     for name, ref, kind in (("output", frames, "map"), ("fc1", vectors, "embedding")):
-        meter = FidelityMeter([name], features=frozenset({"output", "fc1"}))
+        meter = FidelityMeter([name], hints=OutputHints(features=frozenset({"output", "fc1"})))
         meter.update([ref], [ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)])
         assert meter.summary()["outputs"][name]["kind"] == kind
+
+
+def test_an_output_whose_last_axis_grows_with_the_input_is_not_logits(tmp_path):
+    """A resampler's waveform [batch, M] (M declared by a symbol) has more than 16 values per sample, as logits
+    do, but its argmax decides nothing: it is a map (a 34.5 dB int8 build was refused at argmax agreement 0.75).
+    Declared fixed, the same values are logits; a symbolic axis named logits stays logits."""
+    w = numpy_helper.from_array(np.ones((1, 1, 3), np.float32) / 3, "w")
+    outputs = [helper.make_tensor_value_info("resampled", TensorProto.FLOAT, ["batch", "M"]),
+               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 200]),
+               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "vocab"])]
+    nodes = [helper.make_node("Unsqueeze", ["x", "one"], ["x3"]), helper.make_node("Conv", ["x3", "w"], ["c"]),
+             helper.make_node("Squeeze", ["c", "one"], ["resampled"]),
+             helper.make_node("Identity", ["resampled"], ["scores"]), helper.make_node("Identity", ["x"], ["logits"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 202])], outputs,
+                       [w, numpy_helper.from_array(np.array([1], np.int64), "one")])
+    onnx.save(model, tmp_path / "m.onnx")
+    hints = OutputHints.of(tmp_path / "m.onnx")
+    assert hints.open_axes == open_axis_outputs(model) == {"resampled", "logits"}
+    rng = np.random.default_rng(0)
+    meter = FidelityMeter(["resampled", "scores", "logits"], hints=hints)
+    for _ in range(4):
+        wave = np.sin(np.linspace(0, 20, 200))[None].astype(np.float32) + 0.3 * rng.standard_normal((1, 200)).astype(
+            np.float32)
+        noisy = wave + 0.01 * rng.standard_normal(wave.shape).astype(np.float32)
+        meter.update([wave, wave, wave], [noisy, noisy, noisy])
+    kinds = {name: o["kind"] for name, o in meter.summary()["outputs"].items()}
+    assert kinds == {"resampled": "map", "scores": "logits", "logits": "logits"}
 
 
 def test_ctc_logits_time_major_are_judged_as_decoded_frames():
@@ -575,7 +602,7 @@ def test_detections_are_matched_one_to_one_whatever_their_number_and_order():
     test = ref[:-1] + np.array([0, 0.01, 1, -1, 1, 1], np.float32)
     test[[3, 4]] = test[[4, 3]]
     sets = frozenset({"dets", "num"})
-    meter = FidelityMeter(["dets", "num"], sets=sets)
+    meter = FidelityMeter(["dets", "num"], hints=OutputHints(sets=sets))
     meter.update([ref, np.array([50], np.int32)], [test, np.array([49], np.int32)])
     outputs = meter.summary()["outputs"]
     assert outputs["dets"] == {"kind": "detections", "decision_agreement": pytest.approx(98 / 99),
@@ -588,7 +615,7 @@ def test_detections_are_matched_one_to_one_whatever_their_number_and_order():
     assert guard.check(meter.summary())["met"]
     test[0, 0] = (test[0, 0] + 1) % 10
     test[1, 2:] += 200
-    meter = FidelityMeter(["dets"], sets=sets)
+    meter = FidelityMeter(["dets"], hints=OutputHints(sets=sets))
     meter.update([ref], [test])
     assert meter.summary()["outputs"]["dets"]["decision_agreement"] == pytest.approx(94 / 99)
     assert not guard.check(meter.summary())["met"]
@@ -602,7 +629,7 @@ def test_padded_detections_and_one_box_labels_are_judged_as_items():
     ref[:, 0] = [3, 5, 7, 9]
     test = ref[[1, 0, 2]]  # the fourth box lost
     names = ["detection_boxes", "detection_classes", "num_detections", "labels"]
-    meter = FidelityMeter(names, sets=frozenset(names))
+    meter = FidelityMeter(names, hints=OutputHints(sets=frozenset(names)))
     for n in range(2):
         boxes = [np.zeros((1, 10, 4), np.float32) for _ in range(2)]
         classes = [np.zeros((1, 10), np.float32) for _ in range(2)]
@@ -622,12 +649,12 @@ def test_integer_items_match_only_where_equal_and_values_within_tolerance():
     """A heat map's peaks ([N, 2] indices, exact) and their values ([N], within 5% of the largest)."""
     peaks = np.array([[1, 2], [3, 4], [5, 6]], np.int64)
     values = np.array([4.1, 2.2, 1.3], np.float32)
-    meter = FidelityMeter(["peaks", "values"], sets=frozenset({"peaks", "values"}))
+    meter = FidelityMeter(["peaks", "values"], hints=OutputHints(sets=frozenset({"peaks", "values"})))
     meter.update([peaks, values], [np.array([[5, 6], [1, 2], [3, 5]]), np.array([1.4, 4.2, 2.7], np.float32)])
     outputs = meter.summary()["outputs"]
     assert outputs["peaks"]["decision_agreement"] == pytest.approx(2 / 3)  # [3, 5] is not [3, 4]
     assert outputs["values"]["decision_agreement"] == pytest.approx(2 / 3)  # 2.7 is 0.5 from 2.2: over 0.205
-    meter = FidelityMeter(["values"], sets=frozenset({"values"}))
+    meter = FidelityMeter(["values"], hints=OutputHints(sets=frozenset({"values"})))
     meter.update([values], [np.array([4.1, np.nan], np.float32)])
     assert meter.summary()["outputs"]["values"]["decision_agreement"] == 0.0  # a NaN where float has none
 

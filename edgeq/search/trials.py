@@ -34,9 +34,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from edgeq.detections import variable_length_outputs
-from edgeq.fidelity import accuracy_drop, compare_models, feature_outputs, reference_outputs, worst_sqnr
-from edgeq.model_io import graph_only
+from edgeq.fidelity import OutputHints, accuracy_drop, compare_models, reference_outputs, worst_sqnr
 from edgeq.runtimes.base import NodeTime
 
 R = TypeVar("R")
@@ -97,9 +95,7 @@ class Trials:
         self.measure_seconds = 0.0
         self._kernels: dict[Path, list[NodeTime]] = {}
         self._reference: list | None = []  # float's outputs on the first held-out feeds; None: too big to keep
-        graph = graph_only(float_path)
-        self.variable_outputs = variable_length_outputs(graph)  # judged as sets of items
-        self.feature_outputs = feature_outputs(graph)  # never judged as logits or CTC frames
+        self.hints = OutputHints.of(float_path)  # how the float model's outputs are read
 
     def measure(self, candidate: Candidate) -> Trial:
         return self.measure_batch([candidate])[0]
@@ -133,8 +129,7 @@ class Trials:
                                      REFERENCE_BYTES - kept)
             self._reference = None if more is None else self._reference + more
         return compare_models(self.runtime, self.float_path, path, self.holdout, self.metric, limit=feeds,
-                              reference=self._reference, sets=self.variable_outputs,
-                              features=self.feature_outputs)
+                              reference=self._reference, hints=self.hints)
 
     def judged(self, build) -> dict | None:
         """The fidelity a trial of this very build measured on every held-out feed, if one did (a copy)."""

@@ -1,15 +1,19 @@
-"""Detections: outputs whose length depends on values, judged as unordered sets of items.
+"""Detections: outputs whose length or order depends on values, judged as unordered sets of items.
 
 A detector with its non-maximum suppression in the graph outputs as many boxes as survive it, in score order;
 int8 may keep one box more or less, or swap two of close score. Compared elementwise, such a candidate has
-another shape — a broken model — or two boxes wholly wrong. Rules:
+another shape — a broken model — or two boxes wholly wrong. So has a detector without suppression that keeps
+its top-K candidates by score (YOLOv10/YOLO26 end-to-end heads: [1, 300, 6]). Rules:
 - Which outputs: those computed, however indirectly, from an op whose output's length depends on values
-  (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), read from the graph.
+  (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), or from the indices a TopK ranks by
+  value (rows gathered in score order), read from the graph.
 - Their form, read from every feed's arrays of both models (:class:`SetForm`): leading axes of size 1 in all
   of them are a batch; of what is left, rank ≥ 2 holds items as rows of its last axis, rank ≤ 1 as single
   elements; all-zero rows (the padding of a fixed-length output, TensorFlow's [1, 100, 4]) are no items. An
   output that is one whole number on every feed is a count (of detections): that many items, the fewer of the
-  two matched.
+  two matched. In an output of the same length on every feed, a column in [0, 1] that ranks the items (non-
+  increasing in every array) is their score, and items scoring under :data:`SCORE_FLOOR` are no detections
+  (the top-K's tail, which int8 reorders freely).
 - Items are matched one to one (:func:`matched_items`): equal items first; else, where float's items hold a
   corner-format box, by IoU ≥ 0.5 (as detection benchmarks count a hit) and the same class; else every value
   within 5% of its column's largest float magnitude. Integer items (indices, labels) match only when equal.
@@ -20,7 +24,7 @@ another shape — a broken model — or two boxes wholly wrong. Rules:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -28,17 +32,20 @@ import onnx
 from edgeq.model_io import all_nodes, graph_only, node_reads, subgraphs
 
 VARIABLE_LENGTH_OPS = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique"})
+SCORE_FLOOR = 0.25  # a ranked item scoring less is no detection (the confidence YOLO deployments keep by default)
 MATCH_IOU = 0.5  # a candidate's box matches a float box it overlaps this much (detection benchmarks' IoU 0.5)
 MATCH_TOLERANCE = 0.05  # other float values match within this share of their column's largest float magnitude
 
 
-def variable_length_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str]:
-    """The model's outputs whose length depends on values: those computed from an op whose output's length does
-    (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), however indirectly. ``model``: a file, or
-    its graph already read (:func:`edgeq.model_io.graph_only`)."""
+def set_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str]:
+    """The model's outputs whose length or order depends on values: those computed from an op whose output's
+    length does (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one) or from a TopK's indices,
+    however indirectly. ``model``: a file, or its graph already read (:func:`edgeq.model_io.graph_only`)."""
     graph = graph_only(model).graph
     tainted: set[str] = set()
     for node in graph.node:
+        if node.op_type == "TopK" and len(node.output) > 1 and node.output[1]:
+            tainted.add(node.output[1])
         if node.op_type in VARIABLE_LENGTH_OPS or not tainted.isdisjoint(node_reads(node)) or any(
                 inner.op_type in VARIABLE_LENGTH_OPS for sub in subgraphs(node) for inner in all_nodes(sub)):
             tainted.update(name for name in node.output if name)
@@ -106,27 +113,41 @@ def matched_items(ref: np.ndarray, test: np.ndarray, exact: bool) -> list[tuple[
 
 @dataclass(frozen=True)
 class SetForm:
-    """How a variable-length output's arrays hold items, read from all of them (module rules)."""
+    """How a set output's arrays hold items, read from all of them (module rules)."""
 
     batch: int  # leading axes of size 1 in every array
     counts: bool  # one element in every array
+    score: int | None = None  # the column ranking the items of a fixed-length output
 
     @classmethod
     def of(cls, arrays: list[np.ndarray]) -> SetForm:
         batch = 0
         while all(a.ndim > batch + 1 and a.shape[batch] == 1 for a in arrays):
             batch += 1
-        return cls(batch, all(a.size == 1 for a in arrays))
+        form = cls(batch, all(a.size == 1 for a in arrays))
+        if len({a.shape for a in arrays}) != 1 or form.counts or not np.issubdtype(arrays[0].dtype, np.floating):
+            return form
+        rows = [form._rows(a) for a in arrays]
+        ranking = [c for c in range(rows[0].shape[1]) if len(rows[0]) > 1 and all(
+            (r[:, c] >= 0).all() and (r[:, c] <= 1).all() and (np.diff(r[:, c]) <= 0).all() for r in rows)]
+        return replace(form, score=ranking[0]) if ranking else form
+
+    def _rows(self, array: np.ndarray) -> np.ndarray:
+        rows = np.asarray(array, np.float64).reshape(array.shape[self.batch:])
+        return rows.reshape(-1, rows.shape[-1] if rows.ndim >= 2 else 1)
 
     def items(self, array: np.ndarray) -> np.ndarray:
-        """The array's items as rows (float64), all-zero rows — padding — left out."""
-        rows = np.asarray(array, np.float64).reshape(array.shape[self.batch:])
-        rows = rows.reshape(-1, rows.shape[-1] if rows.ndim >= 2 else 1)
-        return rows[(rows != 0).any(1)]
+        """The array's items as rows (float64): all-zero rows — padding — and ranked items scoring under
+        :data:`SCORE_FLOOR` left out."""
+        rows = self._rows(array)
+        kept = (rows != 0).any(1)
+        if self.score is not None:
+            kept &= rows[:, self.score] >= SCORE_FLOOR
+        return rows[kept]
 
 
 def feed_sets(form: SetForm, ref: np.ndarray, test: np.ndarray) -> tuple[int, int, int, np.ndarray, np.ndarray]:
-    """One feed of a variable-length output: float's items, the candidate's, how many matched, and per column of
+    """One feed of a set output: float's items, the candidate's, how many matched, and per column of
     the items (a class, a score, a coordinate: quantities of their own, like outputs) Σ error² order-free —
     matched items their difference, unmatched ones their whole value — and Σ float². A count (of detections)
     is that many items, the fewer of the two matched, its error its difference."""
@@ -153,7 +174,7 @@ def worst_column_nsr(error: np.ndarray, signal: np.ndarray) -> float:
 
 
 def matched_nsr(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """NSR of a variable-length output over feeds, order-free: its worst column's (:func:`feed_sets`)."""
+    """NSR of a set output over feeds, order-free: its worst column's (:func:`feed_sets`)."""
     form = SetForm.of(reference + candidate)
     sums = [feed_sets(form, ref, test)[3:] for ref, test in zip(reference, candidate)]
     return worst_column_nsr(sum(e for e, _ in sums), sum(s for _, s in sums))

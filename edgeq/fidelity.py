@@ -54,8 +54,8 @@ while losing most detections), so every output is reported on its own, and outpu
   argmax over features decides nothing (a sinusoidal position feature that wins most frames looked like a blank
   between other "symbols"); with one vector per sample ([batch, D]: a pooled sentence embedding, a face
   embedding) they are an ``embedding``, else a ``map``;
-- ``detections``: an output whose length depends on values (a detector's boxes, scores and labels after its
-  non-maximum suppression, a heat map's peaks: :mod:`edgeq.detections`) is an unordered set of items whose
+- ``detections``: an output whose length or order depends on values (a detector's boxes, scores and labels
+  after its non-maximum suppression or its top-K by score, a heat map's peaks: :mod:`edgeq.detections`) is an unordered set of items whose
   number and order may differ between the two models; its decision agreement is the F1 of the items matched
   one to one, summed over feeds, and its SQNR the worst item column's, order-free;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
@@ -80,7 +80,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from edgeq.detections import SetForm, feed_sets, variable_length_outputs, worst_column_nsr
+from edgeq.detections import SetForm, feed_sets, set_outputs, worst_column_nsr
 from edgeq.errors import UserError, first_line
 from edgeq.model_io import graph_only
 from edgeq.passes.normalize import FEATURES_KEY
@@ -405,8 +405,8 @@ class _IndexStats:
 
 @dataclass
 class _SetStats:
-    """An output whose length depends on values: items matched between the two models (module rules). The
-    outputs are kept (sets are small) to read their :class:`SetForm` from every feed's."""
+    """An output whose length or order depends on values: items matched between the two models (module rules).
+    The outputs are kept (sets are small) to read their :class:`SetForm` from every feed's."""
 
     pairs: list = field(default_factory=list)
 
@@ -488,7 +488,7 @@ def feature_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str
 @dataclass(frozen=True)
 class OutputHints:
     """What a model's graph says about reading its outputs: which are sets of items
-    (:func:`edgeq.detections.variable_length_outputs`), which a normalization made (:func:`feature_outputs`),
+    (:func:`edgeq.detections.set_outputs`), which a normalization made (:func:`feature_outputs`),
     and which declare their last axis by a symbol (:func:`open_axis_outputs`)."""
     sets: frozenset[str] = frozenset()
     features: frozenset[str] = frozenset()
@@ -498,7 +498,7 @@ class OutputHints:
     def of(cls, model: onnx.ModelProto | str | os.PathLike) -> OutputHints:
         """``model``: a file, or its graph already read (:func:`edgeq.model_io.graph_only`)."""
         graph = graph_only(model)
-        return cls(variable_length_outputs(graph), feature_outputs(graph), open_axis_outputs(graph))
+        return cls(set_outputs(graph), feature_outputs(graph), open_axis_outputs(graph))
 
 
 class FidelityMeter:

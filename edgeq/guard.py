@@ -23,8 +23,9 @@ Rules:
   values                  SQNR (≤ 16 values per sample: scores, regressions)   ≥ 35 dB
   map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB
   detections              F1 of the items matched one to one (outputs whose    ≥ 0.98
-                          length depends on values: boxes after NMS by IoU
-                          ≥ 0.5 and class, peaks; a count by its number)
+                          length or order depends on values: boxes after NMS
+                          or a top-K by IoU ≥ 0.5 and class, peaks; a count
+                          by its number)
   ======================  ===================================================  ==========================
 
   The thresholds sit between what real models kept and lost at their task (edgeq's real-model corpus): a

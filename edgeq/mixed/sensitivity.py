@@ -49,7 +49,7 @@ import onnx_ir as ir
 from edgeq.mixed.groups import Group
 from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
 from edgeq.cache import JsonCache
-from edgeq.detections import matched_nsr, variable_length_outputs
+from edgeq.detections import matched_nsr, set_outputs
 from edgeq.passes.gate_qdq import GATES
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
@@ -133,7 +133,7 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     started = time.perf_counter()
     proxy = proxy or {}
     reference_session = runtime.session(float_path)
-    variable = variable_length_outputs(float_path)
+    variable = set_outputs(float_path)
     sets = frozenset(i for i, name in enumerate(reference_session.output_names) if name in variable)
     reference, seconds = [], []
     for feed in feeds:

@@ -128,7 +128,9 @@ class SetForm:
         if len({a.shape for a in arrays}) != 1 or form.counts or not np.issubdtype(arrays[0].dtype, np.floating):
             return form
         rows = [form._rows(a) for a in arrays]
-        ranking = [c for c in range(rows[0].shape[1]) if len(rows[0]) > 1 and all(
+        if len(rows[0]) < 2:
+            return form
+        ranking = [c for c in range(rows[0].shape[1]) if all(
             (r[:, c] >= 0).all() and (r[:, c] <= 1).all() and (np.diff(r[:, c]) <= 0).all() for r in rows)]
         return replace(form, score=ranking[0]) if ranking else form
 

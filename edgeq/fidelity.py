@@ -55,8 +55,8 @@ while losing most detections), so every output is reported on its own, and outpu
   between other "symbols"); with one vector per sample ([batch, D]: a pooled sentence embedding, a face
   embedding) they are an ``embedding``, else a ``map``;
 - ``detections``: an output whose length or order depends on values (a detector's boxes, scores and labels
-  after its non-maximum suppression or its top-K by score, a heat map's peaks: :mod:`edgeq.detections`) is an unordered set of items whose
-  number and order may differ between the two models; its decision agreement is the F1 of the items matched
+  after its non-maximum suppression or its top-K by score, a heat map's peaks: :mod:`edgeq.detections`) is an
+  unordered set of items whose number and order may differ between the two models; its decision agreement is the F1 of the items matched
   one to one, summed over feeds, and its SQNR the worst item column's, order-free;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 

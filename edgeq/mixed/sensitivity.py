@@ -133,8 +133,8 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     started = time.perf_counter()
     proxy = proxy or {}
     reference_session = runtime.session(float_path)
-    variable = set_outputs(float_path)
-    sets = frozenset(i for i, name in enumerate(reference_session.output_names) if name in variable)
+    item_sets = set_outputs(float_path)
+    sets = frozenset(i for i, name in enumerate(reference_session.output_names) if name in item_sets)
     reference, seconds = [], []
     for feed in feeds:
         begun = time.perf_counter()

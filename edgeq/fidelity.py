@@ -6,7 +6,10 @@ while losing most detections), so every output is reported on its own, and outpu
 - cosine similarity, SQNR in dB (signal power over error power), max absolute error;
 - for class-like outputs ([batch, classes]): top-1 agreement and top-5 overlap with the reference;
 - the output's kind, read from the reference's values, and the agreement of the decision it carries:
-  ``indices`` (integer outputs: the share of equal elements), ``classes`` (values in [0, 1] whose last axis
+  ``indices`` (integer outputs: the share of equal elements — but [batch, frames] ids that read as CTC frames
+  by the rule below, their blank at least half of them — a recognizer that takes the argmax in its graph —
+  are ``classes`` judged as decoded),
+  ``classes`` (values in [0, 1] whose last axis
   sums to 1: the share of positions whose argmax agrees), ``segments`` (such class values at two or more
   position axes, [batch, H, W, classes]: a per-pixel class map — segmentation, a face/no-face map — judged
   like a mask: intersection over union of the pixels whose argmax is not the background, the class float
@@ -389,18 +392,44 @@ def _ctc_decisive(decisions: np.ndarray, blank: int) -> np.ndarray:
 
 @dataclass
 class _IndexStats:
-    """An integer output (token ids, class indices): only exact agreement means anything."""
+    """An integer output (token ids, class indices): only exact agreement means anything — of the decoded text
+    where the output is CTC frames already decided (module rules)."""
 
     agree: int = 0
     total: int = 0
+    rows: list = field(default_factory=list)  # per sample of a [batch, frames] output: (float's ids, candidate's)
+    tokenized: bool = False  # its positions are a token input's (a tagger's labels): never read as CTC frames
 
-    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+    def update(self, ref: np.ndarray, test: np.ndarray, token_lengths: set[int] = frozenset()) -> None:
         self.total += max(ref.size, test.size)
         if ref.shape == test.shape:
             self.agree += int((ref == test).sum())
+            if ref.ndim == 2 and sum(len(r) for r, _ in self.rows) < MARGIN_ROWS:
+                self.rows.extend(zip(ref, test))
+                self.tokenized |= ref.shape[1] in token_lengths
+
+    def ctc_blank(self) -> int | None:
+        """The blank id where the float ids read as CTC frames (as :meth:`_OutputStats.ctc_blank` — the most
+        common id, the lowest or the highest seen, between two others in at least half the samples — and at
+        least half of all frames: a recognizer's frames are mostly blank, 64–74% of a text line's), else None."""
+        if self.tokenized or not self.rows:
+            return None
+        ids = np.concatenate([ref for ref, _ in self.rows])
+        values, counts = np.unique(ids, return_counts=True)
+        blank = int(values[counts.argmax()])
+        if blank not in (int(values[0]), int(values[-1])) or 2 * counts.max() < ids.size:
+            return None
+        return blank if np.mean([_blank_inside(ref, blank) for ref, _ in self.rows]) >= 0.5 else None
 
     def summary(self) -> dict:
-        return {"kind": "indices", "decision_agreement": self.agree / self.total if self.total else 1.0}
+        blank = self.ctc_blank()
+        if blank is None:
+            return {"kind": "indices", "decision_agreement": self.agree / self.total if self.total else 1.0}
+        decoded = [(_ctc_decode(ref, blank), _ctc_decode(test, blank)) for ref, test in self.rows]
+        symbols = sum(len(ref) for ref, _ in decoded)
+        return {"kind": "classes", "ctc_blank": blank,
+                "decision_agreement": 1.0 - sum(_edits(ref, test) for ref, test in decoded) / max(symbols, 1),
+                "sequence_agreement": float(np.mean([ref == test for ref, test in decoded]))}
 
 
 @dataclass
@@ -537,6 +566,8 @@ class FidelityMeter:
                 self.stats[name] = self._stats_for(name, r)
             if isinstance(self.stats[name], _OutputStats):
                 self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
+            elif isinstance(self.stats[name], _IndexStats):
+                self.stats[name].update(np.asarray(r), np.asarray(t), token_lengths)
             else:
                 self.stats[name].update(np.asarray(r), np.asarray(t))
         if self.keep:

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import HOST_X86, make_model
 from edgeq import guard
+from edgeq.calibration_data import Feed
 from edgeq.cli import main
 from edgeq.fidelity import FidelityMeter, OutputHints, feature_outputs, open_axis_outputs, padding_of
 from edgeq.passes.gate_qdq import GateQDQPass
@@ -322,6 +323,32 @@ def test_an_output_whose_last_axis_grows_with_the_input_is_not_logits(tmp_path):
         meter.update([wave, wave, wave], [noisy, noisy, noisy])
     kinds = {name: o["kind"] for name, o in meter.summary()["outputs"].items()}
     assert kinds == {"resampled": "map", "scores": "logits", "logits": "logits"}
+
+
+def test_frame_ids_decided_in_the_graph_are_judged_as_decoded_text():
+    """A recognizer that takes the argmax in its graph outputs int64 frame ids [batch, frames], blank between
+    symbols: 99% of equal ids (padding frames included) hid lines whose text changed. Read as CTC frames, what
+    must agree is the decoded text; a tagger's labels (as many positions as its token input) and a decoder's
+    ids with trailing padding stay indices."""
+    rng = np.random.default_rng(7)
+    frames = np.zeros((4, 60), np.int64)
+    for row in frames:
+        row[rng.choice(np.arange(1, 59, 3), 12, replace=False)] = rng.integers(1, 90, 12)
+    changed = frames.copy()
+    changed[1, np.flatnonzero(changed[1])[3]] = 0  # one symbol lost in one line: 1 frame of 240
+    meter = FidelityMeter(["ids"])
+    for i in range(4):
+        meter.update([frames[i:i + 1]], [changed[i:i + 1]])
+    ids = meter.summary()["outputs"]["ids"]
+    assert ids["kind"] == "classes" and ids["ctc_blank"] == 0
+    assert ids["sequence_agreement"] == 0.75 and ids["decision_agreement"] == pytest.approx(1 - 1 / 48)
+    tokens = np.ones((1, 60), np.int64)
+    tagger = FidelityMeter(["labels"])
+    tagger.update([frames[:1]], [changed[:1]], Feed({"input_ids": tokens}, {}, "t"))
+    decoder = FidelityMeter(["tokens"])
+    decoder.update([np.array([[5, 9, 3, 7, 2, 0, 0, 0]])], [np.array([[5, 9, 3, 7, 2, 0, 0, 0]])])
+    assert tagger.summary()["outputs"]["labels"]["kind"] == decoder.summary()["outputs"]["tokens"]["kind"] == \
+        "indices"
 
 
 def test_ctc_logits_time_major_are_judged_as_decoded_frames():

@@ -499,8 +499,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         embeddings = [n for n in graph if gathers_integers and embedding_table(n) is not None]
         for node in embeddings:
             self._quantize_embedding(graph, node)
-        return bool(kept) or any(self.decisions[n].quantized for n in [name for name, _ in rewritten]
-                                 + [node.name for node in embeddings])
+        rewrote = [name for name, _ in rewritten] + [node.name for node in embeddings]
+        return bool(kept) or any(self.decisions[name].quantized for name in rewrote)
 
     def _fold_transposed_weights(self, graph: ir.Graph) -> None:
         """MatMul/Gemm(x, Transpose(constant)) → MatMul/Gemm(x, the constant transposed), each fold stored once."""

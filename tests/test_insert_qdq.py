@@ -362,10 +362,32 @@ def _masked_attention(fill: float) -> onnx.ModelProto:
               helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
               helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
               helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="out")]
+    return _token_model(nodes, inits, "attention_mask", 8)
+
+
+def _token_model(nodes, inits, second: str, tokens: int) -> onnx.ModelProto:
+    """x [1, tokens, 16] float and ``second`` [1, tokens] int64 in, y [1, tokens, 16] out."""
     return onnx.shape_inference.infer_shapes(make_model(
-        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16]),
-                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])], inits))
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, 16]),
+                helper.make_tensor_value_info(second, TensorProto.INT64, [1, tokens])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, 16])], inits))
+
+
+def _saved_feeds(feeds: list[dict], folder, second: str, tokens: int) -> CalibrationData:
+    """``feeds`` written to ``folder`` and read back as calibration data of a :func:`_token_model`."""
+    for i, feed in enumerate(feeds):
+        np.savez(folder / f"feed_{i}.npz", **feed)
+    return CalibrationData.from_path(folder, [InputSpec("x", np.dtype(np.float32), (1, tokens, 16)),
+                                              InputSpec(second, np.dtype(np.int64), (1, tokens))])
+
+
+def _sqnr_db(proto: onnx.ModelProto, model: ir.Model, feeds: list[dict]) -> float:
+    """The quantized ``model``'s output SQNR against ``proto``'s on ``feeds``."""
+    reference = ort.InferenceSession(proto.SerializeToString())
+    quantized = ort.InferenceSession(to_proto(model).SerializeToString())
+    ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
+    out = np.concatenate([quantized.run(None, f)[0] for f in feeds])
+    return 10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2))
 
 
 @pytest.mark.parametrize("fill", [float(np.finfo(np.float32).min), float("-inf")])
@@ -380,9 +402,7 @@ def test_an_attention_mask_add_stays_float(fill, tmp_path):
         keep = np.ones((1, 8), np.int64)
         keep[0, 8 - i % 4:] = 0  # 0 to 3 padded positions
         feeds.append({"x": rng.standard_normal((1, 8, 16)).astype(np.float32), "attention_mask": keep})
-        np.savez(tmp_path / f"feed_{i}.npz", **feeds[-1])
-    data = CalibrationData.from_path(tmp_path, [InputSpec("x", np.dtype(np.float32), (1, 8, 16)),
-                                                InputSpec("attention_mask", np.dtype(np.int64), (1, 8))])
+    data = _saved_feeds(feeds, tmp_path, "attention_mask", 8)
     model = ir.serde.deserialize_model(proto)
     rules = load_target("x86-avx512-vnni").quantization
     calibrate = CalibratePass(data, set(rules.compute_ops + ("Add", "Softmax")), "percentile")
@@ -392,11 +412,7 @@ def test_an_attention_mask_add_stays_float(fill, tmp_path):
     insert(model)
     assert not insert.decisions["mask_add"].quantized and "−3.4e38" in insert.decisions["mask_add"].reason
     assert all(insert.decisions[n].quantized for n in ("mm_q", "mm_k", "mm_v", "qk", "pv", "out"))
-    reference = ort.InferenceSession(proto.SerializeToString())
-    quantized = ort.InferenceSession(to_proto(model).SerializeToString())
-    ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
-    out = np.concatenate([quantized.run(None, f)[0] for f in feeds])
-    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)) > 25
+    assert _sqnr_db(proto, model, feeds) > 25
 
 
 def _rotary_attention_input() -> onnx.ModelProto:
@@ -431,10 +447,7 @@ def _rotary_attention_input() -> onnx.ModelProto:
              helper.make_node("Mul", ["q_rot", "sin"], ["q_sin"], name="q_sin"),
              helper.make_node("Add", ["q_cos", "q_sin"], ["q_embed"], name="q_embed"),
              helper.make_node("MatMul", ["q_embed", "wo"], ["y"], name="out")]
-    return onnx.shape_inference.infer_shapes(make_model(
-        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 16]),
-                helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 16])], inits))
+    return _token_model(nodes, inits, "position_ids", 64)
 
 
 def test_an_angle_a_sin_or_cos_reads_stays_float(tmp_path):
@@ -448,9 +461,7 @@ def test_an_angle_a_sin_or_cos_reads_stays_float(tmp_path):
         start = int(rng.integers(0, 200))
         feeds.append({"x": rng.standard_normal((1, 64, 16)).astype(np.float32),
                       "position_ids": np.arange(start, start + 64, dtype=np.int64)[None]})
-        np.savez(tmp_path / f"feed_{i}.npz", **feeds[-1])
-    data = CalibrationData.from_path(tmp_path, [InputSpec("x", np.dtype(np.float32), (1, 64, 16)),
-                                                InputSpec("position_ids", np.dtype(np.int64), (1, 64))])
+    data = _saved_feeds(feeds, tmp_path, "position_ids", 64)
     model = ir.serde.deserialize_model(proto)
     rules = load_target("x86-avx512-vnni").quantization  # "all": Add, Mul, Concat, products of activations
     calibrate = CalibratePass(data, set(rules.compute_ops + rules.requant_ops + rules.passthrough_ops), "percentile")
@@ -460,8 +471,4 @@ def test_an_angle_a_sin_or_cos_reads_stays_float(tmp_path):
     for name in ("rope_mm", "freqs_t", "emb"):
         assert not insert.decisions[name].quantized and "angle" in insert.decisions[name].reason
     assert all(insert.decisions[n].quantized for n in ("mm_q", "q_cos", "q_sin", "q_embed", "out"))
-    reference = ort.InferenceSession(proto.SerializeToString())
-    quantized = ort.InferenceSession(to_proto(model).SerializeToString())
-    ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
-    out = np.concatenate([quantized.run(None, f)[0] for f in feeds])
-    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)) > 25
+    assert _sqnr_db(proto, model, feeds) > 25

@@ -6,7 +6,11 @@ another shape — a broken model — or two boxes wholly wrong. So has a detecto
 its top-K candidates by score (YOLOv10/YOLO26 end-to-end heads: [1, 300, 6]). Rules:
 - Which outputs: those computed, however indirectly, from an op whose output's length depends on values
   (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one), or from the indices a TopK ranks by
-  value (rows gathered in score order), read from the graph.
+  value (rows gathered in score order), read from the graph. A TopK of constant K orders an output only while
+  its K items are still an axis of it (:func:`holds_items`, read on the output's arrays): a TopK inside the
+  network — the k nearest neighbours a point-cloud or graph net gathers and then reduces, the experts a
+  mixture-of-experts layer routes each token to and sums back — leaves outputs in a fixed order, judged like
+  any other.
 - Their form, read from every feed's arrays of both models (:class:`SetForm`): leading axes of size 1 in all
   of them are a batch; of what is left, rank ≥ 2 holds items as rows of its last axis, rank ≤ 1 as single
   elements; all-zero rows (the padding of a fixed-length output, TensorFlow's [1, 100, 4]) are no items. An
@@ -28,6 +32,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from edgeq.model_io import all_nodes, graph_only, node_reads, subgraphs
 
@@ -37,19 +43,51 @@ MATCH_IOU = 0.5  # a candidate's box matches a float box it overlaps this much (
 MATCH_TOLERANCE = 0.05  # other float values match within this share of their column's largest float magnitude
 
 
-def set_outputs(model: onnx.ModelProto | str | os.PathLike) -> frozenset[str]:
+def set_outputs(model: onnx.ModelProto | str | os.PathLike) -> dict[str, frozenset[int] | None]:
     """The model's outputs whose length or order depends on values: those computed from an op whose output's
     length does (:data:`VARIABLE_LENGTH_OPS`, or a node whose subgraph holds one) or from a TopK's indices,
-    however indirectly. ``model``: a file, or its graph already read (:func:`edgeq.model_io.graph_only`)."""
+    however indirectly; each with the numbers of items its TopKs chose (None: a number decided by values — a
+    variable-length op, or a TopK whose K is computed). ``model``: a file, or its graph already read
+    (:func:`edgeq.model_io.graph_only`)."""
     graph = graph_only(model).graph
-    tainted: set[str] = set()
+    constants = _constant_ints(graph)
+    tainted: dict[str, frozenset[int] | None] = {}
     for node in graph.node:
-        if node.op_type == "TopK" and len(node.output) > 1 and node.output[1]:
-            tainted.add(node.output[1])
-        if node.op_type in VARIABLE_LENGTH_OPS or not tainted.isdisjoint(node_reads(node)) or any(
+        reads = [tainted[name] for name in node_reads(node) if name in tainted]
+        if node.op_type in VARIABLE_LENGTH_OPS or any(
                 inner.op_type in VARIABLE_LENGTH_OPS for sub in subgraphs(node) for inner in all_nodes(sub)):
-            tainted.update(name for name in node.output if name)
-    return frozenset(output.name for output in graph.output if output.name in tainted)
+            reads.append(None)
+        for index, name in enumerate(node.output):
+            ranked = node.op_type == "TopK" and index == 1
+            lengths = reads + ([frozenset({constants[node.input[1]]}) if node.input[1] in constants else None]
+                               if ranked else [])
+            if name and lengths:
+                tainted[name] = None if None in lengths else frozenset().union(*lengths)
+    return {output.name: tainted[output.name] for output in graph.output if output.name in tainted}
+
+
+def _constant_ints(graph: onnx.GraphProto) -> dict[str, int]:
+    """The graph's one-element integer constants (initializers and Constant nodes), by name."""
+    values = {tensor.name: tensor for tensor in graph.initializer}
+    values.update({node.output[0]: onnx.helper.get_attribute_value(node.attribute[0])
+                   for node in graph.node if node.op_type == "Constant" and node.attribute})
+    found = {}
+    for name, value in values.items():
+        if isinstance(value, onnx.TensorProto):
+            if np.prod(value.dims, dtype=np.int64) != 1 or uses_external_data(value):
+                continue
+            value = numpy_helper.to_array(value)
+        array = np.asarray(value)
+        if array.size == 1 and np.issubdtype(array.dtype, np.integer):
+            found[name] = int(array.reshape(-1)[0])
+    return found
+
+
+def holds_items(lengths: frozenset[int] | None, array: np.ndarray) -> bool:
+    """Whether one array of a set output (``lengths`` from :func:`set_outputs`) holds items in an order values
+    decide: always where their number is decided by values; after TopKs of constant K, while an axis as long as
+    one K remains — a reduction over a k-nearest-neighbours axis or a sum of routed experts ended it."""
+    return lengths is None or any(k in np.shape(array) for k in lengths)
 
 
 def _box_columns(items: np.ndarray) -> int | None:

@@ -78,12 +78,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
 
-from edgeq.detections import SetForm, feed_sets, set_outputs, worst_column_nsr
+from edgeq.detections import SetForm, feed_sets, holds_items, set_outputs, worst_column_nsr
 from edgeq.errors import UserError, first_line
 from edgeq.model_io import graph_only
 from edgeq.passes.normalize import FEATURES_KEY
@@ -519,7 +519,7 @@ class OutputHints:
     """What a model's graph says about reading its outputs: which are sets of items
     (:func:`edgeq.detections.set_outputs`), which a normalization made (:func:`feature_outputs`),
     and which declare their last axis by a symbol (:func:`open_axis_outputs`)."""
-    sets: frozenset[str] = frozenset()
+    sets: Mapping[str, frozenset[int] | None] = field(default_factory=dict)  # with the lengths TopKs gave
     features: frozenset[str] = frozenset()
     open_axes: frozenset[str] = frozenset()
 
@@ -545,7 +545,7 @@ class FidelityMeter:
 
     def _stats_for(self, name: str, reference: np.ndarray):
         """What one output's figures are kept in: an item set, a float output's stats, or an integer's."""
-        if name in self.hints.sets:
+        if name in self.hints.sets and holds_items(self.hints.sets[name], reference):
             return _SetStats()
         if not np.issubdtype(reference.dtype, np.floating):
             return _IndexStats()

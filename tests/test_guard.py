@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import HOST_X86, make_model
 from edgeq import guard
 from edgeq.calibration_data import Feed
+from edgeq.detections import set_outputs
 from edgeq.cli import main
 from edgeq.fidelity import FidelityMeter, OutputHints, feature_outputs, open_axis_outputs, padding_of
 from edgeq.passes.gate_qdq import GateQDQPass
@@ -629,7 +630,7 @@ def test_detections_are_matched_one_to_one_whatever_their_number_and_order():
     ref = _detections(50)
     test = ref[:-1] + np.array([0, 0.01, 1, -1, 1, 1], np.float32)
     test[[3, 4]] = test[[4, 3]]
-    sets = frozenset({"dets", "num"})
+    sets = dict.fromkeys(["dets", "num"])
     meter = FidelityMeter(["dets", "num"], hints=OutputHints(sets=sets))
     meter.update([ref, np.array([50], np.int32)], [test, np.array([49], np.int32)])
     outputs = meter.summary()["outputs"]
@@ -657,7 +658,7 @@ def test_padded_detections_and_one_box_labels_are_judged_as_items():
     ref[:, 0] = [3, 5, 7, 9]
     test = ref[[1, 0, 2]]  # the fourth box lost
     names = ["detection_boxes", "detection_classes", "num_detections", "labels"]
-    meter = FidelityMeter(names, hints=OutputHints(sets=frozenset(names)))
+    meter = FidelityMeter(names, hints=OutputHints(sets=dict.fromkeys(names)))
     for n in range(2):
         boxes = [np.zeros((1, 10, 4), np.float32) for _ in range(2)]
         classes = [np.zeros((1, 10), np.float32) for _ in range(2)]
@@ -677,12 +678,12 @@ def test_integer_items_match_only_where_equal_and_values_within_tolerance():
     """A heat map's peaks ([N, 2] indices, exact) and their values ([N], within 5% of the largest)."""
     peaks = np.array([[1, 2], [3, 4], [5, 6]], np.int64)
     values = np.array([4.1, 2.2, 1.3], np.float32)
-    meter = FidelityMeter(["peaks", "values"], hints=OutputHints(sets=frozenset({"peaks", "values"})))
+    meter = FidelityMeter(["peaks", "values"], hints=OutputHints(sets=dict.fromkeys(["peaks", "values"])))
     meter.update([peaks, values], [np.array([[5, 6], [1, 2], [3, 5]]), np.array([1.4, 4.2, 2.7], np.float32)])
     outputs = meter.summary()["outputs"]
     assert outputs["peaks"]["decision_agreement"] == pytest.approx(2 / 3)  # [3, 5] is not [3, 4]
     assert outputs["values"]["decision_agreement"] == pytest.approx(2 / 3)  # 2.7 is 0.5 from 2.2: over 0.205
-    meter = FidelityMeter(["values"], hints=OutputHints(sets=frozenset({"values"})))
+    meter = FidelityMeter(["values"], hints=OutputHints(sets={"values": None}))
     meter.update([values], [np.array([4.1, np.nan], np.float32)])
     assert meter.summary()["outputs"]["values"]["decision_agreement"] == 0.0  # a NaN where float has none
 
@@ -735,8 +736,7 @@ def _nms_detector(tmp_path, opset: int = 17):
 
 
 def test_outputs_whose_length_depends_on_values_are_found_in_the_graph(tmp_path):
-    from edgeq.detections import set_outputs
-    assert set_outputs(_nms_detector(tmp_path)) == {"dets", "num"}
+    assert set_outputs(_nms_detector(tmp_path)) == {"dets": None, "num": None}
     branch = helper.make_graph([helper.make_node("NonZero", ["x"], ["where"])], "b", [],
                                [helper.make_tensor_value_info("where", TensorProto.INT64, [1, None])])
     model = make_model([helper.make_node("If", ["c"], ["found"], then_branch=branch, else_branch=branch),
@@ -746,7 +746,7 @@ def test_outputs_whose_length_depends_on_values_are_found_in_the_graph(tmp_path)
                        [helper.make_tensor_value_info("found", TensorProto.INT64, [1, None]),
                         helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
     onnx.save(model, tmp_path / "if.onnx")
-    assert set_outputs(tmp_path / "if.onnx") == {"found"}
+    assert set_outputs(tmp_path / "if.onnx") == {"found": None}
 
 
 def _top_k_head() -> onnx.ModelProto:
@@ -774,12 +774,11 @@ def test_a_top_k_detection_head_is_judged_by_its_detections_above_the_score_floo
     """Ranked by score, the top-K's tail (boxes scoring 0.01) is reordered freely by int8 noise: elementwise
     4.4 dB and float delivered for a YOLO end-to-end model. Its rows are a set; the items scoring under the
     floor are no detections, and the detections are all matched."""
-    from edgeq.detections import set_outputs
     model = _top_k_head()
-    assert set_outputs(model) == {"output0"}
+    assert set_outputs(model) == {"output0": frozenset({20})}
     session = ort.InferenceSession(model.SerializeToString())
     rng = np.random.default_rng(4)
-    meter = FidelityMeter(["output0"], hints=OutputHints(sets=frozenset({"output0"})))
+    meter = FidelityMeter(["output0"], hints=OutputHints(sets=set_outputs(model)))
     for _ in range(6):
         corners = rng.uniform(0, 200, (1, 64, 2)).astype(np.float32)
         boxes = np.concatenate([corners, corners + rng.uniform(20, 60, (1, 64, 2)).astype(np.float32)], 2)
@@ -791,6 +790,33 @@ def test_a_top_k_detection_head_is_judged_by_its_detections_above_the_score_floo
     detections = meter.summary()["outputs"]["output0"]
     assert detections["kind"] == "detections" and detections["items_float"] == detections["items_candidate"] == 18
     assert detections["decision_agreement"] == 1.0
+
+
+def test_a_top_k_inside_the_network_leaves_its_outputs_in_a_fixed_order():
+    """A point-cloud net's k nearest neighbours (DGCNN; so do graph nets and a mixture of experts' routing):
+    TopK 4 over pairwise scores, the neighbours gathered, then reduced over them. Its logits [1, 5] hold no
+    axis of 4 items: they are logits (judged as detections, a DGCNN delivered int8 at top-1 0.958)."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(np.array([4], np.int64), "k"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(rng.standard_normal((36, 5)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Transpose", ["points"], ["points_t"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["points", "points_t"], ["affinity"]),
+             helper.make_node("TopK", ["affinity", "k"], ["near", "index"], axis=-1),
+             helper.make_node("Squeeze", ["points", "axis0"], ["table"]),
+             helper.make_node("Gather", ["table", "index"], ["neighbours"]),  # [1, 12, 4, 3]
+             helper.make_node("ReduceMax", ["neighbours"], ["pooled"], axes=[2], keepdims=0),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["logits"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, 12, 3])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])], inits)
+    assert set_outputs(model) == {"logits": frozenset({4})}
+    session = ort.InferenceSession(model.SerializeToString())
+    meter = FidelityMeter(["logits"], hints=OutputHints.of(model))
+    for _ in range(4):
+        points = rng.standard_normal((1, 12, 3)).astype(np.float32)
+        meter.update(session.run(None, {"points": points}), session.run(None, {"points": points + 0.01}))
+    assert meter.summary()["outputs"]["logits"]["kind"] == "logits"
 
 
 def test_a_detector_with_nms_in_its_graph_compiles_judged_by_its_detections(tmp_path):

@@ -49,7 +49,7 @@ import onnx_ir as ir
 from edgeq.mixed.groups import Group
 from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
 from edgeq.cache import JsonCache
-from edgeq.detections import matched_nsr, set_outputs
+from edgeq.detections import holds_items, matched_nsr, set_outputs
 from edgeq.passes.gate_qdq import GATES
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
@@ -133,13 +133,14 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
     started = time.perf_counter()
     proxy = proxy or {}
     reference_session = runtime.session(float_path)
-    item_sets = set_outputs(float_path)
-    sets = frozenset(i for i, name in enumerate(reference_session.output_names) if name in item_sets)
     reference, seconds = [], []
     for feed in feeds:
         begun = time.perf_counter()
         reference.append(reference_session.run(feed.inputs))
         seconds.append(time.perf_counter() - begun)  # the first run is cold: the median is warm
+    item_sets = set_outputs(float_path)
+    sets = frozenset(i for i, name in enumerate(reference_session.output_names)
+                     if name in item_sets and holds_items(item_sets[name], reference[0][i]))
     all_float = {node: "float" for g in groups for node in g.nodes}
     proxied = [g for g in groups if g.name in proxy]
     checks = [proxied[int(i)] for i in np.unique(np.linspace(0, len(proxied) - 1, CALIBRATION_GROUPS).round())] \

@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import re
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -47,7 +48,15 @@ def stage_of(exc: BaseException, default: str) -> str:
     return getattr(exc, _STAGE_ATTR, None) or default
 
 
+# A C++ library's source location and function signature before its message ("model.cc:256
+# onnxruntime::Model::Model(onnx::ModelProto&&, …) Unsupported model IR version: 14, …"): 200 characters
+# that pushed the message itself past the line's end.
+_CPP_FRAME = re.compile(r"[/\\][^\s:]*\.(?:cc|cpp|h):\d+ [\w:~<>]+\((?:[^()]|\([^()]*\))*\) ")
+
+
 def first_line(text: str, limit: int = 300) -> str:
-    """The first non-empty line of a (library's) message, shortened: CLI errors are one line."""
+    """The first non-empty line of a (library's) message, less any C++ source frame, shortened: CLI errors are
+    one line."""
     line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    line = _CPP_FRAME.sub("", line)
     return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -60,6 +60,10 @@ def _models():
             "does not load in onnxruntime"),
         "opset 99": (_unchecked([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y], opset=99),
                      "does not load in onnxruntime"),
+        # onnx ≥ 1.23 writes IR version 14 by default; the message is ORT's own, after its C++ frame
+        "IR version newer than onnxruntime": (helper.make_model(helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"], name="r")], "g", [X], [Y]),
+            opset_imports=[helper.make_opsetid("", 17)], ir_version=99), "failed:Unsupported model IR version: 99"),
         "missing initializer": (_unchecked([helper.make_node("MatMul", ["x", "w_gone"], ["y"], name="mm")], [X], [Y]),
                                 "reads 'w_gone'"),
         "made twice": (_unchecked([helper.make_node("Relu", ["x"], ["y"], name="a"),

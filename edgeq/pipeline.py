@@ -19,9 +19,11 @@ Rules:
   the fidelity guard (:mod:`edgeq.guard`), the no-slowdown rounds (:mod:`edgeq.search.no_slowdown`), the 2:4
   layers and the mixed-precision loop.
 - int8 is delivered only when its median latency is at most ``recipe.max_ratio`` (0.97) of float's: a gain
-  inside measurement noise does not pay for the accuracy int8 costs. If int8 is still not faster after the
-  no-slowdown rounds, the float model is delivered and the manifest says why. Without a reachable device
-  nothing is measured, and the manifest says that instead.
+  inside measurement noise does not pay for the accuracy int8 costs; a build of at most half float's bytes
+  need only be not measurably slower (``recipe.max_ratio_smaller``, 1.01): its size gain pays. The
+  no-slowdown rounds still aim at ``max_ratio``; if the fastest build they measured is above its bar, the
+  float model is delivered and the manifest says why. Without a reachable device nothing is measured, and
+  the manifest says that instead.
 - ``--scheme mixed`` replaces the guard and the no-slowdown rounds with the mixed-precision search
   (:mod:`edgeq.mixed`): after the optional op set is chosen, each layer group gets float, int8 or int4 from
   measured sensitivity and measured per-group latency, within the budgets, checked by building and measuring
@@ -627,15 +629,18 @@ class _Compilation:
         ratio = self.latency["int8"].median_ms / self.latency["float"].median_ms
         if not current.quantized:
             self.delivered, self.reason = "float", "every quantized node was slower in int8 than in float (measured)"
-        elif recipe.no_slowdown and ratio > recipe.max_ratio:
+        elif recipe.no_slowdown and ratio > self._max_ratio(current):
             self.delivered = "float"
             self.reason = (f"int8 was not faster than float on {self.target.name} (median ratio {ratio:.2f}, "
-                           f"needs ≤ {recipe.max_ratio}) even after returning costly nodes to float")
+                           f"needs ≤ {self._max_ratio(current)}) even after returning costly nodes to float")
         with self.reporter.stage("profile per node"):
             owners = current.insert.owners
             for name, path in (("float", self.float_path), ("int8", current.path)):
                 times = self.trials.kernel_times(path)
                 self.profiles[name] = cost_by_node(times, owners)
+
+    def _max_ratio(self, build: _Build) -> float:
+        return self.recipe.max_ratio_for(folder_bytes(build.path.parent), folder_bytes(self.float_path.parent))
 
     def allocate_bits(self) -> None:
         """``--scheme mixed``: a precision per layer group from the mixed-precision search."""

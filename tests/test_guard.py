@@ -845,7 +845,8 @@ def test_the_op_sets_are_measured_again_with_the_guards_groups_float(tmp_path, m
     and int8 is still not faster, the op sets fastest before the guard are built again with it float, held to
     the guard, and the choice recorded and replayable."""
     # int8 is never fast enough: the op sets are measured again before float is delivered
-    monkeypatch.setattr("edgeq.cli.compile.Recipe", lambda **options: Recipe(**options, max_ratio=0.0))
+    monkeypatch.setattr("edgeq.cli.compile.Recipe",
+                        lambda **options: Recipe(**options, max_ratio=0.0, max_ratio_smaller=0.0))
     model, feeds = _outlier_model(tmp_path)
     proto = onnx.load(model)
     proto.graph.node[2].output[0] = "m"

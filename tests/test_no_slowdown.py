@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import onnx
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -192,3 +193,54 @@ def test_the_fastest_measured_build_is_kept_when_reverts_make_it_worse(tmp_path)
     assert [r["quantized_nodes"] for r in rounds] == [3, 2, 1]
     assert best.build.quantized == ["a", "b", "c"] and [r["chosen"] for r in rounds] == [True, False, False]
     assert best.latency["int8"].median_ms == min(r["ms"] for r in rounds)
+
+
+def test_an_int8_build_of_half_the_bytes_need_only_be_not_slower(tmp_path, monkeypatch):
+    """Where int8 shrinks the model to at most half its bytes, the size gain pays for int8's accuracy cost:
+    it is delivered when not slower, though a speed gain alone would have to beat ``max_ratio`` (here 0: never)."""
+    monkeypatch.setattr("edgeq.cli.compile.Recipe", lambda **options: Recipe(**options, max_ratio=0.0))
+    rng = np.random.default_rng(3)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) / 16, name)
+               for name, shape in (("w1", (256, 512)), ("w2", (512, 256)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 256])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 256])], weights)
+    onnx.save(model, tmp_path / "mlp.onnx")
+    feeds = write_feeds(tmp_path / "feeds", "x", (8, 256), 10)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "mlp.onnx"), "-t", HOST_X86, "--calib",
+                                       str(feeds), "-o", str(out), "--repeats", "20", "--no-guard"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = next(t for t in manifest["search"]["trials"] if t["strategy"] == "no-slowdown" and t["chosen"])
+    assert manifest["delivered"]["precision"] == "int8", manifest["delivered"]["reason"]
+    assert chosen["ratio"] <= Recipe().max_ratio_smaller and (out / "model.onnx").stat().st_size <= 0.5 * (tmp_path / "mlp.onnx").stat().st_size
+
+
+def test_a_round_under_the_size_bar_beats_a_faster_one_over_the_speed_bar(tmp_path):
+    """A BiGRU tagger's int8 embedding table (a quarter of float's bytes) measured ×1.00; its Gather costs more
+    in int8, so round 2 returned it to float and measured ×0.99 — over the speed bar (0.97), as float. Round 1,
+    under its size bar (1.01), is the one chosen; by speed alone round 2 was, and float was delivered."""
+    from edgeq.runtimes.base import Latency
+    from edgeq.search.trials import Trial
+    (tmp_path / "float").mkdir()
+    (tmp_path / "float" / "model.onnx").write_bytes(bytes(4000))
+
+    def build(keep, tag, size):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / "model.onnx").write_bytes(bytes(size))
+        return _Build(tmp_path / tag / "model.onnx", FakeInsert([n for n in ("gather", "mm") if n not in keep], keep))
+
+    times = {"float": [NodeTime("gather", "Gather", 0.1), NodeTime("mm", "MatMul", 1.0)],
+             "small": [NodeTime("gather", "Gather", 0.2), NodeTime("mm", "MatMul", 0.9)]}
+    steps = no_slowdown(build(set(), "small", 1000), lambda keep, tag: build(keep, "big", 3900),
+                        lambda path: times.get(path.parent.name, times["float"]), tmp_path / "float" / "model.onnx",
+                        Recipe())
+    candidate = next(steps)
+    with pytest.raises(StopIteration) as finished:
+        for ms in (1.000, 0.990):
+            latency = {"float": Latency(1.0, 1.0, 1.0, 5), "int8": Latency(ms, ms, ms, 5)}
+            candidate = steps.send(Trial(candidate, candidate.make(), latency))
+    chosen = finished.value.value
+    assert chosen.build.path.parent.name == "small" and chosen.chosen

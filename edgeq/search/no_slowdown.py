@@ -7,7 +7,9 @@ Rules:
 - Per-node kernel times of both builds (Q/DQ kernels and fused activations counted for the node they serve)
   decide which quantized nodes cost more in int8; only nodes timed in both are judged (ORT renames some fused
   float kernels, and a node with no float time says nothing about its cost). No costly node: stop.
-- The build measured fastest over all rounds is chosen (a rebuild can measure worse); with ``holds`` (the
+- Of the builds under their bar (:meth:`edgeq.recipe.Recipe.max_ratio_for`: 0.97, or 1.01 for a build of
+  at most half float's bytes — returning an embedding table's Gather to float costs that), else of all, the
+  one measured fastest over all rounds is chosen (a rebuild can measure worse); with ``holds`` (the
   fidelity guard), each round is also checked on every held-out feed and only builds that hold it may be
   chosen: returning a node to float changes the noise every later layer sees, and on thin margins a build
   with fewer int8 nodes can flip a decision that the full build kept.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from pathlib import Path
 
+from edgeq.model_io import folder_bytes
 from edgeq.runtimes.base import NodeTime, cost_by_node
 from edgeq.search.trials import Candidate, Trial
 
@@ -28,15 +31,17 @@ def no_slowdown(first, rebuild: Callable[[set[str], str], object], kernel_times:
     """``first``: the build to start from (it holds the guard, where ``holds`` is given); ``rebuild(keep_float,
     tag)`` makes the next. Returns the chosen trial (its ``candidate.facts`` hold the round, the node count and
     what was returned to float)."""
-    keep, make, best, opening = set(first.insert.keep_float), (lambda: first), None, None
+    keep, make, best, best_key, opening = set(first.insert.keep_float), (lambda: first), None, None, None
+    float_bytes = folder_bytes(float_path.parent)
     for round_index in range(recipe.max_revert_rounds + 1):
         trial = yield Candidate("no-slowdown", f"round {round_index + 1}", make, time=True,
                                 feeds=None if holds else 0, facts={"round": round_index})
         current, opening = trial.build, opening or trial
         trial.candidate.facts["quantized_nodes"] = len(current.quantized)
         held = holds is None or holds(trial)
-        if held and (best is None or trial.ratio < best.ratio):
-            best = trial
+        trial_key = (trial.ratio > recipe.max_ratio_for(folder_bytes(current.path.parent), float_bytes), trial.ratio)
+        if held and (best is None or trial_key < best_key):
+            best, best_key = trial, trial_key
         if (held and trial.ratio <= recipe.max_ratio) or not recipe.no_slowdown \
                 or round_index == recipe.max_revert_rounds:
             break

@@ -18,6 +18,13 @@ its top-K candidates by score (YOLOv10/YOLO26 end-to-end heads: [1, 300, 6]). Ru
   two matched. In an output of the same length on every feed, a column in [0, 1] that ranks the items (non-
   increasing in every array) is their score, and items scoring under :data:`SCORE_FLOOR` are no detections
   (the top-K's tail, which int8 reorders freely).
+- A detector's raw output before any NMS (:class:`DetectionHead`: rank 3, per anchor four box columns in
+  pixels — width and height ≥ 0 — then a run of score columns in [0, 1], features first as YOLOv8/v11 write
+  it or last as YOLOv5; read from float's first feed) is a set too: its items are the detections decoded as
+  a deployment decodes them (best score ≥ :data:`SCORE_FLOOR`, class its argmax, per-class NMS at IoU 0.7,
+  at most 300). Elementwise its pixel coordinates dominate: nudenet's head held 30 dB while losing detections.
+- A detection matched by an item scoring at most :data:`FLOOR_MARGIN` under the floor is kept, not lost: a
+  near-tie at the floor is no loss of the task's (detection benchmarks sweep the threshold).
 - Items are matched one to one (:func:`matched_items`): equal items first; else, where float's items hold a
   corner-format box, by IoU ≥ 0.5 (as detection benchmarks count a hit) and the same class; else every value
   within 5% of its column's largest float magnitude. Integer items (indices, labels) match only when equal.
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -39,8 +47,11 @@ from edgeq.model_io import all_nodes, graph_only, node_reads, subgraphs
 
 VARIABLE_LENGTH_OPS = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique"})
 SCORE_FLOOR = 0.25  # a ranked item scoring less is no detection (the confidence YOLO deployments keep by default)
+FLOOR_MARGIN = 0.05  # a detection matched by an item scoring this much under the floor is kept, not lost
 MATCH_IOU = 0.5  # a candidate's box matches a float box it overlaps this much (detection benchmarks' IoU 0.5)
 MATCH_TOLERANCE = 0.05  # other float values match within this share of their column's largest float magnitude
+NMS_IOU = 0.7  # a raw head's box overlapping a better one of its class this much is suppressed (ultralytics' NMS)
+MAX_DETECTIONS = 300  # a raw head's detections per image, at most (ultralytics' max_det)
 
 
 def set_outputs(model: onnx.ModelProto | str | os.PathLike) -> dict[str, frozenset[int] | None]:
@@ -178,32 +189,45 @@ class SetForm:
 
     def items(self, array: np.ndarray) -> np.ndarray:
         """The array's items as rows (float64): all-zero rows — padding — and ranked items scoring under
-        :data:`SCORE_FLOOR` left out."""
+        :data:`SCORE_FLOOR` less :data:`FLOOR_MARGIN` left out."""
         rows = self._rows(array)
         kept = (rows != 0).any(1)
         if self.score is not None:
-            kept &= rows[:, self.score] >= SCORE_FLOOR
+            kept &= rows[:, self.score] >= SCORE_FLOOR - FLOOR_MARGIN
         return rows[kept]
 
+    def detected(self, items: np.ndarray) -> np.ndarray:
+        """Which items are detections: those scoring at least :data:`SCORE_FLOOR` (all, unranked)."""
+        return items[:, self.score] >= SCORE_FLOOR if self.score is not None else np.ones(len(items), bool)
 
-def feed_sets(form: SetForm, ref: np.ndarray, test: np.ndarray) -> tuple[int, int, int, np.ndarray, np.ndarray]:
-    """One feed of a set output: float's items, the candidate's, how many matched, and per column of
-    the items (a class, a score, a coordinate: quantities of their own, like outputs) Σ error² order-free —
-    matched items their difference, unmatched ones their whole value — and Σ float². A count (of detections)
-    is that many items, the fewer of the two matched, its error its difference."""
+
+def feed_sets(form: SetForm, ref: np.ndarray, test: np.ndarray) -> tuple[int, int, float, np.ndarray, np.ndarray]:
+    """One feed of a set output: float's detections, the candidate's, how many of them matched (a detection
+    matched by an item scoring at most :data:`FLOOR_MARGIN` under the floor is kept: a near-tie at the floor,
+    not a loss), and per column of the items (a class, a score, a coordinate: quantities of their own, like
+    outputs) Σ error² order-free — matched items their difference, unmatched detections their whole value —
+    and Σ float². A count (of detections) is that many items, the fewer of the two matched, its error its
+    difference."""
     if form.counts and _whole(ref) and _whole(test):
         number = int(round(abs(float(ref.flat[0])))), int(round(abs(float(test.flat[0]))))
         return number[0], number[1], min(number), np.array([float(number[0] - number[1]) ** 2]), \
             np.array([float(number[0]) ** 2])
     rows = form.items(ref), form.items(test)
-    signal = np.square(rows[0]).sum(0)
     if rows[0].shape[1] != rows[1].shape[1]:
+        signal = np.square(rows[0]).sum(0)
         return len(rows[0]), len(rows[1]), 0, np.full_like(signal, np.inf), signal
-    pairs = matched_items(*rows, not np.issubdtype(ref.dtype, np.floating))
+    detected = form.detected(rows[0]), form.detected(rows[1])
+    signal = np.square(rows[0][detected[0]]).sum(0)
+    pairs = [(i, j) for i, j in matched_items(*rows, not np.issubdtype(ref.dtype, np.floating))
+             if detected[0][i] or detected[1][j]]  # two items scoring near the floor are no detection
     matched = [np.array([p[side] for p in pairs], int) for side in (0, 1)]
     error = np.square(rows[0][matched[0]] - rows[1][matched[1]]).sum(0)
-    error += sum(np.square(np.delete(r, m, 0)).sum(0) for r, m in zip(rows, matched))
-    return len(rows[0]), len(rows[1]), len(pairs), error, signal
+    for items, paired, counted in zip(rows, matched, detected):  # a detection unmatched: its whole value
+        unmatched = counted.copy()
+        unmatched[paired] = False
+        error += np.square(items[unmatched]).sum(0)
+    kept = (detected[0][matched[0]].sum() + detected[1][matched[1]].sum()) / 2  # a detection kept, on either side
+    return int(detected[0].sum()), int(detected[1].sum()), kept, error, signal
 
 
 def worst_column_nsr(error: np.ndarray, signal: np.ndarray) -> float:
@@ -213,11 +237,62 @@ def worst_column_nsr(error: np.ndarray, signal: np.ndarray) -> float:
     return float(nsr.max()) if nsr.size else 0.0
 
 
-def matched_nsr(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """NSR of a set output over feeds, order-free: its worst column's (:func:`feed_sets`)."""
-    form = SetForm.of(reference + candidate)
+def matched_nsr(reference: list[np.ndarray], candidate: list[np.ndarray], head: DetectionHead | None = None) -> float:
+    """NSR of a set output over feeds, order-free: its worst column's (:func:`feed_sets`); of a raw ``head``'s,
+    its decoded detections'."""
+    if head is not None:
+        reference, candidate = ([items for array in arrays for items in head.items(array)]
+                                for arrays in (reference, candidate))
+    form = SetForm.of(reference + candidate) if head is None else head.form
     sums = [feed_sets(form, ref, test)[3:] for ref, test in zip(reference, candidate)]
     return worst_column_nsr(sum(e for e, _ in sums), sum(s for _, s in sums))
+
+
+@dataclass(frozen=True)
+class DetectionHead:
+    """A detector's raw output, before any NMS: per anchor a centre-format box in pixels and class scores
+    (module rules). Its items are the detections a deployment decodes from it."""
+
+    features_first: bool  # [batch, 4 + scores…, anchors] (YOLOv8/v11) rather than [batch, anchors, 4 + …] (v5)
+    scores: int  # how many score columns follow the box (YOLOv5's objectness among them)
+    form: ClassVar[SetForm] = SetForm(0, False, score=4)  # its items' rows: x1, y1, x2, y2, score, class
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> DetectionHead | None:
+        """The head ``array`` (one feed of float's output) holds, or None where it holds none."""
+        if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            return None
+        features_first = array.shape[1] < array.shape[2]
+        columns = np.moveaxis(array, 1, 2) if features_first else array
+        if not 5 <= columns.shape[2] <= columns.shape[1] // 2:
+            return None
+        box, rest = columns[..., :4], columns[..., 4:]
+        if (box[..., 2:] < 0).any() or np.abs(box).max() <= 1:  # sizes ≥ 0, in pixels
+            return None
+        in_unit = ((rest >= 0) & (rest <= 1)).all((0, 1))
+        scores = int(np.argmin(in_unit)) if not in_unit.all() else len(in_unit)
+        return cls(features_first, scores) if scores else None
+
+    def items(self, array: np.ndarray) -> list[np.ndarray]:
+        """Per sample, the detections: [x1, y1, x2, y2, score, class] rows of the anchors whose best score is
+        at least :data:`SCORE_FLOOR` (less :data:`FLOOR_MARGIN`: :func:`feed_sets`), best first, at most
+        :data:`MAX_DETECTIONS`, after a per-class NMS at IoU :data:`NMS_IOU` (ultralytics' defaults)."""
+        found = []
+        for sample in (np.moveaxis(array, 1, 2) if self.features_first else array).astype(np.float64):
+            scores = sample[:, 4:4 + self.scores]
+            best, label = scores.max(1), scores.argmax(1)
+            order = [i for i in np.argsort(-best, kind="stable") if best[i] >= SCORE_FLOOR - FLOOR_MARGIN]
+            centre, size = sample[:, :2], sample[:, 2:4]
+            boxes = np.concatenate([centre - size / 2, centre + size / 2], 1)
+            kept: list[int] = []
+            for i in order:
+                same = [k for k in kept if label[k] == label[i]]
+                if not same or (_iou(boxes[i], boxes[same]) <= NMS_IOU).all():
+                    kept.append(i)
+                if len(kept) == MAX_DETECTIONS:
+                    break
+            found.append(np.column_stack([boxes[kept], best[kept], label[kept]]) if kept else np.zeros((0, 6)))
+        return found
 
 
 def _whole(values: np.ndarray) -> bool:

@@ -58,8 +58,9 @@ while losing most detections), so every output is reported on its own, and outpu
   between other "symbols"); with one vector per sample ([batch, D]: a pooled sentence embedding, a face
   embedding) they are an ``embedding``, else a ``map``;
 - ``detections``: an output whose length or order depends on values (a detector's boxes, scores and labels
-  after its non-maximum suppression or its top-K by score, a heat map's peaks: :mod:`edgeq.detections`) is an
-  unordered set of items whose number and order may differ between the two models; its decision agreement is the F1 of the items matched
+  after its non-maximum suppression or its top-K by score, a heat map's peaks: :mod:`edgeq.detections`), and
+  a detector's raw head before its NMS (decoded as deployments decode it), is an unordered set of items whose
+  number and order may differ between the two models; its decision agreement is the F1 of the items matched
   one to one, summed over feeds, and its SQNR the worst item column's, order-free;
 - a user metric ``fn(outputs, feeds) -> float`` computed on both models (higher is better), and its drop.
 
@@ -83,7 +84,7 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
-from edgeq.detections import SetForm, feed_sets, holds_items, set_outputs, worst_column_nsr
+from edgeq.detections import DetectionHead, SetForm, feed_sets, holds_items, set_outputs, worst_column_nsr
 from edgeq.errors import UserError, first_line
 from edgeq.model_io import graph_only
 from edgeq.passes.normalize import FEATURES_KEY
@@ -438,13 +439,20 @@ class _SetStats:
     The outputs are kept (sets are small) to read their :class:`SetForm` from every feed's."""
 
     pairs: list = field(default_factory=list)
+    head: DetectionHead | None = None  # a raw detector output: its decoded detections are the items
+    nonfinite: int = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
-        self.pairs.append((ref, test))
+        if self.head is None:
+            self.pairs.append((ref, test))
+            return
+        self.nonfinite += int((~np.isfinite(test)).sum())
+        self.pairs.extend(zip(self.head.items(ref), self.head.items(test)))
 
     def summary(self) -> dict:
-        form = SetForm.of([a for pair in self.pairs for a in pair])
-        items_ref = items_test = matched = nonfinite = 0
+        form = SetForm.of([a for pair in self.pairs for a in pair]) if self.head is None else self.head.form
+        items_ref = items_test = matched = 0
+        nonfinite = self.nonfinite
         signal = error = 0.0
         for ref, test in self.pairs:
             counted = feed_sets(form, ref, test)
@@ -547,6 +555,9 @@ class FidelityMeter:
         """What one output's figures are kept in: an item set, a float output's stats, or an integer's."""
         if name in self.hints.sets and holds_items(self.hints.sets[name], reference):
             return _SetStats()
+        head = DetectionHead.of(reference)
+        if head is not None:
+            return _SetStats(head=head)
         if not np.issubdtype(reference.dtype, np.floating):
             return _IndexStats()
         return _OutputStats(named_logits="logit" in name.lower(),

@@ -25,7 +25,8 @@ Rules:
   detections              F1 of the items matched one to one (outputs whose    ≥ 0.98
                           length or order depends on values: boxes after NMS
                           or a top-K by IoU ≥ 0.5 and class, peaks; a count
-                          by its number)
+                          by its number; a raw YOLO head's decoded boxes; a
+                          match scoring ≤ 0.05 under the floor is kept)
   ======================  ===================================================  ==========================
 
   The thresholds sit between what real models kept and lost at their task (edgeq's real-model corpus): a

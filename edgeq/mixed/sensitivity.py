@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ import onnx_ir as ir
 from edgeq.mixed.groups import Group
 from edgeq.passes.insert_qdq import WIDE, activation_qparams, int4_blockwise, weight_channel_axis, weight_quantize
 from edgeq.cache import JsonCache
-from edgeq.detections import holds_items, matched_nsr, set_outputs
+from edgeq.detections import DetectionHead, holds_items, matched_nsr, set_outputs
 from edgeq.passes.gate_qdq import GATES
 from edgeq.passes.layer_inputs import LayerInputsPass
 from edgeq.passes.sparsify import Layer, layer_view
@@ -100,16 +100,17 @@ def _error(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def output_nsr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-               sets: frozenset[int] = frozenset()) -> float:
+               sets: Mapping[int, DetectionHead | None] | None = None) -> float:
     """Worst NSR over the float outputs, each summed over all feeds (outputs listed per feed); the outputs at
-    ``sets`` vary in length with values (a detector's after its NMS): their error is order-free
-    (:func:`edgeq.detections.matched_nsr`)."""
-    worst = 0.0
+    ``sets`` vary in length with values (a detector's after its NMS), or are a raw detector head whose
+    detections are decoded: their error is order-free (:func:`edgeq.detections.matched_nsr`)."""
+    worst, sets = 0.0, sets or {}
     for index in range(len(reference[0])):
         if not np.issubdtype(reference[0][index].dtype, np.floating):
             continue
         if index in sets:
-            worst = max(worst, matched_nsr([r[index] for r in reference], [c[index] for c in candidate]))
+            worst = max(worst, matched_nsr([r[index] for r in reference], [c[index] for c in candidate],
+                                           sets[index]))
             continue
         signal = sum(float(np.square(r[index], dtype=np.float64).sum()) for r in reference)
         noise = sum(_error(r[index], c[index]) for r, c in zip(reference, candidate))
@@ -139,8 +140,10 @@ def measure_sensitivity(groups: list[Group], build: Callable[[dict[str, str]], P
         reference.append(reference_session.run(feed.inputs))
         seconds.append(time.perf_counter() - begun)  # the first run is cold: the median is warm
     item_sets = set_outputs(float_path)
-    sets = frozenset(i for i, name in enumerate(reference_session.output_names)
-                     if name in item_sets and holds_items(item_sets[name], reference[0][i]))
+    sets = {i: None for i, name in enumerate(reference_session.output_names)
+            if name in item_sets and holds_items(item_sets[name], reference[0][i])}
+    sets |= {i: head for i, array in enumerate(reference[0]) if i not in sets
+             for head in [DetectionHead.of(array)] if head is not None}
     all_float = {node: "float" for g in groups for node in g.nodes}
     proxied = [g for g in groups if g.name in proxy]
     checks = [proxied[int(i)] for i in np.unique(np.linspace(0, len(proxied) - 1, CALIBRATION_GROUPS).round())] \

@@ -22,7 +22,9 @@ its top-K candidates by score (YOLOv10/YOLO26 end-to-end heads: [1, 300, 6]). Ru
   pixels — width and height ≥ 0 — then a run of score columns in [0, 1], features first as YOLOv8/v11 write
   it or last as YOLOv5; read from float's first feed) is a set too: its items are the detections decoded as
   a deployment decodes them (best score ≥ :data:`SCORE_FLOOR`, class its argmax, per-class NMS at IoU 0.7,
-  at most 300). Elementwise its pixel coordinates dominate: nudenet's head held 30 dB while losing detections.
+  at most 300). Elementwise its pixel coordinates dominate: nudenet's head held 30 dB while losing detections,
+  a captcha slider's YOLOv8-seg head 34.7 dB while losing all 9. Where more values follow the scores (mask
+  coefficients, keypoints), their detections are not all the task reads: the output is held elementwise too.
 - A detection matched by an item scoring at most :data:`FLOOR_MARGIN` under the floor is kept, not lost: a
   near-tie at the floor is no loss of the task's (detection benchmarks sweep the threshold).
 - Items are matched one to one (:func:`matched_items`): equal items first; else, where float's items hold a
@@ -255,6 +257,7 @@ class DetectionHead:
 
     features_first: bool  # [batch, 4 + scores…, anchors] (YOLOv8/v11) rather than [batch, anchors, 4 + …] (v5)
     scores: int  # how many score columns follow the box (YOLOv5's objectness among them)
+    extra: bool  # more values follow the scores: mask coefficients (-seg), keypoints (-pose)
     form: ClassVar[SetForm] = SetForm(0, False, score=4)  # its items' rows: x1, y1, x2, y2, score, class
 
     @classmethod
@@ -271,7 +274,7 @@ class DetectionHead:
             return None
         in_unit = ((rest >= 0) & (rest <= 1)).all((0, 1))
         scores = int(np.argmin(in_unit)) if not in_unit.all() else len(in_unit)
-        return cls(features_first, scores) if scores else None
+        return cls(features_first, scores, 4 + scores < columns.shape[2]) if scores else None
 
     def items(self, array: np.ndarray) -> list[np.ndarray]:
         """Per sample, the detections: [x1, y1, x2, y2, score, class] rows of the anchors whose best score is

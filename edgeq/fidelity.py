@@ -441,6 +441,7 @@ class _SetStats:
     pairs: list = field(default_factory=list)
     head: DetectionHead | None = None  # a raw detector output: its decoded detections are the items
     nonfinite: int = 0
+    elementwise: _OutputStats | None = None  # a head with more than detections in it, held as a map too
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         if self.head is None:
@@ -448,6 +449,9 @@ class _SetStats:
             return
         self.nonfinite += int((~np.isfinite(test)).sum())
         self.pairs.extend(zip(self.head.items(ref), self.head.items(test)))
+        if self.head.extra:
+            self.elementwise = self.elementwise or _OutputStats()
+            self.elementwise.update(ref, test)
 
     def summary(self) -> dict:
         form = SetForm.of([a for pair in self.pairs for a in pair]) if self.head is None else self.head.form
@@ -464,6 +468,8 @@ class _SetStats:
         nsr = worst_column_nsr(np.atleast_1d(error), np.atleast_1d(signal))
         out = {"kind": "detections", "decision_agreement": 2 * matched / total if total else 1.0,
                "sqnr_db": _db(1.0, nsr), "items_float": items_ref, "items_candidate": items_test}
+        if self.elementwise is not None:
+            out["map_sqnr_db"] = self.elementwise.summary()["sqnr_db"]
         if nonfinite:
             out |= {"nonfinite": nonfinite, "decision_agreement": 0.0, "sqnr_db": float("-inf")}
         return out

@@ -26,7 +26,8 @@ Rules:
                           length or order depends on values: boxes after NMS
                           or a top-K by IoU ≥ 0.5 and class, peaks; a count
                           by its number; a raw YOLO head's decoded boxes; a
-                          match scoring ≤ 0.05 under the floor is kept)
+                          match scoring ≤ 0.05 under the floor is kept),
+                          and a -seg/-pose head's SQNR as a map too           ≥ 18 dB
   ======================  ===================================================  ==========================
 
   The thresholds sit between what real models kept and lost at their task (edgeq's real-model corpus): a
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 
 from edgeq.search import Candidate, Trial, longest_prefix
 
-WHERE_PRESENT = {"sequence_agreement"}  # figures only some outputs of a kind carry: checked where they do
+WHERE_PRESENT = {"sequence_agreement", "map_sqnr_db"}  # figures only some outputs of a kind carry: checked there
 THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "indices": (("decision_agreement", 0.99),),
     "classes": (("decision_agreement", 0.99), ("sequence_agreement", 0.99)),
@@ -58,7 +59,7 @@ THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "embedding": (("cosine", 0.99),),
     "values": (("sqnr_db", 35.0),),
     "map": (("sqnr_db", 18.0),),
-    "detections": (("decision_agreement", 0.98),),
+    "detections": (("decision_agreement", 0.98), ("map_sqnr_db", 18.0)),
 }
 
 
@@ -82,7 +83,8 @@ def no_worse(result: dict, than: dict) -> bool:
                for mine, theirs in zip(output["checks"], than["outputs"][name]["checks"]))
 
 
-_SHORT = {"decision_agreement": "agreement", "sequence_agreement": "sequences", "sqnr_db": "SQNR dB"}
+_SHORT = {"decision_agreement": "agreement", "sequence_agreement": "sequences", "sqnr_db": "SQNR dB",
+          "map_sqnr_db": "map SQNR dB"}
 
 
 def describe(result: dict) -> str:

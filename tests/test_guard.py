@@ -841,6 +841,14 @@ def test_a_raw_detector_head_is_judged_by_its_decoded_detections():
     assert detections["kind"] == "detections" and detections["items_float"] == 3
     assert detections["items_candidate"] == 1 and detections["decision_agreement"] == pytest.approx(3 / 4)
     assert 10 * np.log10(np.square(ref).sum() / np.square(ref - test).sum()) > 30  # elementwise: a map, held
+    # a -pose head: keypoints after the scores are read beyond the boxes: held elementwise too
+    keypoints = rng.uniform(20, 300, (1, 2, 64)).astype(np.float32)
+    pose, moved = (np.concatenate([ref, k], 1) for k in (keypoints, keypoints * rng.uniform(0.5, 1.5, (1, 2, 64))))
+    meter = FidelityMeter(["output0"])
+    meter.update([pose], [moved.astype(np.float32)])
+    result = guard.check(meter.summary())
+    assert result["outputs"]["output0"]["kind"] == "detections" and not result["met"]
+    assert [c["figure"] for c in result["outputs"]["output0"]["checks"] if not c["met"]] == ["map_sqnr_db"]
 
 
 def test_a_detector_with_nms_in_its_graph_compiles_judged_by_its_detections(tmp_path):

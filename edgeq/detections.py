@@ -284,7 +284,8 @@ class DetectionHead:
         for sample in (np.moveaxis(array, 1, 2) if self.features_first else array).astype(np.float64):
             scores = sample[:, 4:4 + self.scores]
             best, label = scores.max(1), scores.argmax(1)
-            order = [i for i in np.argsort(-best, kind="stable") if best[i] >= SCORE_FLOOR - FLOOR_MARGIN]
+            scored = np.flatnonzero(best >= SCORE_FLOOR - FLOOR_MARGIN)
+            order = scored[np.argsort(-best[scored], kind="stable")]
             centre, size = sample[:, :2], sample[:, 2:4]
             boxes = np.concatenate([centre - size / 2, centre + size / 2], 1)
             kept: list[int] = []

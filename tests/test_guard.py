@@ -835,11 +835,12 @@ def test_a_raw_detector_head_is_judged_by_its_decoded_detections():
     test = ref + np.concatenate([rng.uniform(-0.5, 0.5, (1, 4, 64)), np.zeros((1, 3, 64))], 1).astype(np.float32)
     test[0, 5, [20, 21]] = 0.1  # the 0.6 detection lost
     test[0, 6, 40] = 0.23
-    meter = FidelityMeter(["output0"])
-    meter.update([ref], [test])
-    detections = meter.summary()["outputs"]["output0"]
-    assert detections["kind"] == "detections" and detections["items_float"] == 3
-    assert detections["items_candidate"] == 1 and detections["decision_agreement"] == pytest.approx(3 / 4)
+    for layout in ((0, 1, 2), (0, 2, 1)):  # YOLOv8's features first, YOLOv5's anchors first
+        meter = FidelityMeter(["output0"])
+        meter.update([ref.transpose(layout)], [test.transpose(layout)])
+        detections = meter.summary()["outputs"]["output0"]
+        assert detections["kind"] == "detections" and detections["items_float"] == 3
+        assert detections["items_candidate"] == 1 and detections["decision_agreement"] == pytest.approx(3 / 4)
     assert 10 * np.log10(np.square(ref).sum() / np.square(ref - test).sum()) > 30  # elementwise: a map, held
     # a -pose head: keypoints after the scores are read beyond the boxes: held elementwise too
     keypoints = rng.uniform(20, 300, (1, 2, 64)).astype(np.float32)

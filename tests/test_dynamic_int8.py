@@ -253,3 +253,26 @@ def test_lstms_are_dynamic_int8_layers_of_the_guard_where_the_target_has_the_ker
     decisions = json.loads((tmp_path / "gpu" / "manifest.json").read_text())["quantization"]["decisions"]
     assert "lstm" not in decisions
     assert "LSTM" in [n.op_type for n in onnx.load(str(tmp_path / "gpu" / "model.onnx")).graph.node]
+
+
+def test_stacked_lstms_whose_final_states_are_concatenated_are_groups_of_their_own():
+    """torch exports a 3-layer LSTM as three LSTMs and concatenates their final hidden states: a dynamic int8
+    layer outputs float, so that Concat joins no group (Resemblyzer's first layer, reading raw mel power,
+    lost 2.8 dB in int8 and took the two layers that held back to float with it)."""
+    from edgeq.mixed.groups import layer_groups
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name) for name, shape in
+             (("W1", (1, 64, 8)), ("R1", (1, 64, 16)), ("W2", (1, 64, 16)), ("R2", (1, 64, 16)))]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    nodes = [helper.make_node("LSTM", ["x", "W1", "R1"], ["y1", "h1"], name="lstm1", hidden_size=16),
+             helper.make_node("Squeeze", ["y1", "axis1"], ["x2"]),
+             helper.make_node("LSTM", ["x2", "W2", "R2"], ["y2", "h2"], name="lstm2", hidden_size=16),
+             helper.make_node("Concat", ["h1", "h2"], ["h"], axis=0)]
+    proto = onnx.shape_inference.infer_shapes(make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 8])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 1, 16])], inits, opset=14))
+    model = ir.from_proto(proto)
+    insert = InsertQDQPass(RULES, {}, precisions={"lstm1": DYNAMIC, "lstm2": DYNAMIC})
+    insert(model)
+    groups = layer_groups(model, insert.decisions, ("float", "int8"), RULES.activation_fusions, 32)
+    assert sorted(g.nodes for g in groups) == [("lstm1",), ("lstm2",)]

@@ -8,6 +8,10 @@ Rules:
   that no opset defines (a TFLite or framework op its converter left in), an op defined only in a later opset
   than the model imports (a converter that wrote HardSwish into an opset-13 model), or a domain the model
   does not import.
+- A model newer than the runtime reads (IR version above :data:`RUNTIME_MAX_IR`, default-domain opset above
+  :data:`RUNTIME_MAX_OPSET`: what the newest onnx writes by default) is read through a copy at the IR version
+  edgeq writes and the runtime's opset, relabelled where no op it uses changed in between
+  (:func:`runtime_readable`); that copy is the original every check compares with.
 - A rewritten model (normalized, converted to another opset) must load and, on a few calibration feeds, give
   every float output within ``tolerance`` relative error of the original (max |a − b| / max |a|, non-finite
   values equal where the original has them) and the same integer outputs. When it does not, the first value
@@ -30,13 +34,32 @@ import onnxruntime as ort
 
 from edgeq.errors import UserError, first_line
 from edgeq.model_io import all_nodes, load_model, load_proto, save_model
+from edgeq.passes.convert_opset import ConvertOpsetPass
 from edgeq.passes.normalize import NormalizePass
 from edgeq.runtimes.onnxruntime import create_session, run_exposing
 
+# What the pinned ONNX Runtime (1.31) reads: newer IR versions and opsets are refused at load.
+RUNTIME_MAX_IR = 13
+RUNTIME_MAX_OPSET = 26
 TOLERANCE = 1e-4
 # A float16 model computed in float32 differs from itself by float16's rounding (2⁻¹¹ a step), not by 1e-4.
 FLOAT16_TOLERANCE = 2e-2
 CHECK_FEEDS = 3
+
+
+def runtime_readable(model: ir.Model, path: Path, folder: Path) -> Path:
+    """The file ONNX Runtime reads for ``model`` (loaded from ``path``): ``path``, else a copy saved in ``folder``
+    of ``model``, relabelled in place (module rules)."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if model.ir_version <= RUNTIME_MAX_IR and opset <= RUNTIME_MAX_OPSET:
+        return path
+    if model.ir_version > onnx.IR_VERSION:
+        raise UserError(f"the model is at IR version {model.ir_version}, which onnx {onnx.__version__} does not "
+                        f"define yet (its newest: {onnx.IR_VERSION})", "save it with an older onnx")
+    if opset > RUNTIME_MAX_OPSET:
+        ConvertOpsetPass(RUNTIME_MAX_OPSET)(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_model(model, folder / path.name)  # at edgeq's IR version (model_io.MAX_IR_VERSION)
 
 
 def load_in_onnxruntime(path: Path) -> ort.InferenceSession:

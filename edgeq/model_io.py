@@ -30,7 +30,7 @@ from edgeq.errors import UserError, first_line
 
 # Above this many bytes of tensor data a model is saved with external data (protobuf caps a message at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-# ORT 1.31 rejects IR version 11+; models we write carry at most this.
+# Models we write carry at most this IR version (ONNX Runtime 1.31 reads up to 13: edgeq.model_check).
 MAX_IR_VERSION = 10
 
 

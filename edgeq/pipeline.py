@@ -58,7 +58,8 @@ from edgeq.mixed.costs import group_times
 from edgeq.mixed.groups import layer_groups
 from edgeq.mixed.search import MB, MixedPrecisionSearch, SearchResult, precision_counts
 from edgeq.mixed.sensitivity import GatedModel, cached_sensitivity, measure_sensitivity, proxy_nsr
-from edgeq.model_check import CHECK_FEEDS, check_same_function, load_in_onnxruntime, normalize_checked, run_feeds
+from edgeq.model_check import (CHECK_FEEDS, check_same_function, load_in_onnxruntime, normalize_checked, run_feeds,
+                               runtime_readable)
 from edgeq.model_io import folder_bytes, load_model, model_digest, save_model
 from edgeq.passes.calibrate import CalibratePass
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
@@ -252,6 +253,7 @@ class _Compilation:
         calibrate."""
         with self.reporter.stage("load"):
             model = load_model(self.request.model)
+            source = runtime_readable(model, Path(self.request.model), self.work / "source")
             NormalizePass.refuse_quantized(model)
             self.source_digest = model_digest(model)
             source_opset = default_opset(model)
@@ -259,7 +261,7 @@ class _Compilation:
         with self.reporter.stage("normalize"):
             self.check_feeds = [f.inputs for f in itertools.islice(self.calib, CHECK_FEEDS)]
             self.float_path = _fresh_dir(self.work / "float") / MODEL
-            model, check = normalize_checked(model, self.request.model, self.check_feeds, self.float_path)
+            model, check = normalize_checked(model, source, self.check_feeds, self.float_path)
             self.normalize_check = {"opset": [source_opset, default_opset(model)]} | check
             self.normalized_digest = normalized_digest = model_digest(model)
         self.feed = next(iter(self.holdout)).inputs

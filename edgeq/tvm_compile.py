@@ -55,6 +55,7 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
     with ArtifactWriter(request.out_dir, request.input_paths, request.artifact_room) as writer, scratch.scratch_dir("tvm") as work:
         with reporter.stage("load"):
             model = load_model(request.model)
+            source = model_check.runtime_readable(model, Path(request.model), work / "source")
             refuse_quantized(Path(request.model).name, quantized_ops_in(model))
             source_digest = model_digest(model)
         data, random_inputs = _feeds(request, model)
@@ -62,7 +63,7 @@ def compile_tvm(request, reporter) -> tuple[dict, int]:
         with reporter.stage("normalize"):
             (work / "float").mkdir()
             float_path = work / "float" / MODEL
-            normalize_checked(model, request.model, feeds[:model_check.CHECK_FEEDS], float_path)
+            normalize_checked(model, source, feeds[:model_check.CHECK_FEEDS], float_path)
         database = tuning = None
         if recipe.tune_trials:
             folder = tvm_tuning.database_dir(request.cache_dir or work / "cache", target)

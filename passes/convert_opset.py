@@ -1,4 +1,4 @@
-"""Convert a model's default-domain opset upward, node by node, so that every node means what it meant before.
+"""Convert a model's default-domain opset, node by node, so that every node means what it meant before.
 
 Every opset change in edgeq goes through this pass (normalize's upgrade to 13, the opset 21 that int4 and int16
 builds need). Relabelling the opset import alone is wrong for the ops whose signature changed; those are
@@ -19,8 +19,9 @@ rewritten here, at the boundary where each changed, in every graph and subgraph:
    GroupNormalization are the ops it adapts).
 
 A model that imports no default-domain opset (a tree ensemble written with ``ai.onnx.ml`` ops only, as
-onnxmltools writes XGBoost) has nothing to convert: it imports ``target``. Downgrades and opsets below 7 are
-refused with a :class:`UserError`. Value names are kept, so an original and a converted model can be compared
+onnxmltools writes XGBoost) has nothing to convert: it imports ``target``. Down to a lower opset (a model the
+newest onnx wrote, for a runtime that reads less) only by relabelling, where no op the model uses changed in
+between; otherwise, and below opset 7, a :class:`UserError`. Value names are kept, so an original and a converted model can be compared
 value by value (:mod:`edgeq.model_check`).
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnxscript.version_converter import ConvertVersionPass
 
@@ -212,8 +214,16 @@ def _adapt_node(node: ir.Node, source: int, target: int) -> None:
             node = adapter(node) or node
 
 
+def _signature(schema: onnx.defs.OpSchema) -> tuple:
+    """What an op's schema says beside its types: inputs and outputs (name, optional or variadic) and
+    attributes (name, type, required, default)."""
+    return (tuple((i.name, i.option) for i in schema.inputs), tuple((o.name, o.option) for o in schema.outputs),
+            tuple(sorted((name, a.type, a.required, a.default_value.SerializeToString())
+                         for name, a in schema.attributes.items())))
+
+
 class ConvertOpsetPass(ir.passes.InPlacePass):
-    """Upgrade the default-domain opset to ``target`` (rules in the module docstring)."""
+    """Upgrade the default-domain opset to ``target``, or relabel it down (rules in the module docstring)."""
 
     def __init__(self, target: int):
         super().__init__()
@@ -227,8 +237,7 @@ class ConvertOpsetPass(ir.passes.InPlacePass):
         if source == self.target:
             return ir.passes.PassResult(model, modified=False)
         if source > self.target:
-            raise UserError(f"the model is at opset {source}; edgeq converts upward only (asked: {self.target})",
-                            f"pass a model at opset {self.target} or lower")
+            return self._relabel_down(model, source)
         if source < MIN_SOURCE_OPSET:
             raise UserError(f"the model is at opset {source}, older than {MIN_SOURCE_OPSET}",
                             "re-export it with a recent exporter (opset 13 or later)")
@@ -242,4 +251,30 @@ class ConvertOpsetPass(ir.passes.InPlacePass):
         model.opset_imports[""] = upto
         if self.target > upto:
             ConvertVersionPass(self.target, fallback=False)(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _relabel_down(self, model: ir.Model, source: int) -> ir.passes.PassResult:
+        """Down by relabelling alone, where every default-domain op the model uses has at ``target`` the inputs,
+        outputs and attributes it has at ``source`` (opset 28 widened the types of Celu, Einsum, … and changed
+        nothing else; the runtime's load checks the types), else a :class:`UserError` naming the first that
+        does not."""
+        if source > onnx.defs.onnx_opset_version():
+            raise UserError(f"the model is at opset {source}, which onnx {onnx.__version__} does not define yet "
+                            f"(its newest: {onnx.defs.onnx_opset_version()})",
+                            f"re-export the model at opset {self.target} or lower")
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                same = _signature(onnx.defs.get_schema(node.op_type, self.target)) == \
+                    _signature(onnx.defs.get_schema(node.op_type, node.version or source))
+            except onnx.defs.SchemaError:  # an op newer than ``target``
+                same = False
+            if not same:
+                raise UserError(f"the model is at opset {source}; node '{node.name}' ({node.op_type}) changed after "
+                                f"opset {self.target}, the newest the runtime reads",
+                                f"re-export the model at opset {self.target} or lower")
+            node.version = None
+        model.opset_imports.pop("ai.onnx", None)
+        model.opset_imports[""] = self.target
         return ir.passes.PassResult(model, modified=True)

@@ -449,8 +449,7 @@ class _SetStats:
             return
         self.nonfinite += int((~np.isfinite(test)).sum())
         self.pairs.extend(zip(self.head.items(ref), self.head.items(test)))
-        if self.head.extra:
-            self.elementwise = self.elementwise or _OutputStats()
+        if self.elementwise is not None:
             self.elementwise.update(ref, test)
 
     def summary(self) -> dict:
@@ -563,7 +562,7 @@ class FidelityMeter:
             return _SetStats()
         head = DetectionHead.of(reference)
         if head is not None:
-            return _SetStats(head=head)
+            return _SetStats(head=head, elementwise=_OutputStats() if head.extra else None)
         if not np.issubdtype(reference.dtype, np.floating):
             return _IndexStats()
         return _OutputStats(named_logits="logit" in name.lower(),

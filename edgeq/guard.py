@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from edgeq.search import Candidate, Trial, longest_prefix
 
+MAP_SQNR_DB = 18.0  # a map's, and a raw detector head's with more than detections in it
 WHERE_PRESENT = {"sequence_agreement", "map_sqnr_db"}  # figures only some outputs of a kind carry: checked there
 THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "indices": (("decision_agreement", 0.99),),
@@ -58,8 +59,8 @@ THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "segments": (("decision_agreement", 0.90),),
     "embedding": (("cosine", 0.99),),
     "values": (("sqnr_db", 35.0),),
-    "map": (("sqnr_db", 18.0),),
-    "detections": (("decision_agreement", 0.98), ("map_sqnr_db", 18.0)),
+    "map": (("sqnr_db", MAP_SQNR_DB),),
+    "detections": (("decision_agreement", 0.98), ("map_sqnr_db", MAP_SQNR_DB)),
 }
 
 

@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from edgeq.errors import UserError, first_line
 from edgeq.model_io import all_nodes, load_model, load_proto, save_model
-from edgeq.passes.convert_opset import ConvertOpsetPass
+from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
 from edgeq.runtimes.onnxruntime import create_session, run_exposing
 
@@ -50,7 +50,7 @@ CHECK_FEEDS = 3
 def runtime_readable(model: ir.Model, path: Path, folder: Path) -> Path:
     """The file ONNX Runtime reads for ``model`` (loaded from ``path``): ``path``, else a copy saved in ``folder``
     of ``model``, relabelled in place (module rules)."""
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    opset = default_opset(model)
     if model.ir_version <= RUNTIME_MAX_IR and opset <= RUNTIME_MAX_OPSET:
         return path
     if model.ir_version > onnx.IR_VERSION:

@@ -628,13 +628,13 @@ class _Compilation:
                                            self.trials.kernel_times, self.float_path, recipe, holds), self.trials)
         self.current = current = best.build
         self.latency = best.latency
-        ratio = self.latency["int8"].median_ms / self.latency["float"].median_ms
+        ratio, bar = best.ratio, self._max_ratio(current)
         if not current.quantized:
             self.delivered, self.reason = "float", "every quantized node was slower in int8 than in float (measured)"
-        elif recipe.no_slowdown and ratio > self._max_ratio(current):
+        elif recipe.no_slowdown and ratio > bar:
             self.delivered = "float"
             self.reason = (f"int8 was not faster than float on {self.target.name} (median ratio {ratio:.2f}, "
-                           f"needs ≤ {self._max_ratio(current)}) even after returning costly nodes to float")
+                           f"needs ≤ {bar}) even after returning costly nodes to float")
         with self.reporter.stage("profile per node"):
             owners = current.insert.owners
             for name, path in (("float", self.float_path), ("int8", current.path)):

@@ -21,8 +21,8 @@ rewritten here, at the boundary where each changed, in every graph and subgraph:
 A model that imports no default-domain opset (a tree ensemble written with ``ai.onnx.ml`` ops only, as
 onnxmltools writes XGBoost) has nothing to convert: it imports ``target``. Down to a lower opset (a model the
 newest onnx wrote, for a runtime that reads less) only by relabelling, where no op the model uses changed in
-between; otherwise, and below opset 7, a :class:`UserError`. Value names are kept, so an original and a converted model can be compared
-value by value (:mod:`edgeq.model_check`).
+between; otherwise, and below opset 7, a :class:`UserError`. Value names are kept, so an original and a
+converted model can be compared value by value (:mod:`edgeq.model_check`).
 """
 
 from __future__ import annotations

@@ -243,6 +243,7 @@ def _normalize(model: ir.Model, normalize: NormalizePass, source: Path, feeds: l
     changes = {"runtime_ops_unfused": normalize.runtime_ops_unfused, "loop_constants": normalize.loop_constants,
                "float16_to_float32": normalize.float16_converted, "activations_fused": normalize.activations_fused,
                "weights_in_inputs": normalize.weights_in_inputs, "weights_folded": normalize.weights_folded,
+               "transposes_cancelled": normalize.transposes_cancelled,
                "output_shapes_dropped": dropped, "types_from_onnxruntime": typed}
     return check | {key: value for key, value in changes.items() if value}
 

@@ -66,6 +66,8 @@ from onnxscript import rewriter
 from onnxscript.rewriter.rules.common import fuse_hardswish_rules
 
 from edgeq.errors import UserError
+from edgeq.passes import fold_conv_affine
+from edgeq.passes.cancel_transposes import CancelTransposesPass
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.float16_to_float32 import Float16ToFloat32Pass
 from edgeq.passes.loop_constants import LoopConstantsPass
@@ -113,13 +115,14 @@ class NormalizePass(ir.passes.InPlacePass):
     Runtime fusions made ONNX ops), ``float16_converted`` (float16 tensors and ops made float32),
     ``weights_in_inputs`` (initializers that were graph inputs too),
     ``weights_folded`` (weights computed from constants), ``activations_fused`` (HardSwish/HardSigmoid nodes
-    the fusions made), ``means_pooled`` (spatial ReduceMeans made GlobalAveragePool)."""
+    the fusions made), ``means_pooled`` (spatial ReduceMeans made GlobalAveragePool), ``transposes_cancelled``
+    (channels-last Transposes around Convs)."""
 
     def __init__(self, fuse_activations: bool = True, pool_means: bool = True, loop_constants: bool = True):
         super().__init__()
         self.fuse_activations, self.pool_means, self.read_loop_constants = fuse_activations, pool_means, loop_constants
         self.float16_converted = self.activations_fused = self.means_pooled = self.loop_constants = 0
-        self.weights_in_inputs = self.weights_folded = 0
+        self.weights_in_inputs = self.weights_folded = self.transposes_cancelled = 0
 
     @staticmethod
     def refuse_quantized(model: ir.Model) -> None:
@@ -160,7 +163,13 @@ class NormalizePass(ir.passes.InPlacePass):
         self.weights_folded = computed - _computed_weights(model)
         input_names = [v.name for v in model.graph.inputs]
         present = _nodes(model, FUSED_OPS)  # kept alive: their ids tell them from the nodes the fusions make
-        _optimize(model, _REWRITE_RULES + (ACTIVATION_FUSIONS if self.fuse_activations else ()))
+        rules = _REWRITE_RULES + (ACTIVATION_FUSIONS if self.fuse_activations else ())
+        _optimize(model, rules)
+        transposes = CancelTransposesPass()
+        transposes(model)
+        self.transposes_cancelled = transposes.cancelled
+        if transposes.cancelled:  # what they held apart from each Conv folds now
+            _optimize(model, rules)
         _restore_input_names(model.graph, input_names)
         # Before any pass that counts only node uses: a node whose output a subgraph returns directly has no
         # node use and would be removed as dead. (onnx_ir's IdentityEliminationPass is not run for the same
@@ -326,7 +335,7 @@ def _is_scalar(expected: float):
 
 _REWRITE_RULES = (*(rule for rule in rewriter._DEFAULT_REWRITE_RULES
                     if rule._target_pattern.has_single_output_node and rule not in _NO_OP_RULES),
-                  *_exact_no_op_rules())
+                  *_exact_no_op_rules(), *fold_conv_affine.RULES)
 # Its HardSwish/HardSigmoid fusions are added: exporters without the ops (paddle2onnx, torch below opset 14)
 # write them as Add/Clip/Div/Mul, which in an int8 model is four float kernels and two more requantizations
 # between int8 convolutions, and in the float model four kernels ONNX Runtime does not fuse into the Conv.

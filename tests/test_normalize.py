@@ -324,3 +324,82 @@ def test_a_float32_model_is_left_as_it_is_by_the_float16_rule():
     normalize = NormalizePass()
     normalize(model)
     assert normalize.float16_converted == 0
+
+
+def _channel_const(name, values, shape):
+    return numpy_helper.from_array(np.asarray(values, np.float32).reshape(shape), name)
+
+
+def test_per_channel_arithmetic_after_a_conv_folds_into_it():
+    """BatchNorm written as arithmetic (torchvision's FrozenBatchNorm2d: x·scale + shift; Caffe's Scale layer:
+    Sub/Mul/Add) folds into the Conv; what is not one value per output channel, c − conv, and a Conv output
+    read twice are left."""
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [*(numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), f"w{i}")
+               for i in range(1, 5)),
+             _channel_const("mean", rng.standard_normal(c), (1, c, 1, 1)),
+             _channel_const("scale", rng.random(c) + 0.5, (c, 1, 1)),
+             _channel_const("shift", rng.standard_normal(c), (1, c, 1, 1)),
+             _channel_const("divisor", rng.random(c) + 0.5, (1, c, 1, 1)),
+             _channel_const("rows", rng.standard_normal(6), (1, 1, 6, 1))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),  # folds: Sub, Mul, Div, Add
+             helper.make_node("Sub", ["c1", "mean"], ["s1"]), helper.make_node("Mul", ["scale", "s1"], ["m1"]),
+             helper.make_node("Div", ["m1", "divisor"], ["d1"]), helper.make_node("Add", ["d1", "shift"], ["y1"]),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2"),  # varies along rows: left
+             helper.make_node("Add", ["c2", "rows"], ["y2"]),
+             helper.make_node("Conv", ["x", "w3"], ["c3"], name="conv3"),  # c − conv: left
+             helper.make_node("Sub", ["shift", "c3"], ["y3"]),
+             helper.make_node("Conv", ["x", "w4"], ["c4"], name="conv4"),  # read twice: left
+             helper.make_node("Mul", ["c4", "scale"], ["m4"]), helper.make_node("Add", ["c4", "m4"], ["y4"])]
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, c, 6, 6]) for i in range(1, 5)]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], outputs,
+                       inits)
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    ops = sorted(n.op_type for n in model.graph)
+    assert ops == sorted(["Conv"] * 4 + ["Add", "Sub", "Mul", "Add"]), ops
+    y1 = model.graph.outputs[0].producer()
+    assert y1.op_type == "Conv"
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    folded, original = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, x), \
+        ort.InferenceSession(proto.SerializeToString()).run(None, x)
+    for a, b in zip(folded, original):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _channels_last_net(rng) -> onnx.ModelProto:
+    """NHWC input; each Conv wrapped in Transposes, its bias and ReLU run channels-last between them (a torch
+    port of a Caffe/TF net): the layout of Yahoo's open_nsfw."""
+    c = 8
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.3, "w1"),
+             numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.2, "w2"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.random(c).astype(np.float32) + 0.5, "s1"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "b2")]
+    to_nchw, to_nhwc = dict(perm=[0, 3, 1, 2]), dict(perm=[0, 2, 3, 1])
+    nodes = [helper.make_node("Transpose", ["x"], ["t0"], **to_nchw),
+             helper.make_node("Conv", ["t0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c1"], ["t1"], **to_nhwc),
+             helper.make_node("Cast", ["t1"], ["k1"], to=TensorProto.FLOAT),  # exporters' no-op Casts
+             helper.make_node("Add", ["k1", "b1"], ["a1"]), helper.make_node("Mul", ["a1", "s1"], ["m1"]),
+             helper.make_node("Relu", ["m1"], ["r1"]),
+             helper.make_node("Transpose", ["r1"], ["t2"], **to_nchw),
+             helper.make_node("Conv", ["t2", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c2"], ["t3"], **to_nhwc),
+             helper.make_node("Add", ["t3", "b2"], ["a2"]), helper.make_node("Add", ["a2", "r1"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12, 12, 3])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 12, c])], inits)
+
+
+def test_channels_last_transposes_around_convs_cancel_and_their_arithmetic_folds():
+    rng = np.random.default_rng(1)
+    proto = _channels_last_net(rng)
+    model = ir.from_proto(proto)
+    normalize = NormalizePass()
+    normalize(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Transpose") == 3 and normalize.transposes_cancelled == 1, ops  # 4: the pair between the Convs
+    assert ops[:3] == ["Transpose", "Conv", "Relu"], ops  # the first Conv's bias and scale folded into it
+    x = {"x": rng.standard_normal((1, 12, 12, 3)).astype(np.float32)}
+    np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,118 @@
+"""Transposes that wrap convolutions in a channels-last graph cancel, by ONNX Runtime's transpose optimizer.
+
+A model ported from a channels-last framework (TensorFlow, Caffe through a converter, torch code that permutes
+an NHWC input) wraps every Conv in ``Transpose(0, 3, 1, 2)`` … ``Transpose(0, 2, 3, 1)`` and runs its
+BatchNorm, bias and activations between them. ONNX Runtime's float session removes those Transposes when it
+loads the model; a quantized model keeps them (its Q/DQ pairs stand between them), and the arithmetic they
+hold apart from each Conv stays float: Yahoo's open_nsfw (a torch port of the Caffe ResNet, NHWC input, 106
+Transposes) was int8 ×0.72, and ×0.44 once they cancel and its BatchNorms fold (rule 8 of normalize).
+
+Rules:
+- Only where the main graph has a Transpose next to a Conv (its input or its only reader): a transformer's
+  Transposes (heads, a tied table's weight) are left as the exporter wrote them.
+- ONNX Runtime's ``TransposeOptimizer`` alone runs (every other basic-level optimizer disabled): it pushes
+  Transposes through elementwise and shape ops, permuting constants, until pairs meet and cancel. Written by
+  hand this would be a second copy of that optimizer; the session it runs in computes nothing.
+- The result is kept only if it has fewer Transposes, every other op type as often as before but the shape
+  ops the optimizer may add or remove (Squeeze, Unsqueeze, Reshape), no more constant bytes than
+  :data:`GROWTH` over the original, and the same inputs and outputs; else the model is left as it was.
+  A model that does not load, or that is over ONNX's 2 GB protobuf limit, is left as it was.
+
+Results: :attr:`cancelled` (Transposes fewer).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+# Every basic-level optimizer of ONNX Runtime 1.31 but the transpose optimizer (constraints.txt pins it); an
+# unknown name is ignored by ONNX Runtime, and the checks above catch one added later that changed the graph.
+_OTHER_BASIC_OPTIMIZERS = (
+    "Level1_RuleBasedTransformer", "ConstantFolding", "CommonSubexpressionElimination", "ConstantSharing",
+    "MatMulAddFusion", "ReshapeFusion", "FreeDimensionOverrideTransformer", "QDQPropagationTransformer",
+    "EnsureUniqueDQForNodeUnit", "DoubleQDQPairsRemover", "ConcatSliceElimination", "GatherToSliceFusion",
+    "SliceConcatToSpaceToDepthFusion", "CastChainElimination", "RemoveDuplicateCastTransformer",
+    "FuseFp16InitializerToFp32NodeTransformer", "SaveShapeValuesFromDataPropagation",
+)
+_SHAPE_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze", "Reshape"})
+GROWTH = 1.01  # constant bytes the result may hold over the original (permuted copies of shared constants)
+_PROTOBUF_LIMIT = 2 ** 31 - 1
+
+
+class CancelTransposesPass(ir.passes.InPlacePass):
+    """Cancel channels-last Transposes around Convs (module rules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancelled = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not _wraps_convolutions(model.graph):
+            return ir.passes.PassResult(model, modified=False)
+        proto = ir.serde.serialize_model(model)
+        if proto.ByteSize() > _PROTOBUF_LIMIT:
+            return ir.passes.PassResult(model, modified=False)
+        optimized = _transpose_optimized(proto)
+        if optimized is None or not _acceptable(proto, optimized):
+            return ir.passes.PassResult(model, modified=False)
+        self.cancelled = _counts(proto)["Transpose"] - _counts(optimized)["Transpose"]
+        model.graph = ir.serde.deserialize_model(optimized).graph  # the model's metadata and functions stay
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _wraps_convolutions(graph: ir.Graph) -> bool:
+    for node in graph:
+        if node.op_type != "Conv" or not node.inputs or node.inputs[0] is None:
+            continue
+        producer = node.inputs[0].producer()
+        readers = [user for user, _ in node.outputs[0].uses()]
+        if producer is not None and producer.op_type == "Transpose" or \
+                len(readers) == 1 and readers[0].op_type == "Transpose":
+            return True
+    return False
+
+
+def _transpose_optimized(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="edgeq-transposes-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(_OTHER_BASIC_OPTIMIZERS))
+            return onnx.load(options.optimized_model_filepath)
+        except Exception:  # noqa: BLE001 - a model ONNX Runtime cannot load is compiled (and refused) as it is
+            return None
+
+
+def _counts(proto: onnx.ModelProto) -> Counter:
+    counts = Counter()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            counts[node.op_type] += 1
+            for attribute in node.attribute:
+                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    visit(subgraph)
+    visit(proto.graph)
+    return counts
+
+
+def _constant_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+
+
+def _acceptable(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
+    counts, new = _counts(before), _counts(after)
+    others = {op for op in counts.keys() | new.keys() if op not in _SHAPE_OPS}
+    same_interface = [v.name for v in before.graph.input] == [v.name for v in after.graph.input] and \
+        [v.name for v in before.graph.output] == [v.name for v in after.graph.output]
+    return (new["Transpose"] < counts["Transpose"] and all(counts[op] == new[op] for op in others)
+            and same_interface and _constant_bytes(after) <= GROWTH * _constant_bytes(before))

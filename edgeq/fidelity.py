@@ -14,7 +14,11 @@ while losing most detections), so every output is reported on its own, and outpu
   position axes, [batch, H, W, classes]: a per-pixel class map — segmentation, a face/no-face map — judged
   like a mask: intersection over union of the pixels whose argmax is not the background, the class float
   chooses most, counted where the classes agree; a map float gives no other class is a ``map``; at most
-  :data:`MAX_GROUPS` classes), ``scores`` (values in [0, 1] otherwise —
+  :data:`MAX_GROUPS` classes; and [batch, positions, classes] class values whose positions are a signal's
+  frames — not a token input's, not CTC frames — and whose float decisions other than the background come in
+  runs of :data:`MIN_SEGMENT_RUN` positions or more on average: a seizure detector's half-second segments, a
+  voice detector's frames, where one boundary frame moving is no failure and a decoder's tokens rarely
+  repeat), ``scores`` (values in [0, 1] otherwise —
   probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
   0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
   unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample — unless the
@@ -95,6 +99,7 @@ TOPK = 5
 FEW_VALUES = 16
 _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to unit length for a kind
 MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
+MIN_SEGMENT_RUN = 8  # positions a frame classifier's events last on average (a decoder's tokens rarely repeat)
 _TINY = 1e-30  # probabilities are floored here before their log
 CONFIDENCE_Z = 1.2816  # the expected sequence agreement is the lower bound of a one-sided 90% interval
 
@@ -169,12 +174,13 @@ class _OutputStats:
             judged = judged & (rows[0].max(1) > rows[0].min(1))  # a constant row decides nothing
             self.argmax_agree += int(agree[judged].sum())
             self.argmax_rows += int(judged.sum())
-            if ref.ndim >= 4 and self.last <= MAX_GROUPS:
-                pairs = decided[0] * self.last + decided[1]
+            if ref.ndim >= 3 and self.last <= MAX_GROUPS:  # a class map's pixels, or frames'
+                counted = slice(None) if ref.ndim >= 4 else judged
+                pairs = decided[0][counted] * self.last + decided[1][counted]
                 counts = np.bincount(pairs, minlength=self.last ** 2).reshape(self.last, self.last)
                 self.confusion = counts if self.confusion is None or self.confusion.shape != counts.shape \
                     else self.confusion + counts
-            elif ref.ndim == 3:
+            if ref.ndim == 3:
                 self.tokenized |= ref.shape[1] in token_lengths
                 self._positions(rows, decided[1], agree, judged, ref.shape[0], rows_sum_to_one and lowest >= 0)
         else:
@@ -241,11 +247,27 @@ class _OutputStats:
         both = int(np.trace(self.confusion)) - int(self.confusion[background, background])
         return both, int(self.confusion.sum()) - int(self.confusion[background, background])
 
+    def frame_segments(self) -> bool:
+        """Whether a [batch, positions, classes] output's positions are a signal's frames, classified: not a
+        token input's, not CTC frames, and float's decisions other than the background (its most chosen
+        class) come in runs of :data:`MIN_SEGMENT_RUN` positions on average."""
+        if self.rank != 3 or self.tokenized or self.confusion is None or len(self.decisions) != self.samples:
+            return False
+        background = int(self.confusion.sum(1).argmax())
+        runs = frames = 0
+        for decided in (d[0] for d in self.decisions if d.shape[1]):
+            starts = np.flatnonzero(np.r_[True, decided[1:] != decided[:-1]])
+            runs += int((decided[starts] != background).sum())
+            frames += int((decided != background).sum())
+        return runs > 0 and frames / runs >= MIN_SEGMENT_RUN
+
     def kind(self, blank: int | None) -> str:
         """The output's kind (module rules); ``blank``: :meth:`ctc_blank`, found once by the caller."""
         if self.sums_to_one and self.unit_interval:
             if self.rank >= 4 and self.confusion is not None:
                 return "segments" if (self.confusion.sum(1) > 0).sum() > 1 else "map"
+            if blank is None and self.frame_segments():
+                return "segments"
             return "classes"
         if self.rank == 3 and not self.unit_interval and blank is not None and not self.named_features:  # CTC
             return "classes"

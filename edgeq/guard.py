@@ -18,7 +18,8 @@ Rules:
   scores                  IoU of the values above 0.5 (probability maps; one   ≥ 0.90
                           with none above 0.5 in float is a map)
   segments                IoU of the pixels not decided background (per-pixel  ≥ 0.90
-                          class maps; one with only background is a map)
+                          class maps; one with only background is a map; a
+                          frame classifier's frames, their events ≥ 8 long)
   embedding               cosine                                               ≥ 0.99
   values                  SQNR (≤ 16 values per sample: scores, regressions)   ≥ 35 dB
   map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB

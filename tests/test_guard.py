@@ -144,6 +144,34 @@ def test_a_class_map_is_judged_by_its_foreground_not_by_every_pixel():
         assert guard.check(meter.summary())["met"] is met
 
 
+
+@pytest.mark.parametrize("lost,met", [(1, True), (30, False)])
+def test_a_frame_classifiers_frames_are_judged_by_their_events_not_as_a_sequence(lost, met):
+    """[1, 300, 4] per-frame softmax, 100 frames of an event in background (a seizure detector's half-second
+    segments): one frame at the event's edge flipping on every feed leaves no sequence equal, yet the event is
+    kept (IoU 99/100); losing 30 frames of it is losing it. A decoder's tokens, which rarely repeat, stay a
+    sequence: one flip each fails them."""
+    logits = np.zeros((1, 300, 4))
+    logits[0, :, 2] = 5.0
+    logits[0, 100:200] = [0, 0, 0, 5.0]
+    test = logits.copy()
+    test[0, 100:100 + lost] = [0, 0, 5.0, 0]
+    meter = FidelityMeter(["probs"])
+    for _ in range(3):
+        meter.update([_softmax(logits).astype(np.float32)], [_softmax(test).astype(np.float32)])
+    out = meter.summary()["outputs"]["probs"]
+    assert out["kind"] == "segments" and out["decision_agreement"] == pytest.approx((100 - lost) / 100)
+    assert guard.check(meter.summary())["met"] is met
+    tokens = np.full((1, 300, 4), 0.0)
+    tokens[0, np.arange(300), RNG.integers(0, 4, 300)] = 5.0
+    flipped = tokens.copy()
+    flipped[0, 150] = np.roll(tokens[0, 150], 1)
+    meter = FidelityMeter(["probs"])
+    for _ in range(3):
+        meter.update([_softmax(tokens).astype(np.float32)], [_softmax(flipped).astype(np.float32)])
+    assert meter.summary()["outputs"]["probs"]["kind"] == "classes"
+    assert not guard.check(meter.summary())["met"]
+
 def _decoded(margins, changes):
     """Softmax over 30 classes per position: class 0 leads class 1 by ``margins`` (logits), the rest far
     behind; ``changes`` are added to class 0's logit."""

@@ -36,7 +36,7 @@ from edgeq.errors import UserError, first_line
 from edgeq.model_io import all_nodes, load_model, load_proto, save_model
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.normalize import NormalizePass
-from edgeq.runtimes.onnxruntime import create_session, run_exposing
+from edgeq.runtimes.onnxruntime import create_session, run_exposing, transposes_optimized
 
 # What the pinned ONNX Runtime (1.31) reads: newer IR versions and opsets are refused at load.
 RUNTIME_MAX_IR = 13
@@ -204,7 +204,7 @@ def normalize_checked(model: ir.Model, source: Path, feeds: list[dict], out_path
     a squeeze-excite gate) the model is normalized again from ``source`` leaving out one of the rewrites it
     made, then all of them, and the figures say which and why (``rounding_rewrites``)."""
     reference = run_feeds(load_in_onnxruntime(source), feeds)
-    normalize = NormalizePass()
+    normalize = NormalizePass(transpose_optimizer=transposes_optimized)
     try:
         return model, _normalize(model, normalize, source, feeds, reference, out_path)
     except UserError as refused:
@@ -218,7 +218,8 @@ def normalize_checked(model: ir.Model, source: Path, feeds: list[dict], out_path
     for left_out in retries:
         model = load_model(source)
         try:
-            check = _normalize(model, NormalizePass(**dict.fromkeys(left_out, False)), source, feeds, reference,
+            check = _normalize(model, NormalizePass(**dict.fromkeys(left_out, False),
+                                                    transpose_optimizer=transposes_optimized), source, feeds, reference,
                                out_path)
         except UserError:
             if left_out is retries[-1]:

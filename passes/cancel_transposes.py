@@ -10,9 +10,10 @@ Transposes) was int8 ×0.72, and ×0.44 once they cancel and its BatchNorms fold
 Rules:
 - Only where the main graph has a Transpose next to a Conv (its input or its only reader): a transformer's
   Transposes (heads, a tied table's weight) are left as the exporter wrote them.
-- ONNX Runtime's ``TransposeOptimizer`` alone runs (every other basic-level optimizer disabled): it pushes
-  Transposes through elementwise and shape ops, permuting constants, until pairs meet and cancel. Written by
-  hand this would be a second copy of that optimizer; the session it runs in computes nothing.
+- ONNX Runtime's ``TransposeOptimizer`` alone runs (every other basic-level optimizer disabled; the caller
+  gives it, :func:`edgeq.runtimes.onnxruntime.transposes_optimized`): it pushes Transposes through
+  elementwise and shape ops, permuting constants, until pairs meet and cancel. Written by hand this would be
+  a second copy of that optimizer.
 - The result is kept only if it has fewer Transposes, every other op type as often as before but the shape
   ops the optimizer may add or remove (Squeeze, Unsqueeze, Reshape), no more constant bytes than
   :data:`GROWTH` over the original, and the same inputs and outputs; else the model is left as it was.
@@ -23,34 +24,26 @@ Results: :attr:`cancelled` (Transposes fewer).
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
-from pathlib import Path
+from typing import Callable
 
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
-# Every basic-level optimizer of ONNX Runtime 1.31 but the transpose optimizer (constraints.txt pins it); an
-# unknown name is ignored by ONNX Runtime, and the checks above catch one added later that changed the graph.
-_OTHER_BASIC_OPTIMIZERS = (
-    "Level1_RuleBasedTransformer", "ConstantFolding", "CommonSubexpressionElimination", "ConstantSharing",
-    "MatMulAddFusion", "ReshapeFusion", "FreeDimensionOverrideTransformer", "QDQPropagationTransformer",
-    "EnsureUniqueDQForNodeUnit", "DoubleQDQPairsRemover", "ConcatSliceElimination", "GatherToSliceFusion",
-    "SliceConcatToSpaceToDepthFusion", "CastChainElimination", "RemoveDuplicateCastTransformer",
-    "FuseFp16InitializerToFp32NodeTransformer", "SaveShapeValuesFromDataPropagation",
-)
 _SHAPE_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze", "Reshape"})
 GROWTH = 1.01  # constant bytes the result may hold over the original (permuted copies of shared constants)
 _PROTOBUF_LIMIT = 2 ** 31 - 1
+TransposeOptimizer = Callable[[onnx.ModelProto], "onnx.ModelProto | None"]
 
 
 class CancelTransposesPass(ir.passes.InPlacePass):
     """Cancel channels-last Transposes around Convs (module rules)."""
 
-    def __init__(self):
+    def __init__(self, optimizer: TransposeOptimizer):
+        """``optimizer``: the model with ONNX Runtime's transpose optimizer applied, or None where it cannot
+        load (:func:`edgeq.runtimes.onnxruntime.transposes_optimized`: a pass runs no session itself)."""
         super().__init__()
-        self.cancelled = 0
+        self.optimizer, self.cancelled = optimizer, 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not _wraps_convolutions(model.graph):
@@ -58,7 +51,7 @@ class CancelTransposesPass(ir.passes.InPlacePass):
         proto = ir.serde.serialize_model(model)
         if proto.ByteSize() > _PROTOBUF_LIMIT:
             return ir.passes.PassResult(model, modified=False)
-        optimized = _transpose_optimized(proto)
+        optimized = self.optimizer(proto)
         if optimized is None or not _acceptable(proto, optimized):
             return ir.passes.PassResult(model, modified=False)
         self.cancelled = _counts(proto)["Transpose"] - _counts(optimized)["Transpose"]
@@ -76,20 +69,6 @@ def _wraps_convolutions(graph: ir.Graph) -> bool:
                 len(readers) == 1 and readers[0].op_type == "Transpose":
             return True
     return False
-
-
-def _transpose_optimized(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="edgeq-transposes-") as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        try:
-            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=list(_OTHER_BASIC_OPTIMIZERS))
-            return onnx.load(options.optimized_model_filepath)
-        except Exception:  # noqa: BLE001 - a model ONNX Runtime cannot load is compiled (and refused) as it is
-            return None
 
 
 def _counts(proto: onnx.ModelProto) -> Counter:

@@ -33,7 +33,8 @@ Rules, in order:
    still reads (a tied embedding table).
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
    HardSwish/HardSigmoid fusions unless ``fuse_activations`` is off) folds constants, fuses BatchNorm into
-   Conv/Gemm, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the
+   Conv/Gemm — and BatchNorm written as arithmetic, per-channel Sub/Mul/Div/Add after a Conv, into the Conv
+   (:mod:`edgeq.passes.fold_conv_affine`) —, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the
    ops (the same function, rounded differently: :func:`edgeq.model_check.normalize_checked` normalizes again
    without them, and without rule 5, where that difference shows), removes no-op and Identity nodes
    (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value.
@@ -50,6 +51,9 @@ Rules, in order:
    (LayerNormalization, RMSNormalization, BatchNormalization and ONNX Runtime's fused forms, through reshapes
    and casts: an encoder's hidden state, a face embedding's last BatchNorm) are recorded in the model's
    metadata (``FEATURES_KEY``, a JSON list): the fidelity guard reads them as features, not as logits.
+8. After rule 4, where the caller gives a ``transpose_optimizer`` (:func:`edgeq.runtimes.onnxruntime.
+   transposes_optimized`; a pass runs no session itself), the Transposes a channels-last port wraps around each
+   Conv cancel (:mod:`edgeq.passes.cancel_transposes`) and rule 4 runs again, folding what they held apart.
 
 Deterministic: the same input model gives the same output model.
 """
@@ -67,7 +71,7 @@ from onnxscript.rewriter.rules.common import fuse_hardswish_rules
 
 from edgeq.errors import UserError
 from edgeq.passes import fold_conv_affine
-from edgeq.passes.cancel_transposes import CancelTransposesPass
+from edgeq.passes.cancel_transposes import CancelTransposesPass, TransposeOptimizer
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.float16_to_float32 import Float16ToFloat32Pass
 from edgeq.passes.loop_constants import LoopConstantsPass
@@ -118,8 +122,10 @@ class NormalizePass(ir.passes.InPlacePass):
     the fusions made), ``means_pooled`` (spatial ReduceMeans made GlobalAveragePool), ``transposes_cancelled``
     (channels-last Transposes around Convs)."""
 
-    def __init__(self, fuse_activations: bool = True, pool_means: bool = True, loop_constants: bool = True):
+    def __init__(self, fuse_activations: bool = True, pool_means: bool = True, loop_constants: bool = True,
+                 transpose_optimizer: TransposeOptimizer | None = None):
         super().__init__()
+        self.transpose_optimizer = transpose_optimizer
         self.fuse_activations, self.pool_means, self.read_loop_constants = fuse_activations, pool_means, loop_constants
         self.float16_converted = self.activations_fused = self.means_pooled = self.loop_constants = 0
         self.weights_in_inputs = self.weights_folded = self.transposes_cancelled = 0
@@ -165,11 +171,12 @@ class NormalizePass(ir.passes.InPlacePass):
         present = _nodes(model, FUSED_OPS)  # kept alive: their ids tell them from the nodes the fusions make
         rules = _REWRITE_RULES + (ACTIVATION_FUSIONS if self.fuse_activations else ())
         _optimize(model, rules)
-        transposes = CancelTransposesPass()
-        transposes(model)
-        self.transposes_cancelled = transposes.cancelled
-        if transposes.cancelled:  # what they held apart from each Conv folds now
-            _optimize(model, rules)
+        if self.transpose_optimizer is not None:
+            transposes = CancelTransposesPass(self.transpose_optimizer)
+            transposes(model)
+            self.transposes_cancelled = transposes.cancelled
+            if transposes.cancelled:  # what they held apart from each Conv folds now
+                _optimize(model, rules)
         _restore_input_names(model.graph, input_names)
         # Before any pass that counts only node uses: a node whose output a subgraph returns directly has no
         # node use and would be removed as dead. (onnx_ir's IdentityEliminationPass is not run for the same

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from edgeq import scratch
 from edgeq.devices.agent import create_session
@@ -34,7 +36,7 @@ from edgeq.model_io import save_model
 from edgeq.runtimes.base import Latency, NodeTime, Session
 from edgeq.target import Target
 
-__all__ = ["OnnxRuntime", "create_session", "run_exposing"]
+__all__ = ["OnnxRuntime", "create_session", "run_exposing", "transposes_optimized"]
 _NCHWC = "_nchwc"
 PROFILE_SECONDS = 1.0
 _ORT_SUFFIX = re.compile(r"(_token_\d+|/+\w*Fusion/*)+$")
@@ -54,6 +56,33 @@ def run_exposing(proto: onnx.ModelProto, names: list[str], feeds: Iterable[Mappi
         for feed in feeds:
             yield session.run(names, dict(feed))
 
+
+
+# Every basic-level optimizer of ONNX Runtime 1.31 but the transpose optimizer (constraints.txt pins it); an
+# unknown name is ignored by ONNX Runtime, and the pass's checks catch one added later that changed the graph.
+_OTHER_BASIC_OPTIMIZERS = (
+    "Level1_RuleBasedTransformer", "ConstantFolding", "CommonSubexpressionElimination", "ConstantSharing",
+    "MatMulAddFusion", "ReshapeFusion", "FreeDimensionOverrideTransformer", "QDQPropagationTransformer",
+    "EnsureUniqueDQForNodeUnit", "DoubleQDQPairsRemover", "ConcatSliceElimination", "GatherToSliceFusion",
+    "SliceConcatToSpaceToDepthFusion", "CastChainElimination", "RemoveDuplicateCastTransformer",
+    "FuseFp16InitializerToFp32NodeTransformer", "SaveShapeValuesFromDataPropagation",
+)
+
+
+def transposes_optimized(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``proto`` as ONNX Runtime's transpose optimizer alone leaves it (for
+    :class:`edgeq.passes.cancel_transposes.CancelTransposesPass`), or None where the runtime cannot load it."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="edgeq-transposes-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(_OTHER_BASIC_OPTIMIZERS))
+            return onnx.load(options.optimized_model_filepath)
+        except Exception:  # noqa: BLE001 - a model the runtime cannot load is compiled (and refused) as it is
+            return None
 
 class OnnxRuntime:
     name = "onnxruntime"

@@ -218,9 +218,8 @@ def normalize_checked(model: ir.Model, source: Path, feeds: list[dict], out_path
     for left_out in retries:
         model = load_model(source)
         try:
-            check = _normalize(model, NormalizePass(**dict.fromkeys(left_out, False),
-                                                    transpose_optimizer=transposes_optimized), source, feeds, reference,
-                               out_path)
+            rewrites = NormalizePass(**dict.fromkeys(left_out, False), transpose_optimizer=transposes_optimized)
+            check = _normalize(model, rewrites, source, feeds, reference, out_path)
         except UserError:
             if left_out is retries[-1]:
                 raise

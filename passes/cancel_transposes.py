@@ -5,7 +5,8 @@ an NHWC input) wraps every Conv in ``Transpose(0, 3, 1, 2)`` … ``Transpose(0, 
 BatchNorm, bias and activations between them. ONNX Runtime's float session removes those Transposes when it
 loads the model; a quantized model keeps them (its Q/DQ pairs stand between them), and the arithmetic they
 hold apart from each Conv stays float: Yahoo's open_nsfw (a torch port of the Caffe ResNet, NHWC input, 106
-Transposes) was int8 ×0.72, and ×0.44 once they cancel and its BatchNorms fold (rule 8 of normalize).
+Transposes) was int8 ×0.72, and ×0.44 once they cancel and its BatchNorms fold (:mod:`edgeq.passes.
+fold_conv_affine`).
 
 Rules:
 - Only where the main graph has a Transpose next to a Conv (its input or its only reader): a transformer's

@@ -34,9 +34,10 @@ Rules, in order:
 4. onnxscript's optimizer (its default passes and rules, less one that is quadratic in graph size, plus its
    HardSwish/HardSigmoid fusions unless ``fuse_activations`` is off) folds constants, fuses BatchNorm into
    Conv/Gemm — and BatchNorm written as arithmetic, per-channel Sub/Mul/Div/Add after a Conv, into the Conv
-   (:mod:`edgeq.passes.fold_conv_affine`) —, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``, ``x·HardSigmoid(x)``) and HardSigmoid into the
-   ops (the same function, rounded differently: :func:`edgeq.model_check.normalize_checked` normalizes again
-   without them, and without rule 5, where that difference shows), removes no-op and Identity nodes
+   (:mod:`edgeq.passes.fold_conv_affine`) —, decomposed HardSwish (``x·Clip(x+3, 0, 6)/6``,
+   ``x·HardSigmoid(x)``) and HardSigmoid into the ops (the same function, rounded differently:
+   :func:`edgeq.model_check.normalize_checked` normalizes again without them, and without rule 5, where that
+   difference shows), removes no-op and Identity nodes
    (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value.
 5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
    ``Flatten`` when ``keepdims=0``) unless ``pool_means`` is off: the same mean, summed in another

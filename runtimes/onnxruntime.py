@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -75,7 +74,7 @@ def transposes_optimized(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="edgeq-transposes-") as tmp:
+    with scratch.scratch_dir("transposes") as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         try:
             ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"],

@@ -415,8 +415,8 @@ def _ctc_decisive(decisions: np.ndarray, blank: int) -> np.ndarray:
 
 @dataclass
 class _IndexStats:
-    """An integer output (token ids, class indices): only exact agreement means anything — of the decoded text
-    where the output is CTC frames already decided (module rules)."""
+    """An integer or string output (token ids, class indices, a lookup table's labels): only exact agreement
+    means anything — of the decoded text where integer ids are CTC frames already decided (module rules)."""
 
     agree: int = 0
     total: int = 0
@@ -427,7 +427,8 @@ class _IndexStats:
         self.total += max(ref.size, test.size)
         if ref.shape == test.shape:
             self.agree += int((ref == test).sum())
-            if ref.ndim == 2 and sum(len(r) for r, _ in self.rows) < MARGIN_ROWS:
+            if ref.ndim == 2 and np.issubdtype(ref.dtype, np.integer) and \
+                    sum(len(r) for r, _ in self.rows) < MARGIN_ROWS:
                 self.rows.extend(zip(ref, test))
                 self.tokenized |= ref.shape[1] in token_lengths
 

@@ -303,10 +303,17 @@ def model_digest(model: ir.Model) -> str:
     for name in sorted(model.graph.initializers):
         tensor = model.graph.initializers[name].const_value
         digest.update(f"{name}:{tensor.dtype}:{tensor.shape};".encode())
-        digest.update(tensor.tobytes())
+        digest.update(_content_bytes(tensor))
     for node in model.graph:
         digest.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
     return digest.hexdigest()
+
+
+def _content_bytes(tensor: ir.TensorProtocol) -> bytes:
+    """A tensor's content as bytes; a string tensor's (a lookup table's keys) each string length-prefixed."""
+    if tensor.dtype == ir.DataType.STRING:
+        return b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data())
+    return tensor.tobytes()
 
 
 def folder_bytes(folder: Path) -> int:

@@ -10,7 +10,9 @@ Rules, in order:
    HardSwish of rule 4, 14), by
    :mod:`edgeq.passes.convert_opset` (never by relabelling); a model that computes in float16 computes in
    float32 behind its float16 inputs and outputs (:mod:`edgeq.passes.float16_to_float32`). Before anything,
-   the shapes an exporter declared for the values nodes make are dropped and inferred again: they are claims,
+   nodes listed out of order are sorted (an old TensorFlow converter lists consumers before producers; ONNX
+   Runtime sorts them itself, onnx's shape inference types nothing after the first), and the shapes an
+   exporter declared for the values nodes make are dropped and inferred again: they are claims,
    not facts (jax2onnx declared channels-last shapes on channels-first values, and the optimizer then padded
    a ``SAME`` Conv for the wrong width); the main graph's inputs and outputs keep theirs. After the conversion,
    ONNX Runtime's own fusions (``FusedConv``, ``FusedGemm``, ``FusedMatMul`` in a model saved from an optimized
@@ -149,6 +151,7 @@ class NormalizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.refuse_quantized(model)
         self.refuse_training_mode(model)
+        common.TopologicalSortPass()(model)  # ONNX Runtime runs nodes listed out of order; shape inference does not
         _record_feature_outputs(model)
         _infer_declared_shapes_again(model)
         if default_opset(model) < MIN_OPSET:

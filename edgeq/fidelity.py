@@ -16,9 +16,9 @@ while losing most detections), so every output is reported on its own, and outpu
   chooses most, counted where the classes agree; a map float gives no other class is a ``map``; at most
   :data:`MAX_GROUPS` classes; and [batch, positions, classes] class values whose positions are a signal's
   frames — not a token input's, not CTC frames — and whose float decisions other than the background come in
-  runs of :data:`MIN_SEGMENT_RUN` positions or more on average: a seizure detector's half-second segments, a
-  voice detector's frames, where one boundary frame moving is no failure and a decoder's tokens rarely
-  repeat), ``scores`` (values in [0, 1] otherwise —
+  runs of :data:`MIN_SEGMENT_RUN` positions or more on average (at most :data:`MAX_FRAME_CLASSES` classes): a
+  seizure detector's half-second segments, a voice detector's frames, where one boundary frame moving is no
+  failure and a decoder's tokens rarely repeat), ``scores`` (values in [0, 1] otherwise —
   probability maps, masks: intersection over union of the values above 0.5; where no reference value is above
   0.5 on any feed there is no decision to compare, and the output is a ``map``), ``embedding`` (last axis of
   unit length), ``logits`` (other [batch, C] outputs with more than :data:`FEW_VALUES` per sample — unless the
@@ -100,6 +100,8 @@ FEW_VALUES = 16
 _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to unit length for a kind
 MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
 MIN_SEGMENT_RUN = 8  # positions a frame classifier's events last on average (a decoder's tokens rarely repeat)
+MAX_FRAME_CLASSES = 256  # a frame classifier's classes; a softmax over a vocabulary is a decoder's (and its
+#                          confusion matrix would be vocabulary² counts)
 _TINY = 1e-30  # probabilities are floored here before their log
 CONFIDENCE_Z = 1.2816  # the expected sequence agreement is the lower bound of a one-sided 90% interval
 
@@ -174,7 +176,7 @@ class _OutputStats:
             judged = judged & (rows[0].max(1) > rows[0].min(1))  # a constant row decides nothing
             self.argmax_agree += int(agree[judged].sum())
             self.argmax_rows += int(judged.sum())
-            if ref.ndim >= 3 and self.last <= MAX_GROUPS:  # a class map's pixels, or frames'
+            if ref.ndim >= 4 and self.last <= MAX_GROUPS or ref.ndim == 3 and self.last <= MAX_FRAME_CLASSES:
                 counted = slice(None) if ref.ndim >= 4 else judged
                 pairs = decided[0][counted] * self.last + decided[1][counted]
                 counts = np.bincount(pairs, minlength=self.last ** 2).reshape(self.last, self.last)

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 import onnxruntime as ort
 
 from edgeq.errors import UserError, first_line
 from edgeq.model_io import all_nodes, load_model, load_proto, save_model
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
+from edgeq.passes.infer_shapes import InferShapesPass
 from edgeq.passes.normalize import NormalizePass
 from edgeq.runtimes.onnxruntime import create_session, run_exposing, transposes_optimized
 
@@ -266,7 +266,7 @@ def type_from_onnxruntime(model: ir.Model, feed: dict) -> int:
             value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
             value.shape = ir.Shape([None] * array.ndim)
             typed += 1
-    common.ShapeInferencePass()(model)
+    InferShapesPass()(model)
     return typed
 
 

@@ -40,7 +40,8 @@ Rules, in order:
    ``x·HardSigmoid(x)``) and HardSigmoid into the ops (the same function, rounded differently:
    :func:`edgeq.model_check.normalize_checked` normalizes again without them, and without rule 5, where that
    difference shows), removes no-op and Identity nodes
-   (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value.
+   (where that is safe) and dead code; onnx_ir's shape inference then types every intermediate value
+   (:mod:`edgeq.passes.infer_shapes`: a sequence stays a sequence).
 5. ``ReduceMean`` over the two spatial axes of a 4-D tensor becomes ``GlobalAveragePool`` (followed by a
    ``Flatten`` when ``keepdims=0``) unless ``pool_means`` is off: the same mean, summed in another
    order, but an op with an integer kernel that follows ONNX Runtime's channels-last layout (a ReduceMean there
@@ -77,6 +78,7 @@ from edgeq.passes import fold_conv_affine
 from edgeq.passes.cancel_transposes import CancelTransposesPass, TransposeOptimizer
 from edgeq.passes.convert_opset import ConvertOpsetPass, default_opset
 from edgeq.passes.float16_to_float32 import Float16ToFloat32Pass
+from edgeq.passes.infer_shapes import InferShapesPass
 from edgeq.passes.loop_constants import LoopConstantsPass
 from edgeq.passes.unfuse_runtime_ops import UnfuseRuntimeOpsPass
 
@@ -188,12 +190,12 @@ class NormalizePass(ir.passes.InPlacePass):
         # the Identity nodes it can remove safely.)
         for graph in list(model.graph.subgraphs()):
             _own_outputs(graph)
-        common.ShapeInferencePass()(model)
+        InferShapesPass()(model)
         if self.pool_means:
             self.means_pooled = _spatial_means_to_global_pool(model.graph)
         ir.passes.PassManager([
             common.RemoveUnusedNodesPass(),
-            common.ShapeInferencePass(),
+            InferShapesPass(),
             common.TopologicalSortPass(),
             common.NameFixPass(),
         ])(model)
@@ -209,7 +211,7 @@ def _infer_declared_shapes_again(model: ir.Model) -> None:
         for value in node.outputs:
             if value not in outputs:
                 value.shape = None
-    common.ShapeInferencePass()(model)
+    InferShapesPass()(model)
 
 
 def _nodes(model: ir.Model, op_types: tuple[str, ...]) -> list[ir.Node]:

@@ -185,6 +185,36 @@ def _paddle_style():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
 
 
+
+def test_a_length_regulator_exported_with_sequences_keeps_its_sequence_types(tmp_path):
+    """A FastSpeech-style length regulator: torch's legacy exporter writes repeat_interleave by predicted
+    durations as SplitToSequence → Loop(SequenceInsert) → ConcatFromSequence. onnx_ir's shape inference typed the
+    Loop's sequence output a tensor, and ONNX Runtime refused the normalized model (exit 2)."""
+    import torch
+
+    class LengthRegulator(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.enc = torch.nn.Embedding(20, 16), torch.nn.Conv1d(16, 16, 3, padding=1)
+            self.dur, self.out = torch.nn.Conv1d(16, 1, 3, padding=1), torch.nn.Conv1d(16, 8, 1)
+
+        def forward(self, ids):
+            h = torch.relu(self.enc(self.emb(ids).transpose(1, 2)))
+            frames = torch.clamp(torch.round(torch.exp(self.dur(h)[0, 0] + 1.0)), 1, 6).long()
+            return self.out(torch.repeat_interleave(h[0], frames, dim=1)[None])
+
+    torch.manual_seed(0)
+    model = tmp_path / "model.onnx"
+    torch.onnx.export(LengthRegulator().eval(), (torch.randint(0, 20, (1, 9)),), str(model), input_names=["ids"],
+                      output_names=["mel"], dynamic_axes={"ids": {1: "T"}, "mel": {2: "F"}}, opset_version=17,
+                      dynamo=False)
+    proto = onnx.load(model)
+    assert {"SplitToSequence", "Loop"} <= {node.op_type for node in proto.graph.node}
+    feeds = _feeds(tmp_path / "feeds", 12, lambda rng, i: {"ids": rng.integers(0, 20, (1, 6 + i)).astype(np.int64)})
+    result, out = _compile(tmp_path, proto, feeds)
+    assert result.exit_code == 0, result.output
+    ort.InferenceSession(str(out / "model.onnx"))
+
 def test_minus_one_dims_and_constant_weights_accept_every_real_feed(tmp_path):
     proto = _paddle_style()
     feeds = _feeds(tmp_path / "feeds", 10, lambda rng, i: {"x": rng.standard_normal((1, 3, 12, 20)).astype(np.float32)})

@@ -242,10 +242,14 @@ class _OutputStats:
         spread = float(agree.std(ddof=1)) / np.sqrt(agree.size) if agree.size > 1 else 0.0
         return min(observed, float(agree.mean() - CONFIDENCE_Z * spread))
 
+    def _background(self) -> int:
+        """A class map's background: the class float chooses most."""
+        return int(self.confusion.sum(1).argmax())
+
     def _foreground(self) -> tuple[int, int]:
-        """A class map's pixels whose argmax is not the background (float's most chosen class), in both
-        models with the same class, and in either."""
-        background = int(self.confusion.sum(1).argmax())
+        """A class map's pixels whose argmax is not the background, in both models with the same class, and in
+        either."""
+        background = self._background()
         both = int(np.trace(self.confusion)) - int(self.confusion[background, background])
         return both, int(self.confusion.sum()) - int(self.confusion[background, background])
 
@@ -255,7 +259,7 @@ class _OutputStats:
         class) come in runs of :data:`MIN_SEGMENT_RUN` positions on average."""
         if self.rank != 3 or self.tokenized or self.confusion is None or len(self.decisions) != self.samples:
             return False
-        background = int(self.confusion.sum(1).argmax())
+        background = self._background()
         runs = frames = 0
         for decided in (d[0] for d in self.decisions if d.shape[1]):
             starts = np.flatnonzero(np.r_[True, decided[1:] != decided[:-1]])

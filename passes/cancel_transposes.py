@@ -31,6 +31,8 @@ from typing import Callable
 import onnx
 import onnx_ir as ir
 
+from edgeq.model_io import all_nodes
+
 _SHAPE_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze", "Reshape"})
 GROWTH = 1.01  # constant bytes the result may hold over the original (permuted copies of shared constants)
 _PROTOBUF_LIMIT = 2 ** 31 - 1
@@ -53,9 +55,12 @@ class CancelTransposesPass(ir.passes.InPlacePass):
         if proto.ByteSize() > _PROTOBUF_LIMIT:
             return ir.passes.PassResult(model, modified=False)
         optimized = self.optimizer(proto)
-        if optimized is None or not _acceptable(proto, optimized):
+        if optimized is None:
             return ir.passes.PassResult(model, modified=False)
-        self.cancelled = _counts(proto)["Transpose"] - _counts(optimized)["Transpose"]
+        counts, new = _counts(proto), _counts(optimized)
+        if not _acceptable(proto, optimized, counts, new):
+            return ir.passes.PassResult(model, modified=False)
+        self.cancelled = counts["Transpose"] - new["Transpose"]
         model.graph = ir.serde.deserialize_model(optimized).graph  # the model's metadata and functions stay
         return ir.passes.PassResult(model, modified=True)
 
@@ -73,24 +78,15 @@ def _wraps_convolutions(graph: ir.Graph) -> bool:
 
 
 def _counts(proto: onnx.ModelProto) -> Counter:
-    counts = Counter()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            counts[node.op_type] += 1
-            for attribute in node.attribute:
-                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                    visit(subgraph)
-    visit(proto.graph)
-    return counts
+    return Counter(node.op_type for node in all_nodes(proto.graph))
 
 
 def _constant_bytes(proto: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
 
 
-def _acceptable(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
-    counts, new = _counts(before), _counts(after)
+def _acceptable(before: onnx.ModelProto, after: onnx.ModelProto, counts: Counter, new: Counter) -> bool:
+    """Module rule 3; ``counts`` and ``new``: op types before and after."""
     others = {op for op in counts.keys() | new.keys() if op not in _SHAPE_OPS}
     same_interface = [v.name for v in before.graph.input] == [v.name for v in after.graph.input] and \
         [v.name for v in before.graph.output] == [v.name for v in after.graph.output]

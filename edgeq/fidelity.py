@@ -28,8 +28,14 @@ while losing most detections), so every output is reported on its own, and outpu
   positions, C] outputs so named — a language model's next-token logits, a tagger's: argmax agreement over
   positions, padded ones not judged), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs
   of rank 0 and 1: scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like
-  logits, and a few numbers are judged as numbers, however many samples a feed batches) and ``map`` (anything
-  else: spectrograms, box maps);
+  logits, and a few numbers are judged as numbers, however many samples a feed batches), ``change`` (an
+  output of more values per sample, neither of the kinds before, not named logits, with the shape of a float
+  input on every feed: an autoencoder's reconstruction, a denoiser's or an enhancer's output — the input
+  changed. Its figure is the SQNR of that change, float's output minus the input: an anomaly detector's score
+  is its reconstruction error, which the output's own power hides, and its argmax decides nothing; where the
+  output has less power than that change, it is no input changed but a network whose output has its input's
+  shape, and the figure is the output's SQNR, as a map's) and ``map``
+  (anything else: spectrograms, box maps);
 - for ``classes`` outputs with positions ([batch, positions, classes]: a decoder's tokens, a tagger's labels) and
   a single position axis the **sequence agreement**: the share of samples whose decisions agree at every
   position. A few held-out samples rarely show the one flip that changes a sequence, so the figure is the lower
@@ -151,6 +157,8 @@ class _OutputStats:
     named_logits: bool = False  # the model names the output logits: a classifier's, however few classes
     named_features: bool = False  # the model names the output a hidden state or features: no decision in it
     open_last: bool = False  # the model declares the last axis by a symbol: it grows with an input, no classes
+    changes_input: bool = True  # every feed had a float input of this output's shape: that input, changed
+    change_sq: float = 0.0  # the power of the change float made (its output minus that input)
     samples: int = 0
     samples_agree: int = 0
 
@@ -283,6 +291,8 @@ class _OutputStats:
             return "embedding"
         classifier = not self.named_features and self.last >= 2 and (self.rank == 2 and not self.open_last or
                                                                       self.named_logits and self.rank in (2, 3))
+        if self.changes_input and self.elements > FEW_VALUES and not self.named_logits:
+            return "change"
         if self.elements <= FEW_VALUES and not (classifier and self.named_logits):
             return "values"
         return "logits" if classifier else "map"
@@ -303,7 +313,9 @@ class _OutputStats:
         return None
 
     def update(self, ref: np.ndarray, test: np.ndarray, padding: np.ndarray | None = None,
-               token_lengths: set[int] = frozenset()) -> None:
+               token_lengths: set[int] = frozenset(), changed: np.ndarray | None = None) -> None:
+        """``changed``: the feed's float input of this output's shape, if it has one."""
+        self.changes_input &= changed is not None
         if ref.shape != test.shape:
             self.nonfinite += max(ref.size, test.size)  # a candidate of another shape is broken outright
             return
@@ -321,6 +333,9 @@ class _OutputStats:
         self.ref_sq += float((ref64 ** 2).sum())
         self.test_sq += float((test64 ** 2).sum())
         self.err_sq += float((err ** 2).sum())
+        if self.changes_input:
+            change = ref64 - changed.astype(np.float64)
+            self.change_sq += float(np.square(change[np.isfinite(change)]).sum())
         self.max_abs = max(self.max_abs, float(np.abs(err).max()) if err.size else 0.0)
         if ref.ndim == 2 and ref.shape[1] >= 2:
             self.class_like = True
@@ -350,6 +365,8 @@ class _OutputStats:
             out[f"top{TOPK}_overlap"] = self.topk / self.rows
         blank = self.ctc_blank()
         out["kind"] = kind = self.kind(blank)
+        if kind == "change":
+            out["change_sqnr_db"] = _db(min(self.change_sq, self.ref_sq), self.err_sq)
         blank = blank if kind == "classes" else None
         agreement = self.decision_agreement(kind, blank)
         if agreement is not None:
@@ -604,13 +621,16 @@ class FidelityMeter:
         token_lengths = {np.shape(v)[1] for v in feed.inputs.values() if np.ndim(v) == 2 and
                          np.issubdtype(np.asarray(v).dtype, np.integer)} if feed is not None else set()
         batches = {np.shape(v)[0] for v in feed.inputs.values() if np.ndim(v)} if feed is not None else set()
+        signals = [np.asarray(v) for v in feed.inputs.values() if np.ndim(v) >= 2 and
+                   np.issubdtype(np.asarray(v).dtype, np.floating)] if feed is not None else []
         for name, r, t in zip(self.names, ref, test):
+            changed = next((v for v in signals if v.shape == np.shape(r)), None)
             if np.ndim(r) == np.ndim(t) == 3 and r.shape[1] in batches and r.shape[0] not in batches:  # [T, batch, C]
-                r, t = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1)
+                r, t, changed = np.swapaxes(r, 0, 1), np.swapaxes(t, 0, 1), None
             if name not in self.stats:
                 self.stats[name] = self._stats_for(name, r)
             if isinstance(self.stats[name], _OutputStats):
-                self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths)
+                self.stats[name].update(np.asarray(r), np.asarray(t), padding, token_lengths, changed)
             elif isinstance(self.stats[name], _IndexStats):
                 self.stats[name].update(np.asarray(r), np.asarray(t), token_lengths)
             else:

@@ -172,6 +172,27 @@ def test_a_frame_classifiers_frames_are_judged_by_their_events_not_as_a_sequence
     assert meter.summary()["outputs"]["probs"]["kind"] == "classes"
     assert not guard.check(meter.summary())["met"]
 
+@pytest.mark.parametrize("noise,met", [(0.05, True), (0.5, False)])
+def test_an_output_shaped_like_its_input_is_judged_by_the_change_it_makes(noise, met):
+    """An anomaly autoencoder's reconstruction of [8, 640] log-mel frames (values -40..40, float's change to them
+    about ±2 dB): its argmax is the loudest bin of near-equal ones, which a little noise flips, and its own power
+    hides an error as large as the change, which the anomaly score (the reconstruction error) is made of."""
+    frames = RNG.uniform(-40, 40, (8, 640)).astype(np.float32)
+    frames[:, :64] = 40.0  # a run of equally loud bins: any noise moves the argmax
+    reconstruction = (frames + RNG.normal(0, 2, frames.shape)).astype(np.float32)
+    candidate = (reconstruction + RNG.normal(0, 2 * noise, frames.shape)).astype(np.float32)
+    meter = FidelityMeter(["reconstruction"])
+    for _ in range(3):
+        meter.update([reconstruction], [candidate], Feed({"frames": frames}, {}, "f"))
+    out = meter.summary()["outputs"]["reconstruction"]
+    assert out["kind"] == "change" and out["sqnr_db"] > 25  # 22 dB more than the change's own SQNR, either way
+    assert out["change_sqnr_db"] == pytest.approx(-20 * np.log10(noise), abs=0.5)
+    assert guard.check(meter.summary())["met"] is met
+    meter = FidelityMeter(["reconstruction"])  # without its input it is a [batch, 640] output: logits
+    meter.update([reconstruction], [candidate])
+    assert meter.summary()["outputs"]["reconstruction"]["kind"] == "logits"
+
+
 def _decoded(margins, changes):
     """Softmax over 30 classes per position: class 0 leads class 1 by ``margins`` (logits), the rest far
     behind; ``changes`` are added to class 0's logit."""

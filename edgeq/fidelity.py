@@ -28,7 +28,12 @@ while losing most detections), so every output is reported on its own, and outpu
   positions, C] outputs so named — a language model's next-token logits, a tagger's: argmax agreement over
   positions, padded ones not judged), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs
   of rank 0 and 1: scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like
-  logits, and a few numbers are judged as numbers, however many samples a feed batches), ``change`` (an
+  logits, and a few numbers are judged as numbers, however many samples a feed batches), ``curve`` ([batch, C]
+  rows, more than :data:`FEW_VALUES`, whose neighbouring values differ by at most :data:`MAX_CURVE_ROUGHNESS`
+  of the row's spread on average — a forecast, a profile: its argmax is the position of its peak, not a
+  class, and class logits in any class order differ by about their spread, 1.13 of it for independent ones —
+  judged by the SQNR of each row's shape, its mean removed: a forecast's level comes with its input, and an
+  error as large as the forecast's swing can hide under it), ``change`` (an
   output of more values per sample, neither of the kinds before, not named logits, with the shape of a float
   input on every feed: an autoencoder's reconstruction, a denoiser's or an enhancer's output — the input
   changed. Its figure is the SQNR of that change, float's output minus the input: an anomaly detector's score
@@ -106,6 +111,7 @@ FEW_VALUES = 16
 _EPS = 1e-3  # how close a reference's values must be to [0, 1], to sum 1 or to unit length for a kind
 MARGIN_ROWS = 1 << 20  # positions whose margins are kept for the sequence agreement (4 floats each)
 MIN_SEGMENT_RUN = 8  # positions a frame classifier's events last on average (a decoder's tokens rarely repeat)
+MAX_CURVE_ROUGHNESS = 0.5  # a curve's neighbouring values differ by at most this share of its spread, on average
 MAX_FRAME_CLASSES = 256  # a frame classifier's classes; a softmax over a vocabulary is a decoder's (and its
 #                          confusion matrix would be vocabulary² counts)
 _TINY = 1e-30  # probabilities are floored here before their log
@@ -158,6 +164,9 @@ class _OutputStats:
     named_features: bool = False  # the model names the output a hidden state or features: no decision in it
     open_last: bool = False  # the model declares the last axis by a symbol: it grows with an input, no classes
     changes_input: bool = True  # every feed had a float input of this output's shape: that input, changed
+    roughness: float = 0.0  # [batch, C] rows: the sum over rows of mean |neighbours' difference| / spread
+    varied_rows: int = 0  # rows whose values are not all equal
+    shape_sq: float = 0.0  # the power of the rows with their means removed (a curve's shape)
     change_sq: float = 0.0  # the power of the change float made (its output minus that input)
     samples: int = 0
     samples_agree: int = 0
@@ -190,6 +199,12 @@ class _OutputStats:
                 counts = np.bincount(pairs, minlength=self.last ** 2).reshape(self.last, self.last)
                 self.confusion = counts if self.confusion is None or self.confusion.shape != counts.shape \
                     else self.confusion + counts
+            if ref.ndim == 2 and self.last > 2:
+                spread = ref.std(1)
+                varied = spread > 0
+                self.roughness += float((np.abs(np.diff(ref[varied], axis=1)).mean(1) / spread[varied]).sum())
+                self.varied_rows += int(varied.sum())
+                self.shape_sq += float(np.square(ref - ref.mean(1, keepdims=True)).sum())
             if ref.ndim == 3:
                 self.tokenized |= ref.shape[1] in token_lengths
                 self._positions(rows, decided[1], agree, judged, ref.shape[0], rows_sum_to_one and lowest >= 0)
@@ -289,13 +304,16 @@ class _OutputStats:
             return "scores"
         if self.unit_norm or self.named_features and self.rank == 2:
             return "embedding"
-        classifier = not self.named_features and self.last >= 2 and (self.rank == 2 and not self.open_last or
-                                                                      self.named_logits and self.rank in (2, 3))
+        curve = self.rank == 2 and self.varied_rows and self.roughness / self.varied_rows <= MAX_CURVE_ROUGHNESS
+        classifier = not self.named_features and self.last >= 2 and (
+            self.rank == 2 and not self.open_last and not curve or self.named_logits and self.rank in (2, 3))
         if self.changes_input and self.elements > FEW_VALUES and not self.named_logits:
             return "change"
         if self.elements <= FEW_VALUES and not (classifier and self.named_logits):
             return "values"
-        return "logits" if classifier else "map"
+        if classifier:
+            return "logits"
+        return "curve" if curve and not self.named_features else "map"
 
     def decision_agreement(self, kind: str, blank: int | None) -> float | None:
         if blank is not None:  # symbols of the decoded sequences: 1 − edits / float's symbols
@@ -367,6 +385,8 @@ class _OutputStats:
         out["kind"] = kind = self.kind(blank)
         if kind == "change":
             out["change_sqnr_db"] = _db(min(self.change_sq, self.ref_sq), self.err_sq)
+        if kind == "curve":
+            out["shape_sqnr_db"] = _db(self.shape_sq, self.err_sq)
         blank = blank if kind == "classes" else None
         agreement = self.decision_agreement(kind, blank)
         if agreement is not None:

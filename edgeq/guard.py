@@ -23,6 +23,11 @@ Rules:
   embedding               cosine                                               ≥ 0.99
   values                  SQNR (≤ 16 values per sample: scores, regressions)   ≥ 35 dB
   map                     SQNR (spectrograms, box and distribution maps)       ≥ 18 dB
+  curve                   SQNR of each row's shape, its mean removed ([batch,   ≥ 18 dB
+                          C] rows whose neighbouring values differ by at most
+                          half their spread: a forecast, a profile; its level
+                          comes with the input, its argmax is its peak's
+                          position, no class)
   change                  SQNR of the change float makes to the input the      ≥ 18 dB
                           output has the shape of (an autoencoder's
                           reconstruction, a denoiser's or an enhancer's
@@ -41,8 +46,9 @@ Rules:
   7.8 dB on its box distributions; quality-score regressors with a 0.05 tolerance on means of 2–3 missed it
   at 26 dB and at 31.9 dB (three scores, mean error 0.056) and kept it at 32.9 dB (0.047): 35 dB is 1.8% of
   the signal; a machine-sound anomaly autoencoder judged by its reconstruction's argmax lost int8 (×0.55) at
-  agreement 0.92 while its anomaly scores moved 0.1% (its change held 40 dB); a text detector lost its
-  probability map at IoU 0.83; an embedding model lost
+  agreement 0.92 while its anomaly scores moved 0.1% (its change held 40 dB); a 96-step forecaster judged as
+  logits lost int8 (×0.33, its error unchanged) at 0.966 agreement of its peaks' positions; a text detector
+  lost its probability map at IoU 0.83; an embedding model lost
   nearest-neighbour agreement at cosine 0.93; a classifier at top-1 agreement 0.95; a table-structure
   decoder lost 10 of 100 tables at token agreement 0.998 on 6 held-out tables, whose sequence agreement
   (:mod:`edgeq.fidelity`: expected from the margins) was 0.76, and 4 of 100 (a 1-table tolerance) at 0.957.
@@ -57,7 +63,7 @@ from dataclasses import dataclass, field
 
 from edgeq.search import Candidate, Trial, longest_prefix
 
-MAP_SQNR_DB = 18.0  # a map's, a change's, and a raw detector head's with more than detections in it
+MAP_SQNR_DB = 18.0  # a map's, a curve's, a change's, and a raw detector head's with more than detections in it
 WHERE_PRESENT = {"sequence_agreement", "map_sqnr_db"}  # figures only some outputs of a kind carry: checked there
 THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "indices": (("decision_agreement", 0.99),),
@@ -69,6 +75,7 @@ THRESHOLDS: dict[str, tuple[tuple[str, float], ...]] = {
     "values": (("sqnr_db", 35.0),),
     "map": (("sqnr_db", MAP_SQNR_DB),),
     "change": (("change_sqnr_db", MAP_SQNR_DB),),
+    "curve": (("shape_sqnr_db", MAP_SQNR_DB),),
     "detections": (("decision_agreement", 0.98), ("map_sqnr_db", MAP_SQNR_DB)),
 }
 
@@ -94,7 +101,7 @@ def no_worse(result: dict, than: dict) -> bool:
 
 
 _SHORT = {"decision_agreement": "agreement", "sequence_agreement": "sequences", "sqnr_db": "SQNR dB",
-          "map_sqnr_db": "map SQNR dB", "change_sqnr_db": "change SQNR dB"}
+          "map_sqnr_db": "map SQNR dB", "change_sqnr_db": "change SQNR dB", "shape_sqnr_db": "shape SQNR dB"}
 
 
 def describe(result: dict) -> str:

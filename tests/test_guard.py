@@ -193,6 +193,26 @@ def test_an_output_shaped_like_its_input_is_judged_by_the_change_it_makes(noise,
     assert meter.summary()["outputs"]["reconstruction"]["kind"] == "logits"
 
 
+@pytest.mark.parametrize("noise,met", [(0.02, True), (1.0, False)])
+def test_a_forecast_is_judged_by_its_shape_not_by_the_position_of_its_peak(noise, met):
+    """[8 series, 96 steps] forecasts: a daily swing of ±3 on levels of 20–60. Its argmax is the peak's step,
+    which a little noise moves to the step beside it; an error as large as the swing hides under the level
+    (its raw SQNR stays above 18 dB), not under the shape. Class logits, in any class order, stay logits."""
+    steps = np.arange(96)
+    forecast = (RNG.uniform(20, 60, (8, 1)) + 3 * np.sin(2 * np.pi * steps / 24 + RNG.uniform(0, 6, (8, 1)))
+                ).astype(np.float32)
+    candidate = (forecast + RNG.normal(0, 3 * noise, forecast.shape)).astype(np.float32)
+    meter = FidelityMeter(["forecast"])
+    meter.update([forecast], [candidate])
+    out = meter.summary()["outputs"]["forecast"]
+    assert out["kind"] == "curve" and out["sqnr_db"] > 18 + 4  # the level alone would hold either
+    assert guard.check(meter.summary())["met"] is met
+    logits = RNG.normal(0, 3, (8, 96)).astype(np.float32)
+    meter = FidelityMeter(["forecast"])
+    meter.update([logits], [logits])
+    assert meter.summary()["outputs"]["forecast"]["kind"] == "logits"
+
+
 def _decoded(margins, changes):
     """Softmax over 30 classes per position: class 0 leads class 1 by ``margins`` (logits), the rest far
     behind; ``changes`` are added to class 0's logit."""
@@ -367,8 +387,8 @@ def test_an_output_whose_last_axis_grows_with_the_input_is_not_logits(tmp_path):
     rng = np.random.default_rng(0)
     meter = FidelityMeter(["resampled", "scores", "logits"], hints=hints)
     for _ in range(4):
-        wave = np.sin(np.linspace(0, 20, 200))[None].astype(np.float32) + 0.3 * rng.standard_normal((1, 200)).astype(
-            np.float32)
+        wave = 0.3 * np.sin(np.linspace(0, 20, 200))[None].astype(np.float32) + rng.standard_normal((1, 200)).astype(
+            np.float32)  # noise, mostly: no curve (a smooth one would be judged as one, declared fixed or not)
         noisy = wave + 0.01 * rng.standard_normal(wave.shape).astype(np.float32)
         meter.update([wave, wave, wave], [noisy, noisy, noisy])
     kinds = {name: o["kind"] for name, o in meter.summary()["outputs"].items()}

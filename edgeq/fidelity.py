@@ -28,19 +28,18 @@ while losing most detections), so every output is reported on its own, and outpu
   positions, C] outputs so named — a language model's next-token logits, a tagger's: argmax agreement over
   positions, padded ones not judged), ``values`` (at most :data:`FEW_VALUES` per sample — per feed for outputs
   of rank 0 and 1: scores, regressions — a [batch, 3] quality score or a [batch, 4] box offset looks like
-  logits, and a few numbers are judged as numbers, however many samples a feed batches), ``curve`` ([batch, C]
-  rows, more than :data:`FEW_VALUES`, whose neighbouring values differ by at most :data:`MAX_CURVE_ROUGHNESS`
-  of the row's spread on average — a forecast, a profile: its argmax is the position of its peak, not a
-  class, and class logits in any class order differ by about their spread, 1.13 of it for independent ones —
-  judged by the SQNR of each row's shape, its mean removed: a forecast's level comes with its input, and an
-  error as large as the forecast's swing can hide under it), ``change`` (an
-  output of more values per sample, neither of the kinds before, not named logits, with the shape of a float
+  logits, and a few numbers are judged as numbers, however many samples a feed batches), ``change`` (an
+  output of more values per sample, none of the kinds before, not named logits, with the shape of a float
   input on every feed: an autoencoder's reconstruction, a denoiser's or an enhancer's output — the input
   changed. Its figure is the SQNR of that change, float's output minus the input: an anomaly detector's score
   is its reconstruction error, which the output's own power hides, and its argmax decides nothing; where the
   output has less power than that change, it is no input changed but a network whose output has its input's
-  shape, and the figure is the output's SQNR, as a map's) and ``map``
-  (anything else: spectrograms, box maps);
+  shape, and the figure is the output's SQNR, as a map's), ``curve`` (other [batch, C] rows, not named logits
+  or features, whose neighbouring values differ by at most :data:`MAX_CURVE_ROUGHNESS` of the row's spread on
+  average — a forecast, a profile: its argmax is the position of its peak, not a class, and class logits in any
+  class order differ by about their spread, 1.13 of it for independent ones — judged by the SQNR of each row's
+  shape, its mean removed: a forecast's level comes with its input, and an error as large as the forecast's
+  swing can hide under it) and ``map`` (anything else: spectrograms, box maps);
 - for ``classes`` outputs with positions ([batch, positions, classes]: a decoder's tokens, a tagger's labels) and
   a single position axis the **sequence agreement**: the share of samples whose decisions agree at every
   position. A few held-out samples rarely show the one flip that changes a sequence, so the figure is the lower

@@ -193,6 +193,34 @@ def test_an_output_shaped_like_its_input_is_judged_by_the_change_it_makes(noise,
     assert meter.summary()["outputs"]["reconstruction"]["kind"] == "logits"
 
 
+def test_a_denoiser_compiles_int8_judged_by_the_change_it_makes(tmp_path):
+    """x + a small learned correction (a residual denoiser, an autoencoder's reconstruction), its input's loudest
+    bins equal: compiled with no flags, the output is judged as the change it makes and int8 is delivered —
+    judged as logits, the equal bins' argmax would decide."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((128, 64)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((64, 128)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="enc"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["correction"], name="dec"),
+             helper.make_node("Add", ["x", "correction"], ["denoised"], name="residual")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 128])],
+                       [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["n", 128])],
+                       [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(model, tmp_path / "m.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i in range(30):
+        x = rng.standard_normal((16, 128)).astype(np.float32)
+        x[:, :8] = 3.0  # equally loud bins
+        np.savez(feeds / f"{i:02d}.npz", x=x)
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-t", HOST_X86, "--calib", str(feeds),
+                                       "--no-measure", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["fidelity"]["outputs"]["denoised"]["kind"] == "change"
+    assert manifest["fidelity"]["guard"]["met"] and manifest["delivered"]["precision"] == "int8"
+
+
 @pytest.mark.parametrize("noise,met", [(0.02, True), (1.0, False)])
 def test_a_forecast_is_judged_by_its_shape_not_by_the_position_of_its_peak(noise, met):
     """[8 series, 96 steps] forecasts: a daily swing of ±3 on levels of 20–60. Its argmax is the peak's step,

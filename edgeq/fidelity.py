@@ -312,7 +312,7 @@ class _OutputStats:
             return "values"
         if classifier:
             return "logits"
-        return "curve" if curve and not self.named_features else "map"
+        return "curve" if curve else "map"
 
     def decision_agreement(self, kind: str, blank: int | None) -> float | None:
         if blank is not None:  # symbols of the decoded sequences: 1 − edits / float's symbols
